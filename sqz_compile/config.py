@@ -1,0 +1,68 @@
+"""Configuration for the offline squeeze (one frozen dataclass holding every knob)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SqueezeConfig:
+    """How a fixed context is squeezed.
+
+    keep: target fraction of the clustered context keys attended per query (0..1). The threshold
+        is calibrated on the observation window so that, on average, this fraction is kept.
+    cluster_ratio: clusters per clustered context token (the paper uses 5%).
+    hierarchical: also build a coarse level (K-means over each head's centroids) so that the
+        lookup first prunes coarse clusters and scores only the children of the kept ones.
+    coarse_ratio: coarse clusters per clustered context token (the paper uses 1%).
+    observation_window: the last W context tokens: always attended densely, and their queries
+        calibrate the threshold.
+    budget: if set, a fixed number of context keys per (batch row, KV head, query block): the
+        top-scoring clusters are taken while their total size fits the budget (fixed work,
+        CUDA-graph friendly). Calibration is skipped.
+    per_layer_threshold: calibrate one threshold per layer instead of one global threshold.
+    kmeans_iters: iteration cap for K-means (it stops early once assignments settle).
+    chunk_size: prefill chunk length in tokens (bounds activation memory for long contexts).
+    seed: makes clustering deterministic.
+    """
+
+    keep: float = 0.125
+    cluster_ratio: float = 0.05
+    hierarchical: bool = False
+    coarse_ratio: float = 0.01
+    observation_window: int = 100
+    budget: int | None = None
+    per_layer_threshold: bool = False
+    kmeans_iters: int = 25
+    chunk_size: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"SqueezeConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if not 0.0 <= float(self.keep) <= 1.0:
+            bad("keep", "must lie in [0, 1] (fraction of context keys to keep)")
+        if not 0.0 < float(self.cluster_ratio) <= 1.0:
+            bad("cluster_ratio", "must lie in (0, 1] (clusters per context token)")
+        if not 0.0 < float(self.coarse_ratio) <= float(self.cluster_ratio):
+            bad("coarse_ratio", "must lie in (0, cluster_ratio]: the coarse level is coarser")
+        if int(self.observation_window) < 1:
+            bad("observation_window", "must be >= 1 token")
+        if self.budget is not None and int(self.budget) < 0:
+            bad("budget", "must be None (threshold mode) or a key count >= 0")
+        if int(self.kmeans_iters) < 1:
+            bad("kmeans_iters", "must be >= 1")
+        if int(self.chunk_size) < 1:
+            bad("chunk_size", "must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SqueezeConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown SqueezeConfig fields {sorted(unknown)}: file from a newer sqz_compile?")
+        return cls(**d)

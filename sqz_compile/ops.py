@@ -1,0 +1,118 @@
+"""The sqz custom ops (torch.ops.sqz.*).
+
+Defined with `torch.library.triton_op` so Inductor traces into their bodies: on CUDA the body
+launches Triton kernels through `wrap_triton` (inlined into Inductor's generated code and packed
+by AOTInductor); on CPU it runs the plain-torch reference, which traces to aten ops. Each op has
+a fake implementation for tracing with fake tensors and dynamic shapes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from .kernels.attention import squeezed_attention_reference
+from .kernels.lookup import select_clusters_reference, selection_mask_reference
+
+DEFAULT_BLOCK_Q = 64
+
+
+def _check_inputs(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor) -> None:
+    torch._check(q.dim() == 4, lambda: f"sqz: q must be [B, Hq, M, D], got {tuple(q.shape)}")
+    torch._check(centroids.dim() == 3, lambda: "sqz: centroids must be [H, C, D]")
+    torch._check(q.shape[1] % centroids.shape[0] == 0,
+                 lambda: f"sqz: {q.shape[1]} query heads is not a multiple of "
+                         f"{centroids.shape[0]} KV heads in the context (wrong model?)")
+    torch._check(q.shape[3] == centroids.shape[2],
+                 lambda: f"sqz: head dim {q.shape[3]} != context head dim {centroids.shape[2]}")
+    torch._check(offsets.shape[-1] == centroids.shape[1] + 1, lambda: "sqz: offsets must be [H, C+1]")
+
+
+def _use_cuda_kernels(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda"
+
+
+@triton_op("sqz::select_clusters", mutates_args=())
+def select_clusters(
+    q: torch.Tensor,
+    centroids: torch.Tensor,
+    offsets: torch.Tensor,
+    log_threshold: torch.Tensor,
+    coarse_centroids: Optional[torch.Tensor],
+    coarse_offsets: Optional[torch.Tensor],
+    coarse_log_threshold: Optional[torch.Tensor],
+    scale: float,
+    block_q: int,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clusters kept per (batch row, KV head, query block): (idx [B,H,NB,C] int32 ascending,
+    padded with -1; count [B,H,NB] int32). See kernels/lookup.py for the rule."""
+    _check_inputs(q, centroids, offsets)
+    if _use_cuda_kernels(q):
+        from .kernels import cuda
+
+        return cuda.select_clusters(q, centroids, offsets, log_threshold, coarse_centroids,
+                                    coarse_offsets, coarse_log_threshold, scale, block_q, budget)
+    return select_clusters_reference(q, centroids, offsets, log_threshold, scale, block_q, budget,
+                                     coarse_centroids, coarse_offsets, coarse_log_threshold)
+
+
+@select_clusters.register_fake
+def _(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
+      coarse_log_threshold, scale, block_q, budget):
+    b, m = q.shape[0], q.shape[2]
+    h, c = centroids.shape[0], centroids.shape[1]
+    nb = (m + block_q - 1) // block_q
+    idx = q.new_empty((b, h, nb, c), dtype=torch.int32)
+    count = q.new_empty((b, h, nb), dtype=torch.int32)
+    return idx, count
+
+
+@triton_op("sqz::squeezed_attention", mutates_args=())
+def squeezed_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    ctx_keys: torch.Tensor,
+    ctx_values: torch.Tensor,
+    centroids: torch.Tensor,
+    offsets: torch.Tensor,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    log_threshold: torch.Tensor,
+    coarse_centroids: Optional[torch.Tensor],
+    coarse_offsets: Optional[torch.Tensor],
+    coarse_log_threshold: Optional[torch.Tensor],
+    scale: float,
+    is_causal: bool,
+    budget: int,
+    block_q: int,
+) -> torch.Tensor:
+    """Attention of the new tokens' queries q [B,Hq,M,D] over the selected clusters of one
+    layer's fixed context, its observation window and the new keys/values k_new, v_new
+    [B,H,S,D] under the model's mask (attn_mask / is_causal, SDPA semantics). Returns
+    [B,Hq,M,D] in q's dtype. budget 0 selects by log_threshold; budget > 0 keeps the best
+    clusters up to that many keys. block_q: queries that share one selection in prefill."""
+    _check_inputs(q, centroids, offsets)
+    if _use_cuda_kernels(q):
+        from .kernels import cuda
+
+        return cuda.squeezed_attention(
+            q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets, window_keys,
+            window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold,
+            scale, is_causal, budget, block_q)
+    sel = selection_mask_reference(
+        q, centroids, offsets, log_threshold, scale, block_q, budget,
+        coarse_centroids, coarse_offsets, coarse_log_threshold)
+    return squeezed_attention_reference(
+        q, k_new, v_new, attn_mask, ctx_keys, ctx_values, offsets, sel,
+        window_keys, window_values, scale, is_causal, block_q)
+
+
+@squeezed_attention.register_fake
+def _(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets, window_keys,
+      window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold,
+      scale, is_causal, budget, block_q):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
