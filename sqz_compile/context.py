@@ -24,6 +24,11 @@ position offset anywhere (compile, export, generate and static caches work uncha
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -32,6 +37,11 @@ import torch
 from .config import SqueezeConfig
 
 FORMAT_VERSION = 1
+FORMAT_NAME = "sqz_compile.SqueezedContext"
+
+
+class SqueezedContextError(ValueError):
+    """A SqueezedContext (or its file) is inconsistent, corrupted, or made for another model."""
 
 
 class LayerContext(NamedTuple):
@@ -122,3 +132,198 @@ class SqueezedContext:
         moved = {n: t.to(device) for n, t in self.tensors().items()}
         return SqueezedContext(self.config, dict(self.fingerprint), self.context_length,
                                self.token_hash, **moved, extra=dict(self.extra))
+
+    # ------------------------------------------------------------------ recalibration
+
+    @property
+    def scaling(self) -> float:
+        """The model's softmax scale the thresholds were calibrated with."""
+        return float(self.extra.get("scaling", self.head_dim ** -0.5))
+
+    def with_keep(self, keep: float, *, per_layer_threshold: bool | None = None) -> "SqueezedContext":
+        """A threshold-mode copy (budget cleared) recalibrated for `keep` on the stored window
+        queries, without re-clustering. Shares every tensor except the thresholds."""
+        from .calibrate import calibrate
+
+        per_layer = self.config.per_layer_threshold if per_layer_threshold is None else per_layer_threshold
+        cfg = dataclasses.replace(self.config, keep=float(keep), budget=None, per_layer_threshold=bool(per_layer))
+        fine, coarse = calibrate(self.window_queries, self.centroids, self.offsets, cfg.keep, self.scaling,
+                                 cfg.per_layer_threshold, self.coarse_centroids, self.coarse_offsets)
+        return dataclasses.replace(self, config=cfg, fingerprint=dict(self.fingerprint), log_threshold=fine,
+                                   coarse_log_threshold=coarse, extra=dict(self.extra))
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self, model: torch.nn.Module | None = None) -> None:
+        """Check shapes, dtypes and the cluster layout (and, given `model`, that the context was
+        made for it). Raises SqueezedContextError naming the first problem."""
+        def bad(msg: str) -> None:
+            raise SqueezedContextError(f"invalid SqueezedContext: {msg}")
+
+        def want(name: str, shape: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                bad(f"{name} is missing")
+            if tuple(t.shape) != tuple(shape):
+                bad(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            if dtype is not None and t.dtype != dtype:
+                bad(f"{name} has dtype {t.dtype}, expected {dtype}")
+            return t
+
+        if self.keys.dim() != 4:
+            bad(f"keys must be [layers, H, N, D], got shape {tuple(self.keys.shape)}")
+        layers, H, N, D = self.keys.shape
+        C, W = self.centroids.shape[2], self.window_keys.shape[2]
+        hq = self.window_queries.shape[1]
+        kd = self.keys.dtype
+        want("values", (layers, H, N, D), kd)
+        want("perm", (layers, H, N), torch.int32)
+        want("centroids", (layers, H, C, D), torch.float32)
+        want("offsets", (layers, H, C + 1), torch.int32)
+        want("window_keys", (layers, H, W, D), kd)
+        want("window_values", (layers, H, W, D), kd)
+        want("window_queries", (layers, hq, W, D), torch.float32)
+        want("log_threshold", (layers,), torch.float32)
+        if hq % H:
+            bad(f"{hq} query heads is not a multiple of {H} KV heads")
+        if N < 1 or N + W != self.context_length:
+            bad(f"{N} clustered + {W} window tokens != context_length {self.context_length}")
+        if not 1 <= C <= N:
+            bad(f"{C} clusters for {N} keys")
+        _check_offsets("offsets", self.offsets, N, bad)
+        ar = torch.arange(N, device=self.perm.device, dtype=torch.int32)
+        if not torch.equal(self.perm.sort(dim=-1).values, ar.expand_as(self.perm)):
+            bad("perm is not a permutation of 0..N-1 in every (layer, head)")
+        parts = (self.coarse_centroids, self.coarse_offsets, self.coarse_log_threshold)
+        if any(p is not None for p in parts) != all(p is not None for p in parts):
+            bad("coarse_centroids, coarse_offsets and coarse_log_threshold must be all set or all None")
+        if bool(self.config.hierarchical) != self.hierarchical:
+            bad(f"config.hierarchical={self.config.hierarchical} but coarse level "
+                f"{'present' if self.hierarchical else 'absent'}")
+        if self.hierarchical:
+            cc = self.coarse_centroids.shape[2]
+            want("coarse_centroids", (layers, H, cc, D), torch.float32)
+            want("coarse_offsets", (layers, H, cc + 1), torch.int32)
+            want("coarse_log_threshold", (layers,), torch.float32)
+            _check_offsets("coarse_offsets", self.coarse_offsets, C, bad)
+        fp = self.fingerprint
+        for key, n in (("num_hidden_layers", layers), ("num_key_value_heads", H),
+                       ("num_attention_heads", hq), ("head_dim", D)):
+            if key in fp and int(fp[key]) != n:
+                bad(f"fingerprint says {key}={fp[key]} but the tensors have {n}")
+        if model is not None:
+            self.check_model(model)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise SqueezedContextError unless this context was squeezed for `model`."""
+        from .models import fingerprint_mismatches, model_fingerprint
+
+        diff = fingerprint_mismatches(self.fingerprint, model_fingerprint(model))
+        if diff:
+            raise SqueezedContextError(
+                f"this SqueezedContext was made for another model ({self.fingerprint.get('architecture')}): "
+                + "; ".join(diff)
+                + ". Re-run sqz_compile.squeeze(model, context_ids) with this model (or load the model "
+                  "the context was made for, in the same dtype).")
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one .safetensors file (tensors + JSON metadata with format version, model
+        fingerprint, context hash, config and per-tensor sha256). Atomic: a crash never leaves a
+        half-written file at `path`."""
+        from safetensors.torch import save_file
+
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.tensors().items()}
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint,
+            "context_length": int(self.context_length),
+            "token_hash": self.token_hash,
+            "extra": self.extra,
+            "sha256": {n: _digest(t) for n, t in tensors.items()},
+        }
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"sqz_meta": json.dumps(meta, default=str)})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None,
+             device: torch.device | str | None = None, *, verify: bool | None = None) -> "SqueezedContext":
+        """Read a file written by `save`, check it (layout; checksums when `verify`, by default for
+        files up to 2 GiB; the model fingerprint when `model` is given) and move it to `device`
+        (default: the model's device, else CPU)."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        fix = "re-create it with sqz_compile.squeeze(model, context_ids).save(path)"
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+                tensors = {n: f.get_tensor(n) for n in f.keys()}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for bad headers/sizes
+            raise SqueezedContextError(f"{path}: not a readable safetensors file ({e}); it is truncated or "
+                                       f"corrupted: {fix}") from e
+        try:
+            meta = json.loads(header["sqz_meta"])
+        except (KeyError, ValueError) as e:
+            raise SqueezedContextError(f"{path}: no sqz_compile metadata (not a SqueezedContext file, or "
+                                       f"a corrupted header): {fix}") from e
+        if meta.get("format") != FORMAT_NAME:
+            raise SqueezedContextError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise SqueezedContextError(
+                f"{path}: format version {meta.get('format_version')} but this sqz_compile reads version "
+                f"{FORMAT_VERSION}: {fix} (or use the sqz_compile version that wrote it)")
+        if verify is None:
+            verify = sum(t.numel() * t.element_size() for t in tensors.values()) <= 2 << 30
+        sums = meta.get("sha256", {})
+        if set(sums) != set(tensors):
+            raise SqueezedContextError(f"{path}: tensors {sorted(tensors)} do not match the recorded "
+                                       f"{sorted(sums)}: {fix}")
+        if verify:
+            for n, t in tensors.items():
+                if _digest(t) != sums[n]:
+                    raise SqueezedContextError(f"{path}: tensor {n!r} fails its sha256 check (corrupted "
+                                               f"file): {fix}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        try:
+            ctx = cls(config=SqueezeConfig.from_dict(meta["config"]), fingerprint=dict(meta["fingerprint"]),
+                      context_length=int(meta["context_length"]), token_hash=str(meta["token_hash"]),
+                      extra=dict(meta.get("extra", {})),
+                      **{n: t for n, t in tensors.items() if n in fields})
+        except (KeyError, TypeError, ValueError) as e:
+            raise SqueezedContextError(f"{path}: incomplete or inconsistent metadata/tensors ({e}): {fix}") from e
+        try:
+            ctx.validate(model)
+        except SqueezedContextError as e:
+            raise SqueezedContextError(f"{path}: {e}") from None
+        if device is None and model is not None:
+            device = next(model.parameters()).device
+        return ctx.to(device) if device is not None else ctx
+
+
+def _check_offsets(name: str, off: torch.Tensor, total: int, bad) -> None:
+    if off.numel() and (bool((off[..., 0] != 0).any()) or bool((off[..., -1] != total).any())):
+        bad(f"{name} must start at 0 and end at {total} in every (layer, head)")
+    if bool((off[..., 1:] < off[..., :-1]).any()):
+        bad(f"{name} must be non-decreasing")
+
+
+def _digest(t: torch.Tensor) -> str:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()

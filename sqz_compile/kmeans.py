@@ -1,0 +1,182 @@
+"""Batched spherical K-means: many independent problems [B, N, D] solved at once on one device.
+
+Cosine geometry: points are L2-normalised, a point goes to the centroid with the largest dot
+product, a centroid is the normalised sum of its points. Initialisation is k-means++ on a
+random subsample: greedy k-means++ for the first centres, then rounds that each draw a batch of
+new centres (probability proportional to squared distance to the centres so far, without
+replacement), so it costs a few hundred small batched steps instead of C sequential passes. The N x C similarity is computed in
+chunks bounded by `chunk_elems`, so memory stays flat at 128K points x 6.5K clusters. The hot
+loop has no Python loop over problems or clusters and syncs with the host only every
+`check_every` iterations (early stop).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class KMeansResult:
+    assign: torch.Tensor   # [B, N] int64 cluster of each point
+    counts: torch.Tensor   # [B, K] int64 points per cluster (0 = empty)
+    centers: torch.Tensor  # [B, K] x D float32 unit directions (zeros where empty)
+    iterations: int
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPU (unit vectors: no range issue, 3 more mantissa bits than bf16), fp32 on CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def default_chunk_elems(device: torch.device) -> int:
+    return 1 << 28 if device.type == "cuda" else 1 << 22
+
+
+def normalize(x: torch.Tensor, dtype: torch.dtype, step: int = 16) -> torch.Tensor:
+    """L2-normalise the last dim into `dtype`, a few problems at a time (no full fp32 copy)."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for b in range(0, x.shape[0], step):
+        out[b:b + step] = F.normalize(x[b:b + step].float(), dim=-1).to(dtype)
+    return out
+
+
+def _row_step(B: int, N: int, K: int, chunk_elems: int) -> int:
+    return max(1, min(N, chunk_elems // max(1, B * K)))
+
+
+def nearest(xn: torch.Tensor, cn: torch.Tensor, chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best similarity float32 [B, N], index int64 [B, N]) of each point among centres [B, K, D]."""
+    B, N, _ = xn.shape
+    ct = cn.transpose(1, 2)
+    best = torch.empty(B, N, dtype=torch.float32, device=xn.device)
+    idx = torch.empty(B, N, dtype=torch.int64, device=xn.device)
+    step = _row_step(B, N, cn.shape[1], chunk_elems)
+    for s in range(0, N, step):
+        v, i = torch.bmm(xn[:, s:s + step], ct).max(dim=-1)
+        best[:, s:s + step] = v
+        idx[:, s:s + step] = i
+    return best, idx
+
+
+def cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int, weights: torch.Tensor | None = None,
+                 step: int = 1 << 14) -> torch.Tensor:
+    """Float32 per-cluster sums [B, k, D] of `x` [B, N, D] (optionally weighted by [B, N])."""
+    B, N, D = x.shape
+    sums = torch.zeros(B * k, D, dtype=torch.float32, device=x.device)
+    base = (torch.arange(B, device=x.device) * k).unsqueeze(1)
+    for s in range(0, N, step):
+        src = x[:, s:s + step].float()
+        if weights is not None:
+            src = src * weights[:, s:s + step, None]
+        sums.index_add_(0, (assign[:, s:s + step] + base).reshape(-1), src.reshape(-1, D))
+    return sums.view(B, k, D)
+
+
+def cluster_counts(assign: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Points per cluster [B, k] (int64, or weighted sums when `weights` is given)."""
+    src = torch.ones_like(assign) if weights is None else weights
+    return torch.zeros(assign.shape[0], k, dtype=src.dtype, device=assign.device).scatter_add_(1, assign, src)
+
+
+def _gumbel_topk(logw: torch.Tensor, t: int, gen: torch.Generator) -> torch.Tensor:
+    """t indices per row drawn without replacement with probability proportional to exp(logw)."""
+    u = torch.rand(logw.shape, generator=gen, device=logw.device).clamp_(1e-20, 1.0)
+    return (logw - torch.log(-torch.log(u))).topk(t, dim=1).indices
+
+
+def _init_centers(xn: torch.Tensor, k: int, gen: torch.Generator, weights: torch.Tensor | None,
+                  chunk_elems: int, oversample: int = 4, greedy_steps: int = 256,
+                  growth: float = 0.1) -> torch.Tensor:
+    """k-means++ on a random subsample of ~oversample*k points.
+
+    The first `greedy_steps` centres are drawn one at a time, greedy k-means++ style (2 + log k
+    candidates, keep the one that lowers the potential most); after that ceil(growth*count)
+    centres are drawn per round, so the whole init is O(greedy_steps + log k) batched matmuls
+    instead of k sequential passes."""
+    B, N, D = xn.shape
+    m = min(N, max(oversample * k, 256))
+    sub = torch.randperm(N, generator=gen, device=xn.device)[:m]
+    s = xn[:, sub]
+    sw = torch.ones(B, m, device=xn.device) if weights is None else weights[:, sub].float()
+    centers = torch.empty(B, k, D, dtype=xn.dtype, device=xn.device)
+    best = torch.full((B, m), -1.0, dtype=torch.float32, device=xn.device)  # max cos to centres so far
+    n_cand = min(m, 2 + int(math.log(k + 1)))
+    count = 0
+    while count < k:
+        # squared chord distance 2 - 2cos, times the point's weight (0 excludes a point)
+        d2 = (2.0 - 2.0 * best).clamp_(min=0.0)
+        logw = torch.log(sw * d2)
+        if count < greedy_steps:
+            cand = _gumbel_topk(logw, 1 if count == 0 else n_cand, gen)
+            sims = torch.bmm(s, s.gather(1, cand.unsqueeze(-1).expand(-1, -1, D)).transpose(1, 2)).float()
+            pot = (sw.unsqueeze(-1) * torch.minimum(d2.unsqueeze(-1), 2.0 - 2.0 * sims)).sum(1)
+            j = pot.argmin(dim=1, keepdim=True)
+            picks = cand.gather(1, j)
+            nb = sims.gather(2, j.unsqueeze(1).expand(-1, m, -1)).squeeze(-1)
+        else:
+            t = min(k - count, max(1, math.ceil(growth * count)))
+            picks = _gumbel_topk(logw, t, gen)
+            nb = None
+        new = s.gather(1, picks.unsqueeze(-1).expand(-1, -1, D))
+        centers[:, count:count + new.shape[1]] = new
+        if nb is None:
+            nb, _ = nearest(s, new, chunk_elems)
+        torch.maximum(best, nb, out=best)
+        count += new.shape[1]
+    return centers
+
+
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
+           weights: torch.Tensor | None = None, tol: float = 1e-4, check_every: int = 4,
+           chunk_elems: int | None = None, dtype: torch.dtype | None = None,
+           progress=None) -> KMeansResult:
+    """Spherical K-means on each of B problems x [B, N, D] (any float dtype) into k clusters.
+
+    weights [B, N] (optional, >= 0): a point of weight 0 is assigned but never moves a centre,
+    seeds one, or counts as a member for the empty-cluster test. Empty clusters are re-seeded each
+    iteration with the points farthest from their centres; degenerate data (e.g. identical points)
+    can still leave some empty. Stops when at most `tol` of the assignments changed over the last
+    `check_every` iterations, or after `iters`. Deterministic for a given seed and device.
+    `progress`: an optional tqdm-like object with .update(n).
+    """
+    B, N, D = x.shape
+    if not 1 <= k <= N:
+        raise ValueError(f"k={k} clusters for {N} points: need 1 <= k <= N")
+    device = x.device
+    dtype = dtype or compute_dtype(device)
+    chunk_elems = chunk_elems or default_chunk_elems(device)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    w = None if weights is None else weights.to(device, torch.float32)
+    xn = normalize(x, dtype)
+    cn = _init_centers(xn, k, gen, w, chunk_elems)
+
+    arangeB = torch.arange(B, device=device).unsqueeze(1)
+    prev = torch.full((B, N), -1, dtype=torch.int64, device=device)
+    changed = torch.zeros((), dtype=torch.int64, device=device)
+    done = 0
+    for it in range(1, iters + 1):
+        best, assign = nearest(xn, cn, chunk_elems)
+        changed += (assign != prev).sum()
+        prev = assign
+        sums = cluster_sums(xn, assign, k, w)
+        members = cluster_counts(assign, k, None if w is None else (w > 0).float())
+        new = F.normalize(sums, dim=-1)
+        # re-seed empty clusters with the farthest points (rank r-th empty <- r-th farthest)
+        empty = members == 0
+        far = (best if w is None else best.masked_fill(w <= 0, float("inf"))).argsort(dim=1)
+        rank = (empty.cumsum(1) - 1).clamp_(0, N - 1)
+        seed_pts = xn[arangeB, far.gather(1, rank)].float()
+        cn = torch.where(empty.unsqueeze(-1), seed_pts, new).to(dtype)
+        done = it
+        if progress is not None:
+            progress.update(1)
+        if it % check_every == 0 or it == iters:
+            if int(changed) <= tol * B * N * check_every and it > 1:
+                break
+            changed.zero_()
+    counts = cluster_counts(assign, k)
+    centers = torch.where((counts > 0).unsqueeze(-1), new, torch.zeros_like(new))
+    return KMeansResult(assign, counts, centers, done)
