@@ -87,8 +87,33 @@ def _gumbel_topk(logw: torch.Tensor, t: int, gen: torch.Generator) -> torch.Tens
     return (logw - torch.log(-torch.log(u))).topk(t, dim=1).indices
 
 
+def _round_picks(s: torch.Tensor, logw: torch.Tensor, d2: torch.Tensor, t: int, gen: torch.Generator,
+                 chunk_elems: int) -> torch.Tensor:
+    """t new centres per problem, emulating t sequential k-means++ draws: draw 2t candidates
+    proportional to d2, accept candidate j with probability d2'_j / d2_j, where d2'_j also counts
+    the earlier candidates of this round as centres (rejection sampling), then keep the first t
+    accepted (topping up with rejected ones when too few were accepted)."""
+    B, m, D = s.shape
+    n = min(m, 2 * t)
+    cand = _gumbel_topk(logw, n, gen)                                    # [B, n], best first
+    cs = s.gather(1, cand.unsqueeze(-1).expand(-1, -1, D))
+    d2c = d2.gather(1, cand)
+    u = torch.rand(B, n, generator=gen, device=s.device)
+    prio = torch.empty(B, n, device=s.device)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=s.device).tril(-1)  # [j, i]: i before j
+    step = max(1, chunk_elems // (n * n))
+    pos = torch.arange(n, 0, -1, device=s.device, dtype=torch.float32)    # earlier first
+    for b in range(0, B, step):
+        sim = torch.bmm(cs[b:b + step], cs[b:b + step].transpose(1, 2)).float()
+        d2pair = (2.0 - 2.0 * sim).masked_fill_(~earlier, float("inf")).amin(-1)
+        d2new = torch.minimum(d2c[b:b + step], d2pair)
+        accept = u[b:b + step] * d2c[b:b + step] < d2new
+        prio[b:b + step] = accept * (n + 1.0) + pos
+    return cand.gather(1, prio.topk(t, dim=1).indices)
+
+
 def _init_centers(xn: torch.Tensor, k: int, gen: torch.Generator, weights: torch.Tensor | None,
-                  chunk_elems: int, oversample: int = 4, greedy_steps: int = 256,
+                  chunk_elems: int, oversample: int = 8, greedy_steps: int = 256,
                   growth: float = 0.1) -> torch.Tensor:
     """k-means++ on a random subsample of ~oversample*k points.
 
@@ -118,7 +143,7 @@ def _init_centers(xn: torch.Tensor, k: int, gen: torch.Generator, weights: torch
             nb = sims.gather(2, j.unsqueeze(1).expand(-1, m, -1)).squeeze(-1)
         else:
             t = min(k - count, max(1, math.ceil(growth * count)))
-            picks = _gumbel_topk(logw, t, gen)
+            picks = _round_picks(s, logw, d2, t, gen, chunk_elems)
             nb = None
         new = s.gather(1, picks.unsqueeze(-1).expand(-1, -1, D))
         centers[:, count:count + new.shape[1]] = new
@@ -132,7 +157,7 @@ def _init_centers(xn: torch.Tensor, k: int, gen: torch.Generator, weights: torch
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
            weights: torch.Tensor | None = None, tol: float = 1e-4, check_every: int = 4,
            chunk_elems: int | None = None, dtype: torch.dtype | None = None,
-           progress=None) -> KMeansResult:
+           greedy_steps: int = 256, progress=None) -> KMeansResult:
     """Spherical K-means on each of B problems x [B, N, D] (any float dtype) into k clusters.
 
     weights [B, N] (optional, >= 0): a point of weight 0 is assigned but never moves a centre,
@@ -140,6 +165,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
     iteration with the points farthest from their centres; degenerate data (e.g. identical points)
     can still leave some empty. Stops when at most `tol` of the assignments changed over the last
     `check_every` iterations, or after `iters`. Deterministic for a given seed and device.
+    greedy_steps: how many initial centres are drawn one at a time (see _init_centers).
     `progress`: an optional tqdm-like object with .update(n).
     """
     B, N, D = x.shape
@@ -151,7 +177,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
     gen = torch.Generator(device=device).manual_seed(int(seed))
     w = None if weights is None else weights.to(device, torch.float32)
     xn = normalize(x, dtype)
-    cn = _init_centers(xn, k, gen, w, chunk_elems)
+    cn = _init_centers(xn, k, gen, w, chunk_elems, greedy_steps=greedy_steps)
 
     arangeB = torch.arange(B, device=device).unsqueeze(1)
     prev = torch.full((B, N), -1, dtype=torch.int64, device=device)
