@@ -62,9 +62,11 @@ def nearest(xn: torch.Tensor, cn: torch.Tensor, chunk_elems: int) -> tuple[torch
 
 
 def cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int, weights: torch.Tensor | None = None,
-                 step: int = 1 << 14) -> torch.Tensor:
-    """Float32 per-cluster sums [B, k, D] of `x` [B, N, D] (optionally weighted by [B, N])."""
+                 step: int | None = None) -> torch.Tensor:
+    """Float32 per-cluster sums [B, k, D] of `x` [B, N, D] (optionally weighted by [B, N]),
+    converting `step` points per problem at a time (default: ~2^26 elements per chunk)."""
     B, N, D = x.shape
+    step = step or max(1, (1 << 26) // (B * D))
     sums = torch.zeros(B * k, D, dtype=torch.float32, device=x.device)
     base = (torch.arange(B, device=x.device) * k).unsqueeze(1)
     for s in range(0, N, step):
