@@ -180,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     report = {"env": env, "rows": []}
+
+    def save() -> None:  # after every row, so a run cut short still leaves its numbers
+        for path in filter(None, [args.results, args.out]):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(report, f, indent=2)
     if args.cuda_smoke and device.type == "cuda":
         report["cuda_smoke"] = cuda_smoke()
+        save()
     # warm-up (CUDA context, cuBLAS handles, allocator) at a small size, not reported
     warm = argparse.Namespace(**{**vars(args), "layers": 1, "kv_heads": 1, "query_heads": args.query_heads // args.kv_heads})
     run_one(warm, 2048, True, device)
@@ -201,11 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['seconds_layout_calibration']:>12.2f} {r['seconds_total']:>8.2f} "
                   f"{r['cohesion'] if r['cohesion'] is not None else '-':>8} {r.get('peak_gib_above_inputs', '-'):>8}",
                   flush=True)
-    for path in filter(None, [args.results, args.out]):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {path}")
+            save()
+    print("wrote", ", ".join(filter(None, [args.results, args.out])))
     return 0
 
 

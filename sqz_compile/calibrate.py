@@ -121,7 +121,7 @@ def calibrate(window_queries: torch.Tensor, centroids: torch.Tensor, offsets: to
     fine_idx = torch.arange(C, device=dev)
     cscores, cweights = [], []
     for i in range(layers):
-        parent = torch.searchsorted(coarse_offsets[i].contiguous(), fine_idx.expand(H, C).contiguous(),
+        parent = torch.searchsorted(coarse_offsets[i].long().contiguous(), fine_idx.expand(H, C).contiguous(),
                                     right=True) - 1                         # [H, C]
         parent = parent.clamp_(0, Cc - 1)
         csz = torch.zeros(H, Cc, device=dev).scatter_add_(1, parent, sizes[i])

@@ -213,10 +213,17 @@ def _register_capture() -> None:
 
 
 def _set_attn(model: torch.nn.Module, impl: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
+    try:
         model.set_attn_implementation(impl)
-    else:  # older transformers
-        model.config._attn_implementation = impl
+    except (AttributeError, KeyError, ValueError):
+        # transformers without set_attn_implementation, or one that vets custom names differently:
+        # every submodule reads its (shared) config's _attn_implementation at call time.
+        for mod in model.modules():
+            cfg = getattr(mod, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = impl
+    if model.config._attn_implementation != impl:
+        raise UnsupportedModelError(f"could not switch {type(model).__name__} to attention '{impl}'")
 
 
 @contextlib.contextmanager
