@@ -1,0 +1,116 @@
+"""torch.export of squeezed models: sqz nodes and context buffers in the program, dynamic batch and
+length, save/load round trip in a fresh interpreter, and what a load without sqz_compile does."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sqz_compile
+from sqz_compile.exporting import count_sqz_nodes, export_module, load_exported, read_package_note, save_exported
+
+from export_fixtures import DirectSqz, assert_fresh_ok, run_fresh, tiny_context, tiny_llama, user_ids
+
+LENGTHS = [(1, 5), (3, 37)]  # two (batch, length) pairs served by one artifact
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def direct(model):
+    return DirectSqz(tiny_context(model)).eval()
+
+
+@pytest.fixture(scope="module")
+def direct_saved(direct, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("direct")
+    ep = export_module(direct, user_ids(2, 10))
+    path = str(folder / "direct.pt2")
+    save_exported(ep, path)
+    inputs = [user_ids(b, m, seed=m) for b, m in LENGTHS]
+    with torch.no_grad():
+        torch.save({"inputs": inputs, "outputs": [direct(x) for x in inputs]}, folder / "io.pt")
+    return ep, path, str(folder / "io.pt")
+
+
+def test_program_holds_sqz_op_and_context_buffers(direct_saved):
+    ep, _, _ = direct_saved
+    assert count_sqz_nodes(ep) == 1
+    buffers = set(ep.graph_signature.buffers)
+    assert {"keys", "values", "centroids", "offsets", "window_keys", "window_values", "log_threshold"} <= buffers
+    dims = {str(s) for s in ep.range_constraints}
+    assert len(dims) == 2, ep.range_constraints  # batch and length, both symbolic
+
+
+def test_program_matches_module_at_two_lengths(direct, direct_saved):
+    ep, _, _ = direct_saved
+    for b, m in LENGTHS:
+        ids = user_ids(b, m, seed=m)
+        torch.testing.assert_close(ep.module()(ids), direct(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_saved_program_loads_in_fresh_process(direct_saved):
+    _, path, io = direct_saved
+    out = assert_fresh_ok("""
+        import sys, torch, sqz_compile
+        from sqz_compile.exporting import load_exported
+        ep = load_exported(sys.argv[1])
+        io = torch.load(sys.argv[2])
+        for x, want in zip(io["inputs"], io["outputs"]):
+            torch.testing.assert_close(ep.module()(x), want, rtol=1e-5, atol=1e-5)
+        print("ok", len(io["inputs"]))
+    """, path, io)
+    assert "ok 2" in out
+
+
+def test_plain_load_without_sqz_compile_names_the_missing_op(direct_saved):
+    _, path, _ = direct_saved
+    proc = run_fresh("""
+        import sys, torch
+        try:
+            torch.export.load(sys.argv[1])
+        except RuntimeError as e:
+            print("failed:", e)
+        assert "sqz_compile" not in sys.modules
+    """, path)
+    assert proc.returncode == 0, proc.stderr
+    assert "failed: We ran into an error when deserializing" in proc.stdout
+    assert "torch.ops.sqz.squeezed_attention" in proc.stderr  # torch logs the unresolved op
+    # ... and importing sqz_compile first is all it takes.
+    assert_fresh_ok("import sys, torch, sqz_compile; torch.export.load(sys.argv[1])", path)
+
+
+def test_saved_program_carries_a_load_note(direct_saved):
+    _, path, _ = direct_saved
+    note = read_package_note(path)
+    assert note["ops"] == ["sqz.squeezed_attention.default"]
+    assert "import sqz_compile" in note["load"]
+
+
+def test_load_exported_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no exported program"):
+        load_exported(tmp_path / "missing.pt2")
+    bad = tmp_path / "bad.pt2"
+    bad.write_text("not a zip")
+    with pytest.raises(ValueError, match="not a torch.export archive"):
+        load_exported(bad)
+
+
+def test_example_inputs_validation(direct):
+    with pytest.raises(TypeError, match="token ids"):
+        export_module(direct, torch.randn(2, 5))
+    with pytest.raises(TypeError, match="token ids"):
+        export_module(direct, user_ids(2, 5)[0])
+
+
+def test_batch_one_example_still_gives_dynamic_program(direct):
+    ep = export_module(direct, user_ids(1, 1))
+    ids = user_ids(4, 9)
+    torch.testing.assert_close(ep.module()(ids), direct(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_ops_are_registered_by_import():
+    assert sqz_compile.ops is not None
+    assert hasattr(torch.ops.sqz, "squeezed_attention")
