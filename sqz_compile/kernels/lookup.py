@@ -124,3 +124,327 @@ def _fit_budget(best: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.T
     fits = (torch.cumsum(sorted_sz * sorted_ok, dim=-1) <= budget) & sorted_ok
     sel = torch.zeros_like(fits)
     return sel.scatter(-1, order, fits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (launched from kernels/cuda.py). A "row" is one (batch row, KV head, query
+# block); its queries are the block's queries of every head in the GQA group, packed as
+# r = g * BQ + i. The cluster axis of a row is split over several programs ("splits") so that
+# decode (few rows) still fills the GPU. Pipeline (flat):
+#   _lse_kernel      partial logsumexp_c(s q.mu_c + log n_c) per query and split
+#   _best_kernel     best_c = max over the row's queries of (s q.mu_c - lse_q); threshold mode
+#                    also counts the kept clusters (and their keys) per split
+#   _budget_kernel   budget mode only: per row, the key-threshold T on the float bits of best
+#                    found by bisection (sum of sizes of clusters scoring >= T fits the budget),
+#                    plus the tie cut-off, which reproduces the reference's stable sort exactly
+#   _compact_kernel  ascending kept-cluster list, padded with -1, plus for the attention kernels
+#                    the running key count `cum` and `delta` = cluster start - cum, so a packed
+#                    key v of slot j lives at sorted position v + delta[j]
+# Hierarchical: _lse/_best on the coarse level (threshold -> keep flags), _lse over the pruned
+# coarse clusters, _lse over children of kept coarse clusters, then _best/_compact on the fine
+# level with the two partial-lse sets merged.
+# ---------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs without triton still import sqz_compile
+    HAS_TRITON = False
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _fkey(x):
+        """Float32 -> int32 with the same order (bit trick), for the budget bisection."""
+        b = x.to(tl.int32, bitcast=True)
+        return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+    @triton.jit
+    def _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M, block_q, D,
+                     QT: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = row // (H * NB)
+        h = (row // NB) % H
+        nb = row % NB
+        r = qt * QT + tl.arange(0, QT)
+        g = r // BQ
+        i = r % BQ
+        valid = (g < G) & (i < tl.minimum(BQ, M - nb * block_q))
+        m = nb * block_q + i
+        d = tl.arange(0, BLOCK_D)
+        ptr = Q + b * sqb + (h * G + g)[:, None] * sqh + m[:, None] * sqm + d[None, :]
+        q = tl.load(ptr, mask=valid[:, None] & (d[None, :] < D), other=0.0)
+        return q, r, valid
+
+    @triton.jit
+    def _log_sizes(Off, CO, Par, Flags, row, h, c, cvalid, soh, scoh, sph, NFLAG,
+                   TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr):
+        """Sizes n_c and log n_c (-inf for empty, out-of-range or filtered-out clusters).
+        FILTER 1: keep children of kept coarse clusters; 2: keep pruned (unkept) clusters."""
+        if TWO_LEVEL:
+            lo = tl.load(CO + h * scoh + c, mask=cvalid, other=0)
+            hi = tl.load(CO + h * scoh + c + 1, mask=cvalid, other=0)
+            n = (tl.load(Off + h * soh + hi, mask=cvalid, other=0)
+                 - tl.load(Off + h * soh + lo, mask=cvalid, other=0))
+        else:
+            n = (tl.load(Off + h * soh + c + 1, mask=cvalid, other=0)
+                 - tl.load(Off + h * soh + c, mask=cvalid, other=0))
+        ok = cvalid & (n > 0)
+        if FILTER == 1:
+            par = tl.load(Par + h * sph + c, mask=cvalid, other=0)
+            ok = ok & (tl.load(Flags + row * NFLAG + par, mask=cvalid, other=0) != 0)
+        if FILTER == 2:
+            ok = ok & (tl.load(Flags + row * NFLAG + c, mask=cvalid, other=1) == 0)
+        logn = tl.where(ok, tl.log(tl.maximum(n, 1).to(tl.float32)), float("-inf"))
+        return n, logn, ok
+
+    @triton.jit
+    def _scores(q, Cent, h, c, cvalid, sch, scc, D, scale,
+                BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+        d = tl.arange(0, BLOCK_D)
+        mu = tl.load(Cent + h * sch + c[None, :] * scc + d[:, None],
+                     mask=cvalid[None, :] & (d[:, None] < D), other=0.0)
+        if IEEE:
+            s = tl.dot(q.to(tl.float32), mu, input_precision="ieee")
+        else:
+            s = tl.dot(q, mu.to(q.dtype))
+        return s * scale
+
+    @triton.jit
+    def _lse_kernel(Q, Cent, Off, CO, Par, Flags, PartL, Scores,
+                    sqb, sqh, sqm, sch, scc, soh, scoh, sph,
+                    H, NB, G, BQ, M, block_q, C, NFLAG, D, SPLIT, chunk, NQT, scale,
+                    QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
+                    TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr,
+                    STORE_SCORES: tl.constexpr, LOAD_SCORES: tl.constexpr, IEEE: tl.constexpr):
+        """PartL[row, split, r] = logsumexp over this split's clusters of s q_r.mu_c + log n_c.
+        Decode stores the scores (STORE_SCORES) for later passes to load instead of recompute."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        h = (row // NB) % H
+        c_lo = split * chunk
+        c_hi = tl.minimum(C, c_lo + chunk)
+        for qt in range(0, NQT):
+            q, r, _ = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M, block_q, D,
+                                   QT, BLOCK_D)
+            mx = tl.full([QT], float("-inf"), tl.float32)
+            sm = tl.zeros([QT], tl.float32)
+            for c0 in range(c_lo, c_hi, BC):
+                c = c0 + tl.arange(0, BC)
+                cvalid = c < c_hi
+                n, logn, ok = _log_sizes(Off, CO, Par, Flags, row, h, c, cvalid, soh, scoh, sph,
+                                         NFLAG, TWO_LEVEL, FILTER)
+                if tl.max(ok.to(tl.int32), axis=0) > 0:
+                    if LOAD_SCORES:
+                        s = tl.load(Scores + (row * QT + r[:, None]) * C + c[None, :],
+                                    mask=ok[None, :], other=0.0)
+                    else:
+                        s = _scores(q, Cent, h, c, ok, sch, scc, D, scale, BLOCK_D, IEEE)
+                    if STORE_SCORES:
+                        tl.store(Scores + (row * QT + r[:, None]) * C + c[None, :], s,
+                                 mask=ok[None, :])
+                    t = s + logn[None, :]
+                    new = tl.maximum(mx, tl.max(t, axis=1))
+                    safe = tl.where(new == float("-inf"), 0.0, new)
+                    sm = sm * tl.exp(mx - safe) + tl.sum(tl.exp(t - safe[:, None]), axis=1)
+                    mx = new
+            lse = tl.where(sm > 0, mx + tl.log(tl.where(sm > 0, sm, 1.0)), float("-inf"))
+            tl.store(PartL + (row * SPLIT + split) * (NQT * QT) + r, lse)
+
+    @triton.jit
+    def _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT: tl.constexpr,
+                    HAS_L2: tl.constexpr):
+        mx = tl.full([QT], float("-inf"), tl.float32)
+        sm = tl.zeros([QT], tl.float32)
+        for sp in range(0, SPLIT_L):
+            x = tl.load(PartL + (row * SPLIT_L + sp) * QRP + r)
+            new = tl.maximum(mx, x)
+            safe = tl.where(new == float("-inf"), 0.0, new)
+            sm = sm * tl.exp(mx - safe) + tl.exp(x - safe)
+            mx = new
+        if HAS_L2:
+            for sp in range(0, SPLIT_L2):
+                x = tl.load(PartL2 + (row * SPLIT_L2 + sp) * QRP + r)
+                new = tl.maximum(mx, x)
+                safe = tl.where(new == float("-inf"), 0.0, new)
+                sm = sm * tl.exp(mx - safe) + tl.exp(x - safe)
+                mx = new
+        return tl.where(sm > 0, mx + tl.log(tl.where(sm > 0, sm, 1.0)), float("-inf"))
+
+    @triton.jit
+    def _best_kernel(Q, Cent, Off, CO, Par, Flags, PartL, PartL2, Scores, Best, Thr,
+                     CntS, SumS, KeepOut,
+                     sqb, sqh, sqm, sch, scc, soh, scoh, sph,
+                     H, NB, G, BQ, M, block_q, C, NFLAG, D, SPLIT, chunk, NQT, SPLIT_L, SPLIT_L2,
+                     scale,
+                     QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
+                     TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr, HAS_L2: tl.constexpr,
+                     LOAD_SCORES: tl.constexpr, IEEE: tl.constexpr, THRESH: tl.constexpr,
+                     KEEP_FLAGS: tl.constexpr):
+        """Best[row, c] = max_r (s q_r.mu_c - lse_r) (-inf for empty/filtered clusters).
+        THRESH: also count kept clusters / keys per split (and KEEP_FLAGS: write 0/1 flags)."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        h = (row // NB) % H
+        c_lo = split * chunk
+        c_hi = tl.minimum(C, c_lo + chunk)
+        QRP = NQT * QT
+        if THRESH:
+            thr = tl.load(Thr)
+        cnt = tl.zeros([], tl.int32)
+        ssum = tl.zeros([], tl.int32)
+        for c0 in range(c_lo, c_hi, BC):
+            c = c0 + tl.arange(0, BC)
+            cvalid = c < c_hi
+            n, logn, ok = _log_sizes(Off, CO, Par, Flags, row, h, c, cvalid, soh, scoh, sph,
+                                     NFLAG, TWO_LEVEL, FILTER)
+            best = tl.full([BC], float("-inf"), tl.float32)
+            if tl.max(ok.to(tl.int32), axis=0) > 0:
+                for qt in range(0, NQT):
+                    q, r, rvalid = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M,
+                                                block_q, D, QT, BLOCK_D)
+                    lse = _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT, HAS_L2)
+                    if LOAD_SCORES:
+                        s = tl.load(Scores + (row * QT + r[:, None]) * C + c[None, :],
+                                    mask=ok[None, :], other=0.0)
+                    else:
+                        s = _scores(q, Cent, h, c, ok, sch, scc, D, scale, BLOCK_D, IEEE)
+                    ls = tl.where(rvalid[:, None] & ok[None, :], s - lse[:, None], float("-inf"))
+                    best = tl.maximum(best, tl.max(ls, axis=0))
+            tl.store(Best + row * C + c, best, mask=cvalid)
+            if THRESH:
+                keep = cvalid & (best > thr)
+                cnt += tl.sum(keep.to(tl.int32), axis=0)
+                ssum += tl.sum(tl.where(keep, n, 0), axis=0)
+                if KEEP_FLAGS:
+                    tl.store(KeepOut + row * C + c, keep.to(tl.int8), mask=cvalid)
+        if THRESH:
+            tl.store(CntS + row * SPLIT + split, cnt)
+            tl.store(SumS + row * SPLIT + split, ssum)
+
+    @triton.jit
+    def _budget_kernel(Best, Off, CntS, SumS, TKey, CStar, budget, H, NB, C, soh, SPLIT, chunk,
+                       BLOCK: tl.constexpr):
+        """Per row: smallest key T whose clusters (best >= T) fit the budget; the clusters tied at
+        the next key down are then kept in ascending index order while they still fit (the
+        reference's stable descending sort). Writes T, the tie cut-off and per-split counts."""
+        row = tl.program_id(0)
+        h = (row // NB) % H
+        big = 2147483647
+        kmin = tl.full([], big, tl.int32)
+        kmax = tl.full([], -big, tl.int32)
+        for c0 in range(0, C, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            x = tl.load(Best + row * C + c, mask=c < C, other=float("-inf"))
+            fin = x > float("-inf")
+            k = _fkey(x)
+            kmin = tl.minimum(kmin, tl.min(tl.where(fin, k, big), axis=0))
+            kmax = tl.maximum(kmax, tl.max(tl.where(fin, k, -big), axis=0))
+        lo = kmin.to(tl.int64)
+        hi = kmax.to(tl.int64) + 1
+        while lo < hi:
+            mid = lo + (hi - lo) // 2
+            tot = tl.zeros([], tl.int64)
+            for c0 in range(0, C, BLOCK):
+                c = c0 + tl.arange(0, BLOCK)
+                cm = c < C
+                x = tl.load(Best + row * C + c, mask=cm, other=float("-inf"))
+                n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - tl.load(Off + h * soh + c, mask=cm, other=0)
+                sel = (x > float("-inf")) & (_fkey(x).to(tl.int64) >= mid)
+                tot += tl.sum(tl.where(sel, n, 0).to(tl.int64), axis=0)
+            fits = tot <= budget
+            hi = tl.where(fits, mid, hi)
+            lo = tl.where(fits, lo, mid + 1)
+        t = lo
+        base = tl.zeros([], tl.int64)
+        for c0 in range(0, C, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            cm = c < C
+            x = tl.load(Best + row * C + c, mask=cm, other=float("-inf"))
+            n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - tl.load(Off + h * soh + c, mask=cm, other=0)
+            sel = (x > float("-inf")) & (_fkey(x).to(tl.int64) >= t)
+            base += tl.sum(tl.where(sel, n, 0).to(tl.int64), axis=0)
+        cstar = tl.full([], -1, tl.int32)
+        if t > kmin.to(tl.int64):
+            run = base
+            for c0 in range(0, C, BLOCK):
+                c = c0 + tl.arange(0, BLOCK)
+                cm = c < C
+                x = tl.load(Best + row * C + c, mask=cm, other=float("-inf"))
+                n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - tl.load(Off + h * soh + c, mask=cm, other=0)
+                tie = (x > float("-inf")) & (_fkey(x).to(tl.int64) == t - 1)
+                nt = tl.where(tie, n, 0).to(tl.int64)
+                inc = tl.cumsum(nt, axis=0) + run
+                ok = tie & (inc <= budget)
+                cstar = tl.maximum(cstar, tl.max(tl.where(ok, c, -1), axis=0))
+                run += tl.sum(nt, axis=0)
+        tl.store(TKey + row, t)
+        tl.store(CStar + row, cstar)
+        for sp in range(0, SPLIT):
+            cnt = tl.zeros([], tl.int32)
+            ssum = tl.zeros([], tl.int32)
+            for c0 in range(sp * chunk, tl.minimum(C, sp * chunk + chunk), BLOCK):
+                c = c0 + tl.arange(0, BLOCK)
+                cm = (c < C) & (c < sp * chunk + chunk)
+                x = tl.load(Best + row * C + c, mask=cm, other=float("-inf"))
+                n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - tl.load(Off + h * soh + c, mask=cm, other=0)
+                k = _fkey(x).to(tl.int64)
+                keep = cm & (x > float("-inf")) & ((k >= t) | ((k == t - 1) & (c <= cstar)))
+                cnt += tl.sum(keep.to(tl.int32), axis=0)
+                ssum += tl.sum(tl.where(keep, n, 0), axis=0)
+            tl.store(CntS + row * SPLIT + sp, cnt)
+            tl.store(SumS + row * SPLIT + sp, ssum)
+
+    @triton.jit
+    def _compact_kernel(Best, Off, Thr, TKey, CStar, CntS, SumS, Idx, Count, Cum, Delta, NKeys,
+                        H, NB, C, soh, SPLIT, chunk,
+                        BUDGET: tl.constexpr, BLOCK: tl.constexpr, SPLIT_P: tl.constexpr):
+        """Writes this split's share of the ascending kept list (Idx, Cum, Delta) and padding."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        h = (row // NB) % H
+        sp = tl.arange(0, SPLIT_P)
+        spm = sp < SPLIT
+        cnts = tl.load(CntS + row * SPLIT + sp, mask=spm, other=0)
+        sums = tl.load(SumS + row * SPLIT + sp, mask=spm, other=0)
+        base = tl.sum(tl.where(sp < split, cnts, 0), axis=0)
+        cbase = tl.sum(tl.where(sp < split, sums, 0), axis=0)
+        total = tl.sum(cnts, axis=0)
+        tkeys = tl.sum(sums, axis=0)
+        if BUDGET:
+            t = tl.load(TKey + row)
+            cstar = tl.load(CStar + row)
+        else:
+            thr = tl.load(Thr)
+        c_lo = split * chunk
+        c_hi = tl.minimum(C, c_lo + chunk)
+        for c0 in range(c_lo, c_hi, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            cm = c < c_hi
+            x = tl.load(Best + row * C + c, mask=cm, other=float("-inf"))
+            start = tl.load(Off + h * soh + c, mask=cm, other=0)
+            n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - start
+            if BUDGET:
+                k = _fkey(x).to(tl.int64)
+                keep = cm & (x > float("-inf")) & ((k >= t) | ((k == t - 1) & (c <= cstar)))
+            else:
+                keep = cm & (x > thr)
+            ki = keep.to(tl.int32)
+            pos = base + tl.cumsum(ki, axis=0) - ki
+            ns = tl.where(keep, n, 0)
+            cpos = cbase + tl.cumsum(ns, axis=0) - ns
+            tl.store(Idx + row * C + pos, c, mask=keep)
+            tl.store(Cum + row * (C + 1) + pos, cpos, mask=keep)
+            tl.store(Delta + row * C + pos, start - cpos, mask=keep)
+            base += tl.sum(ki, axis=0)
+            cbase += tl.sum(ns, axis=0)
+        for p0 in range(c_lo, c_hi, BLOCK):
+            p = p0 + tl.arange(0, BLOCK)
+            pm = (p < c_hi) & (p >= total)
+            tl.store(Idx + row * C + p, tl.full([BLOCK], -1, tl.int32), mask=pm)
+            tl.store(Cum + row * (C + 1) + p, tl.zeros([BLOCK], tl.int32) + tkeys, mask=pm)
+            tl.store(Delta + row * C + p, tl.zeros([BLOCK], tl.int32), mask=pm)
+        if split == 0:
+            tl.store(Count + row, total)
+            tl.store(NKeys + row, tkeys)
+            tl.store(Cum + row * (C + 1) + C, tkeys)

@@ -1,0 +1,345 @@
+"""Launch glue for the sqz Triton kernels (the CUDA branch of torch.ops.sqz.*).
+
+`select_clusters` and `squeezed_attention` take exactly the argument lists of the ops in
+ops.py. Every launch goes through `torch.library.wrap_triton`, so when the op body is traced
+(torch.compile / export) Inductor sees the kernels and inlines them into its generated code.
+Grids and block sizes come from static shapes only: no `.item()`, no host sync, so the path is
+CUDA-graph capturable. Scratch buffers are plain allocations inside the op.
+
+Under TRITON_INTERPRET=1 the launchers also accept CPU tensors (that is how CI tests the
+kernels on a CPU-only machine); then kernels are called directly instead of via wrap_triton,
+and every tl.dot runs in float32 (the interpreter of triton 3.9 computes bf16 dots wrongly).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import lookup as _lk
+from . import sparse_attention as _sa
+
+if not (_lk.HAS_TRITON and _sa.HAS_TRITON):  # pragma: no cover
+    raise ImportError("sqz_compile.kernels.cuda needs triton: pip install triton "
+                      "(the CPU path of torch.ops.sqz.* does not)")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    if _interpreting():
+        kernel[grid](*args, **kwargs)
+    else:
+        from torch.library import wrap_triton
+
+        wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 4  # interpreter: a few splits so the split/merge code paths run in CI
+    return _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_device(*ts: Optional[torch.Tensor]) -> None:
+    dev = next(t.device for t in ts if t is not None)
+    for t in ts:
+        if t is not None and t.device != dev:
+            raise ValueError(f"sqz: all tensors must be on one device, got {t.device} and {dev}: move "
+                             f"the SqueezedContext to the model's device (ctx.to(device))")
+    if dev.type != "cuda" and not _interpreting():
+        raise ValueError(f"sqz Triton kernels need CUDA tensors (got {dev}); on CPU use the op "
+                         f"(torch.ops.sqz.*), whose CPU branch runs the reference")
+
+
+class Selection(NamedTuple):
+    """Lookup output: the op's (idx, count) plus what the attention kernel reads."""
+
+    idx: torch.Tensor    # [B, H, NB, C] int32, ascending kept clusters, padded with -1
+    count: torch.Tensor  # [B, H, NB] int32
+    cum: torch.Tensor    # [B*H*NB, C+1] int32: keys of the slots before j (nkeys past count)
+    delta: torch.Tensor  # [B*H*NB, C] int32: cluster start - cum, per slot
+    nkeys: torch.Tensor  # [B*H*NB] int32: kept context keys
+
+
+def _lookup_config(qrows: int) -> tuple[int, int, bool]:
+    """(query tile QT, cluster tile BC, store scores): decode stores the few scores per cluster
+    instead of reading the float32 centroids twice."""
+    if qrows <= 16:
+        return 16, 128, True
+    return 64, 64, False
+
+
+def _lse(q, cent, off, co, par, flags, nflag, scale, dims, split, chunk, qt, bc, two_level,
+         filt, scores, store, load, ieee, nw):
+    b, h, nb, g, bq, m, block_q, d = dims
+    rows = b * h * nb
+    nqt = _cdiv(g * bq, qt)
+    part = torch.empty((rows, split, nqt * qt), device=q.device, dtype=torch.float32)
+    c = cent.shape[1]
+    _launch(_lk._lse_kernel, (rows, split),
+            q, cent, off, co, par, flags, part, scores,
+            q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1),
+            off.stride(0), co.stride(0), par.stride(0),
+            h, nb, g, bq, m, block_q, c, nflag, d, split, chunk, nqt, float(scale),
+            QT=qt, BC=bc, BLOCK_D=_pow2(d), TWO_LEVEL=two_level, FILTER=filt,
+            STORE_SCORES=store, LOAD_SCORES=load, IEEE=ieee, num_warps=nw)
+    return part
+
+
+def _splits(rows: int, c: int, bc: int, sms: int) -> tuple[int, int]:
+    split = max(1, min(_cdiv(2 * sms, rows), _cdiv(c, bc)))
+    chunk = _cdiv(_cdiv(c, split), bc) * bc
+    return _cdiv(c, chunk), chunk
+
+
+def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
+           log_threshold: torch.Tensor, coarse_centroids: Optional[torch.Tensor],
+           coarse_offsets: Optional[torch.Tensor], coarse_log_threshold: Optional[torch.Tensor],
+           scale: float, block_q: int, budget: int,
+           tiles: Optional[tuple[int, int]] = None) -> Selection:
+    """Centroid lookup on the GPU (flat or hierarchical; threshold or budget mode).
+    tiles=(query tile, cluster tile) overrides the heuristic (tests use it to force splits)."""
+    _check_device(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
+                  coarse_log_threshold)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    centroids = centroids.contiguous()
+    offsets = offsets.to(torch.int32).contiguous()
+    bsz, hq, m, d = q.shape
+    h, c, _ = centroids.shape
+    g = hq // h
+    block_q = int(block_q)
+    nb = _cdiv(m, block_q)
+    bq = min(block_q, m)
+    rows = bsz * h * nb
+    dev = q.device
+    qt, bc, store = _lookup_config(g * bq)
+    if tiles is not None:
+        qt, bc = tiles
+        store = store and _cdiv(g * bq, qt) == 1
+    ieee = q.dtype == torch.float32 or store or _interpreting()
+    nw = 4
+    sms = _sm_count(q)
+    dims = (bsz, h, nb, g, bq, m, block_q, d)
+    i32 = dict(device=dev, dtype=torch.int32)
+    dummy_i = torch.zeros(1, **i32)
+    dummy_f = torch.zeros(1, device=dev, dtype=torch.float32)
+    nqt = _cdiv(g * bq, qt)
+
+    split, chunk = _splits(rows, c, bc, sms)
+    best = torch.empty((rows, c), device=dev, dtype=torch.float32)
+    scores = torch.empty((rows, qt, c), device=dev, dtype=torch.float32) if store else dummy_f
+    hier = coarse_centroids is not None
+    if hier:
+        cc_cent = coarse_centroids.contiguous()
+        co = coarse_offsets.to(torch.int32).contiguous()
+        cc = cc_cent.shape[1]
+        csplit, cchunk = _splits(rows, cc, bc, sms)
+        cscores = torch.empty((rows, qt, cc), device=dev, dtype=torch.float32) if store else dummy_f
+        # coarse level: lse, best -> keep flags (always threshold mode)
+        cpart = _lse(q, cc_cent, offsets, co, dummy_i, dummy_i, 1, scale, dims, csplit, cchunk,
+                     qt, bc, True, 0, cscores, store, False, ieee, nw)
+        cbest = torch.empty((rows, cc), device=dev, dtype=torch.float32)
+        ckeep = torch.empty((rows, cc), device=dev, dtype=torch.int8)
+        ccnt = torch.empty((rows, csplit), **i32)
+        _launch(_lk._best_kernel, (rows, csplit),
+                q, cc_cent, offsets, co, dummy_i, dummy_i, cpart, dummy_f, cscores, cbest,
+                coarse_log_threshold.to(torch.float32), ccnt, torch.empty_like(ccnt), ckeep,
+                q.stride(0), q.stride(1), q.stride(2), cc_cent.stride(0), cc_cent.stride(1),
+                offsets.stride(0), co.stride(0), 0,
+                h, nb, g, bq, m, block_q, cc, 1, d, csplit, cchunk, nqt, csplit, 1, float(scale),
+                QT=qt, BC=bc, BLOCK_D=_pow2(d), TWO_LEVEL=True, FILTER=0, HAS_L2=False,
+                LOAD_SCORES=store, IEEE=ieee, THRESH=True, KEEP_FLAGS=True, num_warps=nw)
+        # fine denominator: pruned coarse clusters stand for their children
+        ppart = _lse(q, cc_cent, offsets, co, dummy_i, ckeep, cc, scale, dims, csplit, cchunk,
+                     qt, bc, True, 2, cscores, False, store, ieee, nw)
+        par = torch.searchsorted(co[:, 1:].contiguous(),
+                                 torch.arange(c, device=dev, dtype=torch.int32).expand(h, c).contiguous(),
+                                 right=True).to(torch.int32)
+        fpart = _lse(q, centroids, offsets, dummy_i, par, ckeep, cc, scale, dims, split, chunk,
+                     qt, bc, False, 1, scores, store, False, ieee, nw)
+        part2, split2, filt = ppart, csplit, 1
+        flags, nflag = ckeep, cc
+    else:
+        fpart = _lse(q, centroids, offsets, dummy_i, dummy_i, dummy_i, 1, scale, dims, split,
+                     chunk, qt, bc, False, 0, scores, store, False, ieee, nw)
+        part2, split2, filt, par, flags, nflag = dummy_f, 1, 0, dummy_i, dummy_i, 1
+
+    budget = int(budget)
+    cnt_s = torch.empty((rows, split), **i32)
+    sum_s = torch.empty((rows, split), **i32)
+    thr = log_threshold.to(torch.float32)
+    _launch(_lk._best_kernel, (rows, split),
+            q, centroids, offsets, dummy_i, par, flags, fpart, part2, scores, best, thr,
+            cnt_s, sum_s, dummy_i,
+            q.stride(0), q.stride(1), q.stride(2), centroids.stride(0), centroids.stride(1),
+            offsets.stride(0), 0, par.stride(0) if par.dim() == 2 else 0,
+            h, nb, g, bq, m, block_q, c, nflag, d, split, chunk, nqt, split, split2, float(scale),
+            QT=qt, BC=bc, BLOCK_D=_pow2(d), TWO_LEVEL=False, FILTER=filt, HAS_L2=hier,
+            LOAD_SCORES=store, IEEE=ieee, THRESH=budget <= 0, KEEP_FLAGS=False, num_warps=nw)
+    tkey = torch.empty(rows, device=dev, dtype=torch.int64)
+    cstar = torch.empty(rows, **i32)
+    if budget > 0:
+        _launch(_lk._budget_kernel, (rows,),
+                best, offsets, cnt_s, sum_s, tkey, cstar, budget, h, nb, c, offsets.stride(0),
+                split, chunk, BLOCK=min(4096, _pow2(c)), num_warps=8)
+    idx = torch.empty((bsz, h, nb, c), **i32)
+    count = torch.empty((bsz, h, nb), **i32)
+    cum = torch.empty((rows, c + 1), **i32)
+    delta = torch.empty((rows, c), **i32)
+    nkeys = torch.empty(rows, **i32)
+    _launch(_lk._compact_kernel, (rows, split),
+            best, offsets, thr, tkey, cstar, cnt_s, sum_s, idx, count, cum, delta, nkeys,
+            h, nb, c, offsets.stride(0), split, chunk,
+            BUDGET=budget > 0, BLOCK=min(1024, max(16, _pow2(chunk))), SPLIT_P=max(2, _pow2(split)),
+            num_warps=4)
+    return Selection(idx, count, cum, delta, nkeys)
+
+
+def select_clusters(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
+                    log_threshold: torch.Tensor, coarse_centroids: Optional[torch.Tensor],
+                    coarse_offsets: Optional[torch.Tensor],
+                    coarse_log_threshold: Optional[torch.Tensor], scale: float, block_q: int,
+                    budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA implementation of torch.ops.sqz.select_clusters: (idx, count)."""
+    sel = lookup(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
+                 coarse_log_threshold, scale, block_q, budget)
+    return sel.idx, sel.count
+
+
+class AttnConfig(NamedTuple):
+    bq: int       # queries per tile (per head of the group)
+    gp: int       # group size padded to a power of two
+    block_n: int  # keys per tile
+    split: int    # programs per query tile along the keys
+    num_warps: int
+    num_stages: int
+
+
+def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int, w: int, s: int,
+                     d: int, sms: int) -> AttnConfig:
+    """Tile shapes and split count from static shapes (prefill: 64-row GQA-packed tiles;
+    decode: one 16-row tile per KV head and many splits)."""
+    gp = _pow2(g)
+    bqv = min(block_q, m)
+    decode = gp * _pow2(bqv) <= 16
+    if decode:
+        bq = max(_pow2(bqv), 16 // gp)
+        block_n = 64 if d <= 128 else 32
+        warps, stages = 4, 3
+    else:
+        bq = max(1, min(_pow2(bqv), 64 // gp)) if gp <= 64 else 1
+        block_n = 64 if d <= 128 else 32
+        warps, stages = 4, 2
+    nb = _cdiv(m, block_q)
+    tpb = _cdiv(bqv, bq)
+    progs = bsz * h * nb * tpb
+    max_tiles = _cdiv(n_ctx + w + s, block_n)
+    split = max(1, min(_cdiv(2 * sms, progs), max(1, max_tiles // 4)))
+    return AttnConfig(bq, gp, block_n, split, warps, stages)
+
+
+def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     attn_mask: Optional[torch.Tensor], ctx_keys: torch.Tensor,
+                     ctx_values: torch.Tensor, sel: Selection, window_keys: torch.Tensor,
+                     window_values: torch.Tensor, scale: float, is_causal: bool, block_q: int,
+                     config: Optional[AttnConfig] = None) -> torch.Tensor:
+    """Exact attention over the lookup's selection + window + new tokens (Triton)."""
+    _check_device(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, window_keys, window_values)
+
+    def lastdim(t):
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    q, k_new, v_new = lastdim(q), lastdim(k_new), lastdim(v_new)
+    ctx_keys, ctx_values = lastdim(ctx_keys), lastdim(ctx_values)
+    window_keys, window_values = lastdim(window_keys), lastdim(window_values)
+    bsz, hq, m, d = q.shape
+    h, n_ctx, _ = ctx_keys.shape
+    g = hq // h
+    s = k_new.shape[2]
+    w = window_keys.shape[1]
+    c = sel.delta.shape[1]
+    block_q = int(block_q)
+    nb = _cdiv(m, block_q)
+    cfg = config or attention_config(bsz, h, g, m, block_q, n_ctx, w, s, d, _sm_count(q))
+    tpb = _cdiv(min(block_q, m), cfg.bq)
+    dev = q.device
+
+    mask_kind = _sa.MASK_NONE
+    mask = torch.zeros(1, device=dev, dtype=torch.uint8)
+    mstr = (0, 0, 0, 0)
+    if attn_mask is not None:
+        if attn_mask.dim() > 4:
+            raise ValueError(f"sqz: attn_mask must broadcast to [B, Hq, M, S], got {tuple(attn_mask.shape)}")
+        mask = torch.broadcast_to(attn_mask, (bsz, hq, m, s))
+        if attn_mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+            mask_kind = _sa.MASK_BOOL
+        else:
+            mask_kind = _sa.MASK_FLOAT
+        mstr = tuple(mask.stride())
+        is_causal = False  # SDPA: an explicit mask is the whole story
+
+    out = torch.empty((bsz, hq, m, d), device=dev, dtype=q.dtype)
+    partial = cfg.split > 1
+    if partial:
+        part_o = torch.empty((cfg.split, bsz, hq, m, d), device=dev, dtype=torch.float32)
+        part_l = torch.empty((cfg.split, bsz, hq, m), device=dev, dtype=torch.float32)
+    else:
+        part_o = part_l = torch.zeros(1, device=dev, dtype=torch.float32)
+    grid = (bsz * h * nb * tpb, cfg.split)
+    _launch(_sa._sparse_attn_kernel, grid,
+            q, k_new, v_new, mask, ctx_keys, ctx_values, window_keys, window_values,
+            sel.cum, sel.delta, sel.nkeys, out, part_o, part_l,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_new.stride(0), k_new.stride(1), k_new.stride(2),
+            v_new.stride(0), v_new.stride(1), v_new.stride(2),
+            *mstr,
+            ctx_keys.stride(0), ctx_keys.stride(1), ctx_values.stride(0), ctx_values.stride(1),
+            window_keys.stride(0), window_keys.stride(1), window_values.stride(0), window_values.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            bsz, h, g, m, s, w, nb, c, block_q, tpb, cfg.split, float(scale) * 1.4426950408889634, d,
+            BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
+            MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
+            IEEE=q.dtype == torch.float32 or _interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if partial:
+        rows = bsz * hq * m
+        block_r = 16
+        _launch(_sa._merge_kernel, (_cdiv(rows, block_r),),
+                part_o, part_l, out, rows, hq, m, out.stride(0), out.stride(1), out.stride(2),
+                cfg.split, d, BLOCK_R=block_r, BLOCK_D=_pow2(d), num_warps=4)
+    return out
+
+
+def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                       attn_mask: Optional[torch.Tensor], ctx_keys: torch.Tensor,
+                       ctx_values: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
+                       window_keys: torch.Tensor, window_values: torch.Tensor,
+                       log_threshold: torch.Tensor, coarse_centroids: Optional[torch.Tensor],
+                       coarse_offsets: Optional[torch.Tensor],
+                       coarse_log_threshold: Optional[torch.Tensor], scale: float,
+                       is_causal: bool, budget: int, block_q: int) -> torch.Tensor:
+    """CUDA implementation of torch.ops.sqz.squeezed_attention: lookup, then sparse attention."""
+    sel = lookup(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
+                 coarse_log_threshold, scale, block_q, budget)
+    return sparse_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, sel, window_keys,
+                            window_values, scale, is_causal, block_q)

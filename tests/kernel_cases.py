@@ -1,0 +1,123 @@
+"""Random cluster-sorted contexts and float64 references for the kernel tests (interpreter and GPU)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from sqz_compile.kernels.attention import selection_from_compact, squeezed_attention_reference
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    attn_mask: Optional[torch.Tensor]
+    is_causal: bool
+    keys: torch.Tensor
+    values: torch.Tensor
+    centroids: torch.Tensor
+    offsets: torch.Tensor
+    window_keys: torch.Tensor
+    window_values: torch.Tensor
+    coarse_centroids: Optional[torch.Tensor]
+    coarse_offsets: Optional[torch.Tensor]
+    scale: float
+
+
+def random_sizes(h: int, c: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """[H, C] cluster sizes summing to n per head, with empty and one-key clusters mixed in."""
+    w = torch.rand(h, c, generator=gen) ** 2
+    w[:, 0] = 0.0
+    sizes = torch.floor(w / w.sum(1, keepdim=True).clamp(min=1e-9) * n).long()
+    if c > 2:
+        sizes[:, 1] = 1
+    if c > 3:
+        sizes[:, c // 2] = 0
+    sizes[:, -1] += n - sizes.sum(1)
+    assert bool((sizes >= 0).all()) and bool((sizes.sum(1) == n).all())
+    return sizes
+
+
+def make_case(b: int = 2, h: int = 2, g: int = 2, m: int = 5, d: int = 16, n: int = 50, c: int = 7,
+              w: int = 3, s: Optional[int] = None, mask: str = "causal",
+              dtype: torch.dtype = torch.float32, coarse: int = 0, device: str = "cpu",
+              seed: int = 0) -> Case:
+    """A random context of n clustered keys in c clusters (coarse > 0: a coarse level of that many
+    clusters), window w, and b x (h*g) heads of m new queries over s new keys."""
+    gen = torch.Generator().manual_seed(seed)
+    s = m if s is None else s
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen).to(dt)
+
+    sizes = random_sizes(h, c, n, gen)
+    offsets = torch.zeros(h, c + 1, dtype=torch.int32)
+    offsets[:, 1:] = sizes.cumsum(1).to(torch.int32)
+    keys, values = rnd(h, n, d), rnd(h, n, d)
+    # centroids: the mean of each cluster's keys (random direction for empty clusters)
+    cent = rnd(h, c, d, dt=torch.float32)
+    for hh in range(h):
+        for cc in range(c):
+            lo, hi = int(offsets[hh, cc]), int(offsets[hh, cc + 1])
+            if hi > lo:
+                cent[hh, cc] = keys[hh, lo:hi].float().mean(0)
+    coarse_c = coarse_o = None
+    if coarse:
+        cuts = torch.sort(torch.randint(0, c + 1, (h, coarse - 1), generator=gen), dim=1).values
+        coarse_o = torch.zeros(h, coarse + 1, dtype=torch.int32)
+        coarse_o[:, 1:coarse] = cuts.to(torch.int32)
+        coarse_o[:, coarse] = c
+        coarse_c = rnd(h, coarse, d, dt=torch.float32)
+    am, causal = None, False
+    if mask == "causal":
+        causal = True
+    elif mask == "bool":
+        am = torch.rand(b, 1, m, s, generator=gen) > 0.3
+        am[..., 0] = True
+    elif mask == "float":
+        am = rnd(1, h * g, m, s)
+        am[..., -1] = float("-inf")
+    q = rnd(b, h * g, m, d) * 0.5
+    cs = dict(q=q, k_new=rnd(b, h, s, d), v_new=rnd(b, h, s, d), attn_mask=am, is_causal=causal,
+              keys=keys, values=values, centroids=cent, offsets=offsets,
+              window_keys=rnd(h, w, d), window_values=rnd(h, w, d),
+              coarse_centroids=coarse_c, coarse_offsets=coarse_o, scale=d ** -0.5)
+    return Case(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in cs.items()})
+
+
+def reference_with_selection(cs: Case, idx: torch.Tensor, block_q: int) -> torch.Tensor:
+    """float64 squeezed attention over the clusters listed in idx (the kernel's own selection)."""
+    d64 = {k: getattr(cs, k).double() for k in ("q", "k_new", "v_new", "keys", "values",
+                                                 "window_keys", "window_values")}
+    am = cs.attn_mask
+    if am is not None and am.dtype != torch.bool:
+        am = am.double()
+    sel = selection_from_compact(idx, cs.centroids.shape[1])
+    return squeezed_attention_reference(d64["q"], d64["k_new"], d64["v_new"], am, d64["keys"],
+                                        d64["values"], cs.offsets, sel, d64["window_keys"],
+                                        d64["window_values"], cs.scale, cs.is_causal, block_q)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tensor:
+    """A log threshold keeping about `keep` of the non-empty clusters (a quantile of the block-max
+    log shares, computed as the reference does), so tests select a meaningful subset."""
+    from sqz_compile.kernels.lookup import _block_max, _log_share, cluster_sizes
+
+    b, hq, m, d = cs.q.shape
+    h = cs.centroids.shape[0]
+    qg = cs.q.float().reshape(b, h, hq // h, m, d)
+    sc = torch.einsum("bhgmd,hcd->bhgmc", qg, cs.centroids.float()) * cs.scale
+    log_n = cluster_sizes(cs.offsets).float().log()[None, :, None, None, :]
+    best = _block_max(_log_share(sc, log_n), block_q)
+    fin = best[torch.isfinite(best)].cpu()
+    return torch.quantile(fin, 1.0 - keep).to(cs.q.device)
