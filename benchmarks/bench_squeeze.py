@@ -110,6 +110,73 @@ def run_one(args, L: int, hier: bool, device: torch.device) -> dict:
     return row
 
 
+def time_call(fn, device: torch.device, reps: int = 3) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return sorted(out)[len(out) // 2]
+
+
+ASSIGN_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
+]
+
+
+def assign_bench(args, L: int, device: torch.device) -> dict:
+    """Per-iteration pieces of K-means at one context size: assignment (torch chunked vs fused
+    Triton configs), cluster sums, the farthest-point sort."""
+    from sqz_compile import kmeans as km
+    from sqz_compile.squeeze import cluster_counts_for
+
+    W = min(args.window, L - 1)
+    C, _ = cluster_counts_for(L - W, SqueezeConfig())
+    keys, _, _ = synthetic_kv(args.layers, args.kv_heads, args.query_heads, L, args.head_dim, W,
+                              DTYPES[args.dtype], device, modes=args.modes, seed=args.seed)
+    xn = km.normalize(keys[:, :, :L - W].flatten(0, 1), km.compute_dtype(device))
+    del keys
+    B, N, D = xn.shape
+    cn = xn[:, torch.randperm(N, device=device)[:C]].contiguous()
+    res = {"context": L, "B": B, "N": N, "K": C, "D": D}
+    ref_best, ref_idx = km.nearest_torch(xn, cn, km.default_chunk_elems(device))
+    res["torch_chunked_s"] = time_call(lambda: km.nearest_torch(xn, cn, km.default_chunk_elems(device)), device)
+    flops = 2.0 * B * N * C * D
+    res["configs"] = []
+    if km.triton is not None and device.type == "cuda":
+        for cfg in ASSIGN_CONFIGS:
+            try:
+                best, idx = km.nearest_fused(xn, cn, cfg)
+                # fused picks a centre at least as similar as torch's (up to fp16 rounding)?
+                sl = slice(0, min(B, 16))
+                got = cn[sl].gather(1, idx[sl].unsqueeze(-1).expand(-1, -1, D)).float()
+                val = (xn[sl].float() * got).sum(-1)
+                agree = (val >= ref_best[sl] - 2e-3).float().mean().item()
+                del got, val
+                t = time_call(lambda: km.nearest_fused(xn, cn, cfg), device)
+                res["configs"].append({**cfg, "s": round(t, 4), "tflops": round(flops / t / 1e12, 1),
+                                       "as_good_as_torch": round(agree, 5),
+                                       "same_index": round((idx == ref_idx).float().mean().item(), 5)})
+            except Exception as e:  # a config that does not compile on this GPU
+                res["configs"].append({**cfg, "error": f"{type(e).__name__}: {e}"[:200]})
+    _, assign = ref_best, ref_idx
+    res["cluster_sums_s"] = time_call(lambda: km.cluster_sums(xn, assign, C), device)
+    res["argsort_s"] = time_call(lambda: ref_best.argsort(dim=1), device)
+    del xn, cn
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
 def cuda_smoke() -> list[dict]:
     """Squeeze tiny random Llama / Mistral / Qwen2 (MHA, GQA) on CUDA and check the stored keys
     reproduce the dense forward (position convention), with the installed transformers."""
@@ -166,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-quality", action="store_true", help="skip the cohesion metric")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--cuda-smoke", action="store_true", help="also squeeze tiny HF models on CUDA")
+    p.add_argument("--assign-bench", action="store_true",
+                   help="time the K-means assignment paths (torch vs fused Triton configs) at the largest context")
+    p.add_argument("--tune-assign", action="store_true",
+                   help="with --assign-bench: use the fastest fused config for the squeeze runs")
+    p.add_argument("--no-triton", action="store_true", help="K-means assignment with torch only")
     p.add_argument("--out", default=None, help="extra JSON copy (e.g. $OUT/bench_squeeze.json)")
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "results", "bench_squeeze.json"))
@@ -186,9 +258,28 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w") as f:
                 json.dump(report, f, indent=2)
+    if args.no_triton:
+        os.environ["SQZ_KMEANS_TRITON"] = "0"
     if args.cuda_smoke and device.type == "cuda":
         report["cuda_smoke"] = cuda_smoke()
         save()
+    if args.assign_bench:
+        from sqz_compile import kmeans as km
+
+        ab = assign_bench(args, max(args.contexts), device)
+        report["assign_bench"] = ab
+        print(f"assignment at B={ab['B']} N={ab['N']} K={ab['K']} D={ab['D']}: torch chunked "
+              f"{ab['torch_chunked_s']:.3f} s, cluster sums {ab['cluster_sums_s']:.3f} s, argsort {ab['argsort_s']:.3f} s")
+        for c in ab["configs"]:
+            print("  fused", c, flush=True)
+        ok = [c for c in ab["configs"] if "s" in c and c["as_good_as_torch"] > 0.999]
+        if args.tune_assign and ok:
+            best = min(ok, key=lambda c: c["s"])
+            km.ASSIGN_CONFIG = {k: best[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+        save()
+    if device.type == "cuda":
+        from sqz_compile import kmeans as km
+        env["assign"] = ("torch" if args.no_triton or km.triton is None else f"triton {km.ASSIGN_CONFIG}")
     # warm-up (CUDA context, cuBLAS handles, allocator) at a small size, not reported
     warm = argparse.Namespace(**{**vars(args), "layers": 1, "kv_heads": 1, "query_heads": args.query_heads // args.kv_heads})
     run_one(warm, 2048, True, device)

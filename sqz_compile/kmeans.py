@@ -12,10 +12,17 @@ loop has no Python loop over problems or clusters and syncs with the host only e
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional; the torch path is always there
+    triton = None
 
 
 @dataclass
@@ -47,8 +54,79 @@ def _row_step(B: int, N: int, K: int, chunk_elems: int) -> int:
     return max(1, min(N, chunk_elems // max(1, B * K)))
 
 
+# Fused assignment on GPU: the [N, K] similarity tile never leaves the chip (matmul + running
+# argmax, like a flash-attention forward without the second matmul). Without it the chunked
+# torch path writes and re-reads the whole N x K similarity matrix every iteration.
+ASSIGN_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+if triton is not None:
+    @triton.jit
+    def _nearest_kernel(x_ptr, c_ptr, best_ptr, idx_ptr, N, K, num_m,
+                        sxb, sxn, scb, sck, sob,
+                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid = tl.program_id(0)
+        b = (pid // num_m).to(tl.int64)
+        offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        x = tl.load(x_ptr + b * sxb + offs_m[:, None].to(tl.int64) * sxn + offs_d[None, :],
+                    mask=offs_m[:, None] < N, other=0.0)
+        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        arg = tl.zeros([BLOCK_M], tl.int32)
+        for k0 in range(0, K, BLOCK_N):
+            offs_n = k0 + tl.arange(0, BLOCK_N)
+            c = tl.load(c_ptr + b * scb + offs_n[:, None].to(tl.int64) * sck + offs_d[None, :],
+                        mask=offs_n[:, None] < K, other=0.0)
+            s = tl.dot(x, tl.trans(c))
+            s = tl.where(offs_n[None, :] < K, s, float("-inf"))
+            m, a = tl.max(s, axis=1, return_indices=True)
+            upd = m > best
+            best = tl.where(upd, m, best)
+            arg = tl.where(upd, a + k0, arg)
+        tl.store(best_ptr + b * sob + offs_m, best, mask=offs_m < N)
+        tl.store(idx_ptr + b * sob + offs_m, arg.to(tl.int64), mask=offs_m < N)
+
+
+def _use_triton(xn: torch.Tensor) -> bool:
+    D = xn.shape[-1]
+    return (triton is not None and xn.is_cuda and os.environ.get("SQZ_KMEANS_TRITON", "1") != "0"
+            and xn.dtype in (torch.float16, torch.bfloat16) and 16 <= D <= 256 and D & (D - 1) == 0)
+
+
+def nearest_fused(xn: torch.Tensor, cn: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `nearest` (also runs under TRITON_INTERPRET=1 on CPU tensors)."""
+    cfg = dict(ASSIGN_CONFIG, **(config or {}))
+    B, N, D = xn.shape
+    K = cn.shape[1]
+    xn, cn = xn.contiguous(), cn.contiguous().to(xn.dtype)
+    best = torch.empty(B, N, dtype=torch.float32, device=xn.device)
+    idx = torch.empty(B, N, dtype=torch.int64, device=xn.device)
+    num_m = triton.cdiv(N, cfg["BLOCK_M"])
+    _nearest_kernel[(B * num_m,)](xn, cn, best, idx, N, K, num_m, xn.stride(0), xn.stride(1),
+                                  cn.stride(0), cn.stride(1), best.stride(0), D=D,
+                                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return best, idx
+
+
+_fused_failed = False
+
+
 def nearest(xn: torch.Tensor, cn: torch.Tensor, chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(best similarity float32 [B, N], index int64 [B, N]) of each point among centres [B, K, D]."""
+    global _fused_failed
+    if _use_triton(xn) and not _fused_failed:
+        try:
+            return nearest_fused(xn, cn)
+        except Exception as e:  # e.g. a Triton/GPU combination that cannot compile the kernel
+            import warnings
+            warnings.warn(f"sqz_compile.kmeans: fused Triton assignment failed ({type(e).__name__}: {e}); "
+                          f"using the torch path", stacklevel=2)
+            _fused_failed = True
+    return nearest_torch(xn, cn, chunk_elems)
+
+
+def nearest_torch(xn: torch.Tensor, cn: torch.Tensor, chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nearest` with batched matmuls over row chunks of at most ~chunk_elems similarities."""
     B, N, _ = xn.shape
     ct = cn.transpose(1, 2)
     best = torch.empty(B, N, dtype=torch.float32, device=xn.device)
