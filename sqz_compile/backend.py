@@ -1,0 +1,110 @@
+"""The torch.compile backend "sqz": rewrite attention to the sqz op, then hand over to Inductor.
+
+    model = torch.compile(model, backend="sqz", options={"context": ctx})
+
+Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so the string "sqz"
+works in any process with sqz_compile installed; passing `sqz_backend` itself works too. torch.compile
+calls a backend as `backend(gm, example_inputs, options=..., mode=...)`.
+
+Options:
+  context    SqueezedContext (required)
+  block_q    queries sharing one cluster selection in prefill (default 64)
+  inductor   False: run the rewritten graph eagerly (no Inductor; quick CPU checks)
+  model      the module being compiled, when Dynamo's frame does not show it (it is found
+             automatically for torch.compile(model) and torch.compile(model.forward))
+  on_report  callable receiving each graph's RewriteReport
+  anything else is an Inductor config option (as torch.compile(..., options=...) takes them)
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch.fx import GraphModule
+
+from .context import SqueezedContext
+from .ops import DEFAULT_BLOCK_Q
+from .passes.rewrite import RewriteReport, SqueezeDenseWarning, rewrite_attention
+
+_OWN_OPTIONS = ("context", "block_q", "inductor", "model", "on_report")
+_warned: set[tuple[int, tuple]] = set()
+
+
+def copy_graph_module(gm: GraphModule) -> GraphModule:
+    """A GraphModule with its own copy of `gm`'s graph (nodes, meta and codegen), sharing its
+    parameters and submodules. Dynamo keeps using its own graph module, so the pass edits a copy."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    value, old_output = out if isinstance(out, tuple) else (out, None)
+    new_out = graph.output(value)
+    if old_output is not None:
+        new_out.meta = copy.copy(old_output.meta)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    new = GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def _dynamo_root_module() -> torch.nn.Module | None:
+    """The nn.Module whose frame Dynamo is compiling (`self` of model.forward / __call__), if any.
+    Best effort on a private API: None when it is not available."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        f_locals = tx.output.root_tx.f_locals if tx is not None else {}
+    except Exception:  # noqa: BLE001 - private API; the pass then relies on graph evidence
+        return None
+    if isinstance(f_locals.get("self"), torch.nn.Module):
+        return f_locals["self"]
+    mods = [v for v in f_locals.values() if isinstance(v, torch.nn.Module)]
+    return mods[0] if len(mods) == 1 else None
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    own = {k: options[k] for k in _OWN_OPTIONS if k in options}
+    rest = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
+    return own, rest
+
+
+def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str, Any] | None = None,
+                mode: str | None = None, **kwargs: Any) -> Callable[..., Any]:
+    """torch.compile backend: rewrite attention in a copy of `gm` to use the context, then compile
+    it with Inductor (or run it eagerly with options={"inductor": False})."""
+    own, inductor_options = _split_options({**(options or {}), **kwargs})
+    ctx = own.get("context")
+    if ctx is None:
+        raise ValueError(
+            'the "sqz" backend needs the squeezed context: torch.compile(model, backend="sqz", '
+            'options={"context": ctx}) with ctx = sqz_compile.squeeze(model, context_ids) or '
+            "SqueezedContext.load(path)")
+    if not isinstance(ctx, SqueezedContext):
+        raise TypeError(f'options["context"] must be a sqz_compile.SqueezedContext, got {type(ctx).__name__}')
+    model = own.get("model") or _dynamo_root_module()
+    gm = copy_graph_module(gm)
+    report = rewrite_attention(gm, ctx, block_q=int(own.get("block_q", DEFAULT_BLOCK_Q)), warn=False, model=model)
+    if report.dense:
+        key = (id(ctx), tuple(report.dense))
+        if key not in _warned:
+            _warned.add(key)
+            from .passes.rewrite import warn_dense
+
+            warn_dense(report)
+    on_report = own.get("on_report")
+    if on_report is not None:
+        on_report(report)
+    if not own.get("inductor", True):
+        if mode not in (None, "default") or inductor_options:
+            warnings.warn(f"sqz: inductor=False runs the graph eagerly; ignoring mode={mode!r} and Inductor "
+                          f"options {sorted(inductor_options)}", stacklevel=2)
+        return gm
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {**(list_mode_options(mode) if mode not in (None, "default") else {}), **inductor_options}
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+__all__ = ["sqz_backend", "copy_graph_module", "RewriteReport", "SqueezeDenseWarning"]

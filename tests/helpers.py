@@ -1,0 +1,152 @@
+"""Tiny random-weight models, contexts and references shared by the tests.
+
+tiny_model       Llama / Mistral / Qwen2 causal LMs (hidden 64, 4 query heads, head dim 16)
+tiny_context     (context ids, SqueezedContext) from the real sqz_compile.squeeze
+left_padded      a left-padded batch with HF-style position ids
+dense_full_rows  the dense model over [context + row tokens], per batch row (the keep = 1 truth)
+selected_keys_reference
+                 the model run eagerly with an attention function that computes dense SDPA over
+                 exactly the keys the lookup selects (context clusters + window + new tokens):
+                 the truth for keep < 1, computed without the sqz op or the FX pass
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from sqz_compile import SqueezeConfig, SqueezedContext
+from sqz_compile.kernels.lookup import selection_mask_reference
+from sqz_compile.ops import DEFAULT_BLOCK_Q
+from sqz_compile.squeeze import squeeze
+
+VOCAB = 128
+
+
+def tiny_model(arch: str = "llama", attn: str = "sdpa", kv_heads: int = 2, layers: int = 2, seed: int = 0,
+               **overrides) -> torch.nn.Module:
+    """A random-weight causal LM in eval mode (float32, CPU)."""
+    import transformers as tf
+
+    classes = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+               "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}
+    cfg_cls, model_cls = classes[arch]
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=256,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "mistral":
+        kw["sliding_window"] = None
+    kw.update(overrides)
+    cfg = cfg_cls(**kw)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    model.generation_config.eos_token_id = None  # random weights: let every row run to max_new_tokens
+    return model
+
+
+def tiny_context(model: torch.nn.Module, length: int = 48, keep: float = 1.0, seed: int = 1,
+                 **config) -> tuple[torch.Tensor, SqueezedContext]:
+    """(context ids [1, length], SqueezedContext) squeezed for `model`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (1, length), generator=g)
+    cfg = dict(keep=keep, cluster_ratio=0.25, observation_window=8)
+    cfg.update(config)
+    return ids, squeeze(model, ids, SqueezeConfig(**cfg), progress=False)
+
+
+def left_padded(lengths: list[int], seed: int = 2, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of random rows of the given lengths, left padded."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.full((len(lengths), n), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, length in enumerate(lengths):
+        ids[r, n - length:] = torch.randint(3, VOCAB, (length,), generator=g)
+        mask[r, n - length:] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def dense_full_rows(model: torch.nn.Module, ctx_ids: torch.Tensor, ids: torch.Tensor,
+                    mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per row: the dense model's logits for that row's tokens, over [context + row tokens]."""
+    out = []
+    for r in range(ids.shape[0]):
+        row = ids[r, mask[r].bool()]
+        full = torch.cat([ctx_ids[0], row])[None]
+        out.append(model(full).logits[0, ctx_ids.shape[1]:])
+    return out
+
+
+def real_rows(x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per row: x's entries at the row's real (unpadded) positions."""
+    return [x[r, mask[r].bool()] for r in range(x.shape[0])]
+
+
+# --------------------------------------------------------------------------- selected-keys reference
+
+_REF_IMPL = "sqz_test_selected_keys"
+_state = threading.local()
+
+
+def _selected_keys_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Dense SDPA over [selected context keys | window | new keys] with one explicit bool mask."""
+    ctx: SqueezedContext = _state.ctx
+    block_q: int = _state.block_q
+    lc = ctx.layer(module.layer_idx)
+    b, hq, m, d = query.shape
+    h = key.shape[1]
+    g = hq // h
+    scale = scaling if scaling is not None else d ** -0.5
+    sel = selection_mask_reference(query, lc.centroids, lc.offsets, lc.log_threshold, scale, block_q, ctx.budget,
+                                   lc.coarse_centroids, lc.coarse_offsets, lc.coarse_log_threshold)  # [B,H,NB,C]
+    n = lc.keys.shape[1]
+    sizes = (lc.offsets[:, 1:] - lc.offsets[:, :-1]).long()                   # [H, C]
+    cid = torch.stack([torch.repeat_interleave(torch.arange(sizes.shape[1]), sizes[hh]) for hh in range(h)])
+    nb_of_query = torch.arange(m) // block_q
+    vis_ctx = torch.stack([sel[:, hh][:, :, cid[hh]] for hh in range(h)], dim=1)   # [B, H, NB, N]
+    vis_ctx = vis_ctx[:, :, nb_of_query]                                     # [B, H, M, N]
+    w = lc.window_keys.shape[1]
+    s = key.shape[2]
+    is_causal = m > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    if attention_mask is None:
+        new = torch.ones(m, s, dtype=torch.bool).tril() if is_causal else torch.ones(m, s, dtype=torch.bool)
+        new = new.expand(b, 1, m, s)
+    else:
+        new = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
+        new = new.expand(b, 1, m, s)
+    vis = torch.cat([vis_ctx.repeat_interleave(g, dim=1), torch.ones(b, hq, m, w, dtype=torch.bool),
+                     new.expand(b, hq, m, s)], dim=-1)
+    keys = torch.cat([lc.keys.expand(b, h, n, d), lc.window_keys.expand(b, h, w, d), key], dim=2)
+    values = torch.cat([lc.values.expand(b, h, n, d), lc.window_values.expand(b, h, w, d), value], dim=2)
+    keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=vis, scale=scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _selected_keys_impl(model, ctx: SqueezedContext, block_q: int):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_REF_IMPL, _selected_keys_attention)
+    AttentionMaskInterface.register(_REF_IMPL, sdpa_mask)
+    old = model.config._attn_implementation
+    _state.ctx, _state.block_q = ctx, block_q
+    try:
+        model.set_attn_implementation(_REF_IMPL)
+        yield
+    finally:
+        model.set_attn_implementation(old)
+        _state.ctx = None
+
+
+@torch.no_grad()
+def selected_keys_reference(model, ctx: SqueezedContext, block_q: int = DEFAULT_BLOCK_Q, **inputs):
+    """The model's logits when every attention is dense SDPA over exactly the selected keys."""
+    with _selected_keys_impl(model, ctx, block_q):
+        return model(**inputs).logits
