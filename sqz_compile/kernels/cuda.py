@@ -261,8 +261,10 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      attn_mask: Optional[torch.Tensor], ctx_keys: torch.Tensor,
                      ctx_values: torch.Tensor, sel: Selection, window_keys: torch.Tensor,
                      window_values: torch.Tensor, scale: float, is_causal: bool, block_q: int,
-                     config: Optional[AttnConfig] = None) -> torch.Tensor:
-    """Exact attention over the lookup's selection + window + new tokens (Triton)."""
+                     config: Optional[AttnConfig] = None,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact attention over the lookup's selection + window + new tokens (Triton). `out`: a
+    contiguous [B, Hq, M, D] tensor of q's dtype to write into (tests poison it first)."""
     _check_device(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, window_keys, window_values)
 
     def lastdim(t):
@@ -298,7 +300,10 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         mstr = tuple(mask.stride())
         is_causal = False  # SDPA: an explicit mask is the whole story
 
-    out = torch.empty((bsz, hq, m, d), device=dev, dtype=q.dtype)
+    if out is None:
+        out = torch.empty((bsz, hq, m, d), device=dev, dtype=q.dtype)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"sqz: out must be a contiguous {tuple(q.shape)} {q.dtype} tensor")
     partial = cfg.split > 1
     if partial:
         part_o = torch.empty((cfg.split, bsz, hq, m, d), device=dev, dtype=torch.float32)

@@ -1,0 +1,478 @@
+"""Squeezed attention (Triton lookup + sparse attention) vs dense SDPA and FlexAttention.
+
+Llama-3-8B attention shapes (32 query heads, 8 KV heads, d=128, bf16, batch 1), keep ~10% of
+the context keys, clusters = 5% of the context. Sparse times INCLUDE the centroid lookup.
+Synthetic but clustered data: keys drawn around cluster directions, cluster sizes random
+(empty and one-key clusters included), centroids = cluster means, queries built from a few
+cluster directions so the selection is meaningful. No K-means runs here.
+
+  decode   1 query over N context keys + 128-token window + 256 new tokens
+  prefill  1024 new tokens (causal among themselves) over N + window
+  lookup   decode lookup time vs N (32K..512K), flat vs hierarchical (coarse = 1% of N)
+
+Timing: CUDA graphs whose body runs the step once per input copy (copies rotate so L2 cannot
+hold the working set between runs); median of triton.testing.do_bench over replays, divided
+by the number of copies. Copy bandwidth is measured in the same run (device-to-device copy,
+bytes read + written). Writes <out>/bench_attention.json and <out>/bench_attention.png.
+
+    python benchmarks/bench_attention.py --out benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sqz_compile.kernels import cuda as sqz_cuda  # noqa: E402
+
+HQ, H, D = 32, 8, 128
+G = HQ // H
+DT = torch.bfloat16
+W = 128
+SCALE = D ** -0.5
+BLOCK_Q = 64
+L2_BYTES = 50 << 20
+
+
+# ----------------------------------------------------------------------------- data
+def make_context(n: int, seed: int, coarse_ratio: float = 0.0, with_kv: bool = True) -> dict:
+    """Clustered synthetic context for H heads: sorted keys/values, centroids (cluster means),
+    offsets; with coarse_ratio > 0 fine clusters are children of coarse directions."""
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(seed)
+    c = max(1, int(n * 0.05))
+
+    def unit(*shape):
+        x = torch.randn(*shape, device=dev, generator=g)
+        return x / x.norm(dim=-1, keepdim=True)
+
+    ctx = {"n": n, "c": c}
+    if coarse_ratio > 0:
+        cc = max(1, int(n * coarse_ratio))
+        parent_dir = unit(H, cc, D)
+        # children per coarse cluster: random, grouped by parent (fine index order = parent order)
+        par = torch.sort(torch.randint(0, cc, (H, c), device=dev, generator=g), dim=1).values
+        fine_dir = parent_dir.gather(1, par[..., None].expand(H, c, D)) + 0.45 * unit(H, c, D)
+        fine_dir = fine_dir / fine_dir.norm(dim=-1, keepdim=True)
+        counts = torch.zeros(H, cc, dtype=torch.long, device=dev).scatter_add_(1, par, torch.ones_like(par))
+        co = torch.zeros(H, cc + 1, dtype=torch.int32, device=dev)
+        co[:, 1:] = counts.cumsum(1).to(torch.int32)
+        ctx.update(coarse_offsets=co, cc=cc, parent=par)
+    else:
+        fine_dir = unit(H, c, D)
+    # cluster sizes: log-normal weights -> integer sizes summing to n (zeros and ones appear)
+    wts = torch.exp(1.0 * torch.randn(H, c, device=dev, generator=g))
+    sizes = torch.floor(wts / wts.sum(1, keepdim=True) * n).long()
+    sizes[:, 0] += n - sizes.sum(1)
+    off = torch.zeros(H, c + 1, dtype=torch.int32, device=dev)
+    off[:, 1:] = sizes.cumsum(1).to(torch.int32)
+    ctx.update(offsets=off, sizes=sizes, dirs=fine_dir)
+    cid = torch.searchsorted(off[:, 1:].contiguous(),
+                             torch.arange(n, device=dev, dtype=torch.int32).expand(H, n).contiguous(),
+                             right=True).clamp(max=c - 1)
+    keys32 = 6.0 * fine_dir.gather(1, cid[..., None].expand(H, n, D)) \
+        + 0.6 * torch.randn(H, n, D, device=dev, generator=g)
+    sums = torch.zeros(H, c, D, device=dev).scatter_add_(1, cid[..., None].expand(H, n, D), keys32)
+    cent = sums / sizes.clamp(min=1)[..., None].float()
+    cent = torch.where(sizes[..., None] > 0, cent, 6.0 * fine_dir)
+    ctx["centroids"] = cent.contiguous()
+    if coarse_ratio > 0:
+        csum = torch.zeros(H, ctx["cc"], D, device=dev).scatter_add_(1, ctx["parent"][..., None].expand(H, c, D),
+                                                                      sums)
+        cn = torch.zeros(H, ctx["cc"], device=dev).scatter_add_(1, ctx["parent"], sizes.float())
+        ctx["coarse_centroids"] = (csum / cn.clamp(min=1)[..., None]).contiguous()
+    if with_kv:
+        ctx["keys"] = keys32.to(DT)
+        ctx["values"] = torch.randn(H, n, D, device=dev, generator=g).to(DT)
+        ctx["window_keys"] = (6.0 * unit(H, W, D) + 0.6 * torch.randn(H, W, D, device=dev, generator=g)).to(DT)
+        ctx["window_values"] = torch.randn(H, W, D, device=dev, generator=g).to(DT)
+    del keys32
+    return ctx
+
+
+def make_queries(ctx: dict, m: int, seed: int) -> torch.Tensor:
+    """[1, HQ, m, D]: each query mixes 4 random cluster directions of its KV head (+ noise)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    pick = torch.randint(0, ctx["c"], (HQ, m, 4), device="cuda", generator=g)
+    dirs = ctx["dirs"].repeat_interleave(G, 0)  # [HQ, C, D]
+    q = dirs.gather(1, pick.reshape(HQ, m * 4, 1).expand(HQ, m * 4, D)).reshape(HQ, m, 4, D).sum(2)
+    q = 2.0 * q + 0.3 * torch.randn(HQ, m, D, device="cuda", generator=g)
+    return q[None].to(DT)
+
+
+def best_scores(q: torch.Tensor, cent: torch.Tensor, sizes: torch.Tensor, block_q: int) -> torch.Tensor:
+    """Block-max log shares [B, H, NB, C] as the reference computes them (float32)."""
+    from sqz_compile.kernels.lookup import _block_max, _log_share
+
+    b, hq, m, d = q.shape
+    qg = q.float().reshape(b, H, hq // H, m, d)
+    sc = torch.einsum("bhgmd,hcd->bhgmc", qg, cent.float()) * SCALE
+    return _block_max(_log_share(sc, sizes.float().log()[None, :, None, None, :]), block_q)
+
+
+def calibrate(best: torch.Tensor, sizes: torch.Tensor, keep: float) -> torch.Tensor:
+    """A global log threshold keeping about `keep` of the keys per row (median over rows)."""
+    b, h, nb, c = best.shape
+    order = torch.sort(best, dim=-1, descending=True)
+    sz = sizes[None, :, None, :].expand_as(best).gather(-1, order.indices).float()
+    frac = sz.cumsum(-1) / sizes.sum(-1)[None, :, None, None].float()
+    pos = (frac < keep).sum(-1, keepdim=True).clamp(max=c - 1)
+    return order.values.gather(-1, pos).median()
+
+
+# ----------------------------------------------------------------------------- timing
+def graph_time(fns: list, reps_ms: int = 200) -> float:
+    """ms per call: a CUDA graph runs every fn once (rotating inputs); median replay / len."""
+    import triton
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(s)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        for f in fns:
+            f()
+    ms = triton.testing.do_bench(gr.replay, warmup=50, rep=reps_ms, return_mode="median")
+    del gr
+    return ms / len(fns)
+
+
+def eager_time(fns: list, reps_ms: int = 200) -> float:
+    import triton
+
+    def run():
+        for f in fns:
+            f()
+
+    run()
+    return triton.testing.do_bench(run, warmup=50, rep=reps_ms, return_mode="median") / len(fns)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    import triton
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=20, rep=200, return_mode="median")
+    return 2 * x.numel() / ms / 1e6
+
+
+# ----------------------------------------------------------------------------- methods
+def sparse_step(ctx, q, kn, vn, thr, causal, hier=False, cthr=None):
+    return lambda: sqz_cuda.squeezed_attention(
+        q, kn, vn, None, ctx["keys"], ctx["values"], ctx["centroids"], ctx["offsets"],
+        ctx["window_keys"], ctx["window_values"], thr,
+        ctx.get("coarse_centroids") if hier else None, ctx.get("coarse_offsets") if hier else None,
+        cthr if hier else None, SCALE, causal, 0, BLOCK_Q)
+
+
+def dense_inputs(ctx, kn, vn):
+    k = torch.cat([ctx["keys"], ctx["window_keys"]], 1)[None]
+    v = torch.cat([ctx["values"], ctx["window_values"]], 1)[None]
+    return torch.cat([k, kn], 2).contiguous(), torch.cat([v, vn], 2).contiguous()
+
+
+def sdpa_step(q, k, v, backend, causal_new: int):
+    """Dense SDPA over the whole prompt (the new tokens see all context keys). Prefill uses no
+    mask (the causal part over the new tokens is <1% of the work at these lengths)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def f():
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True)
+    return f
+
+
+_FLEX = {}
+
+
+def flex_step(ctx, q, k, v, thr, m, s):
+    """FlexAttention over the dense [context | window | new] layout with a BlockMask built from
+    the same lookup (our Triton lookup kernel, included in the time) at 128-key granularity:
+    a KV block is computed in full when any selected cluster overlaps it."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    flex = _FLEX["fn"]
+    n = ctx["n"]
+    blk = 128
+    p = n + W
+    nkv = (p + s) // blk
+    nctx_blk = n // blk
+    qb = max(1, -(-m // blk))
+    from sqz_compile.kernels.attention import key_cluster_ids, selection_from_compact
+
+    cid = key_cluster_ids(ctx["offsets"], n).long()  # [H, N] (setup, not timed)
+    import inspect
+
+    fwd_only = ({"compute_q_blocks": False}
+                if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {})
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx < p) | (kv_idx - p <= q_idx + (s - m))
+
+    def f():
+        sel = sqz_cuda.lookup(q, ctx["centroids"], ctx["offsets"], thr, None, None, None, SCALE,
+                              BLOCK_Q, 0)
+        selm = selection_from_compact(sel.idx, ctx["c"])  # [1, H, NB, C]
+        keym = torch.gather(selm, 3, cid[None, :, None, :].expand(1, H, selm.shape[2], n))
+        blkm = keym.reshape(1, H, keym.shape[2], nctx_blk, blk).any(-1)  # [1, H, NB, KBctx]
+        per = blk // BLOCK_Q  # 64-query selection blocks per 128-query flex block
+        nbp = -(-blkm.shape[2] // per) * per
+        if nbp != blkm.shape[2]:
+            blkm = F.pad(blkm, (0, 0, 0, nbp - blkm.shape[2]))
+        blkm = blkm.reshape(1, H, nbp // per, per, nctx_blk).any(3)[:, :, :qb]
+        blkm = blkm.repeat_interleave(G, 1)  # [1, HQ, QB, KBctx]
+        tail = torch.ones(1, HQ, qb, nkv - nctx_blk, dtype=torch.bool, device=q.device)
+        full = torch.cat([blkm, tail], -1)
+        qi = torch.arange(qb, device=q.device)[:, None]
+        kj = torch.arange(nkv, device=q.device)[None, :]
+        newblk = kj * blk >= p
+        # new-token blocks: full below the diagonal, partial (mask_mod) on it, absent above
+        first_new = (kj * blk - p) // blk
+        diag = newblk & (first_new == qi + (s - m) // blk) if m > 1 else torch.zeros_like(newblk)
+        above = newblk & (first_new > qi + (s - m) // blk) if m > 1 else torch.zeros_like(newblk)
+        full = full & ~diag & ~above
+        part = diag.expand_as(full)
+        fnum = full.sum(-1, dtype=torch.int32)
+        fidx = torch.argsort(full.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        pnum = part.sum(-1, dtype=torch.int32)
+        pidx = torch.argsort(part.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        bm = BlockMask.from_kv_blocks(pnum, pidx, fnum, fidx, BLOCK_SIZE=blk, mask_mod=mask_mod,
+                                      seq_lengths=(m, p + s), **fwd_only)
+        return flex(q, k, v, block_mask=bm, scale=SCALE, enable_gqa=True)
+    return f
+
+
+# ----------------------------------------------------------------------------- experiments
+def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float) -> None:
+    m, s = (1, 256) if kind == "decode" else (1024, 1024)
+    causal = kind == "prefill"
+    ctxs = [make_context(n, seed=i) for i in range(copies)]
+    qs = [make_queries(c, m, 100 + i) for i, c in enumerate(ctxs)]
+    kns = [torch.randn(1, H, s, D, device="cuda").to(DT) for _ in ctxs]
+    vns = [torch.randn(1, H, s, D, device="cuda").to(DT) for _ in ctxs]
+    thrs = [calibrate(best_scores(q, c["centroids"], c["sizes"], BLOCK_Q), c["sizes"], keep)
+            for q, c in zip(qs, ctxs)]
+    row = {"kind": kind, "context": n, "new_tokens": m, "new_keys": s, "copies": copies}
+
+    # the sparse path, checked once against the float64 reference on its own selection
+    sel = sqz_cuda.lookup(qs[0], ctxs[0]["centroids"], ctxs[0]["offsets"], thrs[0], None, None,
+                          None, SCALE, BLOCK_Q, 0)
+    kept = sel.nkeys.float().mean().item()
+    row["kept_fraction"] = kept / n
+    row["kept_clusters"] = sel.count.float().mean().item() / ctxs[0]["c"]
+    out = sparse_step(ctxs[0], qs[0], kns[0], vns[0], thrs[0], causal)()
+    if m <= 64:
+        from sqz_compile.kernels.attention import selection_from_compact, squeezed_attention_reference
+
+        c0 = ctxs[0]
+        ref = squeezed_attention_reference(
+            qs[0].double(), kns[0].double(), vns[0].double(), None, c0["keys"].double(),
+            c0["values"].double(), c0["offsets"], selection_from_compact(sel.idx, c0["c"]),
+            c0["window_keys"].double(), c0["window_values"].double(), SCALE, causal, BLOCK_Q)
+        row["rel_err_vs_f64"] = float((out.double() - ref).norm() / ref.norm())
+
+    steps = [sparse_step(c, q, kn, vn, t, causal) for c, q, kn, vn, t in zip(ctxs, qs, kns, vns, thrs)]
+    row["sqz_ms"] = graph_time(steps)
+    row["sqz_eager_ms"] = eager_time(steps)
+    lk = [(lambda c=c, q=q, t=t: sqz_cuda.lookup(q, c["centroids"], c["offsets"], t, None, None, None,
+                                                  SCALE, BLOCK_Q, 0)) for c, q, t in zip(ctxs, qs, thrs)]
+    row["sqz_lookup_ms"] = graph_time(lk)
+    # bytes the sparse path must read: centroids + offsets, kept K/V, window and new K/V, q
+    byt = (H * ctxs[0]["c"] * D * 4 + kept * H * D * 2 * 2 + (W + s) * H * D * 2 * 2
+           + HQ * m * D * 2 * 2)
+    row["sqz_bytes"] = byt
+    row["sqz_GBps"] = byt / row["sqz_ms"] / 1e6
+    row["sqz_frac_of_copy_bw"] = row["sqz_GBps"] / bw
+
+    dense = [dense_inputs(c, kn, vn) for c, kn, vn in zip(ctxs, kns, vns)]
+    for be in ("cudnn", "flash"):
+        try:
+            fns = [sdpa_step(q, k, v, be, s) for q, (k, v) in zip(qs, dense)]
+            row[f"sdpa_{be}_ms"] = graph_time(fns)
+        except Exception as e:  # a backend may reject the shape; record why
+            row[f"sdpa_{be}_ms"] = None
+            row[f"sdpa_{be}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    try:
+        fx = [flex_step(c, q, k, v, t, m, s) for c, q, (k, v), t in zip(ctxs, qs, dense, thrs)]
+        fo = fx[0]()
+        row["flex_ms"] = eager_time(fx)
+        try:
+            row["flex_graph_ms"] = graph_time(fx)
+        except Exception as e:
+            row["flex_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        row["flex_vs_sqz_rel_diff"] = float((fo.float() - out.float()).norm() / out.float().norm())
+    except Exception as e:
+        row["flex_ms"] = None
+        row["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    dens = [row[k] for k in ("sdpa_cudnn_ms", "sdpa_flash_ms") if row.get(k)]
+    if dens:
+        row["best_dense_ms"] = min(dens)
+        row["speedup_vs_best_dense"] = row["best_dense_ms"] / row["sqz_ms"]
+    if row.get("flex_ms"):
+        row["speedup_vs_flex"] = min(row["flex_ms"], row.get("flex_graph_ms") or 1e9) / row["sqz_ms"]
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    _save(results)
+    del ctxs, dense
+    torch.cuda.empty_cache()
+
+
+def run_lookup_scaling(ns: list, copies: int, results: list) -> None:
+    for n in ns:
+        row = {"kind": "lookup", "context": n}
+        for hier in (False, True):
+            ctxs = [make_context(n, seed=i, coarse_ratio=0.01 if hier else 0.0, with_kv=False)
+                    for i in range(copies)]
+            qs = [make_queries(c, 1, 7 + i) for i, c in enumerate(ctxs)]
+            thrs = [calibrate(best_scores(q, c["centroids"], c["sizes"], BLOCK_Q), c["sizes"], 0.1)
+                    for q, c in zip(qs, ctxs)]
+            cthrs = []
+            if hier:
+                for q, c in zip(qs, ctxs):
+                    cn = torch.zeros(H, c["cc"], device="cuda").scatter_add_(1, c["parent"], c["sizes"].float())
+                    cthrs.append(calibrate(best_scores(q, c["coarse_centroids"], cn, BLOCK_Q), cn, 0.3))
+            else:
+                cthrs = [None] * copies
+            fns = [(lambda c=c, q=q, t=t, ct=ct: sqz_cuda.lookup(
+                q, c["centroids"], c["offsets"], t, c.get("coarse_centroids"), c.get("coarse_offsets"),
+                ct, SCALE, BLOCK_Q, 0)) for c, q, t, ct in zip(ctxs, qs, thrs, cthrs)]
+            sel = fns[0]()
+            key = "hier" if hier else "flat"
+            row[f"{key}_ms"] = graph_time(fns)
+            row[f"{key}_kept_fraction"] = sel.nkeys.float().mean().item() / n
+            del ctxs
+            torch.cuda.empty_cache()
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        _save(results)
+
+
+_SAVE = {}
+
+
+def _save(results: list) -> None:
+    """Rewrite the JSON after every row, so a run cut short still leaves its numbers."""
+    if "path" in _SAVE:
+        with open(_SAVE["path"], "w") as f:
+            json.dump({"info": _SAVE["info"], "results": results}, f, indent=1)
+
+
+def plot(results: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, kind in zip(axes[:2], ("decode", "prefill")):
+        rows = [r for r in results if r["kind"] == kind]
+        xs = [r["context"] for r in rows]
+        for key, lab in (("sqz_ms", "squeezed (lookup incl.)"), ("sdpa_cudnn_ms", "SDPA cuDNN"),
+                         ("sdpa_flash_ms", "SDPA flash"), ("flex_ms", "FlexAttention + BlockMask")):
+            ys = [r.get(key) for r in rows]
+            if any(y is not None for y in ys):
+                ax.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], "o-", label=lab)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context tokens")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{kind} (32q/8kv heads, d=128, bf16)")
+        ax.legend(fontsize=8)
+    rows = [r for r in results if r["kind"] == "lookup"]
+    ax = axes[2]
+    for key in ("flat_ms", "hier_ms"):
+        ax.plot([r["context"] for r in rows], [r[key] * 1e3 for r in rows], "o-", label=key[:-3])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("us")
+    ax.set_title("decode lookup")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--lookup-contexts", default="32768,65536,131072,262144,524288")
+    ap.add_argument("--keep", type=float, default=0.10)
+    ap.add_argument("--only", default="decode,prefill,lookup")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention needs a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+    import triton
+
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    bw = copy_bandwidth()
+    info["copy_bandwidth_GBps"] = bw
+    print(json.dumps(info), flush=True)
+    _SAVE.update(path=os.path.join(args.out, "bench_attention.json"), info=info)
+    results: list = []
+    only = set(args.only.split(","))
+    t0 = time.time()
+    for kind in ("decode", "prefill"):
+        if kind not in only:
+            continue
+        for n in [int(x) for x in args.contexts.split(",")]:
+            # sparse bytes per copy ~ 15% of the KV bytes: rotate copies past ~2x the L2
+            per_copy = 0.15 * n * H * D * 2 * 2
+            copies = max(2, min(4, math.ceil(2 * L2_BYTES / per_copy)))
+            run_attention(kind, n, args.keep, copies, results, bw)
+    if "lookup" in only:
+        run_lookup_scaling([int(x) for x in args.lookup_contexts.split(",")], 3, results)
+    info["seconds"] = time.time() - t0
+    with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
+        json.dump({"info": info, "results": results}, f, indent=1)
+    try:
+        plot(results, os.path.join(args.out, "bench_attention.png"))
+    except Exception as e:  # the numbers matter more than the picture
+        print("plot failed:", e)
+    print(f"\ncopy bandwidth {bw:.0f} GB/s  ({info['gpu']}, torch {info['torch']}, triton {info['triton']})")
+    print(f"{'kind':8} {'ctx':>7} {'kept':>6} {'sqz ms':>8} {'lookup':>8} {'cudnn':>8} {'flash':>8} "
+          f"{'flex':>8} {'x dense':>8} {'x flex':>7} {'%copyBW':>8}")
+    for r in results:
+        if r["kind"] == "lookup":
+            continue
+
+        def fmt(x, p=3):
+            return f"{x:.{p}f}" if isinstance(x, (int, float)) else "-"
+        print(f"{r['kind']:8} {r['context']:>7} {fmt(r.get('kept_fraction'), 3):>6} {fmt(r['sqz_ms']):>8} "
+              f"{fmt(r['sqz_lookup_ms']):>8} {fmt(r.get('sdpa_cudnn_ms')):>8} {fmt(r.get('sdpa_flash_ms')):>8} "
+              f"{fmt(r.get('flex_ms')):>8} {fmt(r.get('speedup_vs_best_dense'), 2):>8} "
+              f"{fmt(r.get('speedup_vs_flex'), 2):>7} {fmt(100 * r['sqz_frac_of_copy_bw'], 1):>8}")
+    rows = [r for r in results if r["kind"] == "lookup"]
+    if rows:
+        print(f"\n{'lookup ctx':>10} {'flat us':>9} {'hier us':>9} {'flat kept':>9} {'hier kept':>9}")
+        for r in rows:
+            print(f"{r['context']:>10} {r['flat_ms'] * 1e3:>9.1f} {r['hier_ms'] * 1e3:>9.1f} "
+                  f"{r['flat_kept_fraction']:>9.3f} {r['hier_kept_fraction']:>9.3f}")
+        print(f"hierarchical growth {rows[-1]['hier_ms'] / rows[0]['hier_ms']:.2f}x over "
+              f"{rows[-1]['context'] // rows[0]['context']}x context; flat "
+              f"{rows[-1]['flat_ms'] / rows[0]['flat_ms']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
