@@ -115,6 +115,17 @@ def _takes_input_ids(module: torch.nn.Module) -> bool:
         return False
 
 
+def _own_storage(module: torch.nn.Module) -> None:
+    """Give each buffer that views part of a larger storage (the pass registers per-layer views of
+    the stacked context) its own copy, so saved programs hold exactly their tensors."""
+    for name, buf in list(module.named_buffers()):
+        if buf.untyped_storage().nbytes() != buf.numel() * buf.element_size():
+            owner, _, attr = name.rpartition(".")
+            holder = module.get_submodule(owner) if owner else module
+            persistent = attr not in holder._non_persistent_buffers_set
+            holder.register_buffer(attr, buf.clone(), persistent=persistent)
+
+
 def export(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: Any, dynamic_shapes: Any = None,
            *, block_q: int = DEFAULT_BLOCK_Q) -> ExportedProgram:
     """torch.export `model` (a transformers causal LM) with `ctx` baked in.
@@ -132,15 +143,18 @@ def export(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: Any, dy
     ctx = ctx.to(device)
     ids = _trace_ids(_example_ids(example_inputs)).to(device)
     shapes = _shapes_for(dynamic_shapes, model)
+    wrapper = LogitsModule(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            dense = torch.export.export(LogitsModule(model), (ids,), dynamic_shapes=shapes)
+            dense = torch.export.export(wrapper, (ids,), dynamic_shapes=shapes)
     finally:
         model.train(was_training)
     gm = dense.module()
-    rewrite_attention(gm, ctx, block_q=block_q)
+    # model= lets the pass read each attention module's settings (sliding window, softcap, ...)
+    rewrite_attention(gm, ctx, block_q=block_q, model=wrapper)
+    _own_storage(gm)
     if count_sqz_nodes(gm) == 0:
         warnings.warn("sqz_compile.export: no attention was rewritten to torch.ops.sqz, so the exported "
                       "program is the dense model without the context (see the pass's warnings above)",
@@ -211,6 +225,13 @@ def _op_exists(qualname: str) -> bool:
 
 # --------------------------------------------------------------------------- AOTInductor
 
+def _pt2_path(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not path.endswith(".pt2"):
+        raise ValueError(f"AOTInductor packages must be named *.pt2, got {path!r}")
+    return path
+
+
 def package_program(program: ExportedProgram, path: str | os.PathLike,
                     inductor_configs: dict[str, Any] | None = None) -> str:
     """AOTInductor-compile an exported program into a `.pt2` package at `path`.
@@ -221,9 +242,7 @@ def package_program(program: ExportedProgram, path: str | os.PathLike,
     from torch._inductor import aoti_compile_and_package
     from torch._inductor import config as inductor_config
 
-    path = os.fspath(path)
-    if not path.endswith(".pt2"):
-        raise ValueError(f"AOTInductor packages must be named *.pt2, got {path!r}")
+    path = _pt2_path(path)
     with inductor_config.patch(fx_graph_cache=False):
         return aoti_compile_and_package(program, package_path=path, inductor_configs=inductor_configs)
 
@@ -236,6 +255,7 @@ def package(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: Any, p
     Load it with `torch._inductor.aoti_load_package(path)` and call it on input_ids. On CPU the
     package runs without sqz_compile; on CUDA it holds the sqz Triton kernels, compiled.
     """
+    path = _pt2_path(path)
     return package_program(export(model, ctx, example_inputs, dynamic_shapes, block_q=block_q), path,
                            inductor_configs)
 

@@ -92,3 +92,25 @@ def assert_fresh_ok(code: str, *args: str, timeout: float = 300) -> str:
     proc = run_fresh(code, *args, timeout=timeout)
     assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+def squeezed_eager(model, ctx, block_q: int = 64):
+    """The eager squeezed model: the dense export's module with the attention rewrite applied
+    (input_ids -> logits), run as a plain GraphModule."""
+    from sqz_compile.exporting import LogitsModule
+    from sqz_compile.passes import rewrite_attention
+
+    wrapper = LogitsModule(model)
+    with torch.no_grad():
+        gm = torch.export.export(wrapper, (user_ids(2, 4),), dynamic_shapes=(
+            {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=1024)},)).module()
+    report = rewrite_attention(gm, ctx, block_q=block_q, model=wrapper)
+    assert report.layers == list(range(ctx.num_layers)), str(report)
+    return gm
+
+
+def dense_logits(model, ctx_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of `ids` with the whole context in front (the unsqueezed model)."""
+    full = torch.cat([ctx_ids.expand(ids.shape[0], -1), ids], dim=1)
+    with torch.no_grad():
+        return model(full).logits[:, -ids.shape[1]:]

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 import sqz_compile
-from sqz_compile.exporting import count_sqz_nodes, export_module, load_exported, read_package_note, save_exported
+from sqz_compile.context import SqueezedContextError
+from sqz_compile.exporting import (count_sqz_nodes, export, export_module, load_exported, read_package_note,
+                                   save_exported)
 
-from export_fixtures import DirectSqz, assert_fresh_ok, run_fresh, tiny_context, tiny_llama, user_ids
+from export_fixtures import (DirectSqz, assert_fresh_ok, context_ids, dense_logits, run_fresh, squeezed_eager,
+                             tiny_context, tiny_llama, user_ids)
 
 LENGTHS = [(1, 5), (3, 37)]  # two (batch, length) pairs served by one artifact
 
@@ -114,3 +117,73 @@ def test_batch_one_example_still_gives_dynamic_program(direct):
 def test_ops_are_registered_by_import():
     assert sqz_compile.ops is not None
     assert hasattr(torch.ops.sqz, "squeezed_attention")
+
+
+# --------------------------------------------------------------------------- the tiny GQA Llama
+
+@pytest.fixture(scope="module")
+def squeezed(model):
+    ctx = tiny_context(model)
+    return ctx, export(model, ctx, user_ids(2, 10))
+
+
+def test_export_rewrites_every_layer(squeezed):
+    ctx, ep = squeezed
+    assert count_sqz_nodes(ep) == ctx.num_layers == 2
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("scaled_dot_product" in t for t in targets), targets
+    buffers = set(ep.graph_signature.buffers)
+    for layer in range(ctx.num_layers):
+        assert {f"sqz_L{layer}_keys", f"sqz_L{layer}_centroids", f"sqz_L{layer}_log_threshold"} <= buffers
+    torch.testing.assert_close(ep.state_dict["sqz_L1_keys"], ctx.keys[1])
+
+
+def test_export_matches_eager_squeezed_model_at_two_lengths(model, squeezed):
+    ctx, ep = squeezed
+    eager = squeezed_eager(model, ctx)
+    for b, m in LENGTHS:
+        ids = user_ids(b, m, seed=m)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(ids), eager(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_export_keep_all_equals_dense_model_over_the_full_prompt(model):
+    """keep = 1 attends to every context key: the logits are those of the dense model run on
+    context + user tokens (positions handled by the stored RoPE convention)."""
+    ep = export(model, tiny_context(model, keep=1.0), user_ids(2, 10))
+    for b, m in LENGTHS:
+        ids = user_ids(b, m, seed=m)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(ids), dense_logits(model, context_ids(), ids),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_export_sparse_selection_changes_the_answer(model, squeezed):
+    _, ep = squeezed
+    ids = user_ids(2, 16)
+    with torch.no_grad():
+        diff = (ep.module()(ids) - dense_logits(model, context_ids(), ids)).abs().max()
+    assert 1e-4 < diff < 1.0, diff  # clusters were dropped, yet the model is close to dense
+
+
+def test_exported_model_round_trip_in_fresh_process(squeezed, tmp_path):
+    _, ep = squeezed
+    path = save_exported(ep, tmp_path / "tiny.pt2")
+    inputs = [user_ids(b, m, seed=m) for b, m in LENGTHS]
+    with torch.no_grad():
+        torch.save({"inputs": inputs, "outputs": [ep.module()(x) for x in inputs]}, tmp_path / "io.pt")
+    out = assert_fresh_ok("""
+        import sys, torch, sqz_compile
+        ep = sqz_compile.load_exported(sys.argv[1])
+        io = torch.load(sys.argv[2])
+        for x, want in zip(io["inputs"], io["outputs"]):
+            torch.testing.assert_close(ep.module()(x), want, rtol=1e-5, atol=1e-5)
+        print("ok")
+    """, path, str(tmp_path / "io.pt"))
+    assert "ok" in out
+
+
+def test_export_rejects_a_context_made_for_another_model(model):
+    other = tiny_llama(seed=5)
+    with pytest.raises(SqueezedContextError, match="made for another model"):
+        export(other, tiny_context(model), user_ids(2, 4))

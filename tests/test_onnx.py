@@ -163,3 +163,36 @@ def test_translation_uses_standard_ops_only(model, tmp_path):
     assert {n.domain for n in m.graph.node} <= {"", "ai.onnx"}
     assert not m.functions  # everything inlined into plain ONNX nodes
     assert os.path.getsize(path) > 0
+
+
+def test_tiny_llama_onnx_runs_in_onnxruntime_at_two_lengths(model, tmp_path):
+    """sqz_compile.export_onnx on the tiny GQA Llama: one file, two (batch, length) shapes, loaded
+    by onnxruntime in a fresh interpreter that never imports torch or sqz_compile."""
+    import sqz_compile
+
+    from export_fixtures import assert_fresh_ok, squeezed_eager
+
+    ctx = tiny_context(model)
+    path = str(tmp_path / "tiny.onnx")
+    sqz_compile.export_onnx(model, ctx, user_ids(2, 10), path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    eager = squeezed_eager(model, ctx)
+    cases = {}
+    for b, m in [(1, 5), (3, 37)]:
+        ids = user_ids(b, m, seed=m)
+        with torch.no_grad():
+            cases[f"{b}x{m}"] = (ids.numpy(), eager(ids).numpy())
+    np.savez(tmp_path / "io.npz", **{f"{k}_in": v[0] for k, v in cases.items()},
+             **{f"{k}_out": v[1] for k, v in cases.items()})
+    out = assert_fresh_ok("""
+        import sys
+        import numpy as np, onnxruntime as ort
+        sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+        io = np.load(sys.argv[2])
+        for key in sorted(k[:-3] for k in io.files if k.endswith("_in")):
+            got = sess.run(["logits"], {"input_ids": io[key + "_in"]})[0]
+            np.testing.assert_allclose(got, io[key + "_out"], rtol=1e-4, atol=1e-4)
+            print("ok", key)
+        assert "torch" not in sys.modules and "sqz_compile" not in sys.modules
+    """, path, str(tmp_path / "io.npz"))
+    assert out.count("ok") == 2
