@@ -122,6 +122,9 @@ def test_op_select_clusters_cuda_matches_reference_at_decode():
                                                cs.scale, 64, 0)
     ridx, rcount = torch.ops.sqz.select_clusters(cs.q.cpu(), cs.centroids.cpu(), cs.offsets.cpu(),
                                                  thr.cpu(), None, None, None, cs.scale, 64, 0)
-    # decode scores in float32 (IEEE): the same clusters as the reference
-    assert (idx.cpu() != ridx).float().mean().item() < 1e-3
+    # decode scores in float32 (IEEE): the same clusters as the reference up to rounding ties
+    from sqz_compile.kernels.attention import selection_from_compact
+
+    flips = selection_from_compact(idx.cpu(), 400) != selection_from_compact(ridx, 400)
+    assert flips.float().mean().item() < 2e-3
     assert (count.cpu() - rcount).abs().max().item() <= 1
