@@ -101,8 +101,9 @@ def squeezed_eager(model, ctx, block_q: int = 64):
     from sqz_compile.passes import rewrite_attention
 
     wrapper = LogitsModule(model)
+    example = user_ids(2, 4).to(next(model.parameters()).device)
     with torch.no_grad():
-        gm = torch.export.export(wrapper, (user_ids(2, 4),), dynamic_shapes=(
+        gm = torch.export.export(wrapper, (example,), dynamic_shapes=(
             {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=1024)},)).module()
     report = rewrite_attention(gm, ctx, block_q=block_q, model=wrapper)
     assert report.layers == list(range(ctx.num_layers)), str(report)
