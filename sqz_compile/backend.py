@@ -13,6 +13,8 @@ Options:
   model      the module being compiled, when Dynamo's frame does not show it (it is found
              automatically for torch.compile(model) and torch.compile(model.forward))
   on_report  callable receiving each graph's RewriteReport
+  mode       Inductor mode ("reduce-overhead", ...), for callers that must pass it in options
+             (torch.compile refuses mode and options together)
   anything else is an Inductor config option (as torch.compile(..., options=...) takes them)
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .context import SqueezedContext
 from .ops import DEFAULT_BLOCK_Q
 from .passes.rewrite import RewriteReport, SqueezeDenseWarning, rewrite_attention
 
-_OWN_OPTIONS = ("context", "block_q", "inductor", "model", "on_report")
+_OWN_OPTIONS = ("context", "block_q", "inductor", "model", "on_report", "mode")
 _warned: set[tuple[int, tuple]] = set()
 
 
@@ -74,6 +76,7 @@ def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str
     """torch.compile backend: rewrite attention in a copy of `gm` to use the context, then compile
     it with Inductor (or run it eagerly with options={"inductor": False})."""
     own, inductor_options = _split_options({**(options or {}), **kwargs})
+    mode = own.get("mode", mode)
     ctx = own.get("context")
     if ctx is None:
         raise ValueError(

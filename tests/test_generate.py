@@ -1,0 +1,133 @@
+"""SqueezedModel (sqz_compile.hf.compile): forward and transformers generate over the user's tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sqz_compile.context import SqueezedContextError
+from sqz_compile.hf import SqueezedModel, compile
+from helpers import (_selected_keys_impl, dense_full_rows, left_padded, real_rows, tiny_context,
+                     tiny_model)
+
+NEW = 6
+
+
+def dense_generate_rows(model, ctx_ids, ids, mask, **kw):
+    """Per row: the new tokens dense generation makes from [context + row tokens]."""
+    out = []
+    for r in range(ids.shape[0]):
+        full = torch.cat([ctx_ids[0], ids[r, mask[r].bool()]])[None]
+        if kw.get("do_sample"):
+            torch.manual_seed(123)
+        out.append(model.generate(full, max_new_tokens=NEW, **kw)[0, full.shape[1]:])
+    return out
+
+
+def assert_model_untouched(model):
+    assert "forward" not in model.__dict__, "SqueezedModel left its compiled forward on the model"
+
+
+@pytest.mark.parametrize("arch,attn,kv_heads,cache", [
+    ("llama", "sdpa", 2, None),
+    ("llama", "sdpa", 2, "static"),
+    ("qwen2", "eager", 4, None),
+    ("mistral", "eager", 2, "static"),
+])
+def test_greedy_generate_at_keep_1_equals_dense_generation(arch, attn, kv_heads, cache):
+    model = tiny_model(arch, attn, kv_heads)
+    ctx_ids, ctx = tiny_context(model, keep=1.0)
+    torch._dynamo.reset()
+    sm = compile(model, ctx, inductor=False)
+    ids, am, _ = left_padded([7, 5, 3])
+    out = sm.generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=False, cache_implementation=cache)
+    assert out.shape == (3, ids.shape[1] + NEW)
+    assert torch.equal(out[:, :ids.shape[1]], ids), "generate must return the user's prompt + new tokens"
+    want = dense_generate_rows(model, ctx_ids, ids, am, do_sample=False, cache_implementation=cache)
+    for r in range(3):
+        assert out[r, ids.shape[1]:].tolist() == want[r].tolist(), f"row {r}"
+    assert sm.report.layers == [0, 1] and not sm.report.dense
+    assert_model_untouched(model)
+
+
+def test_sampling_equals_dense_sampling_with_the_same_seed():
+    model = tiny_model("llama", "sdpa", 2)
+    ctx_ids, ctx = tiny_context(model, keep=1.0)
+    torch._dynamo.reset()
+    sm = compile(model, ctx, inductor=False)
+    ids, am, _ = left_padded([6])
+    torch.manual_seed(123)
+    out = sm.generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=True, temperature=1.5, top_k=0)
+    want = dense_generate_rows(model, ctx_ids, ids, am, do_sample=True, temperature=1.5, top_k=0)
+    assert out[0, ids.shape[1]:].tolist() == want[0].tolist()
+
+
+def test_greedy_generate_below_keep_1_equals_the_selected_keys_reference():
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=0.3)
+    torch._dynamo.reset()
+    sm = compile(model, ctx, inductor=False, block_q=4)
+    ids, am, _ = left_padded([7, 5, 3])
+    out = sm.generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=False)
+    with _selected_keys_impl(model, ctx, 4):
+        want = model.generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=False)
+    assert out.tolist() == want.tolist()
+
+
+def test_forward_returns_the_models_output_for_the_user_tokens():
+    model = tiny_model("qwen2", "sdpa", 2)
+    ctx_ids, ctx = tiny_context(model, keep=1.0)
+    torch._dynamo.reset()
+    sm = compile(model, ctx, inductor=False)
+    ids, am, pos = left_padded([7, 4])
+    out = sm(ids, attention_mask=am, position_ids=pos)
+    assert out.logits.shape == (2, ids.shape[1], model.config.vocab_size)
+    for a, b in zip(real_rows(out.logits, am), dense_full_rows(model, ctx_ids, ids, am)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert sm.config is model.config and "SqueezedModel(Qwen2ForCausalLM" in repr(sm)
+    assert_model_untouched(model)
+
+
+def test_inductor_generate_with_static_cache():
+    model = tiny_model("llama", "sdpa", 2)
+    ctx_ids, ctx = tiny_context(model, keep=1.0)
+    torch._dynamo.reset()
+    sm = compile(model, ctx)
+    ids, am, _ = left_padded([6, 4])
+    out = sm.generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=False, cache_implementation="static")
+    want = dense_generate_rows(model, ctx_ids, ids, am, do_sample=False, cache_implementation="static")
+    for r in range(2):
+        assert out[r, ids.shape[1]:].tolist() == want[r].tolist()
+    assert sm.report.layers == [0, 1]
+
+
+def test_up_front_checks():
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=1.0)
+    other = tiny_model("llama", "sdpa", 2, seed=9)
+    with pytest.raises(SqueezedContextError, match="made for another model.*weights_digest"):
+        compile(other, ctx)
+    with pytest.raises(SqueezedContextError, match="dtype"):
+        compile(tiny_model("llama", "sdpa", 2).to(torch.bfloat16), ctx)
+    with pytest.raises(TypeError, match="SqueezedContext"):
+        compile(model, "ctx.safetensors")
+    sm = compile(model, ctx, inductor=False)
+    ids, am, _ = left_padded([7])
+    with pytest.raises(ValueError, match="max_position_embeddings=256"):
+        sm.generate(ids, attention_mask=am, max_new_tokens=250)
+    with pytest.raises(ValueError, match="max_position_embeddings=256"):
+        sm(torch.zeros(1, 220, dtype=torch.long))
+    assert_model_untouched(model)
+
+
+def test_model_is_restored_after_a_failing_call():
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=1.0)
+    torch._dynamo.reset()
+    sm = SqueezedModel(model, ctx, inductor=False)
+    ids, am, _ = left_padded([4])
+    with pytest.raises(Exception):
+        sm.generate(ids, attention_mask=am, max_new_tokens=2, not_a_generate_argument=1)
+    assert_model_untouched(model)
+    plain = model(ids).logits  # the model still runs dense, without the context
+    with torch.no_grad():
+        assert not torch.allclose(sm(ids).logits, plain, atol=1e-4)
