@@ -11,7 +11,6 @@ the keys the flat fine selection keeps on the same queries.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -244,7 +244,8 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
     seeds one, or counts as a member for the empty-cluster test. Empty clusters are re-seeded each
     iteration with the points farthest from their centres; degenerate data (e.g. identical points)
     can still leave some empty. Stops when at most `tol` of the assignments changed over the last
-    `check_every` iterations, or after `iters`. Deterministic for a given seed and device.
+    `check_every` iterations, or after `iters`. Deterministic for a given seed on CPU; on CUDA
+    the float32 atomic adds of the centre sums can differ in the last bit between runs.
     greedy_steps: how many initial centres are drawn one at a time (see _init_centers).
     `progress`: an optional tqdm-like object with .update(n).
     """

@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from .calibrate import calibrate
 from .config import SqueezeConfig
 from .context import SqueezedContext
 from .kmeans import cluster_counts, cluster_sums, kmeans
