@@ -84,7 +84,7 @@ def _lookup_config(qrows: int) -> tuple[int, int, bool]:
     instead of reading the float32 centroids twice."""
     if qrows <= 16:
         return 16, 128, True
-    return 64, 64, False
+    return 128, 64, False
 
 
 def _lse(q, cent, off, co, par, flags, nflag, scale, dims, split, chunk, qt, bc, two_level,
@@ -136,7 +136,7 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
         qt, bc = tiles
         store = store and _cdiv(g * bq, qt) == 1
     ieee = q.dtype == torch.float32 or store or _interpreting()
-    nw = 4
+    nw = 8 if qt >= 128 else 4
     sms = _sm_count(q)
     dims = (bsz, h, nb, g, bq, m, block_q, d)
     i32 = dict(device=dev, dtype=torch.int32)
@@ -167,7 +167,8 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
                 offsets.stride(0), co.stride(0), 0,
                 h, nb, g, bq, m, block_q, cc, 1, d, csplit, cchunk, nqt, csplit, 1, float(scale),
                 QT=qt, BC=bc, BLOCK_D=_pow2(d), TWO_LEVEL=True, FILTER=0, HAS_L2=False,
-                LOAD_SCORES=store, IEEE=ieee, THRESH=True, KEEP_FLAGS=True, num_warps=nw)
+                LOAD_SCORES=store, IEEE=ieee, THRESH=True, KEEP_FLAGS=True,
+                SP1=_pow2(csplit), SP2=1, num_warps=nw)
         # fine denominator: pruned coarse clusters stand for their children
         ppart = _lse(q, cc_cent, offsets, co, dummy_i, ckeep, cc, scale, dims, csplit, cchunk,
                      qt, bc, True, 2, cscores, False, store, ieee, nw)
@@ -194,7 +195,8 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
             offsets.stride(0), 0, par.stride(0) if par.dim() == 2 else 0,
             h, nb, g, bq, m, block_q, c, nflag, d, split, chunk, nqt, split, split2, float(scale),
             QT=qt, BC=bc, BLOCK_D=_pow2(d), TWO_LEVEL=False, FILTER=filt, HAS_L2=hier,
-            LOAD_SCORES=store, IEEE=ieee, THRESH=budget <= 0, KEEP_FLAGS=False, num_warps=nw)
+            LOAD_SCORES=store, IEEE=ieee, THRESH=budget <= 0, KEEP_FLAGS=False,
+            SP1=_pow2(split), SP2=_pow2(split2), num_warps=nw)
     tkey = torch.empty(rows, device=dev, dtype=torch.int64)
     cstar = torch.empty(rows, **i32)
     if budget > 0:
@@ -246,15 +248,23 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
         block_n = 64 if d <= 128 else 32
         warps, stages = 4, 3
     else:
-        bq = max(1, min(_pow2(bqv), 64 // gp)) if gp <= 64 else 1
+        bq = max(1, min(_pow2(bqv), 128 // gp)) if gp <= 128 else 1
         block_n = 64 if d <= 128 else 32
-        warps, stages = 4, 2
+        warps, stages = (8, 3) if gp * bq >= 128 else (4, 2)
     nb = _cdiv(m, block_q)
     tpb = _cdiv(bqv, bq)
     progs = bsz * h * nb * tpb
     max_tiles = _cdiv(n_ctx + w + s, block_n)
     split = max(1, min(_cdiv(2 * sms, progs), max(1, max_tiles // 4)))
     return AttnConfig(bq, gp, block_n, split, warps, stages)
+
+
+def _search_width(c: int) -> int:
+    """Vector width of the two-level start-slot search: width**2 must cover C+1 slots."""
+    w = 16
+    while w * w < c + 1:
+        w *= 2
+    return w
 
 
 def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -324,14 +334,13 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             bsz, h, g, m, s, w, nb, c, block_q, tpb, cfg.split, float(scale) * 1.4426950408889634, d,
             BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
-            IEEE=q.dtype == torch.float32 or _interpreting(),
+            IEEE=q.dtype == torch.float32 or _interpreting(), SEARCH=_search_width(c),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         rows = bsz * hq * m
-        block_r = 16
-        _launch(_sa._merge_kernel, (_cdiv(rows, block_r),),
+        _launch(_sa._merge_kernel, (rows,),
                 part_o, part_l, out, rows, hq, m, out.stride(0), out.stride(1), out.stride(2),
-                cfg.split, d, BLOCK_R=block_r, BLOCK_D=_pow2(d), num_warps=4)
+                cfg.split, d, SP=max(2, _pow2(cfg.split)), BLOCK_D=_pow2(d), num_warps=4)
     return out
 
 

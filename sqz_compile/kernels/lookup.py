@@ -253,22 +253,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT: tl.constexpr,
-                    HAS_L2: tl.constexpr):
-        mx = tl.full([QT], float("-inf"), tl.float32)
-        sm = tl.zeros([QT], tl.float32)
-        for sp in range(0, SPLIT_L):
-            x = tl.load(PartL + (row * SPLIT_L + sp) * QRP + r)
-            new = tl.maximum(mx, x)
-            safe = tl.where(new == float("-inf"), 0.0, new)
-            sm = sm * tl.exp(mx - safe) + tl.exp(x - safe)
-            mx = new
+                    HAS_L2: tl.constexpr, SP1: tl.constexpr, SP2: tl.constexpr):
+        """logsumexp over the partials of every split (one 2-D load per set, no serial chain)."""
+        sp = tl.arange(0, SP1)
+        x = tl.load(PartL + (row * SPLIT_L + sp[:, None]) * QRP + r[None, :],
+                    mask=sp[:, None] < SPLIT_L, other=float("-inf"))
+        mx = tl.max(x, axis=0)
         if HAS_L2:
-            for sp in range(0, SPLIT_L2):
-                x = tl.load(PartL2 + (row * SPLIT_L2 + sp) * QRP + r)
-                new = tl.maximum(mx, x)
-                safe = tl.where(new == float("-inf"), 0.0, new)
-                sm = sm * tl.exp(mx - safe) + tl.exp(x - safe)
-                mx = new
+            sp2 = tl.arange(0, SP2)
+            x2 = tl.load(PartL2 + (row * SPLIT_L2 + sp2[:, None]) * QRP + r[None, :],
+                         mask=sp2[:, None] < SPLIT_L2, other=float("-inf"))
+            mx = tl.maximum(mx, tl.max(x2, axis=0))
+        safe = tl.where(mx == float("-inf"), 0.0, mx)
+        sm = tl.sum(tl.exp(x - safe[None, :]), axis=0)
+        if HAS_L2:
+            sm += tl.sum(tl.exp(x2 - safe[None, :]), axis=0)
         return tl.where(sm > 0, mx + tl.log(tl.where(sm > 0, sm, 1.0)), float("-inf"))
 
     @triton.jit
@@ -280,7 +279,7 @@ if HAS_TRITON:
                      QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
                      TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr, HAS_L2: tl.constexpr,
                      LOAD_SCORES: tl.constexpr, IEEE: tl.constexpr, THRESH: tl.constexpr,
-                     KEEP_FLAGS: tl.constexpr):
+                     KEEP_FLAGS: tl.constexpr, SP1: tl.constexpr, SP2: tl.constexpr):
         """Best[row, c] = max_r (s q_r.mu_c - lse_r) (-inf for empty/filtered clusters).
         THRESH: also count kept clusters / keys per split (and KEEP_FLAGS: write 0/1 flags)."""
         row = tl.program_id(0)
@@ -293,6 +292,10 @@ if HAS_TRITON:
             thr = tl.load(Thr)
         cnt = tl.zeros([], tl.int32)
         ssum = tl.zeros([], tl.int32)
+        if LOAD_SCORES:  # decode: one query tile, its lse merged once for the whole chunk
+            q0, r0, rvalid0 = _row_queries(Q, row, 0, sqb, sqh, sqm, H, NB, G, BQ, M,
+                                           block_q, D, QT, BLOCK_D)
+            lse0 = _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r0, QRP, QT, HAS_L2, SP1, SP2)
         for c0 in range(c_lo, c_hi, BC):
             c = c0 + tl.arange(0, BC)
             cvalid = c < c_hi
@@ -300,17 +303,21 @@ if HAS_TRITON:
                                      NFLAG, TWO_LEVEL, FILTER)
             best = tl.full([BC], float("-inf"), tl.float32)
             if tl.max(ok.to(tl.int32), axis=0) > 0:
-                for qt in range(0, NQT):
-                    q, r, rvalid = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M,
-                                                block_q, D, QT, BLOCK_D)
-                    lse = _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT, HAS_L2)
-                    if LOAD_SCORES:
-                        s = tl.load(Scores + (row * QT + r[:, None]) * C + c[None, :],
-                                    mask=ok[None, :], other=0.0)
-                    else:
+                if LOAD_SCORES:
+                    s = tl.load(Scores + (row * QT + r0[:, None]) * C + c[None, :],
+                                mask=ok[None, :], other=0.0)
+                    ls = tl.where(rvalid0[:, None] & ok[None, :], s - lse0[:, None], float("-inf"))
+                    best = tl.max(ls, axis=0)
+                else:
+                    for qt in range(0, NQT):
+                        q, r, rvalid = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M,
+                                                    block_q, D, QT, BLOCK_D)
+                        lse = _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT,
+                                          HAS_L2, SP1, SP2)
                         s = _scores(q, Cent, h, c, ok, sch, scc, D, scale, BLOCK_D, IEEE)
-                    ls = tl.where(rvalid[:, None] & ok[None, :], s - lse[:, None], float("-inf"))
-                    best = tl.maximum(best, tl.max(ls, axis=0))
+                        ls = tl.where(rvalid[:, None] & ok[None, :], s - lse[:, None],
+                                      float("-inf"))
+                        best = tl.maximum(best, tl.max(ls, axis=0))
             tl.store(Best + row * C + c, best, mask=cvalid)
             if THRESH:
                 keep = cvalid & (best > thr)

@@ -65,7 +65,7 @@ if HAS_TRITON:
         B, H, G, M, S, W, NB, C, block_q, TPB, SPLIT, qk_scale, D,
         BQ: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, SEARCH: tl.constexpr,
     ):
         BLOCK_M: tl.constexpr = GP * BQ
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -107,28 +107,40 @@ if HAS_TRITON:
         cum_row = Cum + row * (C + 1)
         if t0 < t1:
             v0 = t0 * BLOCK_N
-            lo = tl.zeros([], tl.int32)
-            hi = tl.zeros([], tl.int32) + C  # invariant: cum[lo] <= v0 < cum[hi]
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                below = tl.load(cum_row + mid) <= v0
-                lo = tl.where(below, mid, lo)
-                hi = tl.where(below, hi, mid)
-            j = lo
+            # start slot j = #{i >= 1 : cum[i] <= v0} (cum is non-decreasing): count on a strided
+            # sample, then inside the one stride that holds the boundary; two vector loads
+            stride = tl.cdiv(C + 1, SEARCH)
+            sj = tl.arange(0, SEARCH)
+            samp = tl.load(cum_row + sj * stride, mask=sj * stride <= C, other=2147483647)
+            base = (tl.sum((samp <= v0).to(tl.int32), axis=0) - 1) * stride
+            fi = base + 1 + sj
+            fine = tl.load(cum_row + fi, mask=(sj < stride - 1) & (fi <= C), other=2147483647)
+            j = base + tl.sum((fine <= v0).to(tl.int32), axis=0)
+            # indices of the first tile; inside the loop those of the next tile are fetched while
+            # the current K/V tile loads (the index chain stays off the critical path)
+            v = v0 + kk
+            jb = j + 1 + kk
+            bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
+            slot = j + tl.sum((bnd[None, :] <= v[:, None]).to(tl.int32), axis=1)
+            v_end = tl.minimum(total, t1 * BLOCK_N)
+            vvalid = v < v_end
+            pos = v + tl.load(Delta + row * C + slot, mask=vvalid, other=0)
             for t in range(t0, t1):
-                v = t * BLOCK_N + kk
-                vvalid = v < total
-                jb = j + 1 + kk
-                bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
-                slot = j + tl.sum((bnd[None, :] <= v[:, None]).to(tl.int32), axis=1)
-                pos = v + tl.load(Delta + row * C + slot, mask=vvalid, other=0)
                 kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
                              mask=vvalid[None, :] & dmask[:, None], other=0.0)
                 vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
                              mask=vvalid[:, None] & dmask[None, :], other=0.0)
+                j = j + tl.sum((bnd <= (t + 1) * BLOCK_N).to(tl.int32), axis=0)
+                v_n = (t + 1) * BLOCK_N + kk
+                jb = j + 1 + kk
+                bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
+                slot = j + tl.sum((bnd[None, :] <= v_n[:, None]).to(tl.int32), axis=1)
+                vvalid_n = v_n < v_end
+                pos_n = v_n + tl.load(Delta + row * C + slot, mask=vvalid_n, other=0)
                 m_i, l_i, acc = _online_update(q, kT, vt, vvalid[None, :], zero_add, m_i, l_i,
                                                acc, qk_scale, False, IEEE)
-                j = j + tl.sum((bnd <= (t + 1) * BLOCK_N).to(tl.int32), axis=0)
+                pos = pos_n
+                vvalid = vvalid_n
 
         # --- observation window ----------------------------------------------------------------
         nwt = tl.cdiv(W, BLOCK_N)
@@ -183,29 +195,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _merge_kernel(PartO, PartL, Out, R, HQ, M, sob, soh, som, SPLIT, D,
-                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Out[row] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max): log-sum-exp merge."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rv = rows < R
+                      SP: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Out[row] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max): log-sum-exp merge of
+        the splits of one (batch row, query head, query), all splits in one 2-D load."""
+        row = tl.program_id(0)
+        sp = tl.arange(0, SP)
+        spm = sp < SPLIT
         d = tl.arange(0, BLOCK_D)
         dm = d < D
-        mx = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        den = tl.zeros([BLOCK_R], tl.float32)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        for s in range(0, SPLIT):
-            ls = tl.load(PartL + s * R + rows, mask=rv, other=float("-inf"))
-            o = tl.load(PartO + (s * R + rows)[:, None] * D + d[None, :],
-                        mask=rv[:, None] & dm[None, :], other=0.0)
-            new = tl.maximum(mx, ls)
-            safe = tl.where(new == float("-inf"), 0.0, new)
-            a = tl.exp2(mx - safe)
-            w = tl.exp2(ls - safe)
-            den = den * a + w
-            acc = acc * a[:, None] + w[:, None] * o
-            mx = new
-        out = acc / tl.where(rv, den, 1.0)[:, None]
-        b = rows // (HQ * M)
-        hq = (rows // M) % HQ
-        m = rows % M
-        tl.store(Out + (b * sob + hq * soh + m * som)[:, None] + d[None, :],
-                 out.to(Out.dtype.element_ty), mask=rv[:, None] & dm[None, :])
+        ls = tl.load(PartL + sp * R + row, mask=spm, other=float("-inf"))
+        o = tl.load(PartO + (sp * R + row)[:, None] * D + d[None, :],
+                    mask=spm[:, None] & dm[None, :], other=0.0)
+        mx = tl.max(ls, axis=0)
+        w = tl.exp2(ls - tl.where(mx == float("-inf"), 0.0, mx))
+        out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+        b = row // (HQ * M)
+        hq = (row // M) % HQ
+        m = row % M
+        tl.store(Out + b * sob + hq * soh + m * som + d, out.to(Out.dtype.element_ty), mask=dm)
