@@ -161,6 +161,26 @@ def eager_time(fns: list, reps_ms: int = 200) -> float:
     return triton.testing.do_bench(run, warmup=50, rep=reps_ms, return_mode="median") / len(fns)
 
 
+def kernel_times(fns: list, iters: int = 10) -> dict:
+    """Per-kernel device time (us per call) of the sparse path, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            for f in fns:
+                f()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t:
+            out[e.key[:40]] = round(t / (iters * len(fns)), 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:10])
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (GB/s)."""
     import triton
@@ -291,6 +311,7 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
         row["rel_err_vs_f64"] = float((out.double() - ref).norm() / ref.norm())
 
     steps = [sparse_step(c, q, kn, vn, t, causal) for c, q, kn, vn, t in zip(ctxs, qs, kns, vns, thrs)]
+    row["kernel_us"] = kernel_times(steps)
     row["sqz_ms"] = graph_time(steps)
     row["sqz_eager_ms"] = eager_time(steps)
     lk = [(lambda c=c, q=q, t=t: sqz_cuda.lookup(q, c["centroids"], c["offsets"], t, None, None, None,

@@ -84,7 +84,7 @@ def _lookup_config(qrows: int) -> tuple[int, int, bool]:
     instead of reading the float32 centroids twice."""
     if qrows <= 16:
         return 16, 128, True
-    return 128, 64, False
+    return 64, 64, False
 
 
 def _lse(q, cent, off, co, par, flags, nflag, scale, dims, split, chunk, qt, bc, two_level,
@@ -100,7 +100,7 @@ def _lse(q, cent, off, co, par, flags, nflag, scale, dims, split, chunk, qt, bc,
             off.stride(0), co.stride(0), par.stride(0),
             h, nb, g, bq, m, block_q, c, nflag, d, split, chunk, nqt, float(scale),
             QT=qt, BC=bc, BLOCK_D=_pow2(d), TWO_LEVEL=two_level, FILTER=filt,
-            STORE_SCORES=store, LOAD_SCORES=load, IEEE=ieee, num_warps=nw)
+            STORE_SCORES=store, LOAD_SCORES=load, DOT=ieee, num_warps=nw)
     return part
 
 
@@ -135,7 +135,15 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     if tiles is not None:
         qt, bc = tiles
         store = store and _cdiv(g * bq, qt) == 1
-    ieee = q.dtype == torch.float32 or store or _interpreting()
+    # dot mode (see lookup._scores): decode (few query rows, memory-bound) scores in float32
+    # accuracy on tensor cores; prefill rounds centroids to q's dtype; the interpreter and
+    # float32 prefill use exact float32
+    if _interpreting() or (q.dtype == torch.float32 and not store):
+        ieee = 1
+    elif store or q.dtype == torch.float32:
+        ieee = 2
+    else:
+        ieee = 0
     nw = 8 if qt >= 128 else 4
     sms = _sm_count(q)
     dims = (bsz, h, nb, g, bq, m, block_q, d)
@@ -167,7 +175,7 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
                 offsets.stride(0), co.stride(0), 0,
                 h, nb, g, bq, m, block_q, cc, 1, d, csplit, cchunk, nqt, csplit, 1, float(scale),
                 QT=qt, BC=bc, BLOCK_D=_pow2(d), TWO_LEVEL=True, FILTER=0, HAS_L2=False,
-                LOAD_SCORES=store, IEEE=ieee, THRESH=True, KEEP_FLAGS=True,
+                LOAD_SCORES=store, DOT=ieee, THRESH=True, KEEP_FLAGS=True,
                 SP1=_pow2(csplit), SP2=1, num_warps=nw)
         # fine denominator: pruned coarse clusters stand for their children
         ppart = _lse(q, cc_cent, offsets, co, dummy_i, ckeep, cc, scale, dims, csplit, cchunk,
@@ -195,7 +203,7 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
             offsets.stride(0), 0, par.stride(0) if par.dim() == 2 else 0,
             h, nb, g, bq, m, block_q, c, nflag, d, split, chunk, nqt, split, split2, float(scale),
             QT=qt, BC=bc, BLOCK_D=_pow2(d), TWO_LEVEL=False, FILTER=filt, HAS_L2=hier,
-            LOAD_SCORES=store, IEEE=ieee, THRESH=budget <= 0, KEEP_FLAGS=False,
+            LOAD_SCORES=store, DOT=ieee, THRESH=budget <= 0, KEEP_FLAGS=False,
             SP1=_pow2(split), SP2=_pow2(split2), num_warps=nw)
     tkey = torch.empty(rows, device=dev, dtype=torch.int64)
     cstar = torch.empty(rows, **i32)

@@ -200,15 +200,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _scores(q, Cent, h, c, cvalid, sch, scc, D, scale,
-                BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+        """s q.mu for a cluster tile. DOT 0: centroids rounded to q's dtype (tensor cores);
+        1: exact float32 FMA; 2: tf32x3 (float32-accurate on tensor cores)."""
         d = tl.arange(0, BLOCK_D)
         mu = tl.load(Cent + h * sch + c[None, :] * scc + d[:, None],
                      mask=cvalid[None, :] & (d[:, None] < D), other=0.0)
-        if IEEE:
+        if DOT == 1:
             s = tl.dot(q.to(tl.float32), mu, input_precision="ieee")
+        elif DOT == 2:
+            s = tl.dot(q.to(tl.float32), mu, input_precision="tf32x3")
         else:
             s = tl.dot(q, mu.to(q.dtype))
-        return s * scale
+        return (s * scale).to(tl.float32)  # Inductor may pass the scale as float64
 
     @triton.jit
     def _lse_kernel(Q, Cent, Off, CO, Par, Flags, PartL, Scores,
@@ -216,7 +220,7 @@ if HAS_TRITON:
                     H, NB, G, BQ, M, block_q, C, NFLAG, D, SPLIT, chunk, NQT, scale,
                     QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
                     TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr,
-                    STORE_SCORES: tl.constexpr, LOAD_SCORES: tl.constexpr, IEEE: tl.constexpr):
+                    STORE_SCORES: tl.constexpr, LOAD_SCORES: tl.constexpr, DOT: tl.constexpr):
         """PartL[row, split, r] = logsumexp over this split's clusters of s q_r.mu_c + log n_c.
         Decode stores the scores (STORE_SCORES) for later passes to load instead of recompute."""
         row = tl.program_id(0)
@@ -239,7 +243,7 @@ if HAS_TRITON:
                         s = tl.load(Scores + (row * QT + r[:, None]) * C + c[None, :],
                                     mask=ok[None, :], other=0.0)
                     else:
-                        s = _scores(q, Cent, h, c, ok, sch, scc, D, scale, BLOCK_D, IEEE)
+                        s = _scores(q, Cent, h, c, ok, sch, scc, D, scale, BLOCK_D, DOT)
                     if STORE_SCORES:
                         tl.store(Scores + (row * QT + r[:, None]) * C + c[None, :], s,
                                  mask=ok[None, :])
@@ -278,7 +282,7 @@ if HAS_TRITON:
                      scale,
                      QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
                      TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr, HAS_L2: tl.constexpr,
-                     LOAD_SCORES: tl.constexpr, IEEE: tl.constexpr, THRESH: tl.constexpr,
+                     LOAD_SCORES: tl.constexpr, DOT: tl.constexpr, THRESH: tl.constexpr,
                      KEEP_FLAGS: tl.constexpr, SP1: tl.constexpr, SP2: tl.constexpr):
         """Best[row, c] = max_r (s q_r.mu_c - lse_r) (-inf for empty/filtered clusters).
         THRESH: also count kept clusters / keys per split (and KEEP_FLAGS: write 0/1 flags)."""
@@ -314,7 +318,7 @@ if HAS_TRITON:
                                                     block_q, D, QT, BLOCK_D)
                         lse = _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT,
                                           HAS_L2, SP1, SP2)
-                        s = _scores(q, Cent, h, c, ok, sch, scc, D, scale, BLOCK_D, IEEE)
+                        s = _scores(q, Cent, h, c, ok, sch, scc, D, scale, BLOCK_D, DOT)
                         ls = tl.where(rvalid[:, None] & ok[None, :], s - lse[:, None],
                                       float("-inf"))
                         best = tl.maximum(best, tl.max(ls, axis=0))

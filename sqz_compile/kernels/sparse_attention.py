@@ -38,9 +38,10 @@ if HAS_TRITON:
                        HAS_ADD: tl.constexpr, IEEE: tl.constexpr):
         """One flash step over a key tile (base-2 exponentials; bias_ok False = masked out)."""
         if IEEE:
-            s = tl.dot(q, kT.to(tl.float32), input_precision="ieee") * qk_scale
+            s = tl.dot(q, kT.to(tl.float32), input_precision="ieee")
         else:
-            s = tl.dot(q, kT) * qk_scale
+            s = tl.dot(q, kT)
+        s = (s * qk_scale).to(tl.float32)  # Inductor may pass the scale as float64
         if HAS_ADD:
             s = s + s_add
         s = tl.where(bias_ok, s, float("-inf"))
