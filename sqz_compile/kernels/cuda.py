@@ -83,7 +83,7 @@ def _lookup_config(qrows: int) -> tuple[int, int, bool]:
     """(query tile QT, cluster tile BC, store scores): decode stores the few scores per cluster
     instead of reading the float32 centroids twice."""
     if qrows <= 16:
-        return 16, 128, True
+        return 16, 64, True
     return 64, 64, False
 
 
@@ -105,7 +105,7 @@ def _lse(q, cent, off, co, par, flags, nflag, scale, dims, split, chunk, qt, bc,
 
 
 def _splits(rows: int, c: int, bc: int, sms: int) -> tuple[int, int]:
-    split = max(1, min(_cdiv(2 * sms, rows), _cdiv(c, bc)))
+    split = max(1, min(_cdiv(4 * sms, rows), _cdiv(c, bc)))
     chunk = _cdiv(_cdiv(c, split), bc) * bc
     return _cdiv(c, chunk), chunk
 
@@ -145,6 +145,12 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     else:
         ieee = 0
     nw = 8 if qt >= 128 else 4
+    if ieee == 0:
+        # prefill: one rounded copy of the centroids (read once, then every tile loads half the
+        # bytes and feeds the tensor cores without a conversion)
+        centroids = centroids.to(q.dtype)
+        if coarse_centroids is not None:
+            coarse_centroids = coarse_centroids.to(q.dtype)
     sms = _sm_count(q)
     dims = (bsz, h, nb, g, bq, m, block_q, d)
     i32 = dict(device=dev, dtype=torch.int32)
@@ -263,7 +269,10 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     tpb = _cdiv(bqv, bq)
     progs = bsz * h * nb * tpb
     max_tiles = _cdiv(n_ctx + w + s, block_n)
-    split = max(1, min(_cdiv(2 * sms, progs), max(1, max_tiles // 4)))
+    # decode: ~4 programs per SM keep enough K/V bytes in flight; prefill: split only when the
+    # query tiles alone leave SMs idle
+    want = 4 * sms if decode else sms
+    split = max(1, min(_cdiv(want, progs), max(1, max_tiles // 4)))
     return AttnConfig(bq, gp, block_n, split, warps, stages)
 
 

@@ -199,20 +199,28 @@ if HAS_TRITON:
         return n, logn, ok
 
     @triton.jit
-    def _scores(q, Cent, h, c, cvalid, sch, scc, D, scale,
-                BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-        """s q.mu for a cluster tile. DOT 0: centroids rounded to q's dtype (tensor cores);
-        1: exact float32 FMA; 2: tf32x3 (float32-accurate on tensor cores)."""
+    def _load_mu(Cent, h, c, cvalid, sch, scc, D, BLOCK_D: tl.constexpr):
+        """Centroid tile [BLOCK_D, BC] (transposed for the dot)."""
         d = tl.arange(0, BLOCK_D)
-        mu = tl.load(Cent + h * sch + c[None, :] * scc + d[:, None],
-                     mask=cvalid[None, :] & (d[:, None] < D), other=0.0)
+        return tl.load(Cent + h * sch + c[None, :] * scc + d[:, None],
+                       mask=cvalid[None, :] & (d[:, None] < D), other=0.0)
+
+    @triton.jit
+    def _dot_mu(q, mu, scale, DOT: tl.constexpr):
+        """s q.mu. DOT 0: centroids in q's dtype (tensor cores; the launcher passes a rounded
+        copy); 1: exact float32 FMA; 2: tf32x3 (float32-accurate on tensor cores)."""
         if DOT == 1:
-            s = tl.dot(q.to(tl.float32), mu, input_precision="ieee")
+            s = tl.dot(q.to(tl.float32), mu.to(tl.float32), input_precision="ieee")
         elif DOT == 2:
-            s = tl.dot(q.to(tl.float32), mu, input_precision="tf32x3")
+            s = tl.dot(q.to(tl.float32), mu.to(tl.float32), input_precision="tf32x3")
         else:
             s = tl.dot(q, mu.to(q.dtype))
         return (s * scale).to(tl.float32)  # Inductor may pass the scale as float64
+
+    @triton.jit
+    def _scores(q, Cent, h, c, cvalid, sch, scc, D, scale,
+                BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+        return _dot_mu(q, _load_mu(Cent, h, c, cvalid, sch, scc, D, BLOCK_D), scale, DOT)
 
     @triton.jit
     def _lse_kernel(Q, Cent, Off, CO, Par, Flags, PartL, Scores,
@@ -313,12 +321,13 @@ if HAS_TRITON:
                     ls = tl.where(rvalid0[:, None] & ok[None, :], s - lse0[:, None], float("-inf"))
                     best = tl.max(ls, axis=0)
                 else:
+                    mu = _load_mu(Cent, h, c, ok, sch, scc, D, BLOCK_D)  # once for all q tiles
                     for qt in range(0, NQT):
                         q, r, rvalid = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M,
                                                     block_q, D, QT, BLOCK_D)
                         lse = _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT,
                                           HAS_L2, SP1, SP2)
-                        s = _scores(q, Cent, h, c, ok, sch, scc, D, scale, BLOCK_D, DOT)
+                        s = _dot_mu(q, mu, scale, DOT)
                         ls = tl.where(rvalid[:, None] & ok[None, :], s - lse[:, None],
                                       float("-inf"))
                         best = tl.maximum(best, tl.max(ls, axis=0))
