@@ -58,34 +58,40 @@ MODES = ("threshold", "budget")
 
 @dataclass(frozen=True)
 class Needle:
-    """A fact to hide, the question that asks for it, and the key word a hit must contain."""
+    """A fact to hide, the question that asks for it, the key word a hit must contain, and the
+    start of the assistant's answer (a RULER-style answer prefix: short, comparable answers)."""
 
     fact: str
     question: str
     answer: str
+    lead: str
 
 
 NEEDLES: tuple[Needle, ...] = (
     Needle("The secret ingredient of Hana's soup is cardamom.",
-           "What is the secret ingredient of Hana's soup?", "cardamom"),
+           "What is the secret ingredient of Hana's soup?", "cardamom",
+           "The secret ingredient of Hana's soup is"),
     Needle("The name of Dr. Okafor's cat is Biscuit.",
-           "What is the name of Dr. Okafor's cat?", "biscuit"),
+           "What is the name of Dr. Okafor's cat?", "biscuit", "The name of Dr. Okafor's cat is"),
     Needle("The magic number of the Zephyr project is 7319.",
-           "What is the magic number of the Zephyr project?", "7319"),
+           "What is the magic number of the Zephyr project?", "7319",
+           "The magic number of the Zephyr project is"),
     Needle("Lena hides her spare key under the blue flowerpot.",
-           "Where does Lena hide her spare key?", "flowerpot"),
+           "Where does Lena hide her spare key?", "flowerpot", "Lena hides her spare key"),
     Needle("The Orion meeting takes place in room 42B.",
-           "In which room does the Orion meeting take place?", "42b"),
+           "In which room does the Orion meeting take place?", "42b",
+           "The Orion meeting takes place in room"),
 )
 
 _DOC = "\x00SQZ_DOCUMENT\x00"
 
 
-def _chat_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
-    """(ids before the document, ids after it) of a one-turn chat: [doc]\\n\\n[question]."""
+def _chat_parts(tokenizer, question: str, lead: str = "") -> tuple[list[int], list[int]]:
+    """(ids before the document, ids after it) of a one-turn chat: [doc]\\n\\n[question], then the
+    assistant header and `lead` (the start of the answer, if any)."""
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": f"{_DOC}\n\n{question} Answer in a few words."}],
-        tokenize=False, add_generation_prompt=True)
+        tokenize=False, add_generation_prompt=True) + lead
     head, sep, tail = text.partition(_DOC)
     if not sep:
         raise ValueError("the tokenizer's chat template dropped the document text; cannot split the prompt")
@@ -100,19 +106,20 @@ def _sentence_ends(tokenizer, ids: Sequence[int]) -> list[int]:
                   if pieces[j - 1].rstrip().endswith((".", "!", "?")) and pieces[j][:1].isspace()]
 
 
-def niah_prompt(tokenizer, needle: Needle, context_len: int, depth: float, seed: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def niah_prompt(tokenizer, needle: Needle, context_len: int, depth: float, seed: int = 0,
+                prime: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(context_ids [1, <= context_len], user_ids [1, M], needle token position) for one NIAH case.
 
     Context = chat prefix + essay text (cut after its last whole sentence, so a little shorter than
     `context_len`) with the needle at the sentence boundary nearest to `depth` (0 = start of the
-    essay, 1 = end); user input = the question and the assistant header.
+    essay, 1 = end); user input = the question, the assistant header and (prime=True) the
+    needle's answer lead.
     """
     from .assets import essay_tokens
 
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"needle depth {depth} must lie in [0, 1]")
-    head, tail = _chat_parts(tokenizer, needle.question)
+    head, tail = _chat_parts(tokenizer, needle.question, needle.lead if prime else "")
     fact = tokenizer.encode(" " + needle.fact, add_special_tokens=False)
     n_essay = context_len - len(head) - len(fact)
     if n_essay < 1:
@@ -443,6 +450,7 @@ class EvalSettings:
     ppl_contexts: tuple[int, ...] | None = None
     tasks: tuple[str, ...] = ("ppl", "niah")
     max_new_tokens: int = 12
+    prime: bool = True               # start the assistant's answer with the needle's lead
     block_q: int = DEFAULT_BLOCK_Q
     cluster_ratio: float = 0.05
     observation_window: int = 100
@@ -511,7 +519,8 @@ def run_niah(model, tokenizer, settings: EvalSettings, context_len: int, needle_
     from .squeeze import squeeze
 
     needle = NEEDLES[needle_index]
-    ctx_ids, user, where = niah_prompt(tokenizer, needle, context_len, depth, settings.essay_seed)
+    ctx_ids, user, where = niah_prompt(tokenizer, needle, context_len, depth, settings.essay_seed,
+                                       settings.prime)
     case = {"task": "niah", "context": context_len, "needle": needle_index, "depth": depth,
             "context_tokens": ctx_ids.shape[1], "needle_token": where}
     t0 = time.perf_counter()
@@ -772,6 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens, help="user tokens scored for PPL")
     p.add_argument("--ppl-contexts", type=int, nargs="+", default=None, help="default: --contexts")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--no-prime", action="store_true",
+                   help="do not start the assistant's answer with the needle's lead (longer answers)")
     p.add_argument("--block-q", type=int, default=d.block_q)
     p.add_argument("--cluster-ratio", type=float, default=d.cluster_ratio)
     p.add_argument("--observation-window", type=int, default=d.observation_window)
@@ -795,7 +806,7 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
     return EvalSettings(contexts=tuple(a.contexts), keeps=tuple(a.keeps), depths=tuple(a.depths),
                         needles=a.needles, lookups=tuple(a.lookups), modes=tuple(a.modes), oracle=tuple(a.oracle),
                         ppl_tokens=a.ppl_tokens, ppl_contexts=tuple(a.ppl_contexts) if a.ppl_contexts else None,
-                        tasks=tuple(a.tasks), max_new_tokens=a.max_new_tokens, block_q=a.block_q,
+                        tasks=tuple(a.tasks), max_new_tokens=a.max_new_tokens, prime=not a.no_prime, block_q=a.block_q,
                         cluster_ratio=a.cluster_ratio, observation_window=a.observation_window)
 
 
