@@ -246,7 +246,13 @@ if HAS_TRITON:
                 cvalid = c < c_hi
                 n, logn, ok = _log_sizes(Off, CO, Par, Flags, row, h, c, cvalid, soh, scoh, sph,
                                          NFLAG, TWO_LEVEL, FILTER)
-                if tl.max(ok.to(tl.int32), axis=0) > 0:
+                # skip tiles with nothing to score only when a filter can empty them: a dynamic
+                # branch around the loads stops Triton from pipelining the loop
+                if FILTER != 0:
+                    live = tl.max(ok.to(tl.int32), axis=0) > 0
+                else:
+                    live = True
+                if live:
                     if LOAD_SCORES:
                         s = tl.load(Scores + (row * QT + r[:, None]) * C + c[None, :],
                                     mask=ok[None, :], other=0.0)
@@ -314,7 +320,11 @@ if HAS_TRITON:
             n, logn, ok = _log_sizes(Off, CO, Par, Flags, row, h, c, cvalid, soh, scoh, sph,
                                      NFLAG, TWO_LEVEL, FILTER)
             best = tl.full([BC], float("-inf"), tl.float32)
-            if tl.max(ok.to(tl.int32), axis=0) > 0:
+            if FILTER != 0:
+                live = tl.max(ok.to(tl.int32), axis=0) > 0
+            else:
+                live = True
+            if live:
                 if LOAD_SCORES:
                     s = tl.load(Scores + (row * QT + r0[:, None]) * C + c[None, :],
                                 mask=ok[None, :], other=0.0)
