@@ -20,6 +20,7 @@ Everything is computed in float32 and cast back to q's dtype.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Any, Callable
 
@@ -245,6 +246,7 @@ def export_program_onnx(program: torch.export.ExportedProgram, path: str | os.Pa
         optimize=False, verbose=False)
     if optimize:
         tidy(onnx_program.model)
+    name_dynamic_dims(onnx_program.model)
     if external_data is None:
         external_data = _initializer_bytes(onnx_program) > (1 << 31) - (64 << 20)
     onnx_program.save(path, external_data=external_data)
@@ -264,13 +266,41 @@ def tidy(model: Any) -> None:
     except ImportError as e:  # very old onnxscript: leave the graph as translated
         warnings.warn(f"sqz_compile: ONNX graph left unoptimized ({e}); onnxruntime still folds it at load")
         return
-    common.InlinePass()(model)
-    optimizer.fold_constants(model)
-    for p in (common.RemoveUnusedNodesPass(), common.CommonSubexpressionEliminationPass(),
-              common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(lift_all_constants=True,
-                                                                                     size_limit=0),
-              common.DeduplicateInitializersPass(), common.RemoveUnusedOpsetsPass()):
-        p(model)
+    names = ["InlinePass", None, "RemoveUnusedNodesPass", "CommonSubexpressionEliminationPass",
+             "RemoveUnusedNodesPass", "LiftConstantsToInitializersPass", "DeduplicateInitializersPass",
+             "RemoveUnusedOpsetsPass"]
+    for name in names:
+        if name is None:
+            optimizer.fold_constants(model)
+            continue
+        cls = getattr(common, name, None)  # older onnx_ir releases lack some passes: skip them
+        if cls is None:
+            continue
+        cls(lift_all_constants=True, size_limit=0)(model) if name.startswith("Lift") else cls()(model)
+
+
+def name_dynamic_dims(model: Any) -> None:
+    """Name the input's symbolic dims "batch" and "seq" (torch.onnx keeps export's s0, s1, ...)
+    everywhere they occur, so the file reads input_ids[batch, seq] -> logits[batch, seq, vocab]."""
+    import onnx_ir as ir
+
+    dims = list(model.graph.inputs[0].shape or [])
+    rename = {str(d): new for d, new in zip(dims, ("batch", "seq")) if isinstance(d, ir.SymbolicDim)
+              and d.value is not None}
+    if not rename:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+
+    def renamed(d: Any) -> Any:
+        if not isinstance(d, ir.SymbolicDim) or d.value is None:
+            return d
+        return pattern.sub(lambda m: rename[m.group(1)], d.value)  # also inside "s70 + 1"
+
+    values = list(model.graph.inputs) + list(model.graph.outputs)
+    values += [v for node in model.graph for v in node.outputs]
+    for v in values:
+        if v.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value for d in v.shape):
+            v.shape = ir.Shape([renamed(d) for d in v.shape])
 
 
 def _initializer_bytes(onnx_program: Any) -> int:
@@ -303,4 +333,4 @@ def export_onnx(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: An
 
 
 __all__ = ["OPSET", "export_onnx", "export_program_onnx", "sqz_select_clusters", "sqz_squeezed_attention",
-           "tidy", "translation_table"]
+           "name_dynamic_dims", "tidy", "translation_table"]

@@ -175,7 +175,11 @@ def test_tiny_llama_onnx_runs_in_onnxruntime_at_two_lengths(model, tmp_path):
     ctx = tiny_context(model)
     path = str(tmp_path / "tiny.onnx")
     sqz_compile.export_onnx(model, ctx, user_ids(2, 10), path)
-    onnx.checker.check_model(onnx.load(path), full_check=True)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (proto.graph.input[0], proto.graph.output[0])]
+    assert dims == [["batch", "seq"], ["batch", "seq", 128]], dims
     eager = squeezed_eager(model, ctx)
     cases = {}
     for b, m in [(1, 5), (3, 37)]:
