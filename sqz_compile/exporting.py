@@ -43,12 +43,22 @@ class LogitsModule(torch.nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def default_dynamic_shapes(model: torch.nn.Module | None = None) -> dict[str, dict[int, Any]]:
-    """Dynamic batch and length for `input_ids` (length capped at the model's
-    max_position_embeddings when it has one)."""
+def max_input_length(model: torch.nn.Module | None, ctx: SqueezedContext | None = None) -> int | None:
+    """Longest user input the model supports after the context (its max_position_embeddings minus
+    the context length), or None when the model states no limit."""
     cfg = getattr(model, "config", None)
     max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0)
-    seq = Dim("seq", min=1, max=max_pos) if max_pos > 1 else Dim("seq", min=1)
+    if not max_pos:
+        return None
+    return max_pos - (ctx.context_length if ctx is not None else 0)
+
+
+def default_dynamic_shapes(model: torch.nn.Module | None = None,
+                           ctx: SqueezedContext | None = None) -> dict[str, dict[int, Any]]:
+    """Dynamic batch and length for `input_ids`, the length capped by `max_input_length` (the
+    program then rejects longer inputs instead of running past the model's positions)."""
+    limit = max_input_length(model, ctx)
+    seq = Dim("seq", min=1, max=limit) if limit is not None and limit > 1 else Dim("seq", min=1)
     return {"input_ids": {0: Dim("batch", min=1), 1: seq}}
 
 
@@ -138,11 +148,23 @@ def export(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: Any, dy
     """
     from .passes import rewrite_attention
 
-    ctx.check_model(model)
+    if not isinstance(ctx, SqueezedContext):
+        raise TypeError(f"ctx must be a sqz_compile.SqueezedContext, got {type(ctx).__name__}")
+    if ctx.fingerprint:
+        ctx.check_model(model)
+    else:
+        warnings.warn("sqz_compile.export: the context carries no model fingerprint (made with squeeze_kv?), "
+                      "so it cannot be checked against the model", stacklevel=2)
+    example = _example_ids(example_inputs)
+    limit = max_input_length(model, ctx)
+    if limit is not None and (limit < 2 or example.shape[1] > limit):
+        raise ValueError(f"context ({ctx.context_length} tokens) + example input ({example.shape[1]}) leaves "
+                         f"no room within {type(model).__name__}'s max_position_embeddings "
+                         f"({ctx.context_length + limit}): use a shorter example input or context")
     device = _model_device(model)
     ctx = ctx.to(device)
-    ids = _trace_ids(_example_ids(example_inputs)).to(device)
-    shapes = _shapes_for(dynamic_shapes, model)
+    ids = _trace_ids(example).to(device)
+    shapes = default_dynamic_shapes(model, ctx) if dynamic_shapes is None else dynamic_shapes
     wrapper = LogitsModule(model)
     was_training = model.training
     model.eval()
@@ -270,4 +292,5 @@ def read_package_note(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 __all__ = ["LogitsModule", "count_sqz_nodes", "default_dynamic_shapes", "export", "export_module",
+           "max_input_length",
            "load_exported", "package", "package_program", "read_package_note", "save_exported"]

@@ -187,3 +187,13 @@ def test_export_rejects_a_context_made_for_another_model(model):
     other = tiny_llama(seed=5)
     with pytest.raises(SqueezedContextError, match="made for another model"):
         export(other, tiny_context(model), user_ids(2, 4))
+
+
+def test_program_refuses_inputs_past_the_models_positions(model, squeezed):
+    ctx, ep = squeezed
+    limit = model.config.max_position_embeddings - ctx.context_length
+    assert {str(r.upper) for r in ep.range_constraints.values()} >= {str(limit)}
+    with pytest.raises(Exception, match="(?i)range|bound|constraint|<= " + str(limit)):
+        ep.module()(user_ids(1, limit + 1))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        export(model, ctx, user_ids(1, limit + 5))
