@@ -380,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sqz`; returns the exit status."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files only
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from .context import SqueezedContextError
 
     try:
