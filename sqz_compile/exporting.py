@@ -89,10 +89,6 @@ def _trace_ids(ids: torch.Tensor) -> torch.Tensor:
     return ids.repeat(2 if ids.shape[0] == 1 else 1, 2 if ids.shape[1] == 1 else 1)
 
 
-def _shapes_for(dynamic_shapes: Any, model: torch.nn.Module | None) -> Any:
-    return default_dynamic_shapes(model) if dynamic_shapes is None else dynamic_shapes
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
@@ -109,7 +105,7 @@ def export_module(module: torch.nn.Module, example_inputs: Any, dynamic_shapes: 
     """torch.export a module mapping input_ids to logits whose forward already calls torch.ops.sqz
     (e.g. a rewritten GraphModule), with dynamic batch and length by default."""
     ids = _trace_ids(_example_ids(example_inputs))
-    shapes = _shapes_for(dynamic_shapes, None)
+    shapes = default_dynamic_shapes() if dynamic_shapes is None else dynamic_shapes
     if isinstance(shapes, Mapping) and "input_ids" in shapes and not _takes_input_ids(module):
         shapes = (shapes["input_ids"],)  # positional form for modules whose argument has another name
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-import sqz_compile  # noqa: F401
+import sqz_compile
 from sqz_compile.onnx_export import export_program_onnx, translation_table
 from sqz_compile.kernels.lookup import select_clusters_reference
 
@@ -168,8 +168,6 @@ def test_translation_uses_standard_ops_only(model, tmp_path):
 def test_tiny_llama_onnx_runs_in_onnxruntime_at_two_lengths(model, tmp_path):
     """sqz_compile.export_onnx on the tiny GQA Llama: one file, two (batch, length) shapes, loaded
     by onnxruntime in a fresh interpreter that never imports torch or sqz_compile."""
-    import sqz_compile
-
     from export_fixtures import assert_fresh_ok, squeezed_eager
 
     ctx = tiny_context(model)
