@@ -41,8 +41,9 @@ def test_cuda_package_holds_sqz_triton_kernels_and_matches_eager(tmp_path):
     path = package(model, ctx, user_ids(2, 10).cuda(), str(tmp_path / "tiny_cuda.pt2"))
 
     # Kernel names survive in the generated wrapper and in the compiled binaries' symbol tables.
-    blobs = b"".join(zipfile.ZipFile(path).read(n) for n in zipfile.ZipFile(path).namelist())
-    names = zipfile.ZipFile(path).namelist()
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        blobs = b"".join(z.read(n) for n in names)
     assert any(n.endswith((".cubin", ".fatbin", ".ptx")) for n in names), names
     attn, lk = _launched_kernel_names(sparse_attention), _launched_kernel_names(lookup)
     assert attn and lk, (attn, lk)
