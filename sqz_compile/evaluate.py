@@ -45,7 +45,7 @@ import torch
 
 from .config import SqueezeConfig
 from .context import SqueezedContext
-from .kernels.attention import new_token_bias, selected_key_mask, squeezed_attention_reference
+from .kernels.attention import key_cluster_ids, new_token_bias, selected_key_mask, squeezed_attention_reference
 from .kernels.lookup import _block_max, selection_mask_reference
 from .ops import DEFAULT_BLOCK_Q
 
@@ -166,6 +166,51 @@ def flat_view(ctx: SqueezedContext) -> SqueezedContext:
     cfg = dataclasses.replace(ctx.config, hierarchical=False)
     return dataclasses.replace(ctx, config=cfg, fingerprint=dict(ctx.fingerprint), extra=dict(ctx.extra),
                                coarse_centroids=None, coarse_offsets=None, coarse_log_threshold=None)
+
+
+def with_sink_tokens(ctx: SqueezedContext, n: int) -> SqueezedContext:
+    """A copy of `ctx` whose first `n` context tokens are always attended (an ablation, not part of
+    the squeeze): their keys leave their clusters (centroids recomputed as the mean of the keys
+    left) and join the window. Exact for attention: keys are post-RoPE and order-free. Thresholds
+    are stale; recalibrate with `with_keep`. Motivation: attention-sink tokens carry much of the
+    softmax mass in deep layers, but their cluster's centroid does not show it. The copy keeps the
+    W calibration queries, so it is for evaluation only (`validate` and `save` reject it)."""
+    if n <= 0:
+        return ctx
+    layers, h, N, d = ctx.keys.shape
+    if n >= N:
+        raise ValueError(f"sink_tokens={n} must be smaller than the {N} clustered keys")
+    perm = ctx.perm.long()
+    sink = perm < n                                                    # [layers, H, N]
+    rest = torch.sort(sink.to(torch.int8), dim=-1, stable=True).indices[..., :N - n]
+    first = torch.sort(perm, dim=-1).indices[..., :n]                 # sorted index of positions 0..n-1
+    take = lambda t, i: t.gather(2, i.unsqueeze(-1).expand(*i.shape, t.shape[-1]))  # noqa: E731
+    cid = torch.stack([key_cluster_ids(ctx.offsets[li], N) for li in range(layers)]).long()  # [layers, H, N]
+    sizes = (ctx.offsets[..., 1:] - ctx.offsets[..., :-1]).long()
+    gone = torch.zeros_like(sizes).scatter_add_(2, cid, sink.long())
+    sink_sum = torch.zeros_like(ctx.centroids).scatter_add_(
+        2, cid.unsqueeze(-1).expand(-1, -1, -1, d), ctx.keys.float() * sink.unsqueeze(-1))
+    new_sizes = sizes - gone
+    centroids = (ctx.centroids * sizes.unsqueeze(-1) - sink_sum) / new_sizes.clamp(min=1).unsqueeze(-1)
+    centroids = torch.where(new_sizes.unsqueeze(-1) > 0, centroids, torch.zeros_like(centroids))
+    offsets = torch.cat([torch.zeros_like(new_sizes[..., :1]), new_sizes.cumsum(-1)], dim=-1).to(torch.int32)
+    coarse = None
+    if ctx.hierarchical:
+        cc = ctx.coarse_centroids.shape[2]
+        parent = torch.searchsorted(ctx.coarse_offsets[..., 1:].contiguous(),
+                                    torch.arange(ctx.num_clusters, dtype=ctx.coarse_offsets.dtype)
+                                    .expand(*ctx.coarse_offsets.shape[:2], -1).contiguous(), right=True).long()
+        csum = torch.zeros_like(ctx.coarse_centroids).scatter_add_(
+            2, parent.unsqueeze(-1).expand(-1, -1, -1, d), centroids * new_sizes.unsqueeze(-1))
+        cn = torch.zeros(layers, h, cc, dtype=torch.long).scatter_add_(2, parent, new_sizes)
+        coarse = csum / cn.clamp(min=1).unsqueeze(-1)
+    extra = dict(ctx.extra, sink_tokens=int(n))
+    return dataclasses.replace(
+        ctx, fingerprint=dict(ctx.fingerprint), extra=extra, keys=take(ctx.keys, rest), values=take(ctx.values, rest),
+        perm=(perm.gather(2, rest) - n).to(torch.int32), centroids=centroids, offsets=offsets,
+        window_keys=torch.cat([take(ctx.keys, first), ctx.window_keys], dim=2),
+        window_values=torch.cat([take(ctx.values, first), ctx.window_values], dim=2),
+        coarse_centroids=coarse if coarse is not None else ctx.coarse_centroids)
 
 
 def variant_context(base: SqueezedContext, v: Variant) -> SqueezedContext:
@@ -454,6 +499,7 @@ class EvalSettings:
     block_q: int = DEFAULT_BLOCK_Q
     cluster_ratio: float = 0.05
     observation_window: int = 100
+    sink_tokens: int = 0             # ablation: first tokens always attended (with_sink_tokens)
     essay_seed: int = 0
     ppl_seed: int = 1
 
@@ -494,6 +540,7 @@ def run_ppl(model, tokenizer, settings: EvalSettings, context_len: int,
         full = model(input_ids=ids.to(_device(model)), logits_to_keep=t).logits.float()[0, :-1]
     base = squeeze(model, ctx_ids, settings.squeeze_config())
     via_cache = user_logits(model, user, dense_cache(model, context_kv(base)))[0, :-1]
+    base = with_sink_tokens(base, settings.sink_tokens)
     dense = compare_logits(full, full, targets)
     dense["cache_vs_full_max_abs_logit_diff"] = float((via_cache - full).abs().max())
     emit({"task": "ppl", "context": context_len, **_variant_fields(None, "dense"), **dense,
@@ -526,6 +573,7 @@ def run_niah(model, tokenizer, settings: EvalSettings, context_len: int, needle_
     t0 = time.perf_counter()
     base = squeeze(model, ctx_ids, settings.squeeze_config())
     kv = context_kv(base)
+    base = with_sink_tokens(base, settings.sink_tokens)
     gen = greedy_answer(model, user, dense_cache(model, kv), tokenizer, settings.max_new_tokens)
     tf = torch.cat([user, torch.tensor([gen])], dim=1)
     scored = slice(user.shape[1] - 1, tf.shape[1] - 1)   # predictions of the dense answer tokens
@@ -786,6 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-q", type=int, default=d.block_q)
     p.add_argument("--cluster-ratio", type=float, default=d.cluster_ratio)
     p.add_argument("--observation-window", type=int, default=d.observation_window)
+    p.add_argument("--sink-tokens", type=int, default=d.sink_tokens,
+                   help="ablation: attend the first K context tokens always (moved out of the clusters)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -807,7 +857,8 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
                         needles=a.needles, lookups=tuple(a.lookups), modes=tuple(a.modes), oracle=tuple(a.oracle),
                         ppl_tokens=a.ppl_tokens, ppl_contexts=tuple(a.ppl_contexts) if a.ppl_contexts else None,
                         tasks=tuple(a.tasks), max_new_tokens=a.max_new_tokens, prime=not a.no_prime, block_q=a.block_q,
-                        cluster_ratio=a.cluster_ratio, observation_window=a.observation_window)
+                        cluster_ratio=a.cluster_ratio, observation_window=a.observation_window,
+                        sink_tokens=a.sink_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

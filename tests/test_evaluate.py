@@ -144,3 +144,30 @@ def test_harness_end_to_end_on_a_tiny_model(tmp_path, tokenizer):
     assert all(len(r["per_layer"]["mass_recall"]) == 2 for r in sq)
     assert "Per-layer recall" in (tmp_path / "acc.md").read_text()
     assert (tmp_path / "acc.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_sink_tokens_move_to_the_window_exactly(hierarchical):
+    from sqz_compile.kernels.attention import key_cluster_ids
+
+    model = tiny_model()
+    ctx_ids, base = tiny_context(model, length=64, keep=1.0, hierarchical=hierarchical, coarse_ratio=0.1)
+    ctx = ev.with_sink_tokens(base, 3)
+    assert torch.equal(ctx.perm.sort(-1).values.long(), torch.arange(ctx.keys.shape[2]).expand_as(ctx.perm))
+    assert bool((ctx.offsets[..., -1] == ctx.keys.shape[2]).all())
+    assert ctx.window == base.window + 3 and ctx.keys.shape[2] == base.keys.shape[2] - 3
+    full_k, _ = ev.context_kv(base)
+    torch.testing.assert_close(ctx.window_keys[:, :, :3], full_k[:, :, :3])
+    n = ctx.keys.shape[2]
+    for li in range(ctx.num_layers):  # centroids are the means of the keys left in each cluster
+        cid = key_cluster_ids(ctx.offsets[li], n)
+        for h in range(ctx.num_kv_heads):
+            for c in range(ctx.num_clusters):
+                members = ctx.keys[li, h][cid[h] == c]
+                if len(members):
+                    torch.testing.assert_close(ctx.centroids[li, h, c], members.float().mean(0))
+    user = _user_ids(12)
+    dense = ev.user_logits(model, user, ev.dense_cache(model, (full_k, ev.context_kv(base)[1])))[0]
+    with ev.squeezed_mode(model, ctx.with_keep(1.0), block_q=8):
+        sq = ev.user_logits(model, user)[0]
+    torch.testing.assert_close(sq, dense, atol=1e-4, rtol=1e-4)
