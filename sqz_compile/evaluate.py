@@ -737,6 +737,8 @@ def write_markdown(result: dict, path: str) -> None:
                          f"{_fmt(r['per_layer']['key_recall'][li], True)} / "
                          f"{_fmt(r['per_layer']['lost_mass_lookup'][li])}" for r in sel]
                 lines.append(f"| {li} | " + " | ".join(cells) + " |")
+    if meta.get("notes"):
+        lines += ["", "## Findings", "", meta["notes"].strip()]
     dense_rows = [r for r in rows if "cache_vs_full_max_abs_logit_diff" in r]
     if dense_rows:
         lines += ["", "Dense baseline check (KV cache from the SqueezedContext, user tokens at positions 0.. vs "
@@ -747,49 +749,59 @@ def write_markdown(result: dict, path: str) -> None:
 
 
 def write_plot(result: dict, path: str) -> None:
-    """Hit rate, ΔPPL and per-layer mass recall vs keep (one line per lookup/mode/context)."""
+    """Hit rate, ΔPPL and per-layer mass recall vs keep. Colour: lookup + mode; line: squeezed
+    (solid) / oracle (dashed); marker: context length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["summary"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colours = {(lu, mo): f"C{i}" for i, (lu, mo) in enumerate((lu, mo) for lu in LOOKUPS for mo in MODES)}
+    contexts = sorted({r["context"] for r in rows})
+    markers = dict(zip(contexts, "osD^v<>p*"))
+    lines = dict(zip(contexts, ("-", "-.", ":", (0, (5, 1)), (0, (1, 1)))))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     series: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["method"] != "dense":
             series.setdefault((r["method"], r["lookup"], r["mode"], r["context"]), []).append(r)
     for (method, lookup, mode, n), rs in sorted(series.items(), key=lambda kv: str(kv[0])):
         rs = sorted(rs, key=lambda r: r["keep"])
-        style = "--" if method == "oracle" else "-"
-        label = f"{method} {lookup} {mode} @{n}"
-        if any("niah_hits" in r for r in rs):
-            pts = [(r["keep"], r["niah_hits"] / r["niah_cases"]) for r in rs if "niah_hits" in r]
-            axes[0].plot(*zip(*pts), style, marker="o", label=label)
-        if any("delta_ppl" in r for r in rs):
-            pts = [(r["keep"], 100 * r["delta_ppl"]) for r in rs if "delta_ppl" in r]
-            axes[1].plot(*zip(*pts), style, marker="o", label=label)
+        kw = dict(color=colours[(lookup, mode)], marker=markers[n], ls="--" if method == "oracle" else "-",
+                  alpha=0.6 if method == "oracle" else 1.0, label=f"{method} {lookup} {mode} @{n}")
+        pts = [(r["keep"], r["niah_hits"] / r["niah_cases"]) for r in rs if "niah_hits" in r]
+        if pts:
+            axes[0].plot(*zip(*pts), **kw)
+        pts = [(r["keep"], 100 * r["delta_ppl"]) for r in rs if "delta_ppl" in r]
+        if pts:
+            axes[1].plot(*zip(*pts), **kw)
     for r in rows:
         if r["method"] == "dense" and "niah_hits" in r:
             axes[0].axhline(r["niah_hits"] / r["niah_cases"], color="k", lw=0.8, ls=":")
     axes[1].axhline(1.0, color="r", lw=0.8, ls=":")
     for ax, title, yl in ((axes[0], "NIAH hit rate (dotted: dense)", "hit rate"),
-                          (axes[1], "ΔPPL vs dense (red: +1% target)", "ΔPPL %")):
+                          (axes[1], "ΔPPL vs dense (red dotted: +1% target)", "ΔPPL %")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("keep")
         ax.set_ylabel(yl)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
+    axes[0].legend(fontsize=6, ncol=2)
     keeps = sorted({r["keep"] for r in rows if r["method"] == "squeezed"})
     k = 0.125 if 0.125 in keeps else (keeps[0] if keeps else None)
     for r in rows:
         if r["method"] == "squeezed" and r["keep"] == k and "per_layer" in r:
-            axes[2].plot(r["per_layer"]["mass_recall"], marker=".", label=f"{r['lookup']} {r['mode']} @{r['context']}")
+            axes[2].plot(r["per_layer"]["mass_recall"], color=colours[(r["lookup"], r["mode"])],
+                         ls=lines[r["context"]], marker=markers[r["context"]], ms=3,
+                         label=f"{r['lookup']} {r['mode']} @{r['context']}")
     axes[2].set_title(f"per-layer mass recall vs oracle, keep={k:g}" if k else "per-layer recall")
     axes[2].set_xlabel("layer")
     axes[2].grid(alpha=0.3)
     axes[2].legend(fontsize=6)
+    sub = result.get("meta", {}).get("command", "")
+    if sub:
+        fig.suptitle(f"{result['meta'].get('model', '')} · {sub}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -842,6 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results/accuracy.json",
                    help="JSON results; the .md table and .png plot go beside it")
     p.add_argument("--report-only", action="store_true", help="rewrite .md/.png from an existing --out JSON")
+    p.add_argument("--notes", default=None, help="markdown file whose text is stored in the JSON and shown "
+                                                 "under 'Findings' in the .md (e.g. with --report-only)")
     return p
 
 
@@ -869,6 +883,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.report_only:
         with open(a.out, encoding="utf-8") as f:
             result = json.load(f)
+        if a.notes:
+            with open(a.notes, encoding="utf-8") as f:
+                result["meta"]["notes"] = f.read()
         write_reports(result, a.out)
         return 0
     settings = settings_from_args(a)
