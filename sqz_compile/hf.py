@@ -56,12 +56,14 @@ class SqueezedModel:
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
-        """The model's forward over the user's tokens, attending to the squeezed context."""
+        """The model's forward over the user's tokens, attending to the squeezed context (under
+        torch.no_grad: the sqz ops are inference-only)."""
         past = kwargs.get("past_key_values")
         past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         n = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
         self._check_length(past_len + n, "tokens")
-        with self._installed():
+        # inference only: the sqz ops have no backward
+        with self._installed(), torch.no_grad():
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

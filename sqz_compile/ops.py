@@ -111,6 +111,16 @@ def squeezed_attention(
         window_keys, window_values, scale, is_causal, block_q)
 
 
+def _inference_only(ctx, *grads):
+    raise RuntimeError(
+        "sqz ops are inference-only (no gradients flow through a squeezed context): run the model "
+        "under torch.no_grad() or torch.inference_mode()")
+
+
+squeezed_attention.register_autograd(_inference_only)
+select_clusters.register_autograd(_inference_only)
+
+
 @squeezed_attention.register_fake
 def _(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets, window_keys,
       window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold,

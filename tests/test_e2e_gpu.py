@@ -19,7 +19,7 @@ def test_backend_on_cuda_runs_sqz_kernels(mode):
     import sqz_compile
 
     torch._dynamo.reset()
-    cpu_model = tiny_model("llama", kv_heads=2, layers=2)
+    cpu_model = tiny_model("llama", kv_heads=2, layers=2, max_position_embeddings=1024)
     model = cpu_model.to("cuda", torch.bfloat16)
     ctx_ids, ctx = tiny_context(model, length=300, keep=1.0, cluster_ratio=0.05)
     sm = sqz_compile.compile(model, ctx, mode=mode)

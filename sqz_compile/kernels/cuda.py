@@ -58,6 +58,21 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _symbolic(x) -> bool:
+    return isinstance(x, torch.SymInt)
+
+
+def _hint(x) -> int:
+    """A concrete value for tuning heuristics. Under dynamic shapes (export, automatic dynamic)
+    sizes are symbolic: comparing them would add guards that break the dynamic range, so the
+    heuristics read the example value instead. Correctness never depends on it: the kernels mask
+    rows and keys by the real sizes passed at launch."""
+    if _symbolic(x):
+        hint = getattr(x.node, "hint", None)
+        return int(hint) if hint is not None else 1
+    return int(x)
+
+
 def _check_device(*ts: Optional[torch.Tensor]) -> None:
     dev = next(t.device for t in ts if t is not None)
     for t in ts:
@@ -128,7 +143,8 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     g = hq // h
     block_q = int(block_q)
     nb = _cdiv(m, block_q)
-    bq = min(block_q, m)
+    # rows per query block: a symbolic M gets the upper bound (the kernels mask rows >= M)
+    bq = block_q if _symbolic(m) else min(block_q, m)
     rows = bsz * h * nb
     dev = q.device
     qt, bc, store = _lookup_config(g * bq)
@@ -158,7 +174,7 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     dummy_f = torch.zeros(1, device=dev, dtype=torch.float32)
     nqt = _cdiv(g * bq, qt)
 
-    split, chunk = _splits(rows, c, bc, sms)
+    split, chunk = _splits(_hint(rows), c, bc, sms)
     best = torch.empty((rows, c), device=dev, dtype=torch.float32)
     scores = torch.empty((rows, qt, c), device=dev, dtype=torch.float32) if store else dummy_f
     hier = coarse_centroids is not None
@@ -166,7 +182,7 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
         cc_cent = coarse_centroids.contiguous()
         co = coarse_offsets.to(torch.int32).contiguous()
         cc = cc_cent.shape[1]
-        csplit, cchunk = _splits(rows, cc, bc, sms)
+        csplit, cchunk = _splits(_hint(rows), cc, bc, sms)
         cscores = torch.empty((rows, qt, cc), device=dev, dtype=torch.float32) if store else dummy_f
         # coarse level: lse, best -> keep flags (always threshold mode)
         cpart = _lse(q, cc_cent, offsets, co, dummy_i, dummy_i, 1, scale, dims, csplit, cchunk,
@@ -255,8 +271,9 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     """Tile shapes and split count from static shapes (prefill: 64-row GQA-packed tiles;
     decode: one 16-row tile per KV head and many splits)."""
     gp = _pow2(g)
-    bqv = min(block_q, m)
-    decode = gp * _pow2(bqv) <= 16
+    dynamic_m = _symbolic(m)
+    bqv = block_q if dynamic_m else min(block_q, m)  # symbolic M: tiles cover a whole block
+    decode = not dynamic_m and gp * _pow2(bqv) <= 16
     if decode:
         bq = max(_pow2(bqv), 16 // gp)
         block_n = 64 if d <= 128 else 32
@@ -265,10 +282,10 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
         bq = max(1, min(_pow2(bqv), 128 // gp)) if gp <= 128 else 1
         block_n = 64 if d <= 128 else 32
         warps, stages = (8, 3) if gp * bq >= 128 else (4, 2)
-    nb = _cdiv(m, block_q)
+    nb = _cdiv(_hint(m), block_q)
     tpb = _cdiv(bqv, bq)
-    progs = bsz * h * nb * tpb
-    max_tiles = _cdiv(n_ctx + w + s, block_n)
+    progs = _hint(bsz) * h * nb * tpb
+    max_tiles = _cdiv(n_ctx + w + _hint(s), block_n)
     # decode: ~4 programs per SM keep enough K/V bytes in flight; prefill: split only when the
     # query tiles alone leave SMs idle
     want = 4 * sms if decode else sms
@@ -309,7 +326,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     block_q = int(block_q)
     nb = _cdiv(m, block_q)
     cfg = config or attention_config(bsz, h, g, m, block_q, n_ctx, w, s, d, _sm_count(q))
-    tpb = _cdiv(min(block_q, m), cfg.bq)
+    tpb = _cdiv(block_q if _symbolic(m) else min(block_q, m), cfg.bq)
     dev = q.device
 
     mask_kind = _sa.MASK_NONE
