@@ -53,10 +53,12 @@ class LayerContext(NamedTuple):
     offsets: torch.Tensor
     window_keys: torch.Tensor
     window_values: torch.Tensor
-    log_threshold: torch.Tensor  # 0-d
+    # thresholds are 1-element slices, not 0-d: Inductor turns 0-d constant buffers into scalar
+    # constants, which AOTInductor cannot pass to a user Triton kernel
+    log_threshold: torch.Tensor  # [1]
     coarse_centroids: torch.Tensor | None
     coarse_offsets: torch.Tensor | None
-    coarse_log_threshold: torch.Tensor | None  # 0-d
+    coarse_log_threshold: torch.Tensor | None  # [1]
 
 
 @dataclass
@@ -114,10 +116,10 @@ class SqueezedContext:
         h = self.hierarchical
         return LayerContext(
             self.keys[i], self.values[i], self.centroids[i], self.offsets[i],
-            self.window_keys[i], self.window_values[i], self.log_threshold[i],
+            self.window_keys[i], self.window_values[i], self.log_threshold[i:i + 1],
             self.coarse_centroids[i] if h else None,
             self.coarse_offsets[i] if h else None,
-            self.coarse_log_threshold[i] if h else None,
+            self.coarse_log_threshold[i:i + 1] if h else None,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -109,7 +109,15 @@ def export_module(module: torch.nn.Module, example_inputs: Any, dynamic_shapes: 
     if isinstance(shapes, Mapping) and "input_ids" in shapes and not _takes_input_ids(module):
         shapes = (shapes["input_ids"],)  # positional form for modules whose argument has another name
     with torch.no_grad():
-        return torch.export.export(module, (ids,), dynamic_shapes=shapes)
+        return _export_dynamic(module, ids, shapes)
+
+
+def _export_dynamic(module: torch.nn.Module, ids: torch.Tensor, shapes: Any) -> ExportedProgram:
+    """torch.export.export with guards kept as runtime asserts. On CUDA, SDPA's alignment checks
+    (dense model) and Triton's integer specialisation of strides (sqz kernels) emit guards on the
+    dynamic length that the solver cannot prove although they hold for every length >= 1."""
+    return torch.export.export(module, (ids,), dynamic_shapes=shapes,
+                               prefer_deferred_runtime_asserts_over_guards=True)
 
 
 def _takes_input_ids(module: torch.nn.Module) -> bool:
@@ -166,7 +174,7 @@ def export(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: Any, dy
     model.eval()
     try:
         with torch.no_grad():
-            dense = torch.export.export(wrapper, (ids,), dynamic_shapes=shapes)
+            dense = _export_dynamic(wrapper, ids, shapes)
     finally:
         model.train(was_training)
     gm = dense.module()

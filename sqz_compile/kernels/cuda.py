@@ -337,7 +337,8 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             raise ValueError(f"sqz: attn_mask must broadcast to [B, Hq, M, S], got {tuple(attn_mask.shape)}")
         mask = torch.broadcast_to(attn_mask, (bsz, hq, m, s))
         if attn_mask.dtype == torch.bool:
-            mask = mask.view(torch.uint8)
+            # passed as bool (Triton's int1 pointer): a uint8 view would be a dtype bitcast,
+            # which Inductor cannot lower for bool
             mask_kind = _sa.MASK_BOOL
         else:
             mask_kind = _sa.MASK_FLOAT
