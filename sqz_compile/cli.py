@@ -356,7 +356,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommands: (name, help, add_arguments, run). `sqz eval` (the accuracy harness) joins this list.
+# Subcommands: (name, help, add_arguments, run). `sqz eval` is the accuracy harness's own parser.
 COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
     ("squeeze", "squeeze a text file into a context file for one model", _squeeze_args, cmd_squeeze),
     ("ask", "answer a question about a squeezed context", _ask_args, cmd_ask),
@@ -373,11 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
         add_args(p)
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         p.set_defaults(run=run)
+    # listed for --help only: main() hands `sqz eval ...` to sqz_compile.evaluate with its own parser
+    sub.add_parser("eval", help="accuracy vs keep on SmolLM2 (needles, perplexity, agreement; "
+                                "`sqz eval --help`)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sqz`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        from . import evaluate
+
+        return evaluate.main(argv[1:])
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files only
     if args.quiet:
