@@ -171,3 +171,21 @@ def test_sink_tokens_move_to_the_window_exactly(hierarchical):
     with ev.squeezed_mode(model, ctx.with_keep(1.0), block_q=8):
         sq = ev.user_logits(model, user)[0]
     torch.testing.assert_close(sq, dense, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "budget"])
+def test_eval_path_matches_the_compiled_squeezed_model(mode):
+    """The harness's attention function and sqz_compile.compile run the same op: same logits."""
+    import sqz_compile
+
+    model = tiny_model()
+    _, base = tiny_context(model, length=96, cluster_ratio=0.2)
+    ctx = ev.variant_context(base, ev.Variant(0.25, "flat", mode))
+    user = _user_ids(20)
+    with ev.squeezed_mode(model, ctx, block_q=8):
+        ours = ev.user_logits(model, user)[0]
+    sm = sqz_compile.compile(model, ctx, block_q=8, inductor=False)
+    theirs = sm(user).logits[0].float()
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    dense = ev.user_logits(model, user, ev.dense_cache(model, ev.context_kv(base)))[0]
+    assert not torch.allclose(ours, dense, atol=1e-3)  # keep < 1 really drops keys here
