@@ -197,12 +197,12 @@ def with_sink_tokens(ctx: SqueezedContext, n: int) -> SqueezedContext:
     coarse = None
     if ctx.hierarchical:
         cc = ctx.coarse_centroids.shape[2]
+        fine = torch.arange(ctx.num_clusters, dtype=ctx.coarse_offsets.dtype, device=ctx.keys.device)
         parent = torch.searchsorted(ctx.coarse_offsets[..., 1:].contiguous(),
-                                    torch.arange(ctx.num_clusters, dtype=ctx.coarse_offsets.dtype)
-                                    .expand(*ctx.coarse_offsets.shape[:2], -1).contiguous(), right=True).long()
+                                    fine.expand(*ctx.coarse_offsets.shape[:2], -1).contiguous(), right=True).long()
         csum = torch.zeros_like(ctx.coarse_centroids).scatter_add_(
             2, parent.unsqueeze(-1).expand(-1, -1, -1, d), centroids * new_sizes.unsqueeze(-1))
-        cn = torch.zeros(layers, h, cc, dtype=torch.long).scatter_add_(2, parent, new_sizes)
+        cn = torch.zeros(layers, h, cc, dtype=torch.long, device=ctx.keys.device).scatter_add_(2, parent, new_sizes)
         coarse = csum / cn.clamp(min=1).unsqueeze(-1)
     extra = dict(ctx.extra, sink_tokens=int(n))
     return dataclasses.replace(
@@ -717,7 +717,8 @@ def write_markdown(result: dict, path: str) -> None:
         lost = (f"{_fmt(r.get('lost_mass_lookup'))} / {_fmt(r.get('lost_mass_oracle'))}"
                 if "lost_mass_lookup" in r else "–")
         lines.append(
-            f"| {r['context']} | {r['method']} | {r['keep']:g} | {r['lookup'] or '–'} | {r['mode'] or '–'} | {hits} | "
+            f"| {r['context']} | {r['method']} | {r['keep']:g} | {r['lookup'] or '–'} | {r['mode'] or '–'} | "
+            f"{hits} | "
             f"{_fmt(r.get('answer_agree'), True)} | {_fmt(r.get('answer_kl'))} | {_fmt(r.get('ppl'))} | "
             f"{_fmt(r.get('delta_ppl'), True, True)} | {_fmt(r.get('ppl_agree'), True)} | {_fmt(r.get('ppl_kl'))} | "
             f"{_fmt(r.get('kept_fraction'), True)} | {_fmt(r.get('mass_recall'), True)} | "
