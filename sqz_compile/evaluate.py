@@ -709,6 +709,7 @@ def write_markdown(result: dict, path: str) -> None:
              "ΔPPL = PPL/PPL_dense − 1. kept = clustered context keys actually kept (window always kept); "
              "mass recall = Σp(lookup keys)/Σp(oracle keys); key recall = |lookup ∩ oracle|/|oracle|.",
              "",
+             *(["## Findings", "", meta["notes"].strip(), "", "## Results", ""] if meta.get("notes") else []),
              "| context | method | keep | lookup | mode | NIAH hits | answer agree | answer KL | PPL | ΔPPL | "
              "PPL agree | PPL KL | kept | mass recall | key recall | lost mass (lookup / oracle) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -738,8 +739,6 @@ def write_markdown(result: dict, path: str) -> None:
                          f"{_fmt(r['per_layer']['key_recall'][li], True)} / "
                          f"{_fmt(r['per_layer']['lost_mass_lookup'][li])}" for r in sel]
                 lines.append(f"| {li} | " + " | ".join(cells) + " |")
-    if meta.get("notes"):
-        lines += ["", "## Findings", "", meta["notes"].strip()]
     dense_rows = [r for r in rows if "cache_vs_full_max_abs_logit_diff" in r]
     if dense_rows:
         lines += ["", "Dense baseline check (KV cache from the SqueezedContext, user tokens at positions 0.. vs "
