@@ -106,7 +106,10 @@ class SqueezedModel:
         old = m.__dict__.get("forward")
         m.forward = self._forward
         try:
-            yield
+            # the attention's softmax scale must trace as a constant for the rewrite; dynamic=True
+            # would otherwise turn model floats into symbols and leave every layer dense
+            with torch._dynamo.config.patch(specialize_float=True):
+                yield
         finally:
             if had_own:
                 m.forward = old
