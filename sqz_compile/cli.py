@@ -196,6 +196,9 @@ def _squeeze_args(p: argparse.ArgumentParser) -> None:
                    help=f"coarse clusters per context token (default {d.coarse_ratio})")
     p.add_argument("--window", type=int, default=d.observation_window,
                    help=f"observation window: last tokens always attended (default {d.observation_window})")
+    p.add_argument("--sink-tokens", type=int, default=d.sink_tokens,
+                   help=f"first tokens always attended (attention sinks; default {d.sink_tokens}, "
+                        f"4 helps small models)")
     p.add_argument("--per-layer-threshold", action="store_true", help="calibrate one threshold per layer")
     p.add_argument("--seed", type=int, default=d.seed)
 
@@ -208,7 +211,8 @@ def cmd_squeeze(args: argparse.Namespace) -> int:
     with _as_user_error("invalid option"):
         config = SqueezeConfig(keep=args.keep, budget=args.budget, cluster_ratio=args.cluster_ratio,
                                hierarchical=args.hierarchical, coarse_ratio=args.coarse_ratio,
-                               observation_window=args.window, per_layer_threshold=args.per_layer_threshold,
+                               observation_window=args.window, sink_tokens=args.sink_tokens,
+                               per_layer_threshold=args.per_layer_threshold,
                                seed=args.seed)
     text = _read_text(args.text)
     out = args.output or os.path.splitext(args.text)[0] + ".sqz"

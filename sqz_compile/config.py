@@ -17,6 +17,10 @@ class SqueezeConfig:
     coarse_ratio: coarse clusters per clustered context token (the paper uses 1%).
     observation_window: the last W context tokens: always attended densely, and their queries
         calibrate the threshold.
+    sink_tokens: the first S context tokens are also always attended densely (they join the
+        window and leave the clusters). Deep layers of small models put much of their attention
+        on these "attention sinks", which a cluster's mean centroid hides (see
+        benchmarks/results/accuracy.md); 4 is a good value there.
     budget: if set, a fixed number of context keys per (batch row, KV head, query block): the
         top-scoring clusters are taken while their total size fits the budget (fixed work,
         CUDA-graph friendly). Calibration is skipped.
@@ -31,6 +35,7 @@ class SqueezeConfig:
     hierarchical: bool = False
     coarse_ratio: float = 0.01
     observation_window: int = 100
+    sink_tokens: int = 0
     budget: int | None = None
     per_layer_threshold: bool = False
     kmeans_iters: int = 25
@@ -49,6 +54,8 @@ class SqueezeConfig:
             bad("coarse_ratio", "must lie in (0, cluster_ratio]: the coarse level is coarser")
         if int(self.observation_window) < 1:
             bad("observation_window", "must be >= 1 token")
+        if int(self.sink_tokens) < 0:
+            bad("sink_tokens", "must be >= 0 (first context tokens always attended)")
         if self.budget is not None and int(self.budget) < 0:
             bad("budget", "must be None (threshold mode) or a key count >= 0")
         if int(self.kmeans_iters) < 1:

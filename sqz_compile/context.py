@@ -1,15 +1,18 @@
 """SqueezedContext: the precomputed, cluster-sorted form of one fixed context for one model.
 
-Layout (L = context length, W = observation window actually used, N = L - W clustered keys,
+Layout (L = context length, W = observation window actually used, S = sink tokens, N = L - S - W
+clustered keys,
 H = KV heads, Hq = query heads, D = head dim, C = fine clusters, Cc = coarse clusters; every
 tensor is stacked over layers on dim 0):
 
   keys, values        [layers, H, N, D]  model dtype, post-RoPE, sorted by cluster per (layer, head)
-  perm                [layers, H, N]     int32: context position of each sorted key (0..N-1)
+  perm                [layers, H, N]     int32: position of each sorted key among the clustered
+                                         tokens (0..N-1; context position = S + perm)
   centroids           [layers, H, C, D]  float32: mean of the cluster's original (un-normalised) keys
   offsets             [layers, H, C+1]   int32: cluster c holds sorted keys offsets[c]:offsets[c+1]
-  window_keys/values  [layers, H, W, D]  model dtype: the last W context tokens, always attended
-  window_queries      [layers, Hq, W, D] float32: their queries, kept so keep can be recalibrated
+  window_keys/values  [layers, H, S+W, D] model dtype: always attended: the first S context tokens
+                                         (config.sink_tokens) then the last W
+  window_queries      [layers, Hq, W, D] float32: the last W tokens' queries (recalibration)
   log_threshold       [layers]           float32: keep cluster c for a query when its log share
                                          exceeds this (+inf keeps nothing, -inf keeps all)
   coarse_centroids    [layers, H, Cc, D] float32 (hierarchical only)
@@ -176,7 +179,7 @@ class SqueezedContext:
             bad(f"keys must be [layers, H, N, D], got shape {tuple(self.keys.shape)}")
         layers, H, N, D = self.keys.shape
         C, W = self.centroids.shape[2], self.window_keys.shape[2]
-        hq = self.window_queries.shape[1]
+        hq, wq = self.window_queries.shape[1], self.window_queries.shape[2]
         kd = self.keys.dtype
         want("values", (layers, H, N, D), kd)
         want("perm", (layers, H, N), torch.int32)
@@ -184,12 +187,14 @@ class SqueezedContext:
         want("offsets", (layers, H, C + 1), torch.int32)
         want("window_keys", (layers, H, W, D), kd)
         want("window_values", (layers, H, W, D), kd)
-        want("window_queries", (layers, hq, W, D), torch.float32)
+        want("window_queries", (layers, hq, wq, D), torch.float32)
+        if wq > W:
+            bad(f"{wq} window queries but only {W} always-attended keys")
         want("log_threshold", (layers,), torch.float32)
         if hq % H:
             bad(f"{hq} query heads is not a multiple of {H} KV heads")
         if N < 1 or N + W != self.context_length:
-            bad(f"{N} clustered + {W} window tokens != context_length {self.context_length}")
+            bad(f"{N} clustered + {W} window/sink tokens != context_length {self.context_length}")
         if not 1 <= C <= N:
             bad(f"{C} clusters for {N} keys")
         _check_offsets("offsets", self.offsets, N, bad)

@@ -72,14 +72,16 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
         raise ValueError(f"observation window of {W} tokens needs a context longer than that, got {L}")
     if window_queries.shape[1] % H:
         raise ValueError(f"{window_queries.shape[1]} query heads is not a multiple of {H} KV heads")
-    N = L - W
+    S = max(0, min(int(config.sink_tokens), L - W - 1))  # sinks never empty the clustered part
+    N = L - W - S
     C, Cc = cluster_counts_for(N, config)
     B = layers * H
     t0 = time.perf_counter()
-    window_keys = keys[:, :, N:].contiguous()
-    window_values = values[:, :, N:].contiguous()
-    ck = keys[:, :, :N].reshape(B, N, D)
-    cv = values[:, :, :N].reshape(B, N, D)
+    # always-attended keys: the S sink tokens, then the W window tokens
+    window_keys = torch.cat([keys[:, :, :S], keys[:, :, S + N:]], dim=2).contiguous()
+    window_values = torch.cat([values[:, :, :S], values[:, :, S + N:]], dim=2).contiguous()
+    ck = keys[:, :, S:S + N].reshape(B, N, D)
+    cv = values[:, :, S:S + N].reshape(B, N, D)
     device = keys.device
     del keys, values
 
@@ -135,7 +137,7 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
         coarse_log_threshold=(torch.full((layers,), float("-inf"), device=device)
                               if config.hierarchical else None),
         extra={"scaling": float(scaling), "clusters": C, "coarse_clusters": Cc if config.hierarchical else 0,
-               "window": W, "kmeans_iterations": iterations},
+               "window": W, "sink_tokens": S, "kmeans_iterations": iterations},
     )
     if config.budget is None:
         ctx = ctx.with_keep(config.keep)

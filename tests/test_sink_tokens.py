@@ -1,0 +1,43 @@
+"""SqueezeConfig.sink_tokens: the first S context tokens join the always-attended window."""
+from __future__ import annotations
+
+import torch
+
+import sqz_compile
+from helpers import dense_full_rows, tiny_context, tiny_model
+from sqz_compile import SqueezedContext
+
+
+def test_sinks_join_the_window_and_the_layout_validates(tmp_path):
+    model = tiny_model("llama", kv_heads=2, layers=2)
+    ids, ctx = tiny_context(model, length=48, keep=0.25, sink_tokens=4)
+    w = ctx.window_queries.shape[2]
+    assert ctx.window == 4 + w and ctx.keys.shape[2] == 48 - 4 - w
+    assert ctx.extra["sink_tokens"] == 4
+    ctx.validate(model)
+    # the window's first 4 keys are the context's first 4 keys (the dense prefill's own cache)
+    _, plain = tiny_context(model, length=48, keep=0.25)
+    sorted_pos = plain.perm.long()  # plain: clustered = positions 0..N0-1
+    first = torch.stack([plain.keys[l, h][torch.argsort(sorted_pos[l, h])[:4]]
+                         for l in range(2) for h in range(2)]).reshape(2, 2, 4, -1)
+    torch.testing.assert_close(ctx.window_keys[:, :, :4], first)
+    ctx.save(tmp_path / "c.sqz")
+    back = SqueezedContext.load(tmp_path / "c.sqz", model=model)
+    assert torch.equal(back.window_keys, ctx.window_keys) and back.config.sink_tokens == 4
+
+
+def test_sinks_keep_one_equals_dense_and_sinks_are_always_attended():
+    torch._dynamo.reset()
+    model = tiny_model("llama", kv_heads=2, layers=2)
+    ctx_ids, ctx = tiny_context(model, length=48, keep=1.0, sink_tokens=4)
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    want = dense_full_rows(model, ctx_ids, ids, torch.ones_like(ids))[0]
+    got = sqz_compile.compile(model, ctx, inductor=False)(ids).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # keep = 0: only sinks + window + new tokens; differs from keep = 0 without sinks
+    torch._dynamo.reset()
+    none = sqz_compile.compile(model, ctx.with_keep(0.0), inductor=False)(ids).logits[0]
+    _, plain = tiny_context(model, length=48, keep=0.0)
+    torch._dynamo.reset()
+    no_sinks = sqz_compile.compile(model, plain, inductor=False)(ids).logits[0]
+    assert not torch.allclose(none, no_sinks, atol=1e-4)
