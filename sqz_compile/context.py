@@ -233,6 +233,17 @@ class SqueezedContext:
                 + ". Re-run sqz_compile.squeeze(model, context_ids) with this model (or load the model "
                   "the context was made for, in the same dtype).")
 
+    def check_model_or_warn(self, model: torch.nn.Module, who: str, stacklevel: int = 2) -> None:
+        """`check_model` when the context carries a fingerprint; otherwise (made with squeeze_kv)
+        warn that it cannot be checked. `who` names the caller in the warning."""
+        if self.fingerprint:
+            self.check_model(model)
+        else:
+            import warnings
+
+            warnings.warn(f"{who}: the context carries no model fingerprint (made with squeeze_kv?), so it "
+                          f"cannot be checked against the model", stacklevel=stacklevel + 1)
+
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | os.PathLike) -> None:

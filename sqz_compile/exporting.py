@@ -154,11 +154,7 @@ def export(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: Any, dy
 
     if not isinstance(ctx, SqueezedContext):
         raise TypeError(f"ctx must be a sqz_compile.SqueezedContext, got {type(ctx).__name__}")
-    if ctx.fingerprint:
-        ctx.check_model(model)
-    else:
-        warnings.warn("sqz_compile.export: the context carries no model fingerprint (made with squeeze_kv?), "
-                      "so it cannot be checked against the model", stacklevel=2)
+    ctx.check_model_or_warn(model, "sqz_compile.export", stacklevel=2)
     example = _example_ids(example_inputs)
     limit = max_input_length(model, ctx)
     if limit is not None and (limit < 2 or example.shape[1] > limit):

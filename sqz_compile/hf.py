@@ -148,11 +148,7 @@ def _check_model_and_context(model: torch.nn.Module, ctx: SqueezedContext) -> No
         raise TypeError(f"ctx must be a sqz_compile.SqueezedContext, got {type(ctx).__name__}")
     if not hasattr(model, "generate") or not hasattr(model, "config"):
         raise TypeError(f"sqz_compile.compile needs a transformers causal LM, got {type(model).__name__}")
-    if ctx.fingerprint:
-        ctx.check_model(model)
-    else:
-        warnings.warn("sqz: the context carries no model fingerprint (made with squeeze_kv?), so it cannot be "
-                      "checked against the model", stacklevel=3)
+    ctx.check_model_or_warn(model, "sqz", stacklevel=3)
     p = next(model.parameters())
     if p.dtype != ctx.keys.dtype:
         raise SqueezedContextError(
