@@ -55,3 +55,18 @@ def test_package_path_must_end_in_pt2(tmp_path):
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"\*\.pt2"):
         package(model, tiny_context(model), user_ids(2, 4), str(tmp_path / "x.zip"))
+
+
+def test_package_refuses_a_compiler_without_shared_libstdcxx(tmp_path):
+    """A g++ that only finds libstdc++.a would embed a second libstdc++ in the package, which
+    crashes at load: refused before compiling, with the fix in the message."""
+    fake = tmp_path / "static-only-g++"
+    fake.write_text("#!/bin/sh\necho libstdc++.so\n")  # gcc's answer when libstdc++.so is missing
+    fake.chmod(0o755)
+    from sqz_compile.exporting import has_shared_libstdcxx, package_program
+
+    assert not has_shared_libstdcxx(str(fake))
+    program = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    with pytest.raises(RuntimeError, match="shared libstdc\\+\\+.*cpp.cxx"):
+        package_program(program, tmp_path / "m.pt2", inductor_configs={"cpp.cxx": (None, str(fake))})
+    assert not (tmp_path / "m.pt2").exists()

@@ -2,6 +2,8 @@
 the .pt2, and a fresh interpreter (without sqz_compile) reproduces the eager squeezed model."""
 from __future__ import annotations
 
+import os
+import shutil
 import zipfile
 
 import pytest
@@ -27,6 +29,18 @@ def _launched_kernel_names(module) -> set[str]:
     return names
 
 
+def _compiler_with_shared_libstdcxx() -> str | None:
+    """$CXX if it links libstdc++ dynamically, else g++ on PATH or the system one (the device
+    image's $CXX is a relocated g++ that only finds libstdc++.a)."""
+    from sqz_compile.exporting import has_shared_libstdcxx
+
+    for name in (os.environ.get("CXX"), "g++", "/usr/bin/g++"):
+        found = shutil.which(name) if name else None
+        if found and has_shared_libstdcxx(found):
+            return found
+    return None
+
+
 def test_cuda_package_holds_sqz_triton_kernels_and_matches_eager(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -35,10 +49,14 @@ def test_cuda_package_holds_sqz_triton_kernels_and_matches_eager(tmp_path):
     from sqz_compile.exporting import package
     from sqz_compile.kernels import lookup, sparse_attention
 
+    cxx = _compiler_with_shared_libstdcxx()
+    if cxx is None:
+        pytest.skip("no C++ compiler with a shared libstdc++ (see exporting.has_shared_libstdcxx)")
     model = tiny_llama().cuda()
     ctx = tiny_context(model)
     assert ctx.keys.is_cuda
-    path = package(model, ctx, user_ids(2, 10).cuda(), str(tmp_path / "tiny_cuda.pt2"))
+    path = package(model, ctx, user_ids(2, 10).cuda(), str(tmp_path / "tiny_cuda.pt2"),
+                   inductor_configs={"cpp.cxx": (None, cxx)})
 
     # Kernel names survive in the generated wrapper and in the compiled binaries' symbol tables.
     with zipfile.ZipFile(path) as z:

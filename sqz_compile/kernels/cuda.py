@@ -94,12 +94,19 @@ class Selection(NamedTuple):
     nkeys: torch.Tensor  # [B*H*NB] int32: kept context keys
 
 
-def _lookup_config(qrows: int) -> tuple[int, int, bool]:
-    """(query tile QT, cluster tile BC, store scores): decode stores the few scores per cluster
-    instead of reading the float32 centroids twice."""
+class LookupConfig(NamedTuple):
+    qt: int         # query rows per tile (the GQA group's heads x the block's queries)
+    bc: int         # clusters per tile
+    store: bool     # keep the scores for the later passes (decode) instead of recomputing them
+    num_warps: int
+
+
+def lookup_config(qrows: int) -> LookupConfig:
+    """Decode (few query rows) stores its few scores per cluster instead of reading the
+    centroids twice; prefill recomputes them."""
     if qrows <= 16:
-        return 16, 64, True
-    return 64, 64, False
+        return LookupConfig(16, 64, True, 4)
+    return LookupConfig(64, 64, False, 4)
 
 
 def _lse(q, cent, off, co, par, flags, nflag, scale, dims, split, chunk, qt, bc, two_level,
@@ -129,9 +136,11 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
            log_threshold: torch.Tensor, coarse_centroids: Optional[torch.Tensor],
            coarse_offsets: Optional[torch.Tensor], coarse_log_threshold: Optional[torch.Tensor],
            scale: float, block_q: int, budget: int,
-           tiles: Optional[tuple[int, int]] = None) -> Selection:
+           tiles: Optional[tuple[int, int]] = None,
+           config: Optional[LookupConfig] = None) -> Selection:
     """Centroid lookup on the GPU (flat or hierarchical; threshold or budget mode).
-    tiles=(query tile, cluster tile) overrides the heuristic (tests use it to force splits)."""
+    tiles=(query tile, cluster tile) overrides the heuristic (tests use it to force splits);
+    config overrides it whole (benchmarks sweep it). Centroids may be float32 or q's dtype."""
     _check_device(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                   coarse_log_threshold)
     if q.stride(-1) != 1:
@@ -147,20 +156,23 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     bq = block_q if _symbolic(m) else min(block_q, m)
     rows = bsz * h * nb
     dev = q.device
-    qt, bc, store = _lookup_config(g * bq)
+    qt, bc, store, nw = config or lookup_config(g * bq)
     if tiles is not None:
         qt, bc = tiles
         store = store and _cdiv(g * bq, qt) == 1
-    # dot mode (see lookup._scores): decode (few query rows, memory-bound) scores in float32
-    # accuracy on tensor cores; prefill rounds centroids to q's dtype; the interpreter and
-    # float32 prefill use exact float32
+    # dot mode (see lookup._dot_mu): the interpreter and float32 prefill use exact float32;
+    # centroids stored in q's half dtype give exact products on tensor cores; float32 centroids
+    # are scored in float32 accuracy (tf32x3) by decode (few query rows, memory-bound) and
+    # rounded to q's dtype by prefill (compute-bound)
+    same_half = centroids.dtype == q.dtype and q.dtype != torch.float32
     if _interpreting() or (q.dtype == torch.float32 and not store):
         ieee = 1
+    elif same_half:
+        ieee = 0
     elif store or q.dtype == torch.float32:
         ieee = 2
     else:
         ieee = 0
-    nw = 8 if qt >= 128 else 4
     if ieee == 0:
         # prefill: one rounded copy of the centroids (read once, then every tile loads half the
         # bytes and feeds the tensor cores without a conversion)
