@@ -10,6 +10,9 @@ cluster directions so the selection is meaningful. No K-means runs here.
   prefill  1024 new tokens (causal among themselves) over N + window
   lookup   decode lookup time vs N (32K..512K), flat vs hierarchical (coarse = 1% of N)
 
+The lookup reads the centroids in bf16, as a compiled bf16 model's graph holds them (the
+thresholds are calibrated on the float32 centroids, as `squeeze` does).
+
 Timing: CUDA graphs whose body runs the step once per input copy (copies rotate so L2 cannot
 hold the working set between runs); median of triton.testing.do_bench over replays, divided
 by the number of copies. Copy bandwidth is measured in the same run (device-to-device copy,
@@ -85,11 +88,14 @@ def make_context(n: int, seed: int, coarse_ratio: float = 0.0, with_kv: bool = T
     cent = sums / sizes.clamp(min=1)[..., None].float()
     cent = torch.where(sizes[..., None] > 0, cent, 6.0 * fine_dir)
     ctx["centroids"] = cent.contiguous()
+    # what a compiled bf16 model's graph holds (passes/rewrite.py): the lookup reads these
+    ctx["lookup_centroids"] = cent.to(DT).contiguous()
     if coarse_ratio > 0:
         csum = torch.zeros(H, ctx["cc"], D, device=dev).scatter_add_(1, ctx["parent"][..., None].expand(H, c, D),
                                                                       sums)
         cn = torch.zeros(H, ctx["cc"], device=dev).scatter_add_(1, ctx["parent"], sizes.float())
         ctx["coarse_centroids"] = (csum / cn.clamp(min=1)[..., None]).contiguous()
+        ctx["lookup_coarse_centroids"] = ctx["coarse_centroids"].to(DT)
     if with_kv:
         ctx["keys"] = keys32.to(DT)
         ctx["values"] = torch.randn(H, n, D, device=dev, generator=g).to(DT)
@@ -194,9 +200,9 @@ def copy_bandwidth() -> float:
 # ----------------------------------------------------------------------------- methods
 def sparse_step(ctx, q, kn, vn, thr, causal, hier=False, cthr=None):
     return lambda: sqz_cuda.squeezed_attention(
-        q, kn, vn, None, ctx["keys"], ctx["values"], ctx["centroids"], ctx["offsets"],
+        q, kn, vn, None, ctx["keys"], ctx["values"], ctx["lookup_centroids"], ctx["offsets"],
         ctx["window_keys"], ctx["window_values"], thr,
-        ctx.get("coarse_centroids") if hier else None, ctx.get("coarse_offsets") if hier else None,
+        ctx.get("lookup_coarse_centroids") if hier else None, ctx.get("coarse_offsets") if hier else None,
         cthr if hier else None, SCALE, causal, 0, BLOCK_Q)
 
 
@@ -249,8 +255,8 @@ def flex_step(ctx, q, k, v, thr, m, s):
         return (kv_idx < p) | (kv_idx - p <= q_idx + (s - m))
 
     def f():
-        sel = sqz_cuda.lookup(q, ctx["centroids"], ctx["offsets"], thr, None, None, None, SCALE,
-                              BLOCK_Q, 0)
+        sel = sqz_cuda.lookup(q, ctx["lookup_centroids"], ctx["offsets"], thr, None, None, None,
+                              SCALE, BLOCK_Q, 0)
         selm = selection_from_compact(sel.idx, ctx["c"])  # [1, H, NB, C]
         keym = torch.gather(selm, 3, cid[None, :, None, :].expand(1, H, selm.shape[2], n))
         blkm = keym.reshape(1, H, keym.shape[2], nctx_blk, blk).any(-1)  # [1, H, NB, KBctx]
@@ -294,8 +300,8 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
     row = {"kind": kind, "context": n, "new_tokens": m, "new_keys": s, "copies": copies}
 
     # the sparse path, checked once against the float64 reference on its own selection
-    sel = sqz_cuda.lookup(qs[0], ctxs[0]["centroids"], ctxs[0]["offsets"], thrs[0], None, None,
-                          None, SCALE, BLOCK_Q, 0)
+    sel = sqz_cuda.lookup(qs[0], ctxs[0]["lookup_centroids"], ctxs[0]["offsets"], thrs[0], None,
+                          None, None, SCALE, BLOCK_Q, 0)
     kept = sel.nkeys.float().mean().item()
     row["kept_fraction"] = kept / n
     row["kept_clusters"] = sel.count.float().mean().item() / ctxs[0]["c"]
@@ -314,11 +320,11 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
     row["kernel_us"] = kernel_times(steps)
     row["sqz_ms"] = graph_time(steps)
     row["sqz_eager_ms"] = eager_time(steps)
-    lk = [(lambda c=c, q=q, t=t: sqz_cuda.lookup(q, c["centroids"], c["offsets"], t, None, None, None,
-                                                  SCALE, BLOCK_Q, 0)) for c, q, t in zip(ctxs, qs, thrs)]
+    lk = [(lambda c=c, q=q, t=t: sqz_cuda.lookup(q, c["lookup_centroids"], c["offsets"], t, None, None,
+                                                  None, SCALE, BLOCK_Q, 0)) for c, q, t in zip(ctxs, qs, thrs)]
     row["sqz_lookup_ms"] = graph_time(lk)
     # bytes the sparse path must read: centroids + offsets, kept K/V, window and new K/V, q
-    byt = (H * ctxs[0]["c"] * D * 4 + kept * H * D * 2 * 2 + (W + s) * H * D * 2 * 2
+    byt = (H * ctxs[0]["c"] * D * 2 + kept * H * D * 2 * 2 + (W + s) * H * D * 2 * 2
            + HQ * m * D * 2 * 2)
     row["sqz_bytes"] = byt
     row["sqz_GBps"] = byt / row["sqz_ms"] / 1e6
@@ -374,8 +380,8 @@ def run_lookup_scaling(ns: list, copies: int, results: list) -> None:
             else:
                 cthrs = [None] * copies
             fns = [(lambda c=c, q=q, t=t, ct=ct: sqz_cuda.lookup(
-                q, c["centroids"], c["offsets"], t, c.get("coarse_centroids"), c.get("coarse_offsets"),
-                ct, SCALE, BLOCK_Q, 0)) for c, q, t, ct in zip(ctxs, qs, thrs, cthrs)]
+                q, c["lookup_centroids"], c["offsets"], t, c.get("lookup_coarse_centroids"),
+                c.get("coarse_offsets"), ct, SCALE, BLOCK_Q, 0)) for c, q, t, ct in zip(ctxs, qs, thrs, cthrs)]
             sel = fns[0]()
             key = "hier" if hier else "flat"
             row[f"{key}_ms"] = graph_time(fns)
@@ -446,7 +452,8 @@ def main() -> None:
     import triton
 
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "lookup_centroids": str(DT).replace("torch.", "")}
     bw = copy_bandwidth()
     info["copy_bandwidth_GBps"] = bw
     print(json.dumps(info), flush=True)

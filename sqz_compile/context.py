@@ -9,6 +9,8 @@ tensor is stacked over layers on dim 0):
   perm                [layers, H, N]     int32: position of each sorted key among the clustered
                                          tokens (0..N-1; context position = S + perm)
   centroids           [layers, H, C, D]  float32: mean of the cluster's original (un-normalised) keys
+                                         (a compiled graph holds them in the keys' dtype when
+                                         that is half precision: half the lookup's bytes)
   offsets             [layers, H, C+1]   int32: cluster c holds sorted keys offsets[c]:offsets[c+1]
   window_keys/values  [layers, H, S+W, D] model dtype: always attended: the first S context tokens
                                          (config.sink_tokens) then the last W

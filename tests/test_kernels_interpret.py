@@ -101,7 +101,10 @@ ATTN_CASES = [
 
 @pytest.mark.parametrize("kw", ATTN_CASES, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
 @pytest.mark.parametrize("split", [1, 3])
-def test_attention_matches_reference(kw, split):
+@pytest.mark.parametrize("pos_list", [False, True], ids=["search", "pos_list"])
+def test_attention_matches_reference(kw, split, pos_list):
+    """Both ways of addressing the kept keys: the in-kernel slot search and the expanded
+    position list (decode's default)."""
     block_q = 4
     cs = make_case(**kw, device=DEV, seed=split)
     thr = threshold_for_keep(cs, 0.4, block_q)
@@ -109,7 +112,8 @@ def test_attention_matches_reference(kw, split):
     b, hq, m, d = cs.q.shape
     h = cs.keys.shape[0]
     cfg = cuda.attention_config(b, h, hq // h, m, block_q, cs.keys.shape[1], cs.window_keys.shape[1],
-                                cs.k_new.shape[2], d, 4)._replace(split=split, block_n=16)
+                                cs.k_new.shape[2], d, 4)._replace(split=split, block_n=16,
+                                                                 pos_list=pos_list)
     out = cuda.sparse_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values, sel,
                                 cs.window_keys, cs.window_values, cs.scale, cs.is_causal, block_q,
                                 config=cfg)

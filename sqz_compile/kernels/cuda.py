@@ -101,11 +101,12 @@ class LookupConfig(NamedTuple):
     num_warps: int
 
 
-def lookup_config(qrows: int) -> LookupConfig:
+def lookup_config(qrows: int, half_centroids: bool = False) -> LookupConfig:
     """Decode (few query rows) stores its few scores per cluster instead of reading the
-    centroids twice; prefill recomputes them."""
+    centroids twice; prefill recomputes them. Half-precision centroid tiles fit 128 clusters
+    (float32 ones at 128 run out of registers: measured on the H100, benchmarks/NOTES.md)."""
     if qrows <= 16:
-        return LookupConfig(16, 64, True, 4)
+        return LookupConfig(16, 128 if half_centroids else 64, True, 4)
     return LookupConfig(64, 64, False, 4)
 
 
@@ -156,7 +157,8 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     bq = block_q if _symbolic(m) else min(block_q, m)
     rows = bsz * h * nb
     dev = q.device
-    qt, bc, store, nw = config or lookup_config(g * bq)
+    same_half = centroids.dtype == q.dtype and q.dtype != torch.float32
+    qt, bc, store, nw = config or lookup_config(g * bq, same_half)
     if tiles is not None:
         qt, bc = tiles
         store = store and _cdiv(g * bq, qt) == 1
@@ -164,7 +166,6 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     # centroids stored in q's half dtype give exact products on tensor cores; float32 centroids
     # are scored in float32 accuracy (tf32x3) by decode (few query rows, memory-bound) and
     # rounded to q's dtype by prefill (compute-bound)
-    same_half = centroids.dtype == q.dtype and q.dtype != torch.float32
     if _interpreting() or (q.dtype == torch.float32 and not store):
         ieee = 1
     elif same_half:
@@ -182,8 +183,8 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     sms = _sm_count(q)
     dims = (bsz, h, nb, g, bq, m, block_q, d)
     i32 = dict(device=dev, dtype=torch.int32)
-    dummy_i = torch.zeros(1, **i32)
-    dummy_f = torch.zeros(1, device=dev, dtype=torch.float32)
+    dummy_i = torch.empty(1, **i32)  # placeholders for pointers a variant never reads
+    dummy_f = torch.empty(1, device=dev, dtype=torch.float32)
     nqt = _cdiv(g * bq, qt)
 
     split, chunk = _splits(_hint(rows), c, bc, sms)
@@ -276,6 +277,11 @@ class AttnConfig(NamedTuple):
     split: int    # programs per query tile along the keys
     num_warps: int
     num_stages: int
+    pos_list: bool = False  # expand the kept keys' positions first (_expand_kernel)
+
+
+# positions buffer [rows, context keys] int32: expanded only while it stays this small
+_POS_LIST_BYTES = 64 << 20
 
 
 def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int, w: int, s: int,
@@ -302,7 +308,10 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     # query tiles alone leave SMs idle
     want = 4 * sms if decode else sms
     split = max(1, min(_cdiv(want, progs), max(1, max_tiles // 4)))
-    return AttnConfig(bq, gp, block_n, split, warps, stages)
+    # decode reads each kept key once per row: a list of their positions (written by a small
+    # kernel) takes the slot search out of the attention loop, whose K/V loads then pipeline
+    pos_list = decode and _hint(bsz) * h * nb * n_ctx * 4 <= _POS_LIST_BYTES
+    return AttnConfig(bq, gp, block_n, split, warps, stages, pos_list)
 
 
 def _search_width(c: int) -> int:
@@ -342,7 +351,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     dev = q.device
 
     mask_kind = _sa.MASK_NONE
-    mask = torch.zeros(1, device=dev, dtype=torch.uint8)
+    mask = torch.empty(1, device=dev, dtype=torch.uint8)  # placeholders are never read
     mstr = (0, 0, 0, 0)
     if attn_mask is not None:
         if attn_mask.dim() > 4:
@@ -361,16 +370,24 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         out = torch.empty((bsz, hq, m, d), device=dev, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"sqz: out must be a contiguous {tuple(q.shape)} {q.dtype} tensor")
+    if cfg.pos_list:
+        sel_rows = bsz * h * nb
+        pos = torch.empty((sel_rows, n_ctx), device=dev, dtype=torch.int32)
+        sb = 8  # few slots per program: many programs share the writing of a row's keys
+        _launch(_sa._expand_kernel, (sel_rows, _cdiv(c, sb)),
+                sel.cum, sel.delta, sel.count, pos, c, n_ctx, SB=sb, KB=64, num_warps=4)
+    else:
+        pos = sel.nkeys  # unused
     partial = cfg.split > 1
     if partial:
         part_o = torch.empty((cfg.split, bsz, hq, m, d), device=dev, dtype=torch.float32)
         part_l = torch.empty((cfg.split, bsz, hq, m), device=dev, dtype=torch.float32)
     else:
-        part_o = part_l = torch.zeros(1, device=dev, dtype=torch.float32)
+        part_o = part_l = torch.empty(1, device=dev, dtype=torch.float32)
     grid = (bsz * h * nb * tpb, cfg.split)
     _launch(_sa._sparse_attn_kernel, grid,
             q, k_new, v_new, mask, ctx_keys, ctx_values, window_keys, window_values,
-            sel.cum, sel.delta, sel.nkeys, out, part_o, part_l,
+            sel.cum, sel.delta, sel.nkeys, pos, out, part_o, part_l,
             q.stride(0), q.stride(1), q.stride(2),
             k_new.stride(0), k_new.stride(1), k_new.stride(2),
             v_new.stride(0), v_new.stride(1), v_new.stride(2),
@@ -378,10 +395,11 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             ctx_keys.stride(0), ctx_keys.stride(1), ctx_values.stride(0), ctx_values.stride(1),
             window_keys.stride(0), window_keys.stride(1), window_values.stride(0), window_values.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
-            bsz, h, g, m, s, w, nb, c, block_q, tpb, cfg.split, float(scale) * 1.4426950408889634, d,
+            bsz, h, g, m, s, w, nb, c, n_ctx, block_q, tpb, cfg.split, float(scale) * 1.4426950408889634, d,
             BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
             IEEE=q.dtype == torch.float32 or _interpreting(), SEARCH=_search_width(c),
+            POS_LIST=cfg.pos_list,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         rows = bsz * hq * m

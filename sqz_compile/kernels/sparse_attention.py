@@ -11,6 +11,9 @@ One kernel serves prefill and decode (the reference is `attention.squeezed_atten
   v = 0..nkeys-1 that is cut into BLOCK_N tiles; key v of slot j sits at sorted position
   v + delta[j]. Runs of keys of one cluster are contiguous rows, so a tile reads contiguous
   ranges (no per-key index list) and short clusters do not leave tiles half empty.
+  Decode (POS_LIST) reads each key once per row: `_expand_kernel` first writes the sorted
+  position of every kept key, so the attention loop does one index load per tile instead of
+  the slot search, and its K/V loads pipeline.
 - Split-K: each program takes a share of the context tiles, the window tiles and the new-token
   tiles; with SPLIT > 1 it writes a normalised partial output and its log-sum-exp (base 2), and
   `_merge_kernel` combines the splits (decode: many splits per row to fill the GPU).
@@ -57,16 +60,46 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def _start_slot(cum_row, v0, C, SEARCH: tl.constexpr):
+        """Slot holding virtual key v0: #{i >= 1 : cum[i] <= v0} (cum is non-decreasing), counted
+        on a strided sample, then inside the one stride that holds the boundary: two vector loads."""
+        stride = tl.cdiv(C + 1, SEARCH)
+        sj = tl.arange(0, SEARCH)
+        samp = tl.load(cum_row + sj * stride, mask=sj * stride <= C, other=2147483647)
+        base = (tl.sum((samp <= v0).to(tl.int32), axis=0) - 1) * stride
+        fi = base + 1 + sj
+        fine = tl.load(cum_row + fi, mask=(sj < stride - 1) & (fi <= C), other=2147483647)
+        return base + tl.sum((fine <= v0).to(tl.int32), axis=0)
+
+    @triton.jit
+    def _expand_kernel(Cum, Delta, Count, Pos, C, NPOS, SB: tl.constexpr, KB: tl.constexpr):
+        """Pos[row, v] = sorted position of the row's v-th kept context key: the selection's
+        virtual key axis written out once, so the attention loop loads one index per key instead
+        of searching slots (decode). A program takes SB kept clusters (slots) and writes their
+        keys, KB per slot per step: no search, one round of loads, then stores."""
+        row = tl.program_id(0)
+        j = tl.program_id(1) * SB + tl.arange(0, SB)
+        ok = j < tl.load(Count + row)
+        c0 = tl.load(Cum + row * (C + 1) + j, mask=ok, other=0)
+        n = tl.load(Cum + row * (C + 1) + j + 1, mask=ok, other=0) - c0
+        start = c0 + tl.load(Delta + row * C + j, mask=ok, other=0)
+        kb = tl.arange(0, KB)
+        for k0 in range(0, tl.max(n, axis=0), KB):
+            k = k0 + kb
+            tl.store(Pos + row * NPOS + c0[:, None] + k[None, :], start[:, None] + k[None, :],
+                     mask=ok[:, None] & (k[None, :] < n[:, None]))
+
+    @triton.jit
     def _sparse_attn_kernel(
-        Q, Kn, Vn, Mask, Kc, Vc, Kw, Vw, Cum, Delta, NKeys, Out, PartO, PartL,
+        Q, Kn, Vn, Mask, Kc, Vc, Kw, Vw, Cum, Delta, NKeys, Pos, Out, PartO, PartL,
         sqb, sqh, sqm, skb, skh, sks, svb, svh, svs,
         smb, smh, smm, sms,
         skch, skcn, svch, svcn, swkh, swkn, swvh, swvn,
         sob, soh, som,
-        B, H, G, M, S, W, NB, C, block_q, TPB, SPLIT, qk_scale, D,
+        B, H, G, M, S, W, NB, C, NPOS, block_q, TPB, SPLIT, qk_scale, D,
         BQ: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
-        IEEE: tl.constexpr, SEARCH: tl.constexpr,
+        IEEE: tl.constexpr, SEARCH: tl.constexpr, POS_LIST: tl.constexpr,
     ):
         BLOCK_M: tl.constexpr = GP * BQ
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -102,21 +135,29 @@ if HAS_TRITON:
         # --- selected context clusters -------------------------------------------------------
         total = tl.load(NKeys + row)
         ntile = tl.cdiv(total, BLOCK_N)
-        per = tl.cdiv(ntile, SPLIT)
-        t0 = split * per
-        t1 = tl.minimum(ntile, t0 + per)
+        # every split gets floor or ceil of ntile / SPLIT context tiles; the window and new-token
+        # tiles go to the splits counted from the last one, so no split takes both extra loads
+        t0 = split * ntile // SPLIT
+        t1 = (split + 1) * ntile // SPLIT
+        rsplit = SPLIT - 1 - split
         cum_row = Cum + row * (C + 1)
-        if t0 < t1:
+        if POS_LIST:
+            # positions expanded beforehand (_expand_kernel): one index load per tile, no search,
+            # so the loop pipelines the K/V loads of the next tiles
+            v_end = tl.minimum(total, t1 * BLOCK_N)
+            for t in range(t0, t1):
+                v = t * BLOCK_N + kk
+                vvalid = v < v_end
+                pos = tl.load(Pos + row * NPOS + v, mask=vvalid, other=0)
+                kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
+                             mask=vvalid[None, :] & dmask[:, None], other=0.0)
+                vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
+                             mask=vvalid[:, None] & dmask[None, :], other=0.0)
+                m_i, l_i, acc = _online_update(q, kT, vt, vvalid[None, :], zero_add, m_i, l_i,
+                                               acc, qk_scale, False, IEEE)
+        elif t0 < t1:
             v0 = t0 * BLOCK_N
-            # start slot j = #{i >= 1 : cum[i] <= v0} (cum is non-decreasing): count on a strided
-            # sample, then inside the one stride that holds the boundary; two vector loads
-            stride = tl.cdiv(C + 1, SEARCH)
-            sj = tl.arange(0, SEARCH)
-            samp = tl.load(cum_row + sj * stride, mask=sj * stride <= C, other=2147483647)
-            base = (tl.sum((samp <= v0).to(tl.int32), axis=0) - 1) * stride
-            fi = base + 1 + sj
-            fine = tl.load(cum_row + fi, mask=(sj < stride - 1) & (fi <= C), other=2147483647)
-            j = base + tl.sum((fine <= v0).to(tl.int32), axis=0)
+            j = _start_slot(cum_row, v0, C, SEARCH)
             # indices of the first tile; inside the loop those of the next tile are fetched while
             # the current K/V tile loads (the index chain stays off the critical path)
             v = v0 + kk
@@ -146,7 +187,7 @@ if HAS_TRITON:
         # --- observation window ----------------------------------------------------------------
         nwt = tl.cdiv(W, BLOCK_N)
         per = tl.cdiv(nwt, SPLIT)
-        for t in range(split * per, tl.minimum(nwt, split * per + per)):
+        for t in range(rsplit * per, tl.minimum(nwt, rsplit * per + per)):
             n = t * BLOCK_N + kk
             nvalid = n < W
             kT = tl.load(Kw + h * swkh + n[None, :] * swkn + d[:, None],
@@ -162,7 +203,7 @@ if HAS_TRITON:
             s_hi = tl.minimum(S, tl.minimum(blk_end, m0 + BQ))
         nnt = tl.cdiv(s_hi, BLOCK_N)
         per = tl.cdiv(nnt, SPLIT)
-        for t in range(split * per, tl.minimum(nnt, split * per + per)):
+        for t in range(rsplit * per, tl.minimum(nnt, rsplit * per + per)):
             n = t * BLOCK_N + kk
             nvalid = n < s_hi
             kT = tl.load(Kn + b * skb + h * skh + n[None, :] * sks + d[:, None],

@@ -194,6 +194,10 @@ def _fake_mode(node: Node):
     return getattr(val, "fake_mode", None)
 
 
+_CENTROID_FIELDS = ("centroids", "coarse_centroids")
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _layer_buffers(gm: GraphModule, ctx: SqueezedContext, layer: int, anchor_graph_start: Node,
                    cache: dict[int, list[Node | None]], report: RewriteReport, meta_key: str | None,
                    fake_mode: Any) -> list[Node | None]:
@@ -206,6 +210,10 @@ def _layer_buffers(gm: GraphModule, ctx: SqueezedContext, layer: int, anchor_gra
             if t is None:
                 nodes.append(None)
                 continue
+            if name in _CENTROID_FIELDS and lc.keys.dtype in _HALF and t.dtype != lc.keys.dtype:
+                # the lookup reads every centroid at each step: half the bytes in the keys'
+                # half dtype, and the products stay exact on tensor cores (kernels/cuda.lookup)
+                t = t.to(lc.keys.dtype)
             attr = f"sqz_L{layer}_{name}"
             gm.register_buffer(attr, t)
             node = gm.graph.get_attr(attr)
