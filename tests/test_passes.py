@@ -180,6 +180,25 @@ def test_context_tensors_become_buffers_and_survive_reexport():
     torch.testing.assert_close(ep.module()(q, k, v, mask), gm(q, k, v, mask))
 
 
+def test_half_precision_context_gets_centroid_buffers_in_its_dtype():
+    """The lookup reads every centroid each step: a bf16 model's graph holds them in bf16 (half
+    the bytes); the context keeps float32 and the keys stay views."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, H, L, D, generator=g).bfloat16()
+    values = torch.randn(1, H, L, D, generator=g).bfloat16()
+    queries = torch.randn(1, HQ, 6, D, generator=g)
+    ctx = squeeze_kv(keys, values, queries, D ** -0.5,
+                     SqueezeConfig(keep=0.5, cluster_ratio=0.25, observation_window=6), progress=False)
+    assert ctx.centroids.dtype == torch.float32
+    q, k, v, mask = (t.bfloat16() if t.is_floating_point() else t for t in inputs())
+    gm = torch.export.export(Stack(["gqa"]).eval(), (q, k, v, mask)).module()
+    rewrite_attention(gm, ctx)
+    bufs = dict(gm.named_buffers())
+    assert bufs["sqz_L0_centroids"].dtype == torch.bfloat16
+    assert bufs["sqz_L0_keys"].data_ptr() == ctx.layer(0).keys.data_ptr()
+    assert all(torch.isfinite(o.float()).all() for o in gm(q, k, v, mask))
+
+
 @pytest.mark.parametrize("spelling,reason", [
     ("softcap", "soft-capping"),
     ("weights_reused", "attention weights are used elsewhere"),
