@@ -521,8 +521,18 @@ def _variant_fields(v: Variant | None, method: str) -> dict[str, Any]:
     return {"method": method, "keep": v.keep, "lookup": v.lookup, "mode": v.mode}
 
 
-def _methods(settings: EvalSettings, v: Variant) -> list[str]:
-    return ["squeezed"] + (["oracle"] if settings.wants_oracle(v) else [])
+def _scored_runs(settings: EvalSettings, base: SqueezedContext):
+    """(variant, method, its context, LayerStats for squeezed runs else None) for every run a
+    task scores: each variant squeezed, plus its oracle when asked for."""
+    for v in settings.variants():
+        vctx = variant_context(base, v)
+        for method in ["squeezed"] + (["oracle"] if settings.wants_oracle(v) else []):
+            yield v, method, vctx, LayerStats(base.num_layers) if method == "squeezed" else None
+
+
+def _run_mode(model, vctx: SqueezedContext, method: str, settings: EvalSettings,
+              stats: "LayerStats | None" = None):
+    return squeezed_mode(model, vctx, oracle=method == "oracle", block_q=settings.block_q, stats=stats)
 
 
 def run_ppl(model, tokenizer, settings: EvalSettings, context_len: int,
@@ -545,18 +555,15 @@ def run_ppl(model, tokenizer, settings: EvalSettings, context_len: int,
     dense["cache_vs_full_max_abs_logit_diff"] = float((via_cache - full).abs().max())
     emit({"task": "ppl", "context": context_len, **_variant_fields(None, "dense"), **dense,
           "seconds": round(time.perf_counter() - t0, 2)})
-    for v in settings.variants():
-        vctx = variant_context(base, v)
-        for method in _methods(settings, v):
-            t0 = time.perf_counter()
-            stats = LayerStats(base.num_layers) if method == "squeezed" else None
-            with squeezed_mode(model, vctx, oracle=method == "oracle", block_q=settings.block_q, stats=stats):
-                logits = user_logits(model, user)[0, :-1]
-            rec = {"task": "ppl", "context": context_len, **_variant_fields(v, method),
-                   **compare_logits(full, logits, targets), "seconds": round(time.perf_counter() - t0, 2)}
-            if stats is not None:
-                rec["layers"] = stats.to_json()
-            emit(rec)
+    for v, method, vctx, stats in _scored_runs(settings, base):
+        t0 = time.perf_counter()
+        with _run_mode(model, vctx, method, settings, stats):
+            logits = user_logits(model, user)[0, :-1]
+        rec = {"task": "ppl", "context": context_len, **_variant_fields(v, method),
+               **compare_logits(full, logits, targets), "seconds": round(time.perf_counter() - t0, 2)}
+        if stats is not None:
+            rec["layers"] = stats.to_json()
+        emit(rec)
 
 
 def run_niah(model, tokenizer, settings: EvalSettings, context_len: int, needle_index: int, depth: float,
@@ -581,20 +588,17 @@ def run_niah(model, tokenizer, settings: EvalSettings, context_len: int, needle_
     ans = answer_text(tokenizer, gen)
     emit({**case, **_variant_fields(None, "dense"), "answer": ans, "hit": needle.answer in ans.lower(),
           **compare_logits(dense_logits, dense_logits), "seconds": round(time.perf_counter() - t0, 2)})
-    for v in settings.variants():
-        vctx = variant_context(base, v)
-        for method in _methods(settings, v):
-            t0 = time.perf_counter()
-            stats = LayerStats(base.num_layers) if method == "squeezed" else None
-            with squeezed_mode(model, vctx, oracle=method == "oracle", block_q=settings.block_q, stats=stats):
-                logits = user_logits(model, tf)[0, scored]
-            with squeezed_mode(model, vctx, oracle=method == "oracle", block_q=settings.block_q):
-                ans = answer_text(tokenizer, greedy_answer(model, user, None, tokenizer, settings.max_new_tokens))
-            rec = {**case, **_variant_fields(v, method), "answer": ans, "hit": needle.answer in ans.lower(),
-                   **compare_logits(dense_logits, logits), "seconds": round(time.perf_counter() - t0, 2)}
-            if stats is not None:
-                rec["layers"] = stats.to_json()
-            emit(rec)
+    for v, method, vctx, stats in _scored_runs(settings, base):
+        t0 = time.perf_counter()
+        with _run_mode(model, vctx, method, settings, stats):
+            logits = user_logits(model, tf)[0, scored]
+        with _run_mode(model, vctx, method, settings):
+            ans = answer_text(tokenizer, greedy_answer(model, user, None, tokenizer, settings.max_new_tokens))
+        rec = {**case, **_variant_fields(v, method), "answer": ans, "hit": needle.answer in ans.lower(),
+               **compare_logits(dense_logits, logits), "seconds": round(time.perf_counter() - t0, 2)}
+        if stats is not None:
+            rec["layers"] = stats.to_json()
+        emit(rec)
 
 
 def run(model, tokenizer, settings: EvalSettings, emit: Callable[[dict], None],
