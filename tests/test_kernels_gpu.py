@@ -94,6 +94,30 @@ def test_random_shapes(shape, mode):
     assert rel_err(out, ref) < tol
 
 
+@pytest.mark.parametrize("mode", ["flat", "hier"])
+@pytest.mark.parametrize("b,h,g,m,n,c", [(1, 8, 4, 1, 131071, 6553), (3, 2, 8, 1, 20011, 1000),
+                                         (2, 4, 2, 2, 5003, 250)])
+def test_fused_decode_positions_match_cluster_list(b, h, g, m, n, c, mode):
+    """Decode's one-kernel selection (scores, threshold, look-back over ~50 splits, positions)
+    equals the cluster list expanded, with a skewed last cluster holding thousands of keys."""
+    cuda = _cuda()
+    cs = make_case(b=b, h=h, g=g, m=m, s=1, d=128, n=n, c=c, w=8, dtype=torch.bfloat16,
+                   coarse=max(2, c // 20) if mode == "hier" else 0, device=DEV, seed=n)
+    thr = threshold_for_keep(cs, 0.1, 64)
+    cthr = torch.tensor(-6.0, device=DEV) if mode == "hier" else None
+    args = (cs.q, cs.centroids.to(cs.q.dtype), cs.offsets, thr, cs.coarse_centroids,
+            cs.coarse_offsets, cthr, cs.scale, 64, 0)
+    _poison_allocator()
+    fused = cuda.lookup(*args, positions=n)
+    plain = cuda.lookup(*args)
+    assert fused.idx is None
+    want = cuda.expand_positions(plain, n)
+    assert torch.equal(fused.nkeys, plain.nkeys)
+    for row in range(want.shape[0]):
+        k = int(plain.nkeys[row])
+        assert torch.equal(fused.pos[row, :k], want[row, :k]), f"row {row}"
+
+
 @pytest.mark.parametrize("keep", [0.0, 1.0])
 @pytest.mark.parametrize("m", [1, 70])
 def test_op_keep_extremes_equal_cpu_reference(keep, m):

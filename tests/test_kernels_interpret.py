@@ -73,6 +73,33 @@ def test_lookup_matches_reference(shape, block_q, tiles, mode):
     _check_selection_tables(cs, sel)
 
 
+@pytest.mark.parametrize("hier", [False, True], ids=["flat", "hier"])
+@pytest.mark.parametrize("kw,block_q", [(dict(b=2, h=2, g=2, m=1, n=60, c=21), 4),
+                                        (dict(b=1, h=3, g=4, m=1, n=97, c=40), 1),
+                                        (dict(b=1, h=1, g=1, m=3, n=9, c=1), 4),
+                                        (dict(b=4, h=4, g=1, m=1, n=80, c=40), 4)])
+def test_fused_decode_positions(kw, block_q, hier):
+    """Decode in threshold mode writes the kept keys' positions in one kernel (scores, threshold,
+    look-back over the splits): they equal the cluster list expanded, for every row. The last
+    case has chunks of several cluster tiles (16 rows: one split)."""
+    cs = make_case(**kw, coarse=3 if hier else 0, device=DEV, seed=kw["c"])
+    thr = threshold_for_keep(cs, 0.3, block_q)
+    cthr = torch.tensor(-2.0, device=DEV) if hier else None
+    n = cs.keys.shape[1]
+    args = (cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets, cthr,
+            cs.scale, block_q, 0)
+    fused = cuda.lookup(*args, tiles=(16, 16), positions=n)
+    assert fused.idx is None  # the fused path ran (no cluster list)
+    plain = cuda.lookup(*args, tiles=(16, 16))
+    idx, _ = _ref_lookup(cs, thr, block_q, 0, cthr)
+    assert torch.equal(plain.idx.cpu(), idx.cpu())
+    want = cuda.expand_positions(plain, n)
+    assert torch.equal(fused.nkeys.cpu(), plain.nkeys.cpu())
+    for row in range(want.shape[0]):
+        k = int(plain.nkeys[row])
+        assert torch.equal(fused.pos[row, :k].cpu(), want[row, :k].cpu())
+
+
 def test_lookup_budget_ties_and_extremes():
     """Tied scores (duplicated centroids of equal-size clusters) are cut in ascending index order;
     budget 1 and a budget above N behave like the reference."""

@@ -92,6 +92,9 @@ class Selection(NamedTuple):
     cum: torch.Tensor    # [B*H*NB, C+1] int32: keys of the slots before j (nkeys past count)
     delta: torch.Tensor  # [B*H*NB, C] int32: cluster start - cum, per slot
     nkeys: torch.Tensor  # [B*H*NB] int32: kept context keys
+    # [B*H*NB, N] int32: sorted position of each kept key (lookup(positions=N)); with it the
+    # decode lookup may leave idx/count/cum/delta unset (None)
+    pos: Optional[torch.Tensor] = None
 
 
 class LookupConfig(NamedTuple):
@@ -104,26 +107,29 @@ class LookupConfig(NamedTuple):
 def lookup_config(qrows: int, half_centroids: bool = False) -> LookupConfig:
     """Decode (few query rows) stores its few scores per cluster instead of reading the
     centroids twice; prefill recomputes them. Half-precision centroid tiles fit 128 clusters
-    (float32 ones at 128 run out of registers: measured on the H100, benchmarks/NOTES.md)."""
+    (float32 ones at 128 run out of registers); prefill scores half-precision queries against a
+    half copy of the centroids. Measured on the H100: benchmarks/NOTES.md v6, v7."""
+    bc = 128 if half_centroids else 64
     if qrows <= 16:
-        return LookupConfig(16, 128 if half_centroids else 64, True, 4)
-    return LookupConfig(64, 64, False, 4)
+        return LookupConfig(16, bc, True, 4)
+    return LookupConfig(64, bc, False, 4)
 
 
 def _lse(q, cent, off, co, par, flags, nflag, scale, dims, split, chunk, qt, bc, two_level,
-         filt, scores, store, load, ieee, nw):
+         filt, scores, store, load, ieee, nw, sync=None):
     b, h, nb, g, bq, m, block_q, d = dims
     rows = b * h * nb
     nqt = _cdiv(g * bq, qt)
     part = torch.empty((rows, split, nqt * qt), device=q.device, dtype=torch.float32)
     c = cent.shape[1]
     _launch(_lk._lse_kernel, (rows, split),
-            q, cent, off, co, par, flags, part, scores,
+            q, cent, off, co, par, flags, part, scores, part if sync is None else sync,
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1),
             off.stride(0), co.stride(0), par.stride(0),
             h, nb, g, bq, m, block_q, c, nflag, d, split, chunk, nqt, float(scale),
             QT=qt, BC=bc, BLOCK_D=_pow2(d), TWO_LEVEL=two_level, FILTER=filt,
-            STORE_SCORES=store, LOAD_SCORES=load, DOT=ieee, num_warps=nw)
+            STORE_SCORES=store, LOAD_SCORES=load, DOT=ieee, ZERO_SYNC=sync is not None,
+            num_warps=nw)
     return part
 
 
@@ -138,10 +144,13 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
            coarse_offsets: Optional[torch.Tensor], coarse_log_threshold: Optional[torch.Tensor],
            scale: float, block_q: int, budget: int,
            tiles: Optional[tuple[int, int]] = None,
-           config: Optional[LookupConfig] = None) -> Selection:
+           config: Optional[LookupConfig] = None, positions: int = 0) -> Selection:
     """Centroid lookup on the GPU (flat or hierarchical; threshold or budget mode).
     tiles=(query tile, cluster tile) overrides the heuristic (tests use it to force splits);
-    config overrides it whole (benchmarks sweep it). Centroids may be float32 or q's dtype."""
+    config overrides it whole (benchmarks sweep it). Centroids may be float32 or q's dtype.
+    positions=N (the context length) also returns the kept keys' positions (Selection.pos);
+    decode in threshold mode then writes them from the scores in one fused kernel
+    (`_select_kernel`) and skips the cluster list (idx, count, cum, delta are None)."""
     _check_device(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                   coarse_log_threshold)
     if q.stride(-1) != 1:
@@ -158,7 +167,8 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     rows = bsz * h * nb
     dev = q.device
     same_half = centroids.dtype == q.dtype and q.dtype != torch.float32
-    qt, bc, store, nw = config or lookup_config(g * bq, same_half)
+    half_q = q.dtype in (torch.float16, torch.bfloat16)
+    qt, bc, store, nw = config or lookup_config(g * bq, same_half or (half_q and g * bq > 16))
     if tiles is not None:
         qt, bc = tiles
         store = store and _cdiv(g * bq, qt) == 1
@@ -189,6 +199,9 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
 
     split, chunk = _splits(_hint(rows), c, bc, sms)
     best = torch.empty((rows, c), device=dev, dtype=torch.float32)
+    positions = int(positions)
+    fused = positions > 0 and store and int(budget) <= 0
+    sync = torch.empty((rows, split), device=dev, dtype=torch.int64) if fused else None
     scores = torch.empty((rows, qt, c), device=dev, dtype=torch.float32) if store else dummy_f
     hier = coarse_centroids is not None
     if hier:
@@ -219,18 +232,31 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
                                  torch.arange(c, device=dev, dtype=torch.int32).expand(h, c).contiguous(),
                                  right=True).to(torch.int32)
         fpart = _lse(q, centroids, offsets, dummy_i, par, ckeep, cc, scale, dims, split, chunk,
-                     qt, bc, False, 1, scores, store, False, ieee, nw)
+                     qt, bc, False, 1, scores, store, False, ieee, nw, sync)
         part2, split2, filt = ppart, csplit, 1
         flags, nflag = ckeep, cc
     else:
         fpart = _lse(q, centroids, offsets, dummy_i, dummy_i, dummy_i, 1, scale, dims, split,
-                     chunk, qt, bc, False, 0, scores, store, False, ieee, nw)
+                     chunk, qt, bc, False, 0, scores, store, False, ieee, nw, sync)
         part2, split2, filt, par, flags, nflag = dummy_f, 1, 0, dummy_i, dummy_i, 1
 
-    budget = int(budget)
+    thr = log_threshold.to(torch.float32)
+    if fused:
+        pos = torch.empty((rows, positions), **i32)
+        nkeys = torch.empty(rows, **i32)
+        # scratch: the cluster list's slots, unpadded (the positions are what is returned)
+        cum = torch.empty((rows, c + 1), **i32)
+        delta = torch.empty((rows, c), **i32)
+        keep = torch.empty((rows, c), device=dev, dtype=torch.int8) if chunk > bc else dummy_i
+        _launch(_lk._select_kernel, (rows, split),
+                offsets, par, flags, fpart, part2, scores, keep, thr, sync, cum, delta, pos, nkeys,
+                offsets.stride(0), par.stride(0) if par.dim() == 2 else 0,
+                h, nb, g, bq, m, block_q, c, nflag, split, chunk, split2, positions,
+                QT=qt, BC=bc, FILTER=filt, HAS_L2=hier, SP1=_pow2(split), SP2=_pow2(split2),
+                ONE_TILE=chunk <= bc, SB=8, KB=128, num_warps=4)
+        return Selection(None, None, None, None, nkeys, pos)
     cnt_s = torch.empty((rows, split), **i32)
     sum_s = torch.empty((rows, split), **i32)
-    thr = log_threshold.to(torch.float32)
     _launch(_lk._best_kernel, (rows, split),
             q, centroids, offsets, dummy_i, par, flags, fpart, part2, scores, best, thr,
             cnt_s, sum_s, dummy_i,
@@ -256,7 +282,23 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
             h, nb, c, offsets.stride(0), split, chunk,
             BUDGET=budget > 0, BLOCK=min(1024, max(16, _pow2(chunk))), SPLIT_P=max(2, _pow2(split)),
             num_warps=4)
-    return Selection(idx, count, cum, delta, nkeys)
+    sel = Selection(idx, count, cum, delta, nkeys)
+    return sel._replace(pos=expand_positions(sel, positions)) if positions > 0 else sel
+
+
+_POS_KB = 512  # positions written per step of the vector binary search
+
+
+def expand_positions(sel: Selection, n_ctx: int) -> torch.Tensor:
+    """[rows, n_ctx] int32: the sorted position of each row's kept keys, from the cluster list
+    (`_expand_kernel`; the decode lookup in threshold mode writes it directly instead)."""
+    rows, c = sel.delta.shape
+    pos = torch.empty((rows, n_ctx), device=sel.delta.device, dtype=torch.int32)
+    per = 4 * _POS_KB  # keys per program: programs past a row's kept keys return at once
+    _launch(_lk._expand_kernel, (rows, _cdiv(n_ctx, per)),
+            sel.cum, sel.delta, sel.nkeys, pos, c, n_ctx, per, KB=_POS_KB,
+            LOG=int(c).bit_length(), num_warps=4)
+    return pos
 
 
 def select_clusters(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
@@ -280,8 +322,9 @@ class AttnConfig(NamedTuple):
     pos_list: bool = False  # expand the kept keys' positions first (_expand_kernel)
 
 
-# positions buffer [rows, context keys] int32: expanded only while it stays this small
-_POS_LIST_BYTES = 64 << 20
+# positions buffer [rows, context keys] int32: used only while it stays this small (prefill of
+# 1024 tokens over 128K context with 8 KV heads needs 64 MiB + 4 MiB)
+_POS_LIST_BYTES = 128 << 20
 
 
 def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int, w: int, s: int,
@@ -295,7 +338,7 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     if decode:
         bq = max(_pow2(bqv), 16 // gp)
         block_n = 64 if d <= 128 else 32
-        warps, stages = 4, 3
+        warps, stages = 4, 2  # more stages gain nothing here: benchmarks/NOTES.md v7
     else:
         bq = max(1, min(_pow2(bqv), 128 // gp)) if gp <= 128 else 1
         block_n = 64 if d <= 128 else 32
@@ -308,9 +351,9 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     # query tiles alone leave SMs idle
     want = 4 * sms if decode else sms
     split = max(1, min(_cdiv(want, progs), max(1, max_tiles // 4)))
-    # decode reads each kept key once per row: a list of their positions (written by a small
-    # kernel) takes the slot search out of the attention loop, whose K/V loads then pipeline
-    pos_list = decode and _hint(bsz) * h * nb * n_ctx * 4 <= _POS_LIST_BYTES
+    # a list of the kept keys' positions (written by the lookup) takes the slot search out of
+    # the attention loop, whose K/V loads then pipeline; its buffer is bounded
+    pos_list = _hint(bsz) * h * nb * n_ctx * 4 <= _POS_LIST_BYTES
     return AttnConfig(bq, gp, block_n, split, warps, stages, pos_list)
 
 
@@ -343,7 +386,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     g = hq // h
     s = k_new.shape[2]
     w = window_keys.shape[1]
-    c = sel.delta.shape[1]
+    c = sel.delta.shape[1] if sel.delta is not None else 1
     block_q = int(block_q)
     nb = _cdiv(m, block_q)
     cfg = config or attention_config(bsz, h, g, m, block_q, n_ctx, w, s, d, _sm_count(q))
@@ -370,14 +413,17 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         out = torch.empty((bsz, hq, m, d), device=dev, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"sqz: out must be a contiguous {tuple(q.shape)} {q.dtype} tensor")
-    if cfg.pos_list:
-        sel_rows = bsz * h * nb
-        pos = torch.empty((sel_rows, n_ctx), device=dev, dtype=torch.int32)
-        sb = 8  # few slots per program: many programs share the writing of a row's keys
-        _launch(_sa._expand_kernel, (sel_rows, _cdiv(c, sb)),
-                sel.cum, sel.delta, sel.count, pos, c, n_ctx, SB=sb, KB=64, num_warps=4)
+    pos = sel.pos
+    if pos is None and cfg.pos_list:
+        pos = expand_positions(sel, n_ctx)
+    use_pos = pos is not None
+    if use_pos:
+        cum = delta = sel.nkeys  # unused by the position-list loop
     else:
-        pos = sel.nkeys  # unused
+        if sel.cum is None:
+            raise ValueError("sqz: this Selection holds only positions; run lookup without "
+                             "positions= for the cluster-list attention")
+        cum, delta, pos = sel.cum, sel.delta, sel.nkeys  # pos unused
     partial = cfg.split > 1
     if partial:
         part_o = torch.empty((cfg.split, bsz, hq, m, d), device=dev, dtype=torch.float32)
@@ -387,7 +433,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     grid = (bsz * h * nb * tpb, cfg.split)
     _launch(_sa._sparse_attn_kernel, grid,
             q, k_new, v_new, mask, ctx_keys, ctx_values, window_keys, window_values,
-            sel.cum, sel.delta, sel.nkeys, pos, out, part_o, part_l,
+            cum, delta, sel.nkeys, pos, out, part_o, part_l,
             q.stride(0), q.stride(1), q.stride(2),
             k_new.stride(0), k_new.stride(1), k_new.stride(2),
             v_new.stride(0), v_new.stride(1), v_new.stride(2),
@@ -399,7 +445,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
             IEEE=q.dtype == torch.float32 or _interpreting(), SEARCH=_search_width(c),
-            POS_LIST=cfg.pos_list,
+            POS_LIST=use_pos,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         rows = bsz * hq * m
@@ -417,8 +463,13 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                        coarse_offsets: Optional[torch.Tensor],
                        coarse_log_threshold: Optional[torch.Tensor], scale: float,
                        is_causal: bool, budget: int, block_q: int) -> torch.Tensor:
-    """CUDA implementation of torch.ops.sqz.squeezed_attention: lookup, then sparse attention."""
+    """CUDA implementation of torch.ops.sqz.squeezed_attention: lookup, then sparse attention
+    (decode: the lookup writes the kept keys' positions for the attention loop)."""
+    h, n_ctx, d = ctx_keys.shape
+    cfg = attention_config(q.shape[0], h, q.shape[1] // h, q.shape[2], int(block_q), n_ctx,
+                           window_keys.shape[1], k_new.shape[2], d, _sm_count(q))
     sel = lookup(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
-                 coarse_log_threshold, scale, block_q, budget)
+                 coarse_log_threshold, scale, block_q, budget,
+                 positions=n_ctx if cfg.pos_list else 0)
     return sparse_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, sel, window_keys,
-                            window_values, scale, is_causal, block_q)
+                            window_values, scale, is_causal, block_q, config=cfg)

@@ -223,22 +223,26 @@ if HAS_TRITON:
         return _dot_mu(q, _load_mu(Cent, h, c, cvalid, sch, scc, D, BLOCK_D), scale, DOT)
 
     @triton.jit
-    def _lse_kernel(Q, Cent, Off, CO, Par, Flags, PartL, Scores,
+    def _lse_kernel(Q, Cent, Off, CO, Par, Flags, PartL, Scores, Sync,
                     sqb, sqh, sqm, sch, scc, soh, scoh, sph,
                     H, NB, G, BQ, M, block_q, C, NFLAG, D, SPLIT, chunk, NQT, scale,
                     QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
                     TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr,
-                    STORE_SCORES: tl.constexpr, LOAD_SCORES: tl.constexpr, DOT: tl.constexpr):
+                    STORE_SCORES: tl.constexpr, LOAD_SCORES: tl.constexpr, DOT: tl.constexpr,
+                    ZERO_SYNC: tl.constexpr):
         """PartL[row, split, r] = logsumexp over this split's clusters of s q_r.mu_c + log n_c.
-        Decode stores the scores (STORE_SCORES) for later passes to load instead of recompute."""
+        Decode stores the scores of the valid query rows (STORE_SCORES) for later passes to load
+        instead of recompute. ZERO_SYNC: clear the flags `_select_kernel` publishes into."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         h = (row // NB) % H
         c_lo = split * chunk
         c_hi = tl.minimum(C, c_lo + chunk)
+        if ZERO_SYNC:
+            tl.store(Sync + row * SPLIT + split, tl.zeros([], tl.int64))
         for qt in range(0, NQT):
-            q, r, _ = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M, block_q, D,
-                                   QT, BLOCK_D)
+            q, r, qvalid = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M, block_q, D,
+                                        QT, BLOCK_D)
             mx = tl.full([QT], float("-inf"), tl.float32)
             sm = tl.zeros([QT], tl.float32)
             for c0 in range(c_lo, c_hi, BC):
@@ -255,12 +259,12 @@ if HAS_TRITON:
                 if live:
                     if LOAD_SCORES:
                         s = tl.load(Scores + (row * QT + r[:, None]) * C + c[None, :],
-                                    mask=ok[None, :], other=0.0)
+                                    mask=qvalid[:, None] & ok[None, :], other=0.0)
                     else:
                         s = _scores(q, Cent, h, c, ok, sch, scc, D, scale, BLOCK_D, DOT)
                     if STORE_SCORES:
                         tl.store(Scores + (row * QT + r[:, None]) * C + c[None, :], s,
-                                 mask=ok[None, :])
+                                 mask=qvalid[:, None] & ok[None, :])
                     t = s + logn[None, :]
                     new = tl.maximum(mx, tl.max(t, axis=1))
                     safe = tl.where(new == float("-inf"), 0.0, new)
@@ -327,7 +331,7 @@ if HAS_TRITON:
             if live:
                 if LOAD_SCORES:
                     s = tl.load(Scores + (row * QT + r0[:, None]) * C + c[None, :],
-                                mask=ok[None, :], other=0.0)
+                                mask=rvalid0[:, None] & ok[None, :], other=0.0)
                     ls = tl.where(rvalid0[:, None] & ok[None, :], s - lse0[:, None], float("-inf"))
                     best = tl.max(ls, axis=0)
                 else:
@@ -478,3 +482,152 @@ if HAS_TRITON:
             tl.store(Count + row, total)
             tl.store(NKeys + row, tkeys)
             tl.store(Cum + row * (C + 1) + C, tkeys)
+
+    @triton.jit
+    def _positions_from_slots(Pos, Cum, Delta, row, C, NPOS, j_lo, j_hi, v_lo, v_hi,
+                              KB: tl.constexpr, LOG: tl.constexpr):
+        """Pos[row, v] = v + Delta[row, j] for the kept keys v in [v_lo, v_hi), where slot j is the
+        last one of [j_lo, j_hi) with Cum[row, j] <= v (kept clusters are never empty, so it is
+        the slot holding v): a vector binary search of LOG steps (2**LOG >= j_hi - j_lo), so the
+        work follows the number of keys, whatever the cluster sizes."""
+        kb = tl.arange(0, KB)
+        for v0 in range(v_lo, v_hi, KB):
+            v = v0 + kb
+            ok = v < v_hi
+            lo = tl.zeros([KB], tl.int32) + j_lo  # Cum[lo] <= v
+            hi = tl.zeros([KB], tl.int32) + j_hi  # the slot is below hi
+            for _ in tl.static_range(LOG):
+                go = ok & (hi - lo > 1)
+                mid = (lo + hi) // 2
+                right = go & (tl.load(Cum + row * (C + 1) + mid, mask=go, other=0) <= v)
+                lo = tl.where(right, mid, lo)
+                hi = tl.where(go & ~right, mid, hi)
+            d = tl.load(Delta + row * C + lo, mask=ok, other=0)
+            tl.store(Pos + row * NPOS + v, v + d, mask=ok)
+
+    @triton.jit
+    def _expand_kernel(Cum, Delta, NKeys, Pos, C, NPOS, PER, KB: tl.constexpr, LOG: tl.constexpr):
+        """Pos[row, v] for the kept keys v of [p * PER, (p + 1) * PER), from a full cluster list
+        (the lookups that do not write the positions themselves)."""
+        row = tl.program_id(0)
+        v_lo = tl.program_id(1) * PER
+        v_hi = tl.minimum(tl.load(NKeys + row), v_lo + PER)
+        if v_lo < v_hi:
+            _positions_from_slots(Pos, Cum, Delta, row, C, NPOS, 0, C, v_lo, v_hi, KB, LOG)
+
+    @triton.jit
+    def _positions_by_slot(Pos, Cum, Delta, row, C, NPOS, j_lo, j_hi, v_hi,
+                           SB: tl.constexpr, KB: tl.constexpr):
+        """Pos[row, v] for the keys of slots [j_lo, j_hi) (the last one ends at v_hi): SB slots at
+        a time, KB keys of each per step. The stores are independent, so a cluster of thousands
+        of keys costs a few steps of stores, not a chain of loads."""
+        sb = tl.arange(0, SB)
+        kb = tl.arange(0, KB)
+        for j0 in range(j_lo, j_hi, SB):
+            j = j0 + sb
+            ok = j < j_hi
+            c0 = tl.load(Cum + row * (C + 1) + j, mask=ok, other=0)
+            c1 = tl.where(j + 1 < j_hi, tl.load(Cum + row * (C + 1) + j + 1,
+                                                 mask=j + 1 < j_hi, other=0), v_hi)
+            n = tl.where(ok, c1 - c0, 0)
+            start = c0 + tl.load(Delta + row * C + j, mask=ok, other=0)
+            for k0 in range(0, tl.max(n, axis=0), KB):
+                k = k0 + kb
+                tl.store(Pos + row * NPOS + c0[:, None] + k[None, :], start[:, None] + k[None, :],
+                         mask=k[None, :] < n[:, None])
+
+    @triton.jit
+    def _select_tile(Off, Par, Flags, Scores, row, h, c, cvalid, r, rvalid, lse, thr, soh, sph, C,
+                     NFLAG, QT: tl.constexpr, FILTER: tl.constexpr):
+        """Threshold decision for a tile of clusters from the stored scores: (keep, sizes)."""
+        n, logn, ok = _log_sizes(Off, Off, Par, Flags, row, h, c, cvalid, soh, 0, sph, NFLAG,
+                                 False, FILTER)
+        s = tl.load(Scores + (row * QT + r[:, None]) * C + c[None, :],
+                    mask=rvalid[:, None] & ok[None, :], other=0.0)
+        best = tl.max(tl.where(rvalid[:, None] & ok[None, :], s - lse[:, None], float("-inf")),
+                      axis=0)
+        return cvalid & (best > thr), n
+
+    @triton.jit
+    def _append_slots(Cum, Delta, row, C, keep, n, start, j, kbase):
+        """Appends a tile's kept clusters to the cluster list at slot j (keys so far: kbase):
+        Cum = keys before the slot, Delta = cluster start - Cum. Returns the next (j, kbase)."""
+        ki = keep.to(tl.int32)
+        nk = tl.where(keep, n, 0)
+        slot = j + tl.cumsum(ki, axis=0) - ki
+        cpos = kbase + tl.cumsum(nk, axis=0) - nk
+        tl.store(Cum + row * (C + 1) + slot, cpos, mask=keep)
+        tl.store(Delta + row * C + slot, start - cpos, mask=keep)
+        return j + tl.sum(ki, axis=0), kbase + tl.sum(nk, axis=0)
+
+    @triton.jit
+    def _select_kernel(Off, Par, Flags, PartL, PartL2, Scores, Keep, Thr, Sync, Cum, Delta,
+                       Pos, NKeys,
+                       soh, sph, H, NB, G, BQ, M, block_q, C, NFLAG, SPLIT, chunk,
+                       SPLIT_L2, NPOS,
+                       QT: tl.constexpr, BC: tl.constexpr, FILTER: tl.constexpr,
+                       HAS_L2: tl.constexpr, SP1: tl.constexpr, SP2: tl.constexpr,
+                       ONE_TILE: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr):
+        """Decode, threshold mode: _best_kernel, _compact_kernel and the attention's position
+        list in one launch. Each program scores its chunk of clusters from the stored scores,
+        publishes (kept clusters, kept keys) into Sync[row, split] (zeroed by _lse_kernel) and
+        waits for the splits before it (decoupled look-back: they have lower block ids, so they
+        are already resident or done). Then it writes its slots of Cum/Delta and Pos[row, v],
+        the sorted position of the row's v-th kept key, for its kept keys; the last split writes
+        NKeys[row]."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        h = (row // NB) % H
+        nb = row % NB
+        r = tl.arange(0, QT)
+        rvalid = (r // BQ < G) & (r % BQ < tl.minimum(BQ, M - nb * block_q))
+        lse = _merged_lse(PartL, SPLIT, PartL2, SPLIT_L2, row, r, QT, QT, HAS_L2, SP1, SP2)
+        thr = tl.load(Thr)
+        c_lo = split * chunk
+        c_hi = tl.minimum(C, c_lo + chunk)
+        if ONE_TILE:  # the whole chunk in one tile, kept in registers for the writes below
+            c = c_lo + tl.arange(0, BC)
+            keep, n = _select_tile(Off, Par, Flags, Scores, row, h, c, c < c_hi, r, rvalid, lse,
+                                   thr, soh, sph, C, NFLAG, QT, FILTER)
+            cnt = tl.sum(keep.to(tl.int64), axis=0)
+            ssum = tl.sum(tl.where(keep, n, 0).to(tl.int64), axis=0)
+        else:
+            cnt = tl.zeros([], tl.int64)
+            ssum = tl.zeros([], tl.int64)
+            for c0 in range(c_lo, c_hi, BC):
+                c = c0 + tl.arange(0, BC)
+                keep, n = _select_tile(Off, Par, Flags, Scores, row, h, c, c < c_hi, r, rvalid,
+                                       lse, thr, soh, sph, C, NFLAG, QT, FILTER)
+                tl.store(Keep + row * C + c, keep.to(tl.int8), mask=c < c_hi)
+                cnt += tl.sum(keep.to(tl.int64), axis=0)
+                ssum += tl.sum(tl.where(keep, n, 0).to(tl.int64), axis=0)
+        # publish (flag bit 62 | clusters << 32 | keys) in one atomic word, then sum the
+        # predecessors' words once every one of them is set (polled with volatile loads: atomics
+        # from hundreds of programs on the same lines would serialise in L2)
+        ready = tl.full([], 1 << 62, tl.int64)
+        tl.atomic_xchg(Sync + row * SPLIT + split, ready | (cnt << 32) | ssum)
+        sp = tl.arange(0, SP1)
+        pred = sp < split
+        word = tl.load(Sync + row * SPLIT + sp, mask=pred, other=1 << 62, volatile=True)
+        while tl.min(word >> 62, axis=0) == 0:
+            word = tl.load(Sync + row * SPLIT + sp, mask=pred, other=1 << 62, volatile=True)
+        jbase = tl.sum(tl.where(pred, (word >> 32) & 0x3FFFFFFF, 0), axis=0).to(tl.int32)
+        kbase = tl.sum(tl.where(pred, word & 0xFFFFFFFF, 0), axis=0).to(tl.int32)
+        # this split's slots of the cluster list (Cum, Delta; not padded), then its keys
+        j = jbase
+        cbase = kbase
+        if ONE_TILE:  # the chunk is the tile scored above: still in registers
+            start = tl.load(Off + h * soh + c, mask=keep, other=0)
+            j, cbase = _append_slots(Cum, Delta, row, C, keep, n, start, j, cbase)
+        else:
+            tl.debug_barrier()  # the flags are re-read by other threads than those that stored them
+            for c0 in range(c_lo, c_hi, BC):
+                c = c0 + tl.arange(0, BC)
+                keep = tl.load(Keep + row * C + c, mask=c < c_hi, other=0) != 0
+                start = tl.load(Off + h * soh + c, mask=keep, other=0)
+                n = tl.load(Off + h * soh + c + 1, mask=keep, other=0) - start
+                j, cbase = _append_slots(Cum, Delta, row, C, keep, n, start, j, cbase)
+        tl.debug_barrier()  # the slots are read back by other threads
+        _positions_by_slot(Pos, Cum, Delta, row, C, NPOS, jbase, j, cbase, SB, KB)
+        if split == SPLIT - 1:
+            tl.store(NKeys + row, cbase.to(tl.int32))

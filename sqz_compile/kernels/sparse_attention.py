@@ -11,9 +11,9 @@ One kernel serves prefill and decode (the reference is `attention.squeezed_atten
   v = 0..nkeys-1 that is cut into BLOCK_N tiles; key v of slot j sits at sorted position
   v + delta[j]. Runs of keys of one cluster are contiguous rows, so a tile reads contiguous
   ranges (no per-key index list) and short clusters do not leave tiles half empty.
-  Decode (POS_LIST) reads each key once per row: `_expand_kernel` first writes the sorted
-  position of every kept key, so the attention loop does one index load per tile instead of
-  the slot search, and its K/V loads pipeline.
+  With POS_LIST (decode, and prefill while the buffer is small) the lookup has written the
+  sorted position of every kept key (lookup.py), so the attention loop does one index load per
+  tile instead of the slot search, and its K/V loads pipeline.
 - Split-K: each program takes a share of the context tiles, the window tiles and the new-token
   tiles; with SPLIT > 1 it writes a normalised partial output and its log-sum-exp (base 2), and
   `_merge_kernel` combines the splits (decode: many splits per row to fill the GPU).
@@ -72,24 +72,6 @@ if HAS_TRITON:
         return base + tl.sum((fine <= v0).to(tl.int32), axis=0)
 
     @triton.jit
-    def _expand_kernel(Cum, Delta, Count, Pos, C, NPOS, SB: tl.constexpr, KB: tl.constexpr):
-        """Pos[row, v] = sorted position of the row's v-th kept context key: the selection's
-        virtual key axis written out once, so the attention loop loads one index per key instead
-        of searching slots (decode). A program takes SB kept clusters (slots) and writes their
-        keys, KB per slot per step: no search, one round of loads, then stores."""
-        row = tl.program_id(0)
-        j = tl.program_id(1) * SB + tl.arange(0, SB)
-        ok = j < tl.load(Count + row)
-        c0 = tl.load(Cum + row * (C + 1) + j, mask=ok, other=0)
-        n = tl.load(Cum + row * (C + 1) + j + 1, mask=ok, other=0) - c0
-        start = c0 + tl.load(Delta + row * C + j, mask=ok, other=0)
-        kb = tl.arange(0, KB)
-        for k0 in range(0, tl.max(n, axis=0), KB):
-            k = k0 + kb
-            tl.store(Pos + row * NPOS + c0[:, None] + k[None, :], start[:, None] + k[None, :],
-                     mask=ok[:, None] & (k[None, :] < n[:, None]))
-
-    @triton.jit
     def _sparse_attn_kernel(
         Q, Kn, Vn, Mask, Kc, Vc, Kw, Vw, Cum, Delta, NKeys, Pos, Out, PartO, PartL,
         sqb, sqh, sqm, skb, skh, sks, svb, svh, svs,
@@ -142,7 +124,7 @@ if HAS_TRITON:
         rsplit = SPLIT - 1 - split
         cum_row = Cum + row * (C + 1)
         if POS_LIST:
-            # positions expanded beforehand (_expand_kernel): one index load per tile, no search,
+            # positions written by the lookup: one index load per tile, no search,
             # so the loop pipelines the K/V loads of the next tiles
             v_end = tl.minimum(total, t1 * BLOCK_N)
             for t in range(t0, t1):
