@@ -336,15 +336,18 @@ if HAS_TRITON:
                     best = tl.max(ls, axis=0)
                 else:
                     mu = _load_mu(Cent, h, c, ok, sch, scc, D, BLOCK_D)  # once for all q tiles
+                    # elementwise max over the query tiles, then one (cross-warp) reduction
+                    # over the rows per cluster tile instead of one per query tile
+                    acc = tl.full([QT, BC], float("-inf"), tl.float32)
                     for qt in range(0, NQT):
                         q, r, rvalid = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M,
                                                     block_q, D, QT, BLOCK_D)
                         lse = _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT,
                                           HAS_L2, SP1, SP2)
                         s = _dot_mu(q, mu, scale, DOT)
-                        ls = tl.where(rvalid[:, None] & ok[None, :], s - lse[:, None],
-                                      float("-inf"))
-                        best = tl.maximum(best, tl.max(ls, axis=0))
+                        acc = tl.maximum(acc, tl.where(rvalid[:, None], s - lse[:, None],
+                                                       float("-inf")))
+                    best = tl.where(ok, tl.max(acc, axis=0), float("-inf"))
             tl.store(Best + row * C + c, best, mask=cvalid)
             if THRESH:
                 keep = cvalid & (best > thr)
