@@ -198,7 +198,6 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     nqt = _cdiv(g * bq, qt)
 
     split, chunk = _splits(_hint(rows), c, bc, sms)
-    best = torch.empty((rows, c), device=dev, dtype=torch.float32)
     positions = int(positions)
     fused = positions > 0 and store and int(budget) <= 0
     sync = torch.empty((rows, split), device=dev, dtype=torch.int64) if fused else None
@@ -255,6 +254,7 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
                 QT=qt, BC=bc, FILTER=filt, HAS_L2=hier, SP1=_pow2(split), SP2=_pow2(split2),
                 ONE_TILE=chunk <= bc, SB=8, KB=128, num_warps=4)
         return Selection(None, None, None, None, nkeys, pos)
+    best = torch.empty((rows, c), device=dev, dtype=torch.float32)
     cnt_s = torch.empty((rows, split), **i32)
     sum_s = torch.empty((rows, split), **i32)
     _launch(_lk._best_kernel, (rows, split),
@@ -319,7 +319,7 @@ class AttnConfig(NamedTuple):
     split: int    # programs per query tile along the keys
     num_warps: int
     num_stages: int
-    pos_list: bool = False  # expand the kept keys' positions first (_expand_kernel)
+    pos_list: bool = False  # read the kept keys through their positions (Selection.pos)
 
 
 # positions buffer [rows, context keys] int32: used only while it stays this small (prefill of

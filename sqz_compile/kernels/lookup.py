@@ -140,6 +140,9 @@ def _fit_budget(best: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.T
 #   _compact_kernel  ascending kept-cluster list, padded with -1, plus for the attention kernels
 #                    the running key count `cum` and `delta` = cluster start - cum, so a packed
 #                    key v of slot j lives at sorted position v + delta[j]
+#   _expand_kernel   the attention's position list: sorted position of each kept key
+# Decode in threshold mode (scores stored by _lse_kernel) replaces _best, _compact and _expand by
+# one _select_kernel whose splits hand their counts on by decoupled look-back.
 # Hierarchical: _lse/_best on the coarse level (threshold -> keep flags), _lse over the pruned
 # coarse clusters, _lse over children of kept coarse clusters, then _best/_compact on the fine
 # level with the two partial-lse sets merged.
