@@ -121,3 +121,15 @@ def threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tensor:
     best = _block_max(_log_share(sc, log_n), block_q)
     fin = best[torch.isfinite(best)].cpu()
     return torch.quantile(fin, 1.0 - keep).to(cs.q.device)
+
+
+def assert_same_positions(fused, plain, n: int) -> None:
+    """The fused decode lookup's kept-key positions equal the cluster list of `plain` expanded
+    (same kept-key count per row, same positions up to it)."""
+    from sqz_compile.kernels import cuda
+
+    want = cuda.expand_positions(plain, n)
+    assert torch.equal(fused.nkeys.cpu(), plain.nkeys.cpu())
+    for row in range(want.shape[0]):
+        k = int(plain.nkeys[row])
+        assert torch.equal(fused.pos[row, :k].cpu(), want[row, :k].cpu()), f"row {row}"

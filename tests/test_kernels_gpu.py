@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_cases import make_case, reference_with_selection, rel_err, threshold_for_keep
+from kernel_cases import (assert_same_positions, make_case, reference_with_selection, rel_err,
+                          threshold_for_keep)
 
 pytestmark = pytest.mark.gpu
 
@@ -111,11 +112,7 @@ def test_fused_decode_positions_match_cluster_list(b, h, g, m, n, c, mode):
     fused = cuda.lookup(*args, positions=n)
     plain = cuda.lookup(*args)
     assert fused.idx is None
-    want = cuda.expand_positions(plain, n)
-    assert torch.equal(fused.nkeys, plain.nkeys)
-    for row in range(want.shape[0]):
-        k = int(plain.nkeys[row])
-        assert torch.equal(fused.pos[row, :k], want[row, :k]), f"row {row}"
+    assert_same_positions(fused, plain, n)
 
 
 @pytest.mark.parametrize("keep", [0.0, 1.0])

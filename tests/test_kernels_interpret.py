@@ -17,7 +17,8 @@ from sqz_compile.kernels import cuda  # noqa: E402
 from sqz_compile.kernels.attention import selection_from_compact  # noqa: E402
 from sqz_compile.kernels.lookup import select_clusters_reference  # noqa: E402
 
-from kernel_cases import make_case, reference_with_selection, rel_err, threshold_for_keep  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    assert_same_positions, make_case, reference_with_selection, rel_err, threshold_for_keep)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -93,11 +94,7 @@ def test_fused_decode_positions(kw, block_q, hier):
     plain = cuda.lookup(*args, tiles=(16, 16))
     idx, _ = _ref_lookup(cs, thr, block_q, 0, cthr)
     assert torch.equal(plain.idx.cpu(), idx.cpu())
-    want = cuda.expand_positions(plain, n)
-    assert torch.equal(fused.nkeys.cpu(), plain.nkeys.cpu())
-    for row in range(want.shape[0]):
-        k = int(plain.nkeys[row])
-        assert torch.equal(fused.pos[row, :k].cpu(), want[row, :k].cpu())
+    assert_same_positions(fused, plain, n)
 
 
 def test_lookup_budget_ties_and_extremes():

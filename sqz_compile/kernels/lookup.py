@@ -436,6 +436,22 @@ if HAS_TRITON:
             tl.store(SumS + row * SPLIT + sp, ssum)
 
     @triton.jit
+    def _append_slots(Cum, Delta, Idx, row, C, keep, n, start, c, j, kbase,
+                      STORE_IDX: tl.constexpr):
+        """Appends a tile's kept clusters to the cluster list at slot j (keys so far: kbase):
+        Cum = keys before the slot, Delta = cluster start - Cum, and (STORE_IDX) Idx = the
+        cluster. Returns the next (j, kbase)."""
+        ki = keep.to(tl.int32)
+        nk = tl.where(keep, n, 0)
+        slot = j + tl.cumsum(ki, axis=0) - ki
+        cpos = kbase + tl.cumsum(nk, axis=0) - nk
+        if STORE_IDX:
+            tl.store(Idx + row * C + slot, c, mask=keep)
+        tl.store(Cum + row * (C + 1) + slot, cpos, mask=keep)
+        tl.store(Delta + row * C + slot, start - cpos, mask=keep)
+        return j + tl.sum(ki, axis=0), kbase + tl.sum(nk, axis=0)
+
+    @triton.jit
     def _compact_kernel(Best, Off, Thr, TKey, CStar, CntS, SumS, Idx, Count, Cum, Delta, NKeys,
                         H, NB, C, soh, SPLIT, chunk,
                         BUDGET: tl.constexpr, BLOCK: tl.constexpr, SPLIT_P: tl.constexpr):
@@ -469,15 +485,8 @@ if HAS_TRITON:
                 keep = cm & (x > float("-inf")) & ((k >= t) | ((k == t - 1) & (c <= cstar)))
             else:
                 keep = cm & (x > thr)
-            ki = keep.to(tl.int32)
-            pos = base + tl.cumsum(ki, axis=0) - ki
-            ns = tl.where(keep, n, 0)
-            cpos = cbase + tl.cumsum(ns, axis=0) - ns
-            tl.store(Idx + row * C + pos, c, mask=keep)
-            tl.store(Cum + row * (C + 1) + pos, cpos, mask=keep)
-            tl.store(Delta + row * C + pos, start - cpos, mask=keep)
-            base += tl.sum(ki, axis=0)
-            cbase += tl.sum(ns, axis=0)
+            base, cbase = _append_slots(Cum, Delta, Idx, row, C, keep, n, start, c, base, cbase,
+                                        True)
         for p0 in range(c_lo, c_hi, BLOCK):
             p = p0 + tl.arange(0, BLOCK)
             pm = (p < c_hi) & (p >= total)
@@ -555,18 +564,6 @@ if HAS_TRITON:
         return cvalid & (best > thr), n
 
     @triton.jit
-    def _append_slots(Cum, Delta, row, C, keep, n, start, j, kbase):
-        """Appends a tile's kept clusters to the cluster list at slot j (keys so far: kbase):
-        Cum = keys before the slot, Delta = cluster start - Cum. Returns the next (j, kbase)."""
-        ki = keep.to(tl.int32)
-        nk = tl.where(keep, n, 0)
-        slot = j + tl.cumsum(ki, axis=0) - ki
-        cpos = kbase + tl.cumsum(nk, axis=0) - nk
-        tl.store(Cum + row * (C + 1) + slot, cpos, mask=keep)
-        tl.store(Delta + row * C + slot, start - cpos, mask=keep)
-        return j + tl.sum(ki, axis=0), kbase + tl.sum(nk, axis=0)
-
-    @triton.jit
     def _select_kernel(Off, Par, Flags, PartL, PartL2, Scores, Keep, Thr, Sync, Cum, Delta,
                        Pos, NKeys,
                        soh, sph, H, NB, G, BQ, M, block_q, C, NFLAG, SPLIT, chunk,
@@ -624,7 +621,7 @@ if HAS_TRITON:
         cbase = kbase
         if ONE_TILE:  # the chunk is the tile scored above: still in registers
             start = tl.load(Off + h * soh + c, mask=keep, other=0)
-            j, cbase = _append_slots(Cum, Delta, row, C, keep, n, start, j, cbase)
+            j, cbase = _append_slots(Cum, Delta, Cum, row, C, keep, n, start, c, j, cbase, False)
         else:
             tl.debug_barrier()  # the flags are re-read by other threads than those that stored them
             for c0 in range(c_lo, c_hi, BC):
@@ -632,7 +629,8 @@ if HAS_TRITON:
                 keep = tl.load(Keep + row * C + c, mask=c < c_hi, other=0) != 0
                 start = tl.load(Off + h * soh + c, mask=keep, other=0)
                 n = tl.load(Off + h * soh + c + 1, mask=keep, other=0) - start
-                j, cbase = _append_slots(Cum, Delta, row, C, keep, n, start, j, cbase)
+                j, cbase = _append_slots(Cum, Delta, Cum, row, C, keep, n, start, c, j, cbase,
+                                         False)
         tl.debug_barrier()  # the slots are read back by other threads
         _positions_by_slot(Pos, Cum, Delta, row, C, NPOS, jbase, j, cbase, SB, KB)
         if split == SPLIT - 1:
