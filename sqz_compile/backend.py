@@ -50,19 +50,32 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
 
 
 def _dynamo_root_module() -> torch.nn.Module | None:
-    """The nn.Module whose frame Dynamo is compiling (`self` of model.forward / __call__), if any.
-    Best effort on a private API: None when it is not available."""
+    """The nn.Module whose frame Dynamo is compiling, if any: `self`, or a module (or a bound
+    method of one) among the frame's locals or its `args` — torch >= 2.12 compiles a module
+    through a wrapper frame (`fn`), transformers through decorator frames (`args[0]`). Best
+    effort on a private API: None when no single module is found."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
         f_locals = tx.output.root_tx.f_locals if tx is not None else {}
-    except Exception:  # noqa: BLE001 - private API; the pass then relies on graph evidence
+    except Exception:  # noqa: BLE001 - private API; the caller then needs options["model"]
         return None
-    if isinstance(f_locals.get("self"), torch.nn.Module):
-        return f_locals["self"]
-    mods = [v for v in f_locals.values() if isinstance(v, torch.nn.Module)]
-    return mods[0] if len(mods) == 1 else None
+
+    def as_module(v: Any) -> torch.nn.Module | None:
+        v = getattr(v, "__self__", v)
+        return v if isinstance(v, torch.nn.Module) else None
+
+    if as_module(f_locals.get("self")) is not None:
+        return as_module(f_locals["self"])
+    values = list(f_locals.values())
+    for v in list(values):
+        if isinstance(v, (tuple, list)):
+            values.extend(v)
+        elif isinstance(v, dict):
+            values.extend(v.values())
+    mods = {id(m): m for m in map(as_module, values) if m is not None}
+    return next(iter(mods.values())) if len(mods) == 1 else None
 
 
 def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
