@@ -8,7 +8,7 @@ from . import ops  # noqa: F401  (registers torch.ops.sqz.*)
 from .config import SqueezeConfig
 from .context import SqueezedContext
 from .exporting import export, load_exported, package, save_exported
-from .hf import SqueezedModel, compile
+from .squeezed_model import SqueezedModel, compile
 from .onnx_export import export_onnx  # onnx/onnxscript are imported only when it is called
 from .squeeze import squeeze
 

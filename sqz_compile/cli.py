@@ -205,7 +205,7 @@ def _squeeze_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_squeeze(args: argparse.Namespace) -> int:
     from .config import SqueezeConfig
-    from .models import UnsupportedModelError
+    from .transformers_compat import UnsupportedModelError
     from .squeeze import squeeze
 
     with _as_user_error("invalid option"):
@@ -262,7 +262,7 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .hf import compile as compile_model
+    from .squeezed_model import compile as compile_model
 
     if args.max_new_tokens < 1:
         raise CLIError("--max-new-tokens must be >= 1")

@@ -66,6 +66,14 @@ class LayerContext(NamedTuple):
     coarse_log_threshold: torch.Tensor | None  # [1]
 
 
+# THE schema of the op's per-layer context arguments: their order in
+# torch.ops.sqz.squeezed_attention / select_clusters, the rewrite's buffers, the CUDA glue and the
+# ONNX translation all read it from here. A new per-layer field is added to LayerContext only.
+CONTEXT_ARGS: tuple[str, ...] = LayerContext._fields
+# the fields that hold centroids (cast to the keys' half dtype for the lookup)
+CENTROID_ARGS: tuple[str, ...] = ("centroids", "coarse_centroids")
+
+
 @dataclass
 class SqueezedContext:
     """The product of `sqz_compile.squeeze`: one fixed context, clustered, for one model."""
@@ -118,14 +126,13 @@ class SqueezedContext:
         return int(self.config.budget or 0)
 
     def layer(self, i: int) -> LayerContext:
-        h = self.hierarchical
-        return LayerContext(
-            self.keys[i], self.values[i], self.centroids[i], self.offsets[i],
-            self.window_keys[i], self.window_values[i], self.log_threshold[i:i + 1],
-            self.coarse_centroids[i] if h else None,
-            self.coarse_offsets[i] if h else None,
-            self.coarse_log_threshold[i:i + 1] if h else None,
-        )
+        """Layer i's views, in CONTEXT_ARGS order: per-layer tensors are indexed, per-layer
+        thresholds ([layers]) sliced to 1 element; absent (None) fields stay None."""
+        out = {}
+        for name in CONTEXT_ARGS:
+            t = getattr(self, name)
+            out[name] = None if t is None else (t[i:i + 1] if t.dim() == 1 else t[i])
+        return LayerContext(**out)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """All tensors by field name (None fields left out)."""
@@ -150,7 +157,7 @@ class SqueezedContext:
     def with_keep(self, keep: float, *, per_layer_threshold: bool | None = None) -> "SqueezedContext":
         """A threshold-mode copy (budget cleared) recalibrated for `keep` on the stored window
         queries, without re-clustering. Shares every tensor except the thresholds."""
-        from .calibrate import calibrate
+        from .squeeze.calibrate import calibrate
 
         per_layer = self.config.per_layer_threshold if per_layer_threshold is None else per_layer_threshold
         cfg = dataclasses.replace(self.config, keep=float(keep), budget=None, per_layer_threshold=bool(per_layer))
@@ -225,7 +232,7 @@ class SqueezedContext:
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise SqueezedContextError unless this context was squeezed for `model`."""
-        from .models import fingerprint_mismatches, model_fingerprint
+        from .transformers_compat import fingerprint_mismatches, model_fingerprint
 
         diff = fingerprint_mismatches(self.fingerprint, model_fingerprint(model))
         if diff:
@@ -335,6 +342,37 @@ class SqueezedContext:
         if device is None and model is not None:
             device = next(model.parameters()).device
         return ctx.to(device) if device is not None else ctx
+
+
+def check_fits(ctx: SqueezedContext, who: str, *, error: type[Exception] = SqueezedContextError,
+               layers: int | None = None, layer: int | None = None, head_dim: int | None = None,
+               kv_heads: int | None = None, q_heads: int | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | None = None) -> None:
+    """The one check that `ctx` fits what it is used with (a whole model in `compile`, one attention
+    node in the rewrite): raise `error`, naming `who`, on the first mismatch. Unknown (None)
+    properties are not checked. sqz_compile never casts or moves contexts implicitly."""
+    fix = ("this SqueezedContext was made for another model: re-run sqz_compile.squeeze(model, "
+           "context_ids) with the model you compile")
+    if layers is not None and layers != ctx.num_layers:
+        raise error(f"{who} has {layers} layers, the context {ctx.num_layers}; {fix}")
+    if layer is not None and layer >= ctx.num_layers:
+        raise error(f"{who} but the context has only {ctx.num_layers} layers; {fix}")
+    if head_dim is not None and head_dim != ctx.head_dim:
+        raise error(f"{who} has head dim {head_dim}, the context {ctx.head_dim}; {fix}")
+    if kv_heads is not None and kv_heads != ctx.num_kv_heads:
+        raise error(f"{who} attends over {kv_heads} key heads (after undoing repeat_kv), the context has "
+                    f"{ctx.num_kv_heads} KV heads; {fix}")
+    if q_heads is not None and q_heads % ctx.num_kv_heads:
+        raise error(f"{who} has {q_heads} query heads, not a multiple of the context's {ctx.num_kv_heads} "
+                    f"KV heads; {fix}")
+    if dtype is not None and dtype != ctx.keys.dtype:
+        raise error(f"{who} runs in {dtype} but the context keys are {ctx.keys.dtype}: squeeze the context "
+                    f"with the model in {dtype} (sqz_compile does not cast contexts implicitly)")
+    here = ctx.keys.device
+    if device is not None and (device.type != here.type or (
+            device.index is not None and here.index is not None and device.index != here.index)):
+        raise error(f"{who} runs on {device} but the context is on {here}: move the context once with "
+                    f"ctx = ctx.to({str(device)!r}) (sqz_compile does not copy contexts implicitly)")
 
 
 def _check_offsets(name: str, off: torch.Tensor, total: int, bad) -> None:

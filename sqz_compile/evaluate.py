@@ -48,6 +48,7 @@ from .context import SqueezedContext
 from .kernels.attention import key_cluster_ids, new_token_bias, selected_key_mask, squeezed_attention_reference
 from .kernels.lookup import _block_max, selection_mask_reference
 from .ops import DEFAULT_BLOCK_Q
+from .transformers_compat import register_attention, set_attn_implementation
 
 EVAL_IMPL = "sqz_eval"
 LOOKUPS = ("flat", "hier")
@@ -370,35 +371,20 @@ def _eval_attention(module, query, key, value, attention_mask, dropout: float = 
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(EVAL_IMPL, _eval_attention)
-    AttentionMaskInterface.register(EVAL_IMPL, sdpa_mask)
-
-
-def _set_attn(model: torch.nn.Module, impl: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
-    else:  # older transformers
-        model.config._attn_implementation = impl
-
-
 @contextlib.contextmanager
 def squeezed_mode(model: torch.nn.Module, ctx: SqueezedContext, *, oracle: bool = False,
                   block_q: int = DEFAULT_BLOCK_Q, stats: LayerStats | None = None) -> Iterator[None]:
     """Run `model` with squeezed (or, with oracle=True, oracle) attention over `ctx` inside the
     block; the model's attention implementation is restored afterwards."""
-    _register()
+    register_attention(EVAL_IMPL, _eval_attention)
     old = model.config._attn_implementation
     _state.ctx, _state.method, _state.block_q, _state.stats = ctx, ("oracle" if oracle else "squeezed"), block_q, stats
     try:
-        _set_attn(model, EVAL_IMPL)
+        set_attn_implementation(model, EVAL_IMPL)
         yield
     finally:
         _state.ctx, _state.stats = None, None
-        _set_attn(model, old)
+        set_attn_implementation(model, old)
 
 
 # --------------------------------------------------------------------------- dense baseline

@@ -26,6 +26,7 @@ from torch.export import Dim, ExportedProgram
 
 from .context import SqueezedContext
 from .ops import DEFAULT_BLOCK_Q
+from .transformers_compat import max_positions
 
 SQZ_NAMESPACE = "sqz"
 META_FILE = "sqz_compile.json"  # extra file written by `save_exported`
@@ -47,8 +48,7 @@ class LogitsModule(torch.nn.Module):
 def max_input_length(model: torch.nn.Module | None, ctx: SqueezedContext | None = None) -> int | None:
     """Longest user input the model supports after the context (its max_position_embeddings minus
     the context length), or None when the model states no limit."""
-    cfg = getattr(model, "config", None)
-    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    max_pos = max_positions(model)
     if not max_pos:
         return None
     return max_pos - (ctx.context_length if ctx is not None else 0)

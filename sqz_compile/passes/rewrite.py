@@ -23,13 +23,12 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ..context import SqueezedContext
+from ..context import CENTROID_ARGS, CONTEXT_ARGS, SqueezedContext, check_fits
 from ..ops import DEFAULT_BLOCK_Q
+from ..transformers_compat import sliding_window, text_config
 from .match import AttentionMatch, default_scale, find_attention, normalize_module_path
 from .targets import is_assert, shape_of, tensor_meta
 
-_FIELDS = ("keys", "values", "centroids", "offsets", "window_keys", "window_values", "log_threshold",
-           "coarse_centroids", "coarse_offsets", "coarse_log_threshold")
 # mask-building code whose presence in a mask's provenance means "not a plain causal/padding mask"
 _MASK_EVIDENCE = {
     "sliding_window": "sliding-window attention mask",
@@ -106,19 +105,10 @@ def config_reason(module: torch.nn.Module | None, layer: int) -> str | None:
     if module is None:
         return None
     cfg = getattr(module, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    if hasattr(module, "sliding_window"):
-        window = module.sliding_window
-    elif cfg is not None:
-        window = getattr(cfg, "sliding_window", None)
-        types = getattr(cfg, "layer_types", None)
-        if window is not None and types is not None and layer < len(types) and types[layer] != "sliding_attention":
-            window = None
-    else:
-        window = None
-    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0) if cfg is not None else 0
-    if window is not None and (not max_pos or int(window) < max_pos):
+    if cfg is not None:
+        cfg = text_config(cfg)
+    window = sliding_window(cfg, layer, module)
+    if window is not None:
         return (f"sliding window of {window} tokens (the squeezed context is attended in full; set "
                 f"config.sliding_window = None if context + inputs fit in the window)")
     softcap = getattr(module, "attn_logit_softcapping", None)
@@ -155,36 +145,14 @@ def mask_reason(mask: Node | None, limit: int = 400) -> str | None:
 
 def _check(m: AttentionMatch, ctx: SqueezedContext) -> None:
     """Raise ContextMismatchError when this attention cannot use `ctx` at all."""
-    where = f"layer {m.layer} ({m.module_path or m.anchor.name})"
-    fix = ("this SqueezedContext was made for another model: re-run sqz_compile.squeeze(model, "
-           "context_ids) with the model you compile")
-    if m.layer >= ctx.num_layers:
-        raise ContextMismatchError(f"sqz: {where} but the context has only {ctx.num_layers} layers; {fix}")
     qs, ks = shape_of(m.query), shape_of(m.key)
+    shapes = {}
     if qs is not None and ks is not None and len(qs) == 4 and len(ks) == 4:
-        hq, d, h = qs[1], qs[3], ks[1]
-        if d is not None and d != ctx.head_dim:
-            raise ContextMismatchError(f"sqz: {where} has head dim {d}, the context {ctx.head_dim}; {fix}")
-        if h is not None and h != ctx.num_kv_heads:
-            raise ContextMismatchError(
-                f"sqz: {where} attends over {h} key heads (after undoing repeat_kv), the context has "
-                f"{ctx.num_kv_heads} KV heads; {fix}")
-        if hq is not None and hq % ctx.num_kv_heads:
-            raise ContextMismatchError(
-                f"sqz: {where} has {hq} query heads, not a multiple of the context's {ctx.num_kv_heads} "
-                f"KV heads; {fix}")
+        shapes = dict(q_heads=qs[1], head_dim=qs[3], kv_heads=ks[1])
     qv = tensor_meta(m.query)
-    if qv is not None:
-        if qv.dtype != ctx.keys.dtype:
-            raise ContextMismatchError(
-                f"sqz: {where} runs in {qv.dtype} but the context keys are {ctx.keys.dtype}: squeeze the "
-                f"context with the model in {qv.dtype} (sqz_compile does not cast contexts implicitly)")
-        if qv.device.type != ctx.keys.device.type or (
-                qv.device.index is not None and ctx.keys.device.index is not None
-                and qv.device.index != ctx.keys.device.index):
-            raise ContextMismatchError(
-                f"sqz: {where} runs on {qv.device} but the context is on {ctx.keys.device}: move it once "
-                f"with ctx = ctx.to({str(qv.device)!r}) (sqz_compile does not copy contexts implicitly)")
+    check_fits(ctx, f"sqz: layer {m.layer} ({m.module_path or m.anchor.name})", error=ContextMismatchError,
+               layer=m.layer, **shapes, dtype=None if qv is None else qv.dtype,
+               device=None if qv is None else qv.device)
 
 
 # --------------------------------------------------------------------------- rewrite
@@ -194,7 +162,6 @@ def _fake_mode(node: Node):
     return getattr(val, "fake_mode", None)
 
 
-_CENTROID_FIELDS = ("centroids", "coarse_centroids")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -206,11 +173,11 @@ def _layer_buffers(gm: GraphModule, ctx: SqueezedContext, layer: int, anchor_gra
     lc = ctx.layer(layer)
     nodes: list[Node | None] = []
     with gm.graph.inserting_before(anchor_graph_start):
-        for name, t in zip(_FIELDS, lc):
+        for name, t in zip(CONTEXT_ARGS, lc):
             if t is None:
                 nodes.append(None)
                 continue
-            if name in _CENTROID_FIELDS and lc.keys.dtype in _HALF and t.dtype != lc.keys.dtype:
+            if name in CENTROID_ARGS and lc.keys.dtype in _HALF and t.dtype != lc.keys.dtype:
                 # the lookup reads every centroid at each step: half the bytes in the keys'
                 # half dtype, and the products stay exact on tensor cores (kernels/cuda.lookup)
                 t = t.to(lc.keys.dtype)

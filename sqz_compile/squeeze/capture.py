@@ -3,25 +3,165 @@
     ctx = squeeze(model, context_ids, SqueezeConfig(keep=0.1))
 
 1. prefill the context in chunks, capturing post-RoPE K/V of every layer and the observation
-   window's queries (models.capture_context; keys rotated for positions p - L);
+   window's queries (capture_context below; keys rotated for positions p - L);
 2. K-means per (layer, KV head), all at once as one batched [layers*H, N, D] problem (kmeans.py),
    optionally a coarse level over each head's centroids;
 3. sort each head's K/V by cluster (coarse parent first when hierarchical), store centroids
    (means of the original keys, float32) and offsets;
 4. calibrate the log thresholds on the window queries (calibrate.py).
+
+Capture runs the model over the context in chunks with a DynamicCache and explicit
+`position_ids = arange(start, end) - L` (see context.py: keys are rotated for positions p - L), then
+reads every layer's post-RoPE K/V from the cache. The observation window's post-RoPE queries are
+recorded by a custom attention function registered with `transformers.AttentionInterface` as
+"sqz_capture", which delegates to SDPA. The user's model is restored afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
+import sys
+import threading
 import time
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
-from .config import SqueezeConfig
-from .context import SqueezedContext
+from ..config import SqueezeConfig
+from ..context import SqueezedContext
+from ..transformers_compat import (UnsupportedModelError, cache_layer, check_supported, drop_cache_layer,
+                                   head_dim, model_config, model_fingerprint, num_heads, num_layers,
+                                   register_attention, set_attn_implementation)
 from .kmeans import cluster_counts, cluster_sums, kmeans
-from .models import capture_context, check_supported, model_fingerprint, show_progress
 
+CAPTURE_IMPL = "sqz_capture"
+
+
+@dataclass
+class Captured:
+    """What one prefill of the context yields (all stacked over layers on dim 0)."""
+
+    keys: torch.Tensor          # [layers, H, L, D] model dtype, post-RoPE (positions p - L)
+    values: torch.Tensor        # [layers, H, L, D]
+    queries: torch.Tensor       # [layers, Hq, W, D] float32: the last W context tokens
+    scaling: float              # the attention's softmax scale
+
+
+# --------------------------------------------------------------------------- query capture
+
+class _CaptureState:
+    def __init__(self, num_layers: int, window_start: int, queries: torch.Tensor) -> None:
+        self.num_layers = num_layers
+        self.window_start = window_start  # context position of the first window token
+        self.queries = queries            # [layers, Hq, W, D] float32, filled chunk by chunk
+        self.chunk_start = 0
+        self.scaling: dict[int, float] = {}
+        self._order: dict[int, int] = {}  # fallback layer index by first-call order
+
+    def layer_index(self, module: torch.nn.Module) -> int:
+        idx = getattr(module, "layer_idx", None)
+        if idx is None:
+            idx = self._order.setdefault(id(module), len(self._order))
+        return int(idx)
+
+
+_local = threading.local()
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+    """AttentionInterface function: record the window's queries, then run SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    st: _CaptureState | None = getattr(_local, "state", None)
+    if st is not None:
+        li = st.layer_index(module)
+        scaling = kwargs.get("scaling")
+        st.scaling[li] = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        q_len = query.shape[2]
+        lo = max(st.window_start, st.chunk_start)
+        hi = st.chunk_start + q_len
+        if lo < hi and li < st.num_layers:
+            st.queries[li, :, lo - st.window_start:hi - st.window_start] = \
+                query[0, :, lo - st.chunk_start:, :].to(st.queries.device, torch.float32)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+
+@contextlib.contextmanager
+def _capturing(model: torch.nn.Module, state: _CaptureState) -> Iterator[None]:
+    """Switch `model` to the capture attention (eval mode, no grad) and restore it afterwards."""
+    register_attention(CAPTURE_IMPL, _capture_attention)
+    old_impl = model.config._attn_implementation
+    was_training = model.training
+    _local.state = state
+    try:
+        set_attn_implementation(model, CAPTURE_IMPL)
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        _local.state = None
+        set_attn_implementation(model, old_impl)
+        model.train(was_training)
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Default: show tqdm bars only on an interactive terminal."""
+    return bool(sys.stderr.isatty()) if progress is None else bool(progress)
+
+
+def capture_context(model: torch.nn.Module, ids: torch.Tensor, window: int, chunk_size: int,
+                    progress: bool | None = None) -> Captured:
+    """Prefill `ids` [1, L] in chunks and capture post-RoPE K/V of every layer and the queries of
+    the last `window` tokens (positions p - L, see context.py)."""
+    from tqdm.auto import tqdm
+
+    cfg = model_config(model)
+    L = ids.shape[1]
+    layers = num_layers(cfg)
+    hq = num_heads(cfg)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    queries = torch.zeros(layers, hq, window, head_dim(cfg), dtype=torch.float32, device=device)
+    state = _CaptureState(layers, L - window, queries)
+    base = getattr(model, "base_model", model)
+    cache = None
+    with _capturing(model, state):
+        starts = range(0, L, chunk_size)
+        for start in tqdm(starts, desc="sqz prefill", unit="chunk", disable=not show_progress(progress)):
+            end = min(L, start + chunk_size)
+            state.chunk_start = start
+            pos = torch.arange(start - L, end - L, device=device).unsqueeze(0)
+            out = base(input_ids=ids[:, start:end], position_ids=pos, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            del out
+    if len(state.scaling) != layers:
+        raise UnsupportedModelError(
+            f"captured attention in {len(state.scaling)} of {layers} layers: {type(model).__name__} "
+            f"does not route every layer through transformers.AttentionInterface")
+    scales = set(state.scaling.values())
+    if len(scales) != 1:
+        raise UnsupportedModelError(f"layers use different attention scales {sorted(scales)}")
+    k0, _ = cache_layer(cache, 0)
+    keys = torch.empty(layers, k0.shape[1], L, k0.shape[3], dtype=k0.dtype, device=device)
+    values = torch.empty_like(keys)
+    for i in range(layers):
+        k, v = cache_layer(cache, i)
+        if k.shape[2] != L:
+            raise UnsupportedModelError(
+                f"layer {i} cached {k.shape[2]} of {L} context tokens (sliding window or cache limit?)")
+        keys[i].copy_(k[0])
+        values[i].copy_(v[0])
+        drop_cache_layer(cache, i)
+    scaling = scales.pop()
+    if not math.isfinite(scaling) or scaling <= 0:
+        raise UnsupportedModelError(f"attention scale {scaling} is not a positive number")
+    return Captured(keys, values, queries, scaling)
+
+
+# --------------------------------------------------------------------------- clustering and layout
 
 def token_hash(ids: torch.Tensor) -> str:
     """sha256 of the context token ids (as int64), identifying the context in saved files."""

@@ -1,0 +1,149 @@
+"""Threshold calibration on the observation window's queries (log space throughout).
+
+For a query q, scale s and cluster c with centroid mu_c and size n_c (per key):
+    log_share_c(q) = s*q.mu_c - logsumexp_j(s*q.mu_j + log n_j)       (empty clusters: log 0 = -inf)
+A cluster is kept when the max of log_share over the GQA group's query heads exceeds the layer's
+log threshold. Calibration works at decode granularity (one window query at a time) and picks
+the threshold so that the mean over (layers, KV heads, window queries) of the fraction of the N
+clustered keys kept equals `keep`: exact up to ties, by sorting the pooled (score, n_c/N/rows)
+pairs. The coarse threshold is set so that the coarse level keeps at least `coarse_coverage` of
+the keys the flat fine selection keeps on the same queries.
+"""
+from __future__ import annotations
+
+
+import torch
+
+COARSE_COVERAGE = 0.99
+
+
+def group_log_shares(queries: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Max over each KV head's query heads of the log share: [H, W, C] float32.
+
+    queries [Hq, W, D], centroids [H, C, D], sizes [H, C] (keys per cluster). Empty clusters -inf.
+    """
+    H, C, D = centroids.shape
+    Hq, W, _ = queries.shape
+    q = queries.float().reshape(H, Hq // H, W, D)
+    logits = scale * torch.matmul(q, centroids.float().transpose(1, 2).unsqueeze(1))  # [H, g, W, C]
+    logn = sizes.float().log().view(H, 1, 1, C)
+    share = logits - torch.logsumexp(logits + logn, dim=-1, keepdim=True)
+    share = share.masked_fill(sizes.view(H, 1, 1, C) <= 0, float("-inf"))
+    return share.amax(dim=1)
+
+
+def _cut_below(scores: torch.Tensor, j: int) -> float:
+    """Threshold keeping exactly the entries with score >= scores[j] (scores sorted descending):
+    halfway to the next lower distinct score, so small runtime rounding does not flip decisions."""
+    top = scores[j]
+    if not torch.isfinite(top):
+        return float("-inf")
+    lower = scores[j + 1:][scores[j + 1:] < top]
+    if lower.numel() == 0 or not torch.isfinite(lower[0]):
+        return float(top) - 1.0
+    return float((top + lower[0]) / 2)
+
+
+def threshold_for_fraction(scores: torch.Tensor, weights: torch.Tensor, keep: float) -> float:
+    """Log threshold so that the summed weight of entries with score > threshold is as close as
+    possible to `keep` (weights sum to 1). keep 0 -> +inf, keep 1 -> -inf."""
+    if keep <= 0.0:
+        return float("inf")
+    if keep >= 1.0 or scores.numel() == 0:
+        return float("-inf")
+    s, order = scores.reshape(-1).sort(descending=True)
+    cum = weights.reshape(-1)[order].double().cumsum(0)
+    # kept weight with the top j+1 entries is cum[j]; the top 0 entries keep 0
+    j = int(torch.searchsorted(cum, torch.tensor([keep], dtype=cum.dtype, device=cum.device)))
+    j = min(j, cum.numel() - 1)  # keeping the top j+1 entries keeps cum[j]; the top j, cum[j-1]
+    fewer = float(cum[j - 1]) if j > 0 else 0.0
+    if abs(fewer - keep) < abs(float(cum[j]) - keep):
+        if j == 0:
+            return float("inf")
+        j -= 1
+    return _cut_below(s, j)
+
+
+def threshold_for_coverage(scores: torch.Tensor, weights: torch.Tensor, coverage: float) -> float:
+    """Largest threshold keeping at least `coverage` of the total weight (weights >= 0)."""
+    total = float(weights.sum())
+    if total <= 0:
+        return float("inf")
+    s, order = scores.reshape(-1).sort(descending=True)
+    cum = weights.reshape(-1)[order].double().cumsum(0)
+    j = int(torch.searchsorted(cum, torch.tensor([coverage * total], dtype=cum.dtype, device=cum.device)))
+    return _cut_below(s, min(j, cum.numel() - 1))
+
+
+def _sizes(offsets: torch.Tensor) -> torch.Tensor:
+    return (offsets[..., 1:] - offsets[..., :-1]).to(torch.float32)
+
+
+def calibrate(window_queries: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
+              keep: float, scale: float, per_layer: bool = False,
+              coarse_centroids: torch.Tensor | None = None, coarse_offsets: torch.Tensor | None = None,
+              coverage: float = COARSE_COVERAGE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log_threshold [layers], coarse_log_threshold [layers] or None), float32 on centroids' device.
+
+    Shapes as in context.py. With no window queries (a 1-token context) nothing can be measured:
+    keep > 0 then keeps everything (-inf), keep = 0 nothing (+inf).
+    """
+    layers, H, C, _ = centroids.shape
+    W = window_queries.shape[2]
+    dev = centroids.device
+    hier = coarse_centroids is not None
+    fine = torch.empty(layers, dtype=torch.float32, device=dev)
+    coarse = torch.empty(layers, dtype=torch.float32, device=dev) if hier else None
+    if W == 0 or keep <= 0.0 or keep >= 1.0:
+        fine.fill_(float("inf") if keep <= 0.0 else float("-inf"))
+        if hier:
+            coarse.fill_(float("inf") if keep <= 0.0 else float("-inf"))
+        return fine, coarse
+
+    sizes = _sizes(offsets)                                      # [layers, H, C]
+    N = sizes[0, 0].sum()
+    queries = window_queries.to(dev)
+    scores = [group_log_shares(queries[i], centroids[i], sizes[i], scale) for i in range(layers)]
+    rows = H * W if per_layer else layers * H * W
+    weights = (sizes / N / rows).unsqueeze(2).expand(-1, -1, W, -1)  # [layers, H, W, C]
+    if per_layer:
+        for i in range(layers):
+            fine[i] = threshold_for_fraction(scores[i], weights[i], keep)
+    else:
+        fine.fill_(threshold_for_fraction(torch.stack(scores), weights, keep))
+    if not hier:
+        return fine, None
+
+    # coarse level: per (row, coarse cluster), the keys of its fine children the flat rule keeps
+    Cc = coarse_offsets.shape[-1] - 1
+    fine_idx = torch.arange(C, device=dev)
+    cscores, cweights = [], []
+    for i in range(layers):
+        parent = torch.searchsorted(coarse_offsets[i].long().contiguous(), fine_idx.expand(H, C).contiguous(),
+                                    right=True) - 1                         # [H, C]
+        parent = parent.clamp_(0, Cc - 1)
+        csz = torch.zeros(H, Cc, device=dev).scatter_add_(1, parent, sizes[i])
+        cscores.append(group_log_shares(queries[i], coarse_centroids[i], csz, scale))  # [H, W, Cc]
+        kept = torch.where(scores[i] > fine[i], sizes[i].unsqueeze(1), 0.0)           # [H, W, C]
+        cweights.append(torch.zeros(H, W, Cc, device=dev).scatter_add_(
+            2, parent.unsqueeze(1).expand(-1, W, -1), kept))
+    if per_layer:
+        for i in range(layers):
+            coarse[i] = threshold_for_coverage(cscores[i], cweights[i], coverage)
+    else:
+        coarse.fill_(threshold_for_coverage(torch.stack(cscores), torch.stack(cweights), coverage))
+    return fine, coarse
+
+
+def kept_fraction(window_queries: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
+                  log_threshold: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per layer, the mean over (KV heads, window queries) of the fraction of clustered keys the
+    flat rule keeps: [layers] float32 (for tests and reports)."""
+    sizes = _sizes(offsets)
+    out = []
+    for i in range(centroids.shape[0]):
+        sc = group_log_shares(window_queries[i].to(centroids.device), centroids[i], sizes[i], scale)
+        kept = torch.where(sc > log_threshold[i], sizes[i].unsqueeze(1), 0.0).sum(-1)  # [H, W]
+        out.append(kept.mean() / sizes[i, 0].sum())
+    return torch.stack(out)
