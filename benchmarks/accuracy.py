@@ -1,5 +1,5 @@
 """Accuracy benchmark: needle retrieval, perplexity and agreement of squeezed vs dense attention
-on SmolLM2-135M-Instruct over Paul Graham essays (a thin wrapper over `sqz_compile.evaluate`,
+on SmolLM2-135M-Instruct over Paul Graham essays (a thin wrapper over `sqz_compile.eval`,
 the same as `sqz eval`).
 
     python benchmarks/accuracy.py --contexts 2048 4096 --keeps 0.25 0.125   # CPU subset
@@ -14,7 +14,7 @@ import sys
 
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
-from sqz_compile.evaluate import main  # noqa: E402
+from sqz_compile.eval.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

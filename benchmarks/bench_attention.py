@@ -35,7 +35,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sqz_compile.kernels import cuda as sqz_cuda  # noqa: E402
+from sqz_compile.kernels.attention import launch as sqz_attn  # noqa: E402
+from sqz_compile.kernels.lookup import launch as sqz_lookup  # noqa: E402
+from sqz_compile.kernels.lookup.reference import cluster_of  # noqa: E402
 
 HQ, H, D = 32, 8, 128
 G = HQ // H
@@ -79,9 +81,7 @@ def make_context(n: int, seed: int, coarse_ratio: float = 0.0, with_kv: bool = T
     off = torch.zeros(H, c + 1, dtype=torch.int32, device=dev)
     off[:, 1:] = sizes.cumsum(1).to(torch.int32)
     ctx.update(offsets=off, sizes=sizes, dirs=fine_dir)
-    cid = torch.searchsorted(off[:, 1:].contiguous(),
-                             torch.arange(n, device=dev, dtype=torch.int32).expand(H, n).contiguous(),
-                             right=True).clamp(max=c - 1)
+    cid = cluster_of(off, n).clamp(max=c - 1)
     keys32 = 6.0 * fine_dir.gather(1, cid[..., None].expand(H, n, D)) \
         + 0.6 * torch.randn(H, n, D, device=dev, generator=g)
     sums = torch.zeros(H, c, D, device=dev).scatter_add_(1, cid[..., None].expand(H, n, D), keys32)
@@ -117,12 +117,12 @@ def make_queries(ctx: dict, m: int, seed: int) -> torch.Tensor:
 
 def best_scores(q: torch.Tensor, cent: torch.Tensor, sizes: torch.Tensor, block_q: int) -> torch.Tensor:
     """Block-max log shares [B, H, NB, C] as the reference computes them (float32)."""
-    from sqz_compile.kernels.lookup import _block_max, _log_share
+    from sqz_compile.kernels.lookup.reference import block_max, log_share
 
     b, hq, m, d = q.shape
     qg = q.float().reshape(b, H, hq // H, m, d)
     sc = torch.einsum("bhgmd,hcd->bhgmc", qg, cent.float()) * SCALE
-    return _block_max(_log_share(sc, sizes.float().log()[None, :, None, None, :]), block_q)
+    return block_max(log_share(sc, sizes.float().log()[None, :, None, None, :]), block_q)
 
 
 def calibrate(best: torch.Tensor, sizes: torch.Tensor, keep: float) -> torch.Tensor:
@@ -199,7 +199,7 @@ def copy_bandwidth() -> float:
 
 # ----------------------------------------------------------------------------- methods
 def sparse_step(ctx, q, kn, vn, thr, causal, hier=False, cthr=None):
-    return lambda: sqz_cuda.squeezed_attention(
+    return lambda: sqz_attn.squeezed_attention(
         q, kn, vn, None, ctx["keys"], ctx["values"], ctx["lookup_centroids"], ctx["offsets"],
         ctx["window_keys"], ctx["window_values"], thr,
         ctx.get("lookup_coarse_centroids") if hier else None, ctx.get("coarse_offsets") if hier else None,
@@ -243,7 +243,7 @@ def flex_step(ctx, q, k, v, thr, m, s):
     nkv = (p + s) // blk
     nctx_blk = n // blk
     qb = max(1, -(-m // blk))
-    from sqz_compile.kernels.attention import key_cluster_ids, selection_from_compact
+    from sqz_compile.kernels.attention.reference import key_cluster_ids, selection_from_compact
 
     cid = key_cluster_ids(ctx["offsets"], n).long()  # [H, N] (setup, not timed)
     import inspect
@@ -255,7 +255,7 @@ def flex_step(ctx, q, k, v, thr, m, s):
         return (kv_idx < p) | (kv_idx - p <= q_idx + (s - m))
 
     def f():
-        sel = sqz_cuda.lookup(q, ctx["lookup_centroids"], ctx["offsets"], thr, None, None, None,
+        sel = sqz_lookup.lookup(q, ctx["lookup_centroids"], ctx["offsets"], thr, None, None, None,
                               SCALE, BLOCK_Q, 0)
         selm = selection_from_compact(sel.idx, ctx["c"])  # [1, H, NB, C]
         keym = torch.gather(selm, 3, cid[None, :, None, :].expand(1, H, selm.shape[2], n))
@@ -300,14 +300,14 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
     row = {"kind": kind, "context": n, "new_tokens": m, "new_keys": s, "copies": copies}
 
     # the sparse path, checked once against the float64 reference on its own selection
-    sel = sqz_cuda.lookup(qs[0], ctxs[0]["lookup_centroids"], ctxs[0]["offsets"], thrs[0], None,
+    sel = sqz_lookup.lookup(qs[0], ctxs[0]["lookup_centroids"], ctxs[0]["offsets"], thrs[0], None,
                           None, None, SCALE, BLOCK_Q, 0)
     kept = sel.nkeys.float().mean().item()
     row["kept_fraction"] = kept / n
     row["kept_clusters"] = sel.count.float().mean().item() / ctxs[0]["c"]
     out = sparse_step(ctxs[0], qs[0], kns[0], vns[0], thrs[0], causal)()
     if m <= 64:
-        from sqz_compile.kernels.attention import selection_from_compact, squeezed_attention_reference
+        from sqz_compile.kernels.attention.reference import selection_from_compact, squeezed_attention_reference
 
         c0 = ctxs[0]
         ref = squeezed_attention_reference(
@@ -320,7 +320,7 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
     row["kernel_us"] = kernel_times(steps)
     row["sqz_ms"] = graph_time(steps)
     row["sqz_eager_ms"] = eager_time(steps)
-    lk = [(lambda c=c, q=q, t=t: sqz_cuda.lookup(q, c["lookup_centroids"], c["offsets"], t, None, None,
+    lk = [(lambda c=c, q=q, t=t: sqz_lookup.lookup(q, c["lookup_centroids"], c["offsets"], t, None, None,
                                                   None, SCALE, BLOCK_Q, 0)) for c, q, t in zip(ctxs, qs, thrs)]
     row["sqz_lookup_ms"] = graph_time(lk)
     # bytes the sparse path must read: centroids + offsets, kept K/V, window and new K/V, q
@@ -379,7 +379,7 @@ def run_lookup_scaling(ns: list, copies: int, results: list) -> None:
                     cthrs.append(calibrate(best_scores(q, c["coarse_centroids"], cn, BLOCK_Q), cn, 0.3))
             else:
                 cthrs = [None] * copies
-            fns = [(lambda c=c, q=q, t=t, ct=ct: sqz_cuda.lookup(
+            fns = [(lambda c=c, q=q, t=t, ct=ct: sqz_lookup.lookup(
                 q, c["lookup_centroids"], c["offsets"], t, c.get("lookup_coarse_centroids"),
                 c.get("coarse_offsets"), ct, SCALE, BLOCK_Q, 0)) for c, q, t, ct in zip(ctxs, qs, thrs, cthrs)]
             sel = fns[0]()

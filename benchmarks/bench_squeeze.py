@@ -136,7 +136,7 @@ ASSIGN_CONFIGS = [
 def assign_bench(args, L: int, device: torch.device) -> dict:
     """Per-iteration pieces of K-means at one context size: assignment (torch chunked vs fused
     Triton configs), cluster sums, the farthest-point sort."""
-    from sqz_compile import kmeans as km
+    from sqz_compile.squeeze import kmeans as km
     from sqz_compile.squeeze import cluster_counts_for
 
     W = min(args.window, L - 1)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         report["cuda_smoke"] = cuda_smoke()
         save()
     if args.assign_bench:
-        from sqz_compile import kmeans as km
+        from sqz_compile.squeeze import kmeans as km
 
         ab = assign_bench(args, max(args.contexts), device)
         if device.type == "cuda":
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             km.ASSIGN_CONFIG = {k: best[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
         save()
     if device.type == "cuda":
-        from sqz_compile import kmeans as km
+        from sqz_compile.squeeze import kmeans as km
         env["assign"] = ("torch" if args.no_triton or km.triton is None else f"triton {km.ASSIGN_CONFIG}")
     # warm-up (CUDA context, cuBLAS handles, allocator) at a small size, not reported
     warm = argparse.Namespace(**{**vars(args), "layers": 1, "kv_heads": 1, "query_heads": args.query_heads // args.kv_heads})

@@ -12,7 +12,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch, triton, triton.language as tl
 import bench_attention as B
-from sqz_compile.kernels import cuda as K, sparse_attention as SA  # noqa: E402
+from sqz_compile.kernels.attention import launch as KA, triton as SA  # noqa: E402
+from sqz_compile.kernels.lookup import launch as KL  # noqa: E402
+from sqz_compile.kernels.triton_common import launch  # noqa: E402
 
 _ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 _ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -45,8 +47,8 @@ qs = [B.make_queries(c, 1, 100 + i) for i, c in enumerate(ctxs)]
 kns = [torch.randn(1, B.H, 256, B.D, device="cuda").to(B.DT) for _ in ctxs]
 vns = [torch.randn(1, B.H, 256, B.D, device="cuda").to(B.DT) for _ in ctxs]
 thrs = [B.calibrate(B.best_scores(q, c["centroids"], c["sizes"], 64), c["sizes"], 0.1) for q, c in zip(qs, ctxs)]
-sels = [K.lookup(q, c["lookup_centroids"], c["offsets"], t, None, None, None, B.SCALE, 64, 0) for c, q, t in zip(ctxs, qs, thrs)]
-poss = [K.expand_positions(s, n) for s in sels]
+sels = [KL.lookup(q, c["lookup_centroids"], c["offsets"], t, None, None, None, B.SCALE, 64, 0) for c, q, t in zip(ctxs, qs, thrs)]
+poss = [KL.expand_positions(s, n) for s in sels]
 sels = [s._replace(pos=p) for s, p in zip(sels, poss)]  # the attention timings exclude expansion
 nk = sum(int(s.nkeys.sum()) for s in sels) / len(sels)
 kv_bytes = nk * B.D * 2 * 2
@@ -69,17 +71,17 @@ for bn in (32, 64, 128):
                     log(what="gather", bn=bn, nw=nw, st=st, split=split, error=repr(e)[:200])
 
 # attention variants (position list given; expand not timed), maxnreg via direct launch
-base = K.attention_config(1, B.H, B.G, 1, 64, n, B.W, 256, B.D, 132)
-o_ref = K.sparse_attention(qs[0], kns[0], vns[0], None, ctxs[0]["keys"], ctxs[0]["values"], sels[0]._replace(pos=None),
+base = KA.attention_config(1, B.H, B.G, 1, 64, n, B.W, 256, B.D, 132)
+o_ref = KA.sparse_attention(qs[0], kns[0], vns[0], None, ctxs[0]["keys"], ctxs[0]["values"], sels[0]._replace(pos=None),
                            ctxs[0]["window_keys"], ctxs[0]["window_values"], B.SCALE, False, 64,
                            config=base._replace(pos_list=False))
 extra = {}
-orig_launch = K._launch
+orig_launch = launch
 def launch(kernel, grid, *a, **kw):
     if kernel is SA._sparse_attn_kernel:
         kw = {**kw, **extra}
     kernel[grid](*a, **kw)
-K._launch = launch
+launch = launch
 for bn, nw, st in ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 4), (64, 8, 3), (128, 8, 2)):
     for split in (49, 66, 99, 132):
         for mr in (None, 128):
@@ -87,7 +89,7 @@ for bn, nw, st in ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 4), (64, 8, 3), (
             if mr:
                 extra["maxnreg"] = mr
             cfg = base._replace(block_n=bn, num_warps=nw, num_stages=st, split=split)
-            fns = [(lambda c=c, q=q, kn=kn, vn=vn, s=s: K.sparse_attention(q, kn, vn, None, c["keys"], c["values"], s,
+            fns = [(lambda c=c, q=q, kn=kn, vn=vn, s=s: KA.sparse_attention(q, kn, vn, None, c["keys"], c["values"], s,
                      c["window_keys"], c["window_values"], B.SCALE, False, 64, config=cfg))
                    for c, q, kn, vn, s in zip(ctxs, qs, kns, vns, sels)]
             try:

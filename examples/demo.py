@@ -13,8 +13,8 @@ import time
 import torch
 
 from sqz_compile import SqueezeConfig, assets
-from sqz_compile.evaluate import LayerStats, squeezed_mode
-from sqz_compile.hf import compile as sqz_compile_model
+from sqz_compile.attention_function import LayerStats, squeezed_mode
+from sqz_compile.squeezed_model import compile as sqz_compile_model
 from sqz_compile.ops import DEFAULT_BLOCK_Q
 from sqz_compile.squeeze import squeeze
 

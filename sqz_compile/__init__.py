@@ -7,9 +7,11 @@ baked in).
 from . import ops  # noqa: F401  (registers torch.ops.sqz.*)
 from .config import SqueezeConfig
 from .context import SqueezedContext
-from .exporting import export, load_exported, package, save_exported
 from .squeezed_model import SqueezedModel, compile
-from .onnx_export import export_onnx  # onnx/onnxscript are imported only when it is called
+# `squeeze` and `export` are both subpackages and public verbs: the functions, bound last, shadow
+# the subpackage attributes (`import sqz_compile.squeeze.capture` and `from sqz_compile.export.aoti
+# import ...` still work through sys.modules).
+from .export import export, export_onnx, load_exported, package, save_exported
 from .squeeze import squeeze
 
 __all__ = ["SqueezeConfig", "SqueezedContext", "SqueezedModel", "squeeze", "compile", "export",

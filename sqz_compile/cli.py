@@ -329,7 +329,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import exporting, onnx_export
+    from .export import aoti, onnx, program
     from .ops import DEFAULT_BLOCK_Q
 
     out = args.output or os.path.splitext(args.context)[0] + FORMATS[args.format]
@@ -346,14 +346,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         example = question_ids(tok, "Hello?").to(device)
         steps(f"export ({args.format})")
         if args.format == "exported":
-            exporting.save_exported(exporting.export(model, ctx, example, block_q=block_q), out)
+            program.save_exported(program.export(model, ctx, example, block_q=block_q), out)
         elif args.format == "onnx":
             try:
-                onnx_export.export_onnx(model, ctx, example, out, block_q=block_q)
+                onnx.export_onnx(model, ctx, example, out, block_q=block_q)
             except ModuleNotFoundError as e:
                 raise CLIError(str(e)) from e
         else:
-            exporting.package(model, ctx, example, out, block_q=block_q)
+            aoti.package(model, ctx, example, out, block_q=block_q)
     finally:
         steps.close()
     print(f"{out}: {os.path.getsize(out) / 2**20:.1f} MiB ({args.format}; input_ids [batch, length] -> logits)")
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_args(p)
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         p.set_defaults(run=run)
-    # listed for --help only: main() hands `sqz eval ...` to sqz_compile.evaluate with its own parser
+    # listed for --help only: main() hands `sqz eval ...` to sqz_compile.eval.cli with its own parser
     sub.add_parser("eval", help="accuracy vs keep on SmolLM2 (needles, perplexity, agreement; "
                                 "`sqz eval --help`)", add_help=False)
     return parser
@@ -387,9 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sqz`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"]:
-        from . import evaluate
+        from .eval import cli as eval_cli
 
-        return evaluate.main(argv[1:])
+        return eval_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files only
     if args.quiet:

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .kernels.attention import squeezed_attention_reference
-from .kernels.lookup import select_clusters_reference, selection_mask_reference
+from .kernels.attention.reference import squeezed_attention_reference
+from .kernels.lookup.reference import select_clusters_reference, selection_mask_reference
 
 DEFAULT_BLOCK_Q = 64
 
@@ -47,12 +47,12 @@ def select_clusters(
     budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clusters kept per (batch row, KV head, query block): (idx [B,H,NB,C] int32 ascending,
-    padded with -1; count [B,H,NB] int32). See kernels/lookup.py for the rule."""
+    padded with -1; count [B,H,NB] int32). See kernels/lookup/reference.py for the rule."""
     _check_inputs(q, centroids, offsets)
     if _use_cuda_kernels(q):
-        from .kernels import cuda
+        from .kernels.lookup.launch import select_clusters as cuda_select_clusters
 
-        return cuda.select_clusters(q, centroids, offsets, log_threshold, coarse_centroids,
+        return cuda_select_clusters(q, centroids, offsets, log_threshold, coarse_centroids,
                                     coarse_offsets, coarse_log_threshold, scale, block_q, budget)
     return select_clusters_reference(q, centroids, offsets, log_threshold, scale, block_q, budget,
                                      coarse_centroids, coarse_offsets, coarse_log_threshold)
@@ -97,9 +97,9 @@ def squeezed_attention(
     clusters up to that many keys. block_q: queries that share one selection in prefill."""
     _check_inputs(q, centroids, offsets)
     if _use_cuda_kernels(q):
-        from .kernels import cuda
+        from .kernels.attention.launch import squeezed_attention as cuda_squeezed_attention
 
-        return cuda.squeezed_attention(
+        return cuda_squeezed_attention(
             q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets, window_keys,
             window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold,
             scale, is_causal, budget, block_q)

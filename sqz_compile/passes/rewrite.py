@@ -179,7 +179,7 @@ def _layer_buffers(gm: GraphModule, ctx: SqueezedContext, layer: int, anchor_gra
                 continue
             if name in CENTROID_ARGS and lc.keys.dtype in _HALF and t.dtype != lc.keys.dtype:
                 # the lookup reads every centroid at each step: half the bytes in the keys'
-                # half dtype, and the products stay exact on tensor cores (kernels/cuda.lookup)
+                # half dtype, and the products stay exact on tensor cores (kernels/lookup/launch.py)
                 t = t.to(lc.keys.dtype)
             attr = f"sqz_L{layer}_{name}"
             gm.register_buffer(attr, t)

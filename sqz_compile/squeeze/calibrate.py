@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.lookup.reference import cluster_of
+
 COARSE_COVERAGE = 0.99
 
 
@@ -117,12 +119,9 @@ def calibrate(window_queries: torch.Tensor, centroids: torch.Tensor, offsets: to
 
     # coarse level: per (row, coarse cluster), the keys of its fine children the flat rule keeps
     Cc = coarse_offsets.shape[-1] - 1
-    fine_idx = torch.arange(C, device=dev)
     cscores, cweights = [], []
     for i in range(layers):
-        parent = torch.searchsorted(coarse_offsets[i].long().contiguous(), fine_idx.expand(H, C).contiguous(),
-                                    right=True) - 1                         # [H, C]
-        parent = parent.clamp_(0, Cc - 1)
+        parent = cluster_of(coarse_offsets[i].long(), C).clamp_(0, Cc - 1)  # [H, C]
         csz = torch.zeros(H, Cc, device=dev).scatter_add_(1, parent, sizes[i])
         cscores.append(group_log_shares(queries[i], coarse_centroids[i], csz, scale))  # [H, W, Cc]
         kept = torch.where(scores[i] > fine[i], sizes[i].unsqueeze(1), 0.0)           # [H, W, C]

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from .lookup import cluster_sizes
+from ..lookup.reference import cluster_of, cluster_sizes
 
 
 def key_cluster_ids(offsets: torch.Tensor, num_keys: int) -> torch.Tensor:
     """[H, C+1] offsets -> [H, N] cluster index of each sorted key."""
-    pos = torch.arange(num_keys, device=offsets.device, dtype=offsets.dtype)
-    pos = pos.expand(offsets.shape[0], num_keys).contiguous()
-    return torch.searchsorted(offsets[:, 1:].contiguous(), pos, right=True)
+    return cluster_of(offsets, num_keys)
 
 
 def selection_from_compact(idx: torch.Tensor, num_clusters: int) -> torch.Tensor:

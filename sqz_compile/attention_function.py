@@ -1,0 +1,86 @@
+"""The transformers attention function that runs a model with squeezed attention, eagerly.
+
+    with squeezed_mode(model, ctx, stats=LayerStats(ctx.num_layers)):
+        model(input_ids=user_ids)
+
+"sqz_eval" (registered with `transformers.AttentionInterface`) calls
+`torch.ops.sqz.squeezed_attention` with each layer's context tensors: the same op the compiled
+model uses, without torch.compile (or, with oracle=True, the oracle selection of sqz_compile.eval).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+import torch
+
+from .context import SqueezedContext
+from .kernels.attention.reference import squeezed_attention_reference
+from .ops import DEFAULT_BLOCK_Q
+from .eval.oracle import LayerStats, analyse_selection, per_key_offsets, record_stats
+from .transformers_compat import register_attention, set_attn_implementation
+
+
+EVAL_IMPL = "sqz_eval"
+
+
+# --------------------------------------------------------------------------- attention function
+
+class _State(threading.local):
+    ctx: SqueezedContext | None = None
+    method: str = "squeezed"
+    block_q: int = DEFAULT_BLOCK_Q
+    stats: LayerStats | None = None
+
+
+_state = _State()
+
+
+def _eval_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                    scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """AttentionInterface function: squeezed (the sqz op) or oracle attention of the user's tokens
+    over the current SqueezedContext; records per-layer recall when a LayerStats is active."""
+    st = _state
+    if st.ctx is None:
+        raise RuntimeError(f"attention implementation {EVAL_IMPL!r} used outside "
+                           f"sqz_compile.attention_function.squeezed_mode(model, ctx): nothing to attend to")
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise RuntimeError(f"{type(module).__name__} has no layer_idx: cannot pick its context layer")
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    causal = bool(query.shape[2] > 1 and attention_mask is None
+                  and (is_causal if is_causal is not None else getattr(module, "is_causal", True)))
+    ctx, bq = st.ctx, st.block_q
+    analysis = None
+    if st.method == "oracle" or st.stats is not None:
+        analysis = analyse_selection(query, key, attention_mask, causal, ctx, layer, scale, bq)
+        if st.stats is not None:
+            record_stats(st.stats, layer, analysis, bq)
+    lc = ctx.layer(layer)
+    if st.method == "oracle":
+        out = squeezed_attention_reference(
+            query, key, value, attention_mask, lc.keys, lc.values, per_key_offsets(ctx, layer),
+            analysis.oracle, lc.window_keys, lc.window_values, scale, causal, bq)
+    else:
+        out = torch.ops.sqz.squeezed_attention(
+            query.contiguous(), key.contiguous(), value.contiguous(), attention_mask, lc.keys, lc.values,
+            lc.centroids, lc.offsets, lc.window_keys, lc.window_values, lc.log_threshold,
+            lc.coarse_centroids, lc.coarse_offsets, lc.coarse_log_threshold, scale, causal, ctx.budget, bq)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def squeezed_mode(model: torch.nn.Module, ctx: SqueezedContext, *, oracle: bool = False,
+                  block_q: int = DEFAULT_BLOCK_Q, stats: LayerStats | None = None) -> Iterator[None]:
+    """Run `model` with squeezed (or, with oracle=True, oracle) attention over `ctx` inside the
+    block; the model's attention implementation is restored afterwards."""
+    register_attention(EVAL_IMPL, _eval_attention)
+    old = model.config._attn_implementation
+    _state.ctx, _state.method, _state.block_q, _state.stats = ctx, ("oracle" if oracle else "squeezed"), block_q, stats
+    try:
+        set_attn_implementation(model, EVAL_IMPL)
+        yield
+    finally:
+        _state.ctx, _state.stats = None, None
+        set_attn_implementation(model, old)

@@ -1,0 +1,118 @@
+"""`sqz eval` (and benchmarks/accuracy.py): its own argparse entry."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from typing import Any, Sequence
+
+import torch
+
+from .needles import NEEDLES
+from .report import _key, _label, write_reports
+from .runs import LOOKUPS, MODES, EvalSettings, _device, run
+
+
+# --------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EvalSettings()
+    p = argparse.ArgumentParser(prog="sqz eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=list(d.contexts), help="context lengths (tokens)")
+    p.add_argument("--keeps", type=float, nargs="+", default=list(d.keeps))
+    p.add_argument("--depths", type=float, nargs="+", default=list(d.depths), help="needle depths in [0, 1]")
+    p.add_argument("--needles", type=int, default=d.needles, help=f"how many needles (1..{len(NEEDLES)})")
+    p.add_argument("--lookups", nargs="+", choices=LOOKUPS, default=list(d.lookups))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(d.modes))
+    p.add_argument("--oracle", nargs="+", default=list(d.oracle),
+                   help="variants that also get an oracle run: LOOKUP-MODE names (e.g. flat-threshold), all, none")
+    p.add_argument("--tasks", nargs="+", choices=("ppl", "niah"), default=list(d.tasks))
+    p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens, help="user tokens scored for PPL")
+    p.add_argument("--ppl-contexts", type=int, nargs="+", default=None, help="default: --contexts")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--no-prime", action="store_true",
+                   help="do not start the assistant's answer with the needle's lead (longer answers)")
+    p.add_argument("--block-q", type=int, default=d.block_q)
+    p.add_argument("--cluster-ratio", type=float, default=d.cluster_ratio)
+    p.add_argument("--observation-window", type=int, default=d.observation_window)
+    p.add_argument("--sink-tokens", type=int, default=d.sink_tokens,
+                   help="ablation: attend the first K context tokens always (moved out of the clusters)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="benchmarks/results/accuracy.json",
+                   help="JSON results; the .md table and .png plot go beside it")
+    p.add_argument("--report-only", action="store_true", help="rewrite .md/.png from an existing --out JSON")
+    p.add_argument("--notes", default=None, help="markdown file whose text is stored in the JSON and shown "
+                                                 "under 'Findings' in the .md (e.g. with --report-only)")
+    return p
+
+
+def settings_from_args(a: argparse.Namespace) -> EvalSettings:
+    if not 1 <= a.needles <= len(NEEDLES):
+        raise SystemExit(f"--needles must be 1..{len(NEEDLES)}")
+    valid = {"all", "none"} | {f"{lu}-{mo}" for lu in LOOKUPS for mo in MODES}
+    if set(a.oracle) - valid:
+        raise SystemExit(f"--oracle {sorted(set(a.oracle) - valid)}: use names from {sorted(valid)}")
+    if any(not 0.0 < k <= 1.0 for k in a.keeps):
+        raise SystemExit("--keeps must lie in (0, 1]")
+    return EvalSettings(contexts=tuple(a.contexts), keeps=tuple(a.keeps), depths=tuple(a.depths),
+                        needles=a.needles, lookups=tuple(a.lookups), modes=tuple(a.modes), oracle=tuple(a.oracle),
+                        ppl_tokens=a.ppl_tokens, ppl_contexts=tuple(a.ppl_contexts) if a.ppl_contexts else None,
+                        tasks=tuple(a.tasks), max_new_tokens=a.max_new_tokens, prime=not a.no_prime, block_q=a.block_q,
+                        cluster_ratio=a.cluster_ratio, observation_window=a.observation_window,
+                        sink_tokens=a.sink_tokens)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`sqz eval`: run the accuracy benchmark on SmolLM2-135M-Instruct and the Paul Graham essays."""
+    import sys
+
+    a = build_parser().parse_args(argv)
+    if a.report_only:
+        with open(a.out, encoding="utf-8") as f:
+            result = json.load(f)
+        if a.notes:
+            with open(a.notes, encoding="utf-8") as f:
+                result["meta"]["notes"] = f.read()
+        write_reports(result, a.out)
+        return 0
+    settings = settings_from_args(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    import transformers
+
+    from ..assets import load_smollm2
+
+    model, tok = load_smollm2(dtype=getattr(torch, a.dtype), device=a.device)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    result: dict[str, Any] = {
+        "meta": {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", "device": str(_device(model)),
+                 "device_name": (torch.cuda.get_device_name() if _device(model).type == "cuda"
+                                 else platform.processor() or platform.machine()),
+                 "dtype": a.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+                 "threads": torch.get_num_threads(), "command": "sqz eval " + " ".join(argv or sys.argv[1:]),
+                 "settings": dataclasses.asdict(settings), "needles": [dataclasses.asdict(n) for n in NEEDLES],
+                 "status": "running", "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "records": []}
+    t0 = time.perf_counter()
+
+    def emit(rec: dict) -> None:
+        result["records"].append(rec)
+        result["meta"]["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        write_reports(result, a.out, plot=False)
+        print(f"  {_label(_key(rec))}: " + ", ".join(
+            f"{k}={rec[k]}" for k in ("answer", "hit", "agree", "n", "seconds") if k in rec), flush=True)
+
+    run(model, tok, settings, emit, log=lambda s: print(s, flush=True))
+    result["meta"]["status"] = "complete"
+    result["meta"]["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    write_reports(result, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

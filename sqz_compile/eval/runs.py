@@ -1,0 +1,327 @@
+"""Running the experiments: context variants (flat/hierarchical, threshold/budget, sink tokens),
+the dense baseline over a full-context KV cache, PPL and NIAH runs."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..config import SqueezeConfig
+from ..context import SqueezedContext
+from ..kernels.attention.reference import key_cluster_ids
+from ..kernels.lookup.reference import cluster_of
+from ..ops import DEFAULT_BLOCK_Q
+from ..attention_function import squeezed_mode
+from .needles import NEEDLES, niah_prompt
+from .oracle import LayerStats
+
+
+LOOKUPS = ("flat", "hier")
+MODES = ("threshold", "budget")
+
+
+# --------------------------------------------------------------------------- variants
+
+@dataclass(frozen=True)
+class Variant:
+    """One squeezed configuration: target keep, lookup ("flat"/"hier"), mode ("threshold"/"budget")."""
+
+    keep: float
+    lookup: str
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"keep={self.keep:g} {self.lookup} {self.mode}"
+
+
+def with_budget(ctx: SqueezedContext, budget: int) -> SqueezedContext:
+    """A copy of `ctx` in fixed-budget mode: `budget` clustered keys per (row, KV head, block)."""
+    if int(budget) < 1:
+        raise ValueError(f"budget={budget}: a fixed budget must be >= 1 key (the op reads 0 as "
+                         f"threshold mode); use a larger keep or a longer context")
+    cfg = dataclasses.replace(ctx.config, budget=int(budget))
+    return dataclasses.replace(ctx, config=cfg, fingerprint=dict(ctx.fingerprint), extra=dict(ctx.extra))
+
+
+def flat_view(ctx: SqueezedContext) -> SqueezedContext:
+    """The same fine clusters without the coarse level (flat lookup)."""
+    if not ctx.hierarchical:
+        return ctx
+    cfg = dataclasses.replace(ctx.config, hierarchical=False)
+    return dataclasses.replace(ctx, config=cfg, fingerprint=dict(ctx.fingerprint), extra=dict(ctx.extra),
+                               coarse_centroids=None, coarse_offsets=None, coarse_log_threshold=None)
+
+
+def with_sink_tokens(ctx: SqueezedContext, n: int) -> SqueezedContext:
+    """A copy of `ctx` whose first `n` context tokens are always attended (an ablation, not part of
+    the squeeze): their keys leave their clusters (centroids recomputed as the mean of the keys
+    left) and join the window. Exact for attention: keys are post-RoPE and order-free. Thresholds
+    are stale; recalibrate with `with_keep`. Motivation: attention-sink tokens carry much of the
+    softmax mass in deep layers, but their cluster's centroid does not show it. The copy keeps the
+    W calibration queries, so it is for evaluation only (`validate` and `save` reject it)."""
+    if n <= 0:
+        return ctx
+    layers, h, N, d = ctx.keys.shape
+    if n >= N:
+        raise ValueError(f"sink_tokens={n} must be smaller than the {N} clustered keys")
+    perm = ctx.perm.long()
+    sink = perm < n                                                    # [layers, H, N]
+    rest = torch.sort(sink.to(torch.int8), dim=-1, stable=True).indices[..., :N - n]
+    first = torch.sort(perm, dim=-1).indices[..., :n]                 # sorted index of positions 0..n-1
+    take = lambda t, i: t.gather(2, i.unsqueeze(-1).expand(*i.shape, t.shape[-1]))  # noqa: E731
+    cid = torch.stack([key_cluster_ids(ctx.offsets[li], N) for li in range(layers)]).long()  # [layers, H, N]
+    sizes = (ctx.offsets[..., 1:] - ctx.offsets[..., :-1]).long()
+    gone = torch.zeros_like(sizes).scatter_add_(2, cid, sink.long())
+    sink_sum = torch.zeros_like(ctx.centroids).scatter_add_(
+        2, cid.unsqueeze(-1).expand(-1, -1, -1, d), ctx.keys.float() * sink.unsqueeze(-1))
+    new_sizes = sizes - gone
+    centroids = (ctx.centroids * sizes.unsqueeze(-1) - sink_sum) / new_sizes.clamp(min=1).unsqueeze(-1)
+    centroids = torch.where(new_sizes.unsqueeze(-1) > 0, centroids, torch.zeros_like(centroids))
+    offsets = torch.cat([torch.zeros_like(new_sizes[..., :1]), new_sizes.cumsum(-1)], dim=-1).to(torch.int32)
+    coarse = None
+    if ctx.hierarchical:
+        cc = ctx.coarse_centroids.shape[2]
+        parent = cluster_of(ctx.coarse_offsets, ctx.num_clusters).long()
+        csum = torch.zeros_like(ctx.coarse_centroids).scatter_add_(
+            2, parent.unsqueeze(-1).expand(-1, -1, -1, d), centroids * new_sizes.unsqueeze(-1))
+        cn = torch.zeros(layers, h, cc, dtype=torch.long, device=ctx.keys.device).scatter_add_(2, parent, new_sizes)
+        coarse = csum / cn.clamp(min=1).unsqueeze(-1)
+    extra = dict(ctx.extra, sink_tokens=int(n))
+    return dataclasses.replace(
+        ctx, fingerprint=dict(ctx.fingerprint), extra=extra, keys=take(ctx.keys, rest), values=take(ctx.values, rest),
+        perm=(perm.gather(2, rest) - n).to(torch.int32), centroids=centroids, offsets=offsets,
+        window_keys=torch.cat([take(ctx.keys, first), ctx.window_keys], dim=2),
+        window_values=torch.cat([take(ctx.values, first), ctx.window_values], dim=2),
+        coarse_centroids=coarse if coarse is not None else ctx.coarse_centroids)
+
+
+def variant_context(base: SqueezedContext, v: Variant) -> SqueezedContext:
+    """Derive `v` from one squeeze (no re-clustering): drop/keep the coarse level, recalibrate
+    the thresholds for v.keep, and for budget mode set budget = keep * clustered keys."""
+    if v.lookup not in LOOKUPS or v.mode not in MODES:
+        raise ValueError(f"unknown variant {v}: lookup must be one of {LOOKUPS}, mode one of {MODES}")
+    if v.lookup == "hier" and not base.hierarchical:
+        raise ValueError("a hierarchical variant needs a context squeezed with hierarchical=True")
+    ctx = (flat_view(base) if v.lookup == "flat" else base).with_keep(v.keep)
+    if v.mode == "budget":
+        ctx = with_budget(ctx, round(v.keep * base.keys.shape[2]))
+    return ctx
+
+
+# --------------------------------------------------------------------------- dense baseline
+
+def context_kv(ctx: SqueezedContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full context K/V [layers, H, L, D] in context order (un-permuted clusters + window)."""
+    layers, h, n, d = ctx.keys.shape
+    idx = ctx.perm.long().unsqueeze(-1).expand(layers, h, n, d)
+    keys = torch.cat([torch.empty_like(ctx.keys).scatter_(2, idx, ctx.keys), ctx.window_keys], dim=2)
+    values = torch.cat([torch.empty_like(ctx.values).scatter_(2, idx, ctx.values), ctx.window_values], dim=2)
+    return keys, values
+
+
+def dense_cache(model: torch.nn.Module, kv: tuple[torch.Tensor, torch.Tensor]):
+    """A fresh DynamicCache holding the whole context (from `context_kv`), batch 1."""
+    from transformers import DynamicCache
+
+    keys, values = kv
+    cache = DynamicCache(config=model.config)
+    for i in range(keys.shape[0]):
+        cache.update(keys[i].unsqueeze(0), values[i].unsqueeze(0), i)
+    return cache
+
+
+# --------------------------------------------------------------------------- running the model
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def user_logits(model: torch.nn.Module, ids: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+    """Logits [1, M, V] (float32) of the user tokens `ids` at positions start, start+1, ...
+    (context, if any, is in `cache`)."""
+    ids = ids.to(_device(model))
+    pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=cache is not None)
+    return out.logits.float()
+
+
+@torch.no_grad()
+def greedy_answer(model: torch.nn.Module, user_ids: torch.Tensor, cache, tokenizer,
+                  max_new_tokens: int = 12) -> list[int]:
+    """Greedy continuation of `user_ids` (context in `cache`), stopping after an end-of-turn /
+    EOS token or a token containing a newline; the stop token is included."""
+    from transformers import DynamicCache
+
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    stops = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if t is not None}
+    out: list[int] = []
+    ids, done = user_ids, 0
+    for _ in range(max_new_tokens):
+        logits = user_logits(model, ids, cache, done)
+        done += ids.shape[1]
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        if nxt in stops or "\n" in tokenizer.decode([nxt]):
+            break
+        ids = torch.tensor([[nxt]])
+    return out
+
+
+def answer_text(tokenizer, tokens: Sequence[int]) -> str:
+    return tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+
+
+def compare_logits(dense: torch.Tensor, test: torch.Tensor, targets: torch.Tensor | None = None) -> dict[str, float]:
+    """Sums over positions (rows of [P, V] logits): top-1 agreement, KL(dense || test) and, given
+    targets [P], the test model's NLL."""
+    ld = torch.log_softmax(dense.double(), -1)
+    lt = torch.log_softmax(test.double(), -1)
+    r = {"n": int(dense.shape[0]),
+         "agree": int((dense.argmax(-1) == test.argmax(-1)).sum()),
+         "kl_sum": float((ld.exp() * (ld - lt)).sum())}
+    if targets is not None:
+        r["nll_sum"] = float(-lt.gather(-1, targets.view(-1, 1).to(lt.device)).sum())
+    return r
+
+
+# --------------------------------------------------------------------------- experiments
+
+@dataclass
+class EvalSettings:
+    """What to measure (the CLI's flags)."""
+
+    contexts: tuple[int, ...] = (2048, 4096)
+    keeps: tuple[float, ...] = (0.25, 0.125)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    needles: int = 3
+    lookups: tuple[str, ...] = LOOKUPS
+    modes: tuple[str, ...] = MODES
+    oracle: tuple[str, ...] = ("flat-threshold", "flat-budget")  # variants with an oracle run: LOOKUP-MODE, all
+    ppl_tokens: int = 512
+    ppl_contexts: tuple[int, ...] | None = None
+    tasks: tuple[str, ...] = ("ppl", "niah")
+    max_new_tokens: int = 12
+    prime: bool = True               # start the assistant's answer with the needle's lead
+    block_q: int = DEFAULT_BLOCK_Q
+    cluster_ratio: float = 0.05
+    observation_window: int = 100
+    sink_tokens: int = 0             # ablation: first tokens always attended (with_sink_tokens)
+    essay_seed: int = 0
+    ppl_seed: int = 1
+
+    def variants(self) -> list[Variant]:
+        return [Variant(k, lu, mo) for k in self.keeps for lu in self.lookups for mo in self.modes]
+
+    def wants_oracle(self, v: Variant) -> bool:
+        return "all" in self.oracle or f"{v.lookup}-{v.mode}" in self.oracle
+
+    def squeeze_config(self) -> SqueezeConfig:
+        return SqueezeConfig(keep=self.keeps[0], cluster_ratio=self.cluster_ratio,
+                             hierarchical="hier" in self.lookups,
+                             observation_window=self.observation_window)
+
+
+def _variant_fields(v: Variant | None, method: str) -> dict[str, Any]:
+    if v is None:
+        return {"method": method, "keep": 1.0, "lookup": None, "mode": None}
+    return {"method": method, "keep": v.keep, "lookup": v.lookup, "mode": v.mode}
+
+
+def _scored_runs(settings: EvalSettings, base: SqueezedContext):
+    """(variant, method, its context, LayerStats for squeezed runs else None) for every run a
+    task scores: each variant squeezed, plus its oracle when asked for."""
+    for v in settings.variants():
+        vctx = variant_context(base, v)
+        for method in ["squeezed"] + (["oracle"] if settings.wants_oracle(v) else []):
+            yield v, method, vctx, LayerStats(base.num_layers) if method == "squeezed" else None
+
+
+def _run_mode(model, vctx: SqueezedContext, method: str, settings: EvalSettings,
+              stats: "LayerStats | None" = None):
+    return squeezed_mode(model, vctx, oracle=method == "oracle", block_q=settings.block_q, stats=stats)
+
+
+def run_ppl(model, tokenizer, settings: EvalSettings, context_len: int,
+            emit: Callable[[dict], None]) -> None:
+    """Perplexity / agreement / KL on an essay continuation for one context length."""
+    from ..assets import essay_tokens
+    from ..squeeze import squeeze
+
+    t = settings.ppl_tokens
+    ids = essay_tokens(tokenizer, context_len + t, seed=settings.ppl_seed)
+    ctx_ids, user = ids[:, :context_len], ids[:, context_len:]
+    targets = user[0, 1:]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        full = model(input_ids=ids.to(_device(model)), logits_to_keep=t).logits.float()[0, :-1]
+    base = squeeze(model, ctx_ids, settings.squeeze_config())
+    via_cache = user_logits(model, user, dense_cache(model, context_kv(base)))[0, :-1]
+    base = with_sink_tokens(base, settings.sink_tokens)
+    dense = compare_logits(full, full, targets)
+    dense["cache_vs_full_max_abs_logit_diff"] = float((via_cache - full).abs().max())
+    emit({"task": "ppl", "context": context_len, **_variant_fields(None, "dense"), **dense,
+          "seconds": round(time.perf_counter() - t0, 2)})
+    for v, method, vctx, stats in _scored_runs(settings, base):
+        t0 = time.perf_counter()
+        with _run_mode(model, vctx, method, settings, stats):
+            logits = user_logits(model, user)[0, :-1]
+        rec = {"task": "ppl", "context": context_len, **_variant_fields(v, method),
+               **compare_logits(full, logits, targets), "seconds": round(time.perf_counter() - t0, 2)}
+        if stats is not None:
+            rec["layers"] = stats.to_json()
+        emit(rec)
+
+
+def run_niah(model, tokenizer, settings: EvalSettings, context_len: int, needle_index: int, depth: float,
+             emit: Callable[[dict], None]) -> None:
+    """One needle case: dense answer, then every variant (squeezed, optional oracle): greedy
+    answer + hit, teacher-forced agreement/KL on the dense answer, per-layer recall."""
+    from ..squeeze import squeeze
+
+    needle = NEEDLES[needle_index]
+    ctx_ids, user, where = niah_prompt(tokenizer, needle, context_len, depth, settings.essay_seed,
+                                       settings.prime)
+    case = {"task": "niah", "context": context_len, "needle": needle_index, "depth": depth,
+            "context_tokens": ctx_ids.shape[1], "needle_token": where}
+    t0 = time.perf_counter()
+    base = squeeze(model, ctx_ids, settings.squeeze_config())
+    kv = context_kv(base)
+    base = with_sink_tokens(base, settings.sink_tokens)
+    gen = greedy_answer(model, user, dense_cache(model, kv), tokenizer, settings.max_new_tokens)
+    tf = torch.cat([user, torch.tensor([gen])], dim=1)
+    scored = slice(user.shape[1] - 1, tf.shape[1] - 1)   # predictions of the dense answer tokens
+    dense_logits = user_logits(model, tf, dense_cache(model, kv))[0, scored]
+    ans = answer_text(tokenizer, gen)
+    emit({**case, **_variant_fields(None, "dense"), "answer": ans, "hit": needle.answer in ans.lower(),
+          **compare_logits(dense_logits, dense_logits), "seconds": round(time.perf_counter() - t0, 2)})
+    for v, method, vctx, stats in _scored_runs(settings, base):
+        t0 = time.perf_counter()
+        with _run_mode(model, vctx, method, settings, stats):
+            logits = user_logits(model, tf)[0, scored]
+        with _run_mode(model, vctx, method, settings):
+            ans = answer_text(tokenizer, greedy_answer(model, user, None, tokenizer, settings.max_new_tokens))
+        rec = {**case, **_variant_fields(v, method), "answer": ans, "hit": needle.answer in ans.lower(),
+               **compare_logits(dense_logits, logits), "seconds": round(time.perf_counter() - t0, 2)}
+        if stats is not None:
+            rec["layers"] = stats.to_json()
+        emit(rec)
+
+
+def run(model, tokenizer, settings: EvalSettings, emit: Callable[[dict], None],
+        log: Callable[[str], None] = lambda s: None) -> None:
+    """Every configured experiment, emitting one record per (case, method, variant)."""
+    if "ppl" in settings.tasks:
+        for n in settings.ppl_contexts or settings.contexts:
+            log(f"ppl context={n}")
+            run_ppl(model, tokenizer, settings, n, emit)
+    if "niah" in settings.tasks:
+        for n in settings.contexts:
+            for i in range(settings.needles):
+                for d in settings.depths:
+                    log(f"niah context={n} needle={i} depth={d}")
+                    run_niah(model, tokenizer, settings, n, i, d, emit)

@@ -1,0 +1,176 @@
+"""Launch glue for the sparse attention's Triton kernels: the CUDA branch of
+torch.ops.sqz.squeezed_attention (lookup from lookup/launch.py, then the attention kernel and the
+split-K merge). Same rules as lookup/launch.py: wrap_triton launches, static-shape heuristics, no
+host sync."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..lookup.launch import Selection, expand_positions, lookup
+from ..triton_common import cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
+from . import triton as _sa
+
+
+class AttnConfig(NamedTuple):
+    bq: int       # queries per tile (per head of the group)
+    gp: int       # group size padded to a power of two
+    block_n: int  # keys per tile
+    split: int    # programs per query tile along the keys
+    num_warps: int
+    num_stages: int
+    pos_list: bool = False  # read the kept keys through their positions (Selection.pos)
+
+
+# positions buffer [rows, context keys] int32: used only while it stays this small (prefill of
+# 1024 tokens over 128K context with 8 KV heads needs 64 MiB + 4 MiB)
+_POS_LIST_BYTES = 128 << 20
+
+
+def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int, w: int, s: int,
+                     d: int, sms: int) -> AttnConfig:
+    """Tile shapes and split count from static shapes (prefill: 64-row GQA-packed tiles;
+    decode: one 16-row tile per KV head and many splits)."""
+    gp = pow2(g)
+    dynamic_m = symbolic(m)
+    bqv = block_q if dynamic_m else min(block_q, m)  # symbolic M: tiles cover a whole block
+    decode = not dynamic_m and gp * pow2(bqv) <= 16
+    if decode:
+        bq = max(pow2(bqv), 16 // gp)
+        block_n = 64 if d <= 128 else 32
+        warps, stages = 4, 2  # more stages gain nothing here: benchmarks/NOTES.md v7
+    else:
+        bq = max(1, min(pow2(bqv), 128 // gp)) if gp <= 128 else 1
+        block_n = 64 if d <= 128 else 32
+        warps, stages = (8, 3) if gp * bq >= 128 else (4, 2)
+    nb = cdiv(hint(m), block_q)
+    tpb = cdiv(bqv, bq)
+    progs = hint(bsz) * h * nb * tpb
+    max_tiles = cdiv(n_ctx + w + hint(s), block_n)
+    # decode: ~4 programs per SM keep enough K/V bytes in flight; prefill: split only when the
+    # query tiles alone leave SMs idle
+    want = 4 * sms if decode else sms
+    split = max(1, min(cdiv(want, progs), max(1, max_tiles // 4)))
+    # a list of the kept keys' positions (written by the lookup) takes the slot search out of
+    # the attention loop, whose K/V loads then pipeline; its buffer is bounded
+    pos_list = hint(bsz) * h * nb * n_ctx * 4 <= _POS_LIST_BYTES
+    return AttnConfig(bq, gp, block_n, split, warps, stages, pos_list)
+
+
+def _search_width(c: int) -> int:
+    """Vector width of the two-level start-slot search: width**2 must cover C+1 slots."""
+    w = 16
+    while w * w < c + 1:
+        w *= 2
+    return w
+
+
+def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     attn_mask: Optional[torch.Tensor], ctx_keys: torch.Tensor,
+                     ctx_values: torch.Tensor, sel: Selection, window_keys: torch.Tensor,
+                     window_values: torch.Tensor, scale: float, is_causal: bool, block_q: int,
+                     config: Optional[AttnConfig] = None,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact attention over the lookup's selection + window + new tokens (Triton). `out`: a
+    contiguous [B, Hq, M, D] tensor of q's dtype to write into (tests poison it first)."""
+    check_device(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, window_keys, window_values)
+
+    def lastdim(t):
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    q, k_new, v_new = lastdim(q), lastdim(k_new), lastdim(v_new)
+    ctx_keys, ctx_values = lastdim(ctx_keys), lastdim(ctx_values)
+    window_keys, window_values = lastdim(window_keys), lastdim(window_values)
+    bsz, hq, m, d = q.shape
+    h, n_ctx, _ = ctx_keys.shape
+    g = hq // h
+    s = k_new.shape[2]
+    w = window_keys.shape[1]
+    c = sel.delta.shape[1] if sel.delta is not None else 1
+    block_q = int(block_q)
+    nb = cdiv(m, block_q)
+    cfg = config or attention_config(bsz, h, g, m, block_q, n_ctx, w, s, d, sm_count(q))
+    tpb = cdiv(block_q if symbolic(m) else min(block_q, m), cfg.bq)
+    dev = q.device
+
+    mask_kind = _sa.MASK_NONE
+    mask = torch.empty(1, device=dev, dtype=torch.uint8)  # placeholders are never read
+    mstr = (0, 0, 0, 0)
+    if attn_mask is not None:
+        if attn_mask.dim() > 4:
+            raise ValueError(f"sqz: attn_mask must broadcast to [B, Hq, M, S], got {tuple(attn_mask.shape)}")
+        mask = torch.broadcast_to(attn_mask, (bsz, hq, m, s))
+        if attn_mask.dtype == torch.bool:
+            # passed as bool (Triton's int1 pointer): a uint8 view would be a dtype bitcast,
+            # which Inductor cannot lower for bool
+            mask_kind = _sa.MASK_BOOL
+        else:
+            mask_kind = _sa.MASK_FLOAT
+        mstr = tuple(mask.stride())
+        is_causal = False  # SDPA: an explicit mask is the whole story
+
+    if out is None:
+        out = torch.empty((bsz, hq, m, d), device=dev, dtype=q.dtype)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"sqz: out must be a contiguous {tuple(q.shape)} {q.dtype} tensor")
+    pos = sel.pos
+    if pos is None and cfg.pos_list:
+        pos = expand_positions(sel, n_ctx)
+    use_pos = pos is not None
+    if use_pos:
+        cum = delta = sel.nkeys  # unused by the position-list loop
+    else:
+        if sel.cum is None:
+            raise ValueError("sqz: this Selection holds only positions; run lookup without "
+                             "positions= for the cluster-list attention")
+        cum, delta, pos = sel.cum, sel.delta, sel.nkeys  # pos unused
+    partial = cfg.split > 1
+    if partial:
+        part_o = torch.empty((cfg.split, bsz, hq, m, d), device=dev, dtype=torch.float32)
+        part_l = torch.empty((cfg.split, bsz, hq, m), device=dev, dtype=torch.float32)
+    else:
+        part_o = part_l = torch.empty(1, device=dev, dtype=torch.float32)
+    grid = (bsz * h * nb * tpb, cfg.split)
+    launch(_sa._sparse_attn_kernel, grid,
+            q, k_new, v_new, mask, ctx_keys, ctx_values, window_keys, window_values,
+            cum, delta, sel.nkeys, pos, out, part_o, part_l,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_new.stride(0), k_new.stride(1), k_new.stride(2),
+            v_new.stride(0), v_new.stride(1), v_new.stride(2),
+            *mstr,
+            ctx_keys.stride(0), ctx_keys.stride(1), ctx_values.stride(0), ctx_values.stride(1),
+            window_keys.stride(0), window_keys.stride(1), window_values.stride(0), window_values.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            bsz, h, g, m, s, w, nb, c, n_ctx, block_q, tpb, cfg.split, float(scale) * 1.4426950408889634, d,
+            BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=pow2(d),
+            MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
+            IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
+            POS_LIST=use_pos,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if partial:
+        rows = bsz * hq * m
+        launch(_sa._merge_kernel, (rows,),
+                part_o, part_l, out, rows, hq, m, out.stride(0), out.stride(1), out.stride(2),
+                cfg.split, d, SP=max(2, pow2(cfg.split)), BLOCK_D=pow2(d), num_warps=4)
+    return out
+
+
+def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                       attn_mask: Optional[torch.Tensor], ctx_keys: torch.Tensor,
+                       ctx_values: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
+                       window_keys: torch.Tensor, window_values: torch.Tensor,
+                       log_threshold: torch.Tensor, coarse_centroids: Optional[torch.Tensor],
+                       coarse_offsets: Optional[torch.Tensor],
+                       coarse_log_threshold: Optional[torch.Tensor], scale: float,
+                       is_causal: bool, budget: int, block_q: int) -> torch.Tensor:
+    """CUDA implementation of torch.ops.sqz.squeezed_attention: lookup, then sparse attention
+    (decode: the lookup writes the kept keys' positions for the attention loop)."""
+    h, n_ctx, d = ctx_keys.shape
+    cfg = attention_config(q.shape[0], h, q.shape[1] // h, q.shape[2], int(block_q), n_ctx,
+                           window_keys.shape[1], k_new.shape[2], d, sm_count(q))
+    sel = lookup(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
+                 coarse_log_threshold, scale, block_q, budget,
+                 positions=n_ctx if cfg.pos_list else 0)
+    return sparse_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, sel, window_keys,
+                            window_values, scale, is_causal, block_q, config=cfg)

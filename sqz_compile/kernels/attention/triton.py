@@ -1,0 +1,233 @@
+"""Triton sparse flash attention over the selected context clusters + window + new tokens.
+
+One kernel serves prefill and decode (the reference is `attention/reference.py`, the launcher `attention/launch.py`):
+
+- GQA packing: a program's query tile holds the queries of every head of one KV head's group
+  (row r = g * BQ + i: head g of the group, query i of the tile), so each K/V tile is loaded once
+  for the whole group. Decode (one query) packs the group into a 16-row tile.
+- Context keys are read in the cluster-sorted layout. The lookup gives, per (batch row, KV head,
+  query block), the ascending list of kept clusters with `cum` (keys before slot j) and
+  `delta` (cluster start - cum). The kept clusters are concatenated into a virtual key axis
+  v = 0..nkeys-1 that is cut into BLOCK_N tiles; key v of slot j sits at sorted position
+  v + delta[j]. Runs of keys of one cluster are contiguous rows, so a tile reads contiguous
+  ranges (no per-key index list) and short clusters do not leave tiles half empty.
+  With POS_LIST (decode, and prefill while the buffer is small) the lookup has written the
+  sorted position of every kept key (lookup/launch.py), so the attention loop does one index load per
+  tile instead of the slot search, and its K/V loads pipeline.
+- Split-K: each program takes a share of the context tiles, the window tiles and the new-token
+  tiles; with SPLIT > 1 it writes a normalised partial output and its log-sum-exp (base 2), and
+  `_merge_kernel` combines the splits (decode: many splits per row to fill the GPU).
+- The new tokens follow the model's mask with SDPA semantics: none, upper-left causal, bool
+  (True attends) or additive float, loaded with broadcast strides (0 for broadcast dims).
+"""
+from __future__ import annotations
+
+from ..triton_common import HAS_TRITON
+
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _online_update(q, kT, v, bias_ok, s_add, m_i, l_i, acc, qk_scale,
+                       HAS_ADD: tl.constexpr, IEEE: tl.constexpr):
+        """One flash step over a key tile (base-2 exponentials; bias_ok False = masked out)."""
+        if IEEE:
+            s = tl.dot(q, kT.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, kT)
+        s = (s * qk_scale).to(tl.float32)  # Inductor may pass the scale as float64
+        if HAS_ADD:
+            s = s + s_add
+        s = tl.where(bias_ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _start_slot(cum_row, v0, C, SEARCH: tl.constexpr):
+        """Slot holding virtual key v0: #{i >= 1 : cum[i] <= v0} (cum is non-decreasing), counted
+        on a strided sample, then inside the one stride that holds the boundary: two vector loads."""
+        stride = tl.cdiv(C + 1, SEARCH)
+        sj = tl.arange(0, SEARCH)
+        samp = tl.load(cum_row + sj * stride, mask=sj * stride <= C, other=2147483647)
+        base = (tl.sum((samp <= v0).to(tl.int32), axis=0) - 1) * stride
+        fi = base + 1 + sj
+        fine = tl.load(cum_row + fi, mask=(sj < stride - 1) & (fi <= C), other=2147483647)
+        return base + tl.sum((fine <= v0).to(tl.int32), axis=0)
+
+    @triton.jit
+    def _sparse_attn_kernel(
+        Q, Kn, Vn, Mask, Kc, Vc, Kw, Vw, Cum, Delta, NKeys, Pos, Out, PartO, PartL,
+        sqb, sqh, sqm, skb, skh, sks, svb, svh, svs,
+        smb, smh, smm, sms,
+        skch, skcn, svch, svcn, swkh, swkn, swvh, swvn,
+        sob, soh, som,
+        B, H, G, M, S, W, NB, C, NPOS, block_q, TPB, SPLIT, qk_scale, D,
+        BQ: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
+        IEEE: tl.constexpr, SEARCH: tl.constexpr, POS_LIST: tl.constexpr,
+    ):
+        BLOCK_M: tl.constexpr = GP * BQ
+        LOG2E: tl.constexpr = 1.4426950408889634
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        tile = pid % TPB
+        row = pid // TPB  # (b * H + h) * NB + nb
+        nb = row % NB
+        h = (row // NB) % H
+        b = row // (NB * H)
+
+        r = tl.arange(0, BLOCK_M)
+        g = r // BQ
+        i = r % BQ
+        m0 = nb * block_q + tile * BQ
+        m = m0 + i
+        blk_end = tl.minimum(nb * block_q + block_q, M)
+        rvalid = (g < G) & (m < blk_end)
+        hq = h * G + g
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(Q + b * sqb + hq[:, None] * sqh + m[:, None] * sqm + d[None, :],
+                    mask=rvalid[:, None] & dmask[None, :], other=0.0)
+        if IEEE:
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        kk = tl.arange(0, BLOCK_N)
+        zero_add = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+
+        # --- selected context clusters -------------------------------------------------------
+        total = tl.load(NKeys + row)
+        ntile = tl.cdiv(total, BLOCK_N)
+        # every split gets floor or ceil of ntile / SPLIT context tiles; the window and new-token
+        # tiles go to the splits counted from the last one, so no split takes both extra loads
+        t0 = split * ntile // SPLIT
+        t1 = (split + 1) * ntile // SPLIT
+        rsplit = SPLIT - 1 - split
+        cum_row = Cum + row * (C + 1)
+        if POS_LIST:
+            # positions written by the lookup: one index load per tile, no search,
+            # so the loop pipelines the K/V loads of the next tiles
+            v_end = tl.minimum(total, t1 * BLOCK_N)
+            for t in range(t0, t1):
+                v = t * BLOCK_N + kk
+                vvalid = v < v_end
+                pos = tl.load(Pos + row * NPOS + v, mask=vvalid, other=0)
+                kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
+                             mask=vvalid[None, :] & dmask[:, None], other=0.0)
+                vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
+                             mask=vvalid[:, None] & dmask[None, :], other=0.0)
+                m_i, l_i, acc = _online_update(q, kT, vt, vvalid[None, :], zero_add, m_i, l_i,
+                                               acc, qk_scale, False, IEEE)
+        elif t0 < t1:
+            v0 = t0 * BLOCK_N
+            j = _start_slot(cum_row, v0, C, SEARCH)
+            # indices of the first tile; inside the loop those of the next tile are fetched while
+            # the current K/V tile loads (the index chain stays off the critical path)
+            v = v0 + kk
+            jb = j + 1 + kk
+            bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
+            slot = j + tl.sum((bnd[None, :] <= v[:, None]).to(tl.int32), axis=1)
+            v_end = tl.minimum(total, t1 * BLOCK_N)
+            vvalid = v < v_end
+            pos = v + tl.load(Delta + row * C + slot, mask=vvalid, other=0)
+            for t in range(t0, t1):
+                kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
+                             mask=vvalid[None, :] & dmask[:, None], other=0.0)
+                vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
+                             mask=vvalid[:, None] & dmask[None, :], other=0.0)
+                j = j + tl.sum((bnd <= (t + 1) * BLOCK_N).to(tl.int32), axis=0)
+                v_n = (t + 1) * BLOCK_N + kk
+                jb = j + 1 + kk
+                bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
+                slot = j + tl.sum((bnd[None, :] <= v_n[:, None]).to(tl.int32), axis=1)
+                vvalid_n = v_n < v_end
+                pos_n = v_n + tl.load(Delta + row * C + slot, mask=vvalid_n, other=0)
+                m_i, l_i, acc = _online_update(q, kT, vt, vvalid[None, :], zero_add, m_i, l_i,
+                                               acc, qk_scale, False, IEEE)
+                pos = pos_n
+                vvalid = vvalid_n
+
+        # --- observation window ----------------------------------------------------------------
+        nwt = tl.cdiv(W, BLOCK_N)
+        per = tl.cdiv(nwt, SPLIT)
+        for t in range(rsplit * per, tl.minimum(nwt, rsplit * per + per)):
+            n = t * BLOCK_N + kk
+            nvalid = n < W
+            kT = tl.load(Kw + h * swkh + n[None, :] * swkn + d[:, None],
+                         mask=nvalid[None, :] & dmask[:, None], other=0.0)
+            vt = tl.load(Vw + h * swvh + n[:, None] * swvn + d[None, :],
+                         mask=nvalid[:, None] & dmask[None, :], other=0.0)
+            m_i, l_i, acc = _online_update(q, kT, vt, nvalid[None, :], zero_add, m_i, l_i, acc,
+                                           qk_scale, False, IEEE)
+
+        # --- new tokens under the model's mask -------------------------------------------------
+        s_hi = S
+        if IS_CAUSAL:
+            s_hi = tl.minimum(S, tl.minimum(blk_end, m0 + BQ))
+        nnt = tl.cdiv(s_hi, BLOCK_N)
+        per = tl.cdiv(nnt, SPLIT)
+        for t in range(rsplit * per, tl.minimum(nnt, rsplit * per + per)):
+            n = t * BLOCK_N + kk
+            nvalid = n < s_hi
+            kT = tl.load(Kn + b * skb + h * skh + n[None, :] * sks + d[:, None],
+                         mask=nvalid[None, :] & dmask[:, None], other=0.0)
+            vt = tl.load(Vn + b * svb + h * svh + n[:, None] * svs + d[None, :],
+                         mask=nvalid[:, None] & dmask[None, :], other=0.0)
+            ok = nvalid[None, :] & rvalid[:, None]
+            add = zero_add
+            if IS_CAUSAL:
+                ok = ok & (n[None, :] <= m[:, None])
+            mptr = Mask + b * smb + hq[:, None] * smh + m[:, None] * smm + n[None, :] * sms
+            if MASK_KIND == 1:
+                ok = ok & (tl.load(mptr, mask=ok, other=0) != 0)
+            if MASK_KIND == 2:
+                add = tl.load(mptr, mask=ok, other=0.0).to(tl.float32) * LOG2E
+            m_i, l_i, acc = _online_update(q, kT, vt, ok, add, m_i, l_i, acc, qk_scale,
+                                           MASK_KIND == 2, IEEE)
+
+        # --- epilogue ------------------------------------------------------------------------------
+        if PARTIAL:
+            has = l_i > 0
+            o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            prow = (split * B + b) * (G * H) * M + hq * M + m  # PartL [SPLIT, B, Hq, M]
+            tl.store(PartL + prow, lse, mask=rvalid)
+            tl.store(PartO + prow[:, None] * D + d[None, :], o, mask=rvalid[:, None] & dmask[None, :])
+        else:
+            o = acc / tl.where(rvalid, l_i, 1.0)[:, None]  # a fully masked row stays NaN (as SDPA)
+            tl.store(Out + b * sob + hq[:, None] * soh + m[:, None] * som + d[None, :],
+                     o.to(Out.dtype.element_ty), mask=rvalid[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _merge_kernel(PartO, PartL, Out, R, HQ, M, sob, soh, som, SPLIT, D,
+                      SP: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Out[row] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max): log-sum-exp merge of
+        the splits of one (batch row, query head, query), all splits in one 2-D load."""
+        row = tl.program_id(0)
+        sp = tl.arange(0, SP)
+        spm = sp < SPLIT
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        ls = tl.load(PartL + sp * R + row, mask=spm, other=float("-inf"))
+        o = tl.load(PartO + (sp * R + row)[:, None] * D + d[None, :],
+                    mask=spm[:, None] & dm[None, :], other=0.0)
+        mx = tl.max(ls, axis=0)
+        w = tl.exp2(ls - tl.where(mx == float("-inf"), 0.0, mx))
+        out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+        b = row // (HQ * M)
+        hq = (row // M) % HQ
+        m = row % M
+        tl.store(Out + b * sob + hq * soh + m * som + d, out.to(Out.dtype.element_ty), mask=dm)

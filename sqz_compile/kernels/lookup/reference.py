@@ -1,0 +1,132 @@
+"""Centroid lookup, plain-torch reference: which clusters of the fixed context each query block needs.
+
+Rule (Squeezed Attention): for query q and cluster c with centroid mu_c and n_c keys, each key of
+c is estimated to get softmax share  exp(s q.mu_c) / sum_j n_j exp(s q.mu_j).  In log space:
+    log_share_c = s q.mu_c - logsumexp_j(s q.mu_j + log n_j)        (empty clusters: -inf)
+A (batch row, KV head, query block) keeps c when the max of log_share_c over the block's queries
+and the GQA group's query heads exceeds the threshold (strictly). Budget mode instead ranks the
+clusters by that max and keeps the best ones while their total size fits the key budget.
+
+Hierarchical: the coarse level is scored first with the same rule (coarse sizes = keys under each
+coarse cluster); only fine children of kept coarse clusters are scored; pruned coarse clusters
+stand for their children in the fine denominator.
+
+Output (fixed size, no host sync): idx [B, H, NB, C] int32 listing the kept clusters in ascending
+order, padded with -1; count [B, H, NB] int32.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def cluster_sizes(offsets: torch.Tensor) -> torch.Tensor:
+    """[..., C+1] int offsets -> [..., C] sizes."""
+    return offsets[..., 1:] - offsets[..., :-1]
+
+
+def block_max(x: torch.Tensor, block_q: int) -> torch.Tensor:
+    """[B, H, G, M, C] -> [B, H, NB, C]: max over the group's heads and each block of queries."""
+    b, h, g, m, c = x.shape
+    nb = -(-m // block_q)
+    pad = nb * block_q - m
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad), value=float("-inf"))
+    return x.reshape(b, h, g, nb, block_q, c).amax(dim=(2, 4))
+
+
+def _compact(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool [..., C] -> (ascending kept indices padded with -1, counts), both int32."""
+    c = sel.shape[-1]
+    count = sel.sum(-1, dtype=torch.int32)
+    # Stable sort puts kept clusters first, each group in ascending index order.
+    order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    pos = torch.arange(c, device=sel.device, dtype=torch.int32)
+    idx = torch.where(pos < count.unsqueeze(-1), order, torch.full_like(order, -1))
+    return idx, count
+
+
+def log_share(scores: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
+    """scores [..., C] (s q.mu), log_n broadcastable [..., C] -> log shares, -inf where empty."""
+    lse = torch.logsumexp(scores + log_n, dim=-1, keepdim=True)
+    return torch.where(torch.isinf(log_n), torch.full_like(scores, float("-inf")), scores - lse)
+
+
+def select_clusters_reference(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch lookup in the kernels' compact form: (idx [B,H,NB,C] int32 ascending, padded
+    with -1; count [B,H,NB] int32). Arguments as `selection_mask_reference`."""
+    return _compact(selection_mask_reference(*args, **kwargs))
+
+
+def selection_mask_reference(
+    q: torch.Tensor,
+    centroids: torch.Tensor,
+    offsets: torch.Tensor,
+    log_threshold: torch.Tensor,
+    scale: float,
+    block_q: int,
+    budget: int = 0,
+    coarse_centroids: torch.Tensor | None = None,
+    coarse_offsets: torch.Tensor | None = None,
+    coarse_log_threshold: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch lookup as a bool mask [B, H, NB, C] of kept clusters. q [B, Hq, M, D];
+    centroids [H, C, D]; offsets [H, C+1]; log_threshold 0-d; budget 0 = threshold mode."""
+    b, hq, m, d = q.shape
+    h, c, _ = centroids.shape
+    g = hq // h
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(work).reshape(b, h, g, m, d)
+    scores = torch.einsum("bhgmd,hcd->bhgmc", qg, centroids.to(work)) * scale
+    sizes = cluster_sizes(offsets).to(work)
+    log_n = sizes.log()[None, :, None, None, :]  # log 0 = -inf marks empty clusters
+
+    if coarse_centroids is not None:
+        parent = _parent_of_fine(coarse_offsets, c)  # [H, C]
+        coarse_n = torch.zeros(h, coarse_centroids.shape[1], dtype=work, device=q.device)
+        coarse_n.scatter_add_(1, parent.long(), sizes)
+        log_cn = coarse_n.log()[None, :, None, None, :]
+        cscores = torch.einsum("bhgmd,hkd->bhgmk", qg, coarse_centroids.to(work)) * scale
+        ckeep = block_max(log_share(cscores, log_cn), block_q) > coarse_log_threshold.to(work)
+        # Expand the per-block coarse decision to each query row and to fine children.
+        ckeep_q = ckeep.repeat_interleave(block_q, dim=2)[:, :, :m]  # [B, H, M, Cc]
+        kept_child = torch.gather(
+            ckeep_q, 3, parent.long()[None, :, None, :].expand(b, h, m, c))  # [B, H, M, C]
+        kept_child = kept_child[:, :, None]  # broadcast over the group
+        # Denominator: kept children exactly, pruned coarse clusters by their centroid.
+        fine_terms = torch.where(kept_child, scores + log_n, torch.full_like(scores, float("-inf")))
+        pruned = torch.where(ckeep_q[:, :, None], torch.full_like(cscores, float("-inf")),
+                             cscores + log_cn)
+        lse = torch.logsumexp(torch.cat([fine_terms, pruned], dim=-1), dim=-1, keepdim=True)
+        shares = torch.where(kept_child & ~torch.isinf(log_n), scores - lse,
+                                torch.full_like(scores, float("-inf")))
+    else:
+        shares = log_share(scores, log_n)
+
+    best = block_max(shares, block_q)  # [B, H, NB, C]
+    if budget > 0:
+        return _fit_budget(best, sizes, budget)
+    return best > log_threshold.to(work)
+
+
+def cluster_of(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., C+1] offsets -> [..., n] the cluster of each of n sorted items (keys under `offsets`,
+    or fine clusters under coarse offsets), in offsets' dtype. Items past the last offset get C."""
+    pos = torch.arange(n, device=offsets.device, dtype=offsets.dtype)
+    pos = pos.expand(*offsets.shape[:-1], n).contiguous()
+    return torch.searchsorted(offsets[..., 1:].contiguous(), pos, right=True)
+
+
+def _parent_of_fine(coarse_offsets: torch.Tensor, num_fine: int) -> torch.Tensor:
+    """[H, Cc+1] offsets over fine clusters -> [H, C] coarse parent of each fine cluster."""
+    return cluster_of(coarse_offsets, num_fine)
+
+
+def _fit_budget(best: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.Tensor:
+    """Keep the best-scoring non-empty clusters while their total size stays <= budget."""
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    sz = sizes[None, :, None, :].expand_as(best)
+    sorted_sz = torch.gather(sz, -1, order)
+    sorted_ok = ~torch.isinf(torch.gather(best, -1, order))
+    fits = (torch.cumsum(sorted_sz * sorted_ok, dim=-1) <= budget) & sorted_ok
+    sel = torch.zeros_like(fits)
+    return sel.scatter(-1, order, fits)
