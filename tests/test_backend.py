@@ -6,7 +6,7 @@ import torch
 
 from sqz_compile.backend import sqz_backend
 from sqz_compile.passes import SqueezeDenseWarning
-from helpers import (dense_full_rows, left_padded, real_rows, selected_keys_reference, tiny_context,
+from fixtures import (dense_full_rows, left_padded, real_rows, selected_keys_reference, tiny_context,
                      tiny_model)
 
 LENGTHS = [7, 5, 2]  # batch 3, left padded

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from fixtures import tiny_model
 from sqz_compile.cli import main
 from sqz_compile.context import SqueezedContext
 
@@ -19,17 +20,16 @@ TEXT = ("The lighthouse keeper kept a ledger of every ship that passed. " * 6 +
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random LlamaForCausalLM (2 layers, 4 query / 2 KV heads) with a real tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from sqz_compile.assets import GGUF_FILE, smollm2_path
 
     tok = AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=GGUF_FILE)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = tiny_model("llama", None, 2, 2, vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=None,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model.generation_config.eos_token_id = tok.eos_token_id  # a saved model stops at its eos
     folder = tmp_path_factory.mktemp("tiny_model")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
 
@@ -130,14 +130,13 @@ def test_missing_files_are_user_errors(squeezed, tmp_path, capsys):
 
 
 def test_wrong_model_for_the_context(squeezed, tmp_path, capsys):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     _, ctx_path = squeezed
     other = tmp_path / "other"
     tok = AutoTokenizer.from_pretrained(SqueezedContext.load(ctx_path).extra["sqz_cli"]["model"])
-    torch.manual_seed(7)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    tiny_model("llama", None, 2, 2, seed=7, vocab_size=len(tok), max_position_embeddings=2048,
+               pad_token_id=None).save_pretrained(other)
     tok.save_pretrained(other)
     err = _user_error(capsys, "ask", ctx_path, "hi", "--model", str(other), "-q")
     assert "made for another model" in err

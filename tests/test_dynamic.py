@@ -7,7 +7,7 @@ import warnings
 import torch
 
 import sqz_compile
-from helpers import dense_full_rows, tiny_context, tiny_model
+from fixtures import dense_full_rows, tiny_context, tiny_model
 from sqz_compile.passes.rewrite import SqueezeDenseWarning
 
 

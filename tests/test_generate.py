@@ -1,12 +1,12 @@
-"""SqueezedModel (sqz_compile.hf.compile): forward and transformers generate over the user's tokens."""
+"""SqueezedModel (sqz_compile.squeezed_model.compile): forward and transformers generate over the user's tokens."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from sqz_compile.context import SqueezedContextError
-from sqz_compile.hf import SqueezedModel, compile
-from helpers import (_selected_keys_impl, dense_full_rows, left_padded, real_rows, tiny_context,
+from sqz_compile.squeezed_model import SqueezedModel, compile
+from fixtures import (_selected_keys_impl, dense_full_rows, left_padded, real_rows, tiny_context,
                      tiny_model)
 
 NEW = 6

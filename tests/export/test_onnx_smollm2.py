@@ -21,7 +21,7 @@ def test_smollm2_onnx_greedy_tokens_match_torch(tmp_path):
     from sqz_compile.assets import essay_tokens, load_smollm2
     from sqz_compile.squeeze import squeeze
 
-    from export_fixtures import squeezed_eager
+    from fixtures import squeezed_eager
 
     model, tok = load_smollm2()
     ctx = squeeze(model, essay_tokens(tok, 1024), SqueezeConfig(keep=0.25))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_cases import (assert_same_positions, make_case, reference_with_selection, rel_err,
+from cases import (assert_same_positions, make_case, reference_with_selection, rel_err,
                           threshold_for_keep)
 
 pytestmark = pytest.mark.gpu
@@ -17,10 +17,12 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
-def _cuda():
-    from sqz_compile.kernels import cuda
+def _launchers():
+    """(lookup launcher, attention launcher) modules, imported only when a test runs (they need triton)."""
+    from sqz_compile.kernels.attention import launch as attention_launch
+    from sqz_compile.kernels.lookup import launch as lookup_launch
 
-    return cuda
+    return lookup_launch, attention_launch
 
 
 def _poison_allocator(nbytes: int = 64 << 20) -> None:
@@ -30,14 +32,14 @@ def _poison_allocator(nbytes: int = 64 << 20) -> None:
 
 
 def _best_f64(cs, block_q):
-    from sqz_compile.kernels.lookup import _block_max, _log_share, cluster_sizes
+    from sqz_compile.kernels.lookup.reference import block_max, cluster_sizes, log_share
 
     b, hq, m, d = cs.q.shape
     h = cs.centroids.shape[0]
     qg = cs.q.double().reshape(b, h, hq // h, m, d)
     sc = torch.einsum("bhgmd,hcd->bhgmc", qg, cs.centroids.double()) * cs.scale
     log_n = cluster_sizes(cs.offsets).double().log()[None, :, None, None, :]
-    return _block_max(_log_share(sc, log_n), block_q)
+    return block_max(log_share(sc, log_n), block_q)
 
 
 SHAPES = [
@@ -57,7 +59,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"b{s[0]}h{s[1]}g{s[2]}m{s[3]}d{s[5]}{s[9]}{str(s[10])[6:]}")
 @pytest.mark.parametrize("mode", ["flat", "hier", "budget"])
 def test_random_shapes(shape, mode):
-    cuda = _cuda()
+    lookup_launch, attention_launch = _launchers()
     b, h, g, m, s, d, n, c, w, mask, dtype, block_q = shape
     hier = mode == "hier"
     cs = make_case(b=b, h=h, g=g, m=m, s=s, d=d, n=n, c=c, w=w, mask=mask, dtype=dtype,
@@ -66,14 +68,14 @@ def test_random_shapes(shape, mode):
     cthr = torch.tensor(-6.0, device=DEV) if hier else None
     budget = n // 10 if mode == "budget" else 0
     _poison_allocator()
-    sel = cuda.lookup(cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
+    sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
                       cthr, cs.scale, block_q, budget)
-    from sqz_compile.kernels.lookup import select_clusters_reference
+    from sqz_compile.kernels.lookup.reference import select_clusters_reference
 
     ridx, rcount = select_clusters_reference(cs.q, cs.centroids, cs.offsets, thr, cs.scale, block_q,
                                              budget, cs.coarse_centroids, cs.coarse_offsets, cthr)
     # Prefill scores centroids in the model dtype (tensor cores): near-threshold flips allowed.
-    from sqz_compile.kernels.attention import selection_from_compact
+    from sqz_compile.kernels.attention.reference import selection_from_compact
 
     got = selection_from_compact(sel.idx, c)
     want = selection_from_compact(ridx, c)
@@ -84,7 +86,7 @@ def test_random_shapes(shape, mode):
         assert bool((best[flips] - thr.double()).abs().le(0.05).all()), "flip far from threshold"
     assert flips.float().mean().item() < 0.01
     out_buf = torch.full_like(cs.q, float("nan"))
-    out = cuda.sparse_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values, sel,
+    out = attention_launch.sparse_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values, sel,
                                 cs.window_keys, cs.window_values, cs.scale, cs.is_causal, block_q,
                                 out=out_buf)
     torch.cuda.synchronize()
@@ -101,7 +103,7 @@ def test_random_shapes(shape, mode):
 def test_fused_decode_positions_match_cluster_list(b, h, g, m, n, c, mode):
     """Decode's one-kernel selection (scores, threshold, look-back over ~50 splits, positions)
     equals the cluster list expanded, with a skewed last cluster holding thousands of keys."""
-    cuda = _cuda()
+    lookup_launch, attention_launch = _launchers()
     cs = make_case(b=b, h=h, g=g, m=m, s=1, d=128, n=n, c=c, w=8, dtype=torch.bfloat16,
                    coarse=max(2, c // 20) if mode == "hier" else 0, device=DEV, seed=n)
     thr = threshold_for_keep(cs, 0.1, 64)
@@ -109,8 +111,8 @@ def test_fused_decode_positions_match_cluster_list(b, h, g, m, n, c, mode):
     args = (cs.q, cs.centroids.to(cs.q.dtype), cs.offsets, thr, cs.coarse_centroids,
             cs.coarse_offsets, cthr, cs.scale, 64, 0)
     _poison_allocator()
-    fused = cuda.lookup(*args, positions=n)
-    plain = cuda.lookup(*args)
+    fused = lookup_launch.lookup(*args, positions=n)
+    plain = lookup_launch.lookup(*args)
     assert fused.idx is None
     assert_same_positions(fused, plain, n)
 
@@ -144,7 +146,7 @@ def test_op_select_clusters_cuda_matches_reference_at_decode():
     ridx, rcount = torch.ops.sqz.select_clusters(cs.q.cpu(), cs.centroids.cpu(), cs.offsets.cpu(),
                                                  thr.cpu(), None, None, None, cs.scale, 64, 0)
     # decode scores in float32 (IEEE): the same clusters as the reference up to rounding ties
-    from sqz_compile.kernels.attention import selection_from_compact
+    from sqz_compile.kernels.attention.reference import selection_from_compact
 
     flips = selection_from_compact(idx.cpu(), 400) != selection_from_compact(ridx, 400)
     assert flips.float().mean().item() < 2e-3

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sqz_compile import assets
-from sqz_compile.calibrate import kept_fraction
+from sqz_compile.squeeze.calibrate import kept_fraction
 from sqz_compile.config import SqueezeConfig
 from sqz_compile.context import SqueezedContext
 from sqz_compile.squeeze import squeeze

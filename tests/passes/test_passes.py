@@ -13,7 +13,7 @@ from sqz_compile.backend import copy_graph_module
 from sqz_compile.passes import (ContextMismatchError, SqueezeDenseWarning, find_attention, layer_of_path,
                                 rewrite_attention)
 from sqz_compile.squeeze import squeeze_kv
-from helpers import dense_full_rows, left_padded, real_rows, tiny_context, tiny_model
+from fixtures import dense_full_rows, left_padded, real_rows, tiny_context, tiny_model
 
 B, HQ, H, M, D, L = 2, 4, 2, 5, 16, 40
 

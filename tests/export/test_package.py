@@ -7,9 +7,9 @@ import zipfile
 import pytest
 import torch
 
-from sqz_compile.exporting import package
+from sqz_compile.export.aoti import package
 
-from export_fixtures import assert_fresh_ok, squeezed_eager, tiny_context, tiny_llama, user_ids
+from fixtures import assert_fresh_ok, squeezed_eager, export_context, tiny_llama, user_ids
 
 LENGTHS = [(1, 5), (3, 37)]
 
@@ -18,7 +18,7 @@ LENGTHS = [(1, 5), (3, 37)]
 def built(tmp_path_factory):
     folder = tmp_path_factory.mktemp("aoti")
     model = tiny_llama()
-    ctx = tiny_context(model)
+    ctx = export_context(model)
     path = package(model, ctx, user_ids(2, 10), str(folder / "tiny.pt2"))
     eager = squeezed_eager(model, ctx)
     inputs = [user_ids(b, m, seed=m) for b, m in LENGTHS]
@@ -54,7 +54,7 @@ def test_package_is_a_cpu_aoti_archive(built):
 def test_package_path_must_end_in_pt2(tmp_path):
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"\*\.pt2"):
-        package(model, tiny_context(model), user_ids(2, 4), str(tmp_path / "x.zip"))
+        package(model, export_context(model), user_ids(2, 4), str(tmp_path / "x.zip"))
 
 
 def test_package_refuses_a_compiler_without_shared_libstdcxx(tmp_path):
@@ -63,7 +63,7 @@ def test_package_refuses_a_compiler_without_shared_libstdcxx(tmp_path):
     fake = tmp_path / "static-only-g++"
     fake.write_text("#!/bin/sh\necho libstdc++.so\n")  # gcc's answer when libstdc++.so is missing
     fake.chmod(0o755)
-    from sqz_compile.exporting import has_shared_libstdcxx, package_program
+    from sqz_compile.export.aoti import has_shared_libstdcxx, package_program
 
     assert not has_shared_libstdcxx(str(fake))
     program = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),))

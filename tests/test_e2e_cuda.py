@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_context, tiny_model
+from fixtures import tiny_context, tiny_model
 
 pytestmark = pytest.mark.gpu
 

@@ -13,11 +13,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from sqz_compile.kernels import cuda  # noqa: E402
-from sqz_compile.kernels.attention import selection_from_compact  # noqa: E402
-from sqz_compile.kernels.lookup import select_clusters_reference  # noqa: E402
+from sqz_compile.kernels.attention import launch as attention_launch  # noqa: E402
+from sqz_compile.kernels.lookup import launch as lookup_launch  # noqa: E402
+from sqz_compile.kernels.attention.reference import selection_from_compact  # noqa: E402
+from sqz_compile.kernels.lookup.reference import select_clusters_reference  # noqa: E402
 
-from kernel_cases import (  # noqa: E402
+from cases import (  # noqa: E402
     assert_same_positions, make_case, reference_with_selection, rel_err, threshold_for_keep)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +27,7 @@ if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 
 def _lookup(cs, thr, block_q, budget=0, coarse_thr=None, tiles=None):
-    return cuda.lookup(cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
+    return lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
                        coarse_thr, cs.scale, block_q, budget, tiles=tiles)
 
 
@@ -89,9 +90,9 @@ def test_fused_decode_positions(kw, block_q, hier):
     n = cs.keys.shape[1]
     args = (cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets, cthr,
             cs.scale, block_q, 0)
-    fused = cuda.lookup(*args, tiles=(16, 16), positions=n)
+    fused = lookup_launch.lookup(*args, tiles=(16, 16), positions=n)
     assert fused.idx is None  # the fused path ran (no cluster list)
-    plain = cuda.lookup(*args, tiles=(16, 16))
+    plain = lookup_launch.lookup(*args, tiles=(16, 16))
     idx, _ = _ref_lookup(cs, thr, block_q, 0, cthr)
     assert torch.equal(plain.idx.cpu(), idx.cpu())
     assert_same_positions(fused, plain, n)
@@ -135,10 +136,10 @@ def test_attention_matches_reference(kw, split, pos_list):
     sel = _lookup(cs, thr, block_q)
     b, hq, m, d = cs.q.shape
     h = cs.keys.shape[0]
-    cfg = cuda.attention_config(b, h, hq // h, m, block_q, cs.keys.shape[1], cs.window_keys.shape[1],
+    cfg = attention_launch.attention_config(b, h, hq // h, m, block_q, cs.keys.shape[1], cs.window_keys.shape[1],
                                 cs.k_new.shape[2], d, 4)._replace(split=split, block_n=16,
                                                                  pos_list=pos_list)
-    out = cuda.sparse_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values, sel,
+    out = attention_launch.sparse_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values, sel,
                                 cs.window_keys, cs.window_values, cs.scale, cs.is_causal, block_q,
                                 config=cfg)
     ref = reference_with_selection(cs, sel.idx, block_q)
@@ -150,7 +151,7 @@ def test_keep_zero_and_one(keep):
     """keep 0: only window + new tokens; keep 1: every context key (dense over the prompt)."""
     cs = make_case(b=2, h=2, g=2, m=6, n=30, c=5, device=DEV, seed=7)
     thr = torch.tensor(float("inf") if keep == 0 else float("-inf"), device=DEV)
-    out = cuda.squeezed_attention(cs.q, cs.k_new, cs.v_new, None, cs.keys, cs.values, cs.centroids,
+    out = attention_launch.squeezed_attention(cs.q, cs.k_new, cs.v_new, None, cs.keys, cs.values, cs.centroids,
                                   cs.offsets, cs.window_keys, cs.window_values, thr, None, None,
                                   None, cs.scale, True, 0, 4)
     q, k, v = cs.q.double(), cs.k_new.double(), cs.v_new.double()
@@ -170,14 +171,14 @@ def test_keep_zero_and_one(keep):
 
 
 def test_full_op_path_matches_cpu_reference_bf16():
-    """cuda.squeezed_attention in bf16 (hierarchical, budget) against the op's reference."""
+    """attention_launch.squeezed_attention in bf16 (hierarchical, budget) against the op's reference."""
     cs = make_case(b=2, h=2, g=4, m=10, n=80, c=12, coarse=4, dtype=torch.bfloat16, device=DEV,
                    seed=11)
     thr = torch.tensor(-1.0, device=DEV)
     cthr = torch.tensor(-3.0, device=DEV)
     block_q = 8
     sel = _lookup(cs, thr, block_q, 30, cthr)
-    out = cuda.squeezed_attention(cs.q, cs.k_new, cs.v_new, None, cs.keys, cs.values, cs.centroids,
+    out = attention_launch.squeezed_attention(cs.q, cs.k_new, cs.v_new, None, cs.keys, cs.values, cs.centroids,
                                   cs.offsets, cs.window_keys, cs.window_values, thr,
                                   cs.coarse_centroids, cs.coarse_offsets, cthr, cs.scale, True, 30,
                                   block_q)

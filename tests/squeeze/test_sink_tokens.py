@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import sqz_compile
-from helpers import dense_full_rows, tiny_context, tiny_model
+from fixtures import dense_full_rows, tiny_context, tiny_model
 from sqz_compile import SqueezedContext
 
 

@@ -32,7 +32,7 @@ def _launched_kernel_names(module) -> set[str]:
 def _compiler_with_shared_libstdcxx() -> str | None:
     """$CXX if it links libstdc++ dynamically, else g++ on PATH or the system one (the device
     image's $CXX is a relocated g++ that only finds libstdc++.a)."""
-    from sqz_compile.exporting import has_shared_libstdcxx
+    from sqz_compile.export.aoti import has_shared_libstdcxx
 
     for name in (os.environ.get("CXX"), "g++", "/usr/bin/g++"):
         found = shutil.which(name) if name else None
@@ -44,16 +44,17 @@ def _compiler_with_shared_libstdcxx() -> str | None:
 def test_cuda_package_holds_sqz_triton_kernels_and_matches_eager(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from export_fixtures import assert_fresh_ok, squeezed_eager, tiny_context, tiny_llama, user_ids
+    from fixtures import assert_fresh_ok, squeezed_eager, export_context, tiny_llama, user_ids
 
-    from sqz_compile.exporting import package
-    from sqz_compile.kernels import lookup, sparse_attention
+    from sqz_compile.export.aoti import package
+    from sqz_compile.kernels.attention import triton as attention_triton
+    from sqz_compile.kernels.lookup import triton as lookup_triton
 
     cxx = _compiler_with_shared_libstdcxx()
     if cxx is None:
-        pytest.skip("no C++ compiler with a shared libstdc++ (see exporting.has_shared_libstdcxx)")
+        pytest.skip("no C++ compiler with a shared libstdc++ (see export.aoti.has_shared_libstdcxx)")
     model = tiny_llama().cuda()
-    ctx = tiny_context(model)
+    ctx = export_context(model)
     assert ctx.keys.is_cuda
     path = package(model, ctx, user_ids(2, 10).cuda(), str(tmp_path / "tiny_cuda.pt2"),
                    inductor_configs={"cpp.cxx": (None, cxx)})
@@ -63,7 +64,7 @@ def test_cuda_package_holds_sqz_triton_kernels_and_matches_eager(tmp_path):
         names = z.namelist()
         blobs = b"".join(z.read(n) for n in names)
     assert any(n.endswith((".cubin", ".fatbin", ".ptx")) for n in names), names
-    attn, lk = _launched_kernel_names(sparse_attention), _launched_kernel_names(lookup)
+    attn, lk = _launched_kernel_names(attention_triton), _launched_kernel_names(lookup_triton)
     assert attn and lk, (attn, lk)
     found = {n for n in attn | lk if n.lstrip("_").encode() in blobs}
     assert found & attn, f"no sqz attention kernel ({sorted(attn)}) in {path}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_cases import make_case, reference_with_selection, rel_err, threshold_for_keep
+from cases import make_case, reference_with_selection, rel_err, threshold_for_keep
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +39,7 @@ class SqzAttention(torch.nn.Module):
 def test_reduce_overhead_runs_sqz_kernels(m, hier, budget):
     import sqz_compile  # noqa: F401
     from torch._inductor.utils import run_and_get_code
-    from sqz_compile.kernels import cuda
+    from sqz_compile.kernels.lookup import launch as lookup_launch
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -53,7 +53,7 @@ def test_reduce_overhead_runs_sqz_kernels(m, hier, budget):
     code = "\n".join(codes)
     for name in ("_sparse_attn_kernel", "_lse_kernel", "_best_kernel", "_compact_kernel"):
         assert name in code, f"{name} not in Inductor's generated code"
-    sel = cuda.lookup(cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
+    sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
                       cthr, cs.scale, 64, budget)
     ref = reference_with_selection(cs, sel.idx, 64)
     for _ in range(3):  # replays of the recorded CUDA graph, on fresh inputs of the same shapes
@@ -61,7 +61,7 @@ def test_reduce_overhead_runs_sqz_kernels(m, hier, budget):
         assert rel_err(out, ref) < 1e-2
     q2 = torch.randn_like(cs.q)
     out2 = compiled(q2, cs.k_new, cs.v_new).clone()
-    sel2 = cuda.lookup(q2, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
+    sel2 = lookup_launch.lookup(q2, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
                        cthr, cs.scale, 64, budget)
     cs.q = q2
     assert rel_err(out2, reference_with_selection(cs, sel2.idx, 64)) < 1e-2

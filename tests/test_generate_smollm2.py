@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sqz_compile import SqueezeConfig
-from sqz_compile.hf import compile
+from sqz_compile.squeezed_model import compile
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ import torch
 from torch.export import Dim
 
 import sqz_compile
-from sqz_compile.onnx_export import export_program_onnx, translation_table
-from sqz_compile.kernels.lookup import select_clusters_reference
+from sqz_compile.export.onnx import export_program_onnx, translation_table
+from sqz_compile.kernels.lookup.reference import select_clusters_reference
 
-from export_fixtures import CTX_FIELDS, DirectSqz, tiny_context, tiny_llama, user_ids
+from fixtures import CONTEXT_ARGS, DirectSqz, export_context, tiny_llama, user_ids
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -30,10 +30,10 @@ def model():
 @pytest.fixture(scope="module")
 def contexts(model):
     return {
-        "threshold": tiny_context(model),
-        "budget": tiny_context(model, budget=40),
-        "hierarchical": tiny_context(model, hierarchical=True, coarse_ratio=0.03),
-        "hierarchical_budget": tiny_context(model, hierarchical=True, coarse_ratio=0.03, budget=60),
+        "threshold": export_context(model),
+        "budget": export_context(model, budget=40),
+        "hierarchical": export_context(model, hierarchical=True, coarse_ratio=0.03),
+        "hierarchical_budget": export_context(model, hierarchical=True, coarse_ratio=0.03, budget=60),
     }
 
 
@@ -43,7 +43,7 @@ class AttentionOnly(torch.nn.Module):
     def __init__(self, ctx, mask: str, block_q: int) -> None:
         super().__init__()
         self.mask, self.block_q, self.budget, self.scale = mask, block_q, ctx.budget, ctx.scaling
-        for name, t in zip(CTX_FIELDS, ctx.layer(1)):
+        for name, t in zip(CONTEXT_ARGS, ctx.layer(1)):
             if t is not None:
                 self.register_buffer(name, t.clone())
 
@@ -56,7 +56,7 @@ class AttentionOnly(torch.nn.Module):
             mask = allowed
         elif self.mask == "float":
             mask = torch.zeros(m, m).masked_fill(~torch.ones(m, m, dtype=torch.bool).tril(), float("-inf"))
-        ctx = [getattr(self, n, None) for n in CTX_FIELDS]
+        ctx = [getattr(self, n, None) for n in CONTEXT_ARGS]
         return torch.ops.sqz.squeezed_attention(q, k, v, mask, *ctx, self.scale, self.mask == "causal",
                                                 self.budget, self.block_q)
 
@@ -65,7 +65,7 @@ class SelectOnly(torch.nn.Module):
     def __init__(self, ctx, block_q: int) -> None:
         super().__init__()
         self.block_q, self.budget, self.scale = block_q, ctx.budget, ctx.scaling
-        for name, t in zip(CTX_FIELDS, ctx.layer(0)):
+        for name, t in zip(CONTEXT_ARGS, ctx.layer(0)):
             if t is not None and name not in ("keys", "values", "window_keys", "window_values"):
                 self.register_buffer(name, t.clone())
 
@@ -138,9 +138,9 @@ def test_select_clusters_translation_matches_op(contexts, kind, tmp_path):
 @pytest.mark.parametrize("mask", ["causal", "bool"])
 def test_direct_module_onnx_two_lengths(model, mask, tmp_path):
     """A token model calling the op: ONNX file with dynamic batch and length."""
-    from sqz_compile.exporting import export_module
+    from sqz_compile.export.program import export_module
 
-    mod = DirectSqz(tiny_context(model), mask).eval()
+    mod = DirectSqz(export_context(model), mask).eval()
     path = str(tmp_path / "direct.onnx")
     export_program_onnx(export_module(mod, user_ids(2, 10)), path)
     onnx.checker.check_model(onnx.load(path), full_check=True)
@@ -153,9 +153,9 @@ def test_direct_module_onnx_two_lengths(model, mask, tmp_path):
 
 
 def test_translation_uses_standard_ops_only(model, tmp_path):
-    from sqz_compile.exporting import export_module
+    from sqz_compile.export.program import export_module
 
-    ctx = tiny_context(model, hierarchical=True, coarse_ratio=0.03, budget=50)
+    ctx = export_context(model, hierarchical=True, coarse_ratio=0.03, budget=50)
     path = str(tmp_path / "std.onnx")
     export_program_onnx(export_module(DirectSqz(ctx).eval(), user_ids(2, 10)), path)
     m = onnx.load(path)
@@ -168,9 +168,9 @@ def test_translation_uses_standard_ops_only(model, tmp_path):
 def test_tiny_llama_onnx_runs_in_onnxruntime_at_two_lengths(model, tmp_path):
     """sqz_compile.export_onnx on the tiny GQA Llama: one file, two (batch, length) shapes, loaded
     by onnxruntime in a fresh interpreter that never imports torch or sqz_compile."""
-    from export_fixtures import assert_fresh_ok, squeezed_eager
+    from fixtures import assert_fresh_ok, squeezed_eager
 
-    ctx = tiny_context(model)
+    ctx = export_context(model)
     path = str(tmp_path / "tiny.onnx")
     sqz_compile.export_onnx(model, ctx, user_ids(2, 10), path)
     proto = onnx.load(path)

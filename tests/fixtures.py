@@ -1,7 +1,11 @@
-"""Tiny random-weight models, contexts and references shared by the tests.
+"""The one fixtures module of the tests: tiny random-weight models, contexts and references.
 
-tiny_model       Llama / Mistral / Qwen2 causal LMs (hidden 64, 4 query heads, head dim 16)
+tiny_model       Llama / Mistral / Qwen2 causal LMs (hidden 64, 4 query heads, head dim 16): the
+                 one tiny-model builder (tiny_llama and the squeeze tests' variant call it)
 tiny_context     (context ids, SqueezedContext) from the real sqz_compile.squeeze
+export_context   the export / ONNX / package tests' SqueezedContext (200 tokens, 10% clusters)
+DirectSqz, squeezed_eager, run_fresh, assert_fresh_ok, dense_logits, user_ids
+                 export plumbing (see their docstrings)
 left_padded      a left-padded batch with HF-style position ids
 dense_full_rows  the dense model over [context + row tokens], per batch row (the keep = 1 truth)
 selected_keys_reference
@@ -12,22 +16,29 @@ selected_keys_reference
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import torch
 import torch.nn.functional as F
 
 from sqz_compile import SqueezeConfig, SqueezedContext
-from sqz_compile.kernels.lookup import selection_mask_reference
+from sqz_compile.context import CONTEXT_ARGS
+from sqz_compile.kernels.lookup.reference import selection_mask_reference
 from sqz_compile.ops import DEFAULT_BLOCK_Q
 from sqz_compile.squeeze import squeeze
+from sqz_compile.transformers_compat import register_attention, set_attn_implementation
 
 VOCAB = 128
 
 
 def tiny_model(arch: str = "llama", attn: str = "sdpa", kv_heads: int = 2, layers: int = 2, seed: int = 0,
                **overrides) -> torch.nn.Module:
-    """A random-weight causal LM in eval mode (float32, CPU)."""
+    """A random-weight causal LM in eval mode (float32, CPU). attn=None keeps transformers' default
+    attention; keyword overrides go to the config."""
     import transformers as tf
 
     classes = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
@@ -41,7 +52,8 @@ def tiny_model(arch: str = "llama", attn: str = "sdpa", kv_heads: int = 2, layer
         kw["sliding_window"] = None
     kw.update(overrides)
     cfg = cfg_cls(**kw)
-    cfg._attn_implementation = attn
+    if attn is not None:  # None: transformers' default
+        cfg._attn_implementation = attn
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     model.generation_config.eos_token_id = None  # random weights: let every row run to max_new_tokens
@@ -130,18 +142,14 @@ def _selected_keys_attention(module, query, key, value, attention_mask, scaling=
 
 @contextlib.contextmanager
 def _selected_keys_impl(model, ctx: SqueezedContext, block_q: int):
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(_REF_IMPL, _selected_keys_attention)
-    AttentionMaskInterface.register(_REF_IMPL, sdpa_mask)
+    register_attention(_REF_IMPL, _selected_keys_attention)
     old = model.config._attn_implementation
     _state.ctx, _state.block_q = ctx, block_q
     try:
-        model.set_attn_implementation(_REF_IMPL)
+        set_attn_implementation(model, _REF_IMPL)
         yield
     finally:
-        model.set_attn_implementation(old)
+        set_attn_implementation(model, old)
         _state.ctx = None
 
 
@@ -150,3 +158,103 @@ def selected_keys_reference(model, ctx: SqueezedContext, block_q: int = DEFAULT_
     """The model's logits when every attention is dense SDPA over exactly the selected keys."""
     with _selected_keys_impl(model, ctx, block_q):
         return model(**inputs).logits
+
+
+# --------------------------------------------------------------------------- export plumbing
+
+CONTEXT_TOKENS = 200
+
+
+def tiny_llama(seed: int = 0):
+    """The export tests' model: tiny_model("llama") with room for 1024 positions, no pad token."""
+    return tiny_model("llama", "sdpa", 2, 2, seed, max_position_embeddings=1024, pad_token_id=None)
+
+
+def context_ids(n: int = CONTEXT_TOKENS, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def export_context(model, keep: float = 0.3, **config):
+    """Squeeze random context tokens for `model` (10% clusters, a 16-token window by default)."""
+    cfg = dict(keep=keep, cluster_ratio=0.1, observation_window=16) | config
+    return squeeze(model, context_ids(), SqueezeConfig(**cfg))
+
+
+def user_ids(batch: int, length: int, seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+class DirectSqz(torch.nn.Module):
+    """A one-layer token model that calls torch.ops.sqz.squeezed_attention itself, with one
+    layer of a context as buffers: the export plumbing without the attention rewrite."""
+
+    def __init__(self, ctx, mask: str = "causal", block_q: int = 16, seed: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.mask, self.block_q, self.budget = mask, block_q, ctx.budget
+        self.scale = ctx.scaling
+        self.hq, self.h, self.d = ctx.window_queries.shape[1], ctx.num_kv_heads, ctx.head_dim
+        width = 64
+        self.emb = torch.nn.Embedding(VOCAB, width)
+        self.q = torch.nn.Linear(width, self.hq * self.d)
+        self.kv = torch.nn.Linear(width, 2 * self.h * self.d)
+        self.head = torch.nn.Linear(self.hq * self.d, VOCAB)
+        for name, t in zip(CONTEXT_ARGS, ctx.layer(0)):
+            if t is not None:
+                self.register_buffer(name, t.clone())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(input_ids)
+        b, m, _ = x.shape
+        # Large queries make the lookup selective (the context keys are not tiny-model sized).
+        q = 4 * self.q(x).view(b, m, self.hq, self.d).transpose(1, 2)
+        k, v = self.kv(x).view(b, m, 2 * self.h, self.d).transpose(1, 2).chunk(2, dim=1)
+        mask, causal = None, self.mask == "causal"
+        if self.mask == "bool":
+            mask = torch.ones(m, m, dtype=torch.bool, device=x.device).tril()[None, None].expand(b, 1, m, m)
+        elif self.mask == "float":
+            allowed = torch.ones(m, m, dtype=torch.bool, device=x.device).tril()
+            mask = torch.zeros(m, m, device=x.device).masked_fill(~allowed, float("-inf"))
+        ctx = [getattr(self, n, None) for n in CONTEXT_ARGS]
+        o = torch.ops.sqz.squeezed_attention(q, k, v, mask, *ctx, self.scale, causal, self.budget, self.block_q)
+        return self.head(o.transpose(1, 2).reshape(b, m, self.hq * self.d))
+
+
+def run_fresh(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter (nothing imported beforehand); raise with its output on
+    failure."""
+    env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    return proc
+
+
+def assert_fresh_ok(code: str, *args: str, timeout: float = 300) -> str:
+    proc = run_fresh(code, *args, timeout=timeout)
+    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def squeezed_eager(model, ctx, block_q: int = 64):
+    """The eager squeezed model: the dense export's module with the attention rewrite applied
+    (input_ids -> logits), run as a plain GraphModule."""
+    from sqz_compile.export.program import LogitsModule
+    from sqz_compile.passes import rewrite_attention
+
+    wrapper = LogitsModule(model)
+    example = user_ids(2, 4).to(next(model.parameters()).device)
+    with torch.no_grad():
+        # runtime asserts instead of guards: on CUDA, SDPA's alignment checks add unprovable ones
+        gm = torch.export.export(wrapper, (example,), dynamic_shapes=(
+            {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=1024)},),
+            prefer_deferred_runtime_asserts_over_guards=True).module()
+    report = rewrite_attention(gm, ctx, block_q=block_q, model=wrapper)
+    assert report.layers == list(range(ctx.num_layers)), str(report)
+    return gm
+
+
+def dense_logits(model, ctx_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of `ids` with the whole context in front (the unsqueezed model)."""
+    full = torch.cat([ctx_ids.expand(ids.shape[0], -1), ids], dim=1)
+    with torch.no_grad():
+        return model(full).logits[:, -ids.shape[1]:]

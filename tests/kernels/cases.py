@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from sqz_compile.kernels.attention import selection_from_compact, squeezed_attention_reference
+from sqz_compile.kernels.attention.reference import selection_from_compact, squeezed_attention_reference
 
 
 @dataclass
@@ -111,14 +111,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tensor:
     """A log threshold keeping about `keep` of the non-empty clusters (a quantile of the block-max
     log shares, computed as the reference does), so tests select a meaningful subset."""
-    from sqz_compile.kernels.lookup import _block_max, _log_share, cluster_sizes
+    from sqz_compile.kernels.lookup.reference import block_max, cluster_sizes, log_share
 
     b, hq, m, d = cs.q.shape
     h = cs.centroids.shape[0]
     qg = cs.q.float().reshape(b, h, hq // h, m, d)
     sc = torch.einsum("bhgmd,hcd->bhgmc", qg, cs.centroids.float()) * cs.scale
     log_n = cluster_sizes(cs.offsets).float().log()[None, :, None, None, :]
-    best = _block_max(_log_share(sc, log_n), block_q)
+    best = block_max(log_share(sc, log_n), block_q)
     fin = best[torch.isfinite(best)].cpu()
     return torch.quantile(fin, 1.0 - keep).to(cs.q.device)
 
@@ -126,9 +126,9 @@ def threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tensor:
 def assert_same_positions(fused, plain, n: int) -> None:
     """The fused decode lookup's kept-key positions equal the cluster list of `plain` expanded
     (same kept-key count per row, same positions up to it)."""
-    from sqz_compile.kernels import cuda
+    from sqz_compile.kernels.lookup import launch as lookup_launch
 
-    want = cuda.expand_positions(plain, n)
+    want = lookup_launch.expand_positions(plain, n)
     assert torch.equal(fused.nkeys.cpu(), plain.nkeys.cpu())
     for row in range(want.shape[0]):
         k = int(plain.nkeys[row])

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sqz_compile.calibrate import group_log_shares, kept_fraction
+import fixtures
 from sqz_compile.config import SqueezeConfig
 from sqz_compile.squeeze import squeeze, squeeze_kv
+from sqz_compile.squeeze.calibrate import group_log_shares, kept_fraction
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,18 +50,10 @@ def check_layout(ctx, keys, values):
 
 
 def tiny_model(kind="llama", kv_heads=2, layers=2, **kw):
-    torch.manual_seed(0)
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=2048)
+    """fixtures.tiny_model with the squeeze tests' sizes (vocab 96, 2048 positions, no pad token)."""
+    common = dict(vocab_size=96, intermediate_size=96, max_position_embeddings=2048, pad_token_id=None)
     common.update(kw)
-    if kind == "llama":
-        cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
-    elif kind == "mistral":
-        common.setdefault("sliding_window", None)
-        cfg, cls = transformers.MistralConfig(**common), transformers.MistralForCausalLM
-    else:
-        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
-    return cls(cfg).eval()
+    return fixtures.tiny_model(kind, None, kv_heads, layers, **common)
 
 
 # ----------------------------------------------------------------------------- synthetic

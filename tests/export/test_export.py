@@ -7,11 +7,11 @@ import torch
 
 import sqz_compile
 from sqz_compile.context import SqueezedContextError
-from sqz_compile.exporting import (count_sqz_nodes, export, export_module, load_exported, read_package_note,
+from sqz_compile.export.program import (count_sqz_nodes, export, export_module, load_exported, read_package_note,
                                    save_exported)
 
-from export_fixtures import (DirectSqz, assert_fresh_ok, context_ids, dense_logits, run_fresh, squeezed_eager,
-                             tiny_context, tiny_llama, user_ids)
+from fixtures import (DirectSqz, assert_fresh_ok, context_ids, dense_logits, run_fresh, squeezed_eager,
+                             export_context, tiny_llama, user_ids)
 
 LENGTHS = [(1, 5), (3, 37)]  # two (batch, length) pairs served by one artifact
 
@@ -23,7 +23,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def direct(model):
-    return DirectSqz(tiny_context(model)).eval()
+    return DirectSqz(export_context(model)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_saved_program_loads_in_fresh_process(direct_saved):
     _, path, io = direct_saved
     out = assert_fresh_ok("""
         import sys, torch, sqz_compile
-        from sqz_compile.exporting import load_exported
+        from sqz_compile.export.program import load_exported
         ep = load_exported(sys.argv[1])
         io = torch.load(sys.argv[2])
         for x, want in zip(io["inputs"], io["outputs"]):
@@ -123,7 +123,7 @@ def test_ops_are_registered_by_import():
 
 @pytest.fixture(scope="module")
 def squeezed(model):
-    ctx = tiny_context(model)
+    ctx = export_context(model)
     return ctx, export(model, ctx, user_ids(2, 10))
 
 
@@ -150,7 +150,7 @@ def test_export_matches_eager_squeezed_model_at_two_lengths(model, squeezed):
 def test_export_keep_all_equals_dense_model_over_the_full_prompt(model):
     """keep = 1 attends to every context key: the logits are those of the dense model run on
     context + user tokens (positions handled by the stored RoPE convention)."""
-    ep = export(model, tiny_context(model, keep=1.0), user_ids(2, 10))
+    ep = export(model, export_context(model, keep=1.0), user_ids(2, 10))
     for b, m in LENGTHS:
         ids = user_ids(b, m, seed=m)
         with torch.no_grad():
@@ -186,7 +186,7 @@ def test_exported_model_round_trip_in_fresh_process(squeezed, tmp_path):
 def test_export_rejects_a_context_made_for_another_model(model):
     other = tiny_llama(seed=5)
     with pytest.raises(SqueezedContextError, match="made for another model"):
-        export(other, tiny_context(model), user_ids(2, 4))
+        export(other, export_context(model), user_ids(2, 4))
 
 
 def test_program_refuses_inputs_past_the_models_positions(model, squeezed):

@@ -1,8 +1,8 @@
-"""Batched spherical K-means (sqz_compile.kmeans)."""
+"""Batched spherical K-means (sqz_compile.squeeze.kmeans)."""
 import torch
 import torch.nn.functional as F
 
-from sqz_compile.kmeans import cluster_counts, cluster_sums, kmeans, nearest
+from sqz_compile.squeeze.kmeans import cluster_counts, cluster_sums, kmeans, nearest
 
 
 def planted(B=4, K=24, per=40, D=32, noise=0.03, seed=0):
@@ -32,7 +32,7 @@ def test_recovers_planted_clusters():
 def test_round_based_init_covers_planted_clusters():
     """Past the greedy phase the init draws centres in batched rounds (rejection-sampled to
     emulate sequential k-means++): it must still put a centre near almost every planted cluster."""
-    from sqz_compile import kmeans as km
+    from sqz_compile.squeeze import kmeans as km
 
     x, label = planted(B=4, K=64, per=12, D=48, noise=0.02, seed=3)
     xn = F.normalize(x, dim=-1)
@@ -89,7 +89,7 @@ def test_sums_and_counts():
 
 def test_fused_assignment_matches_torch():
     """The Triton assignment kernel (CUDA, or the interpreter on CPU) picks the same centres."""
-    from sqz_compile import kmeans as km
+    from sqz_compile.squeeze import kmeans as km
 
     if km.triton is None:
         import pytest
