@@ -7,11 +7,13 @@ a fake implementation for tracing with fake tensors and dynamic shapes.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 from torch.library import triton_op
 
+from .context import CONTEXT_ARGS
 from .kernels.attention.reference import squeezed_attention_reference
 from .kernels.lookup.reference import select_clusters_reference, selection_mask_reference
 
@@ -69,8 +71,7 @@ def _(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
     return idx, count
 
 
-@triton_op("sqz::squeezed_attention", mutates_args=())
-def squeezed_attention(
+def _squeezed_attention_impl(
     q: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
@@ -111,6 +112,9 @@ def squeezed_attention(
         window_keys, window_values, scale, is_causal, block_q)
 
 
+squeezed_attention = triton_op("sqz::squeezed_attention", _squeezed_attention_impl, mutates_args=())
+
+
 def _inference_only(ctx, *grads):
     raise RuntimeError(
         "sqz ops are inference-only (no gradients flow through a squeezed context): run the model "
@@ -119,6 +123,19 @@ def _inference_only(ctx, *grads):
 
 squeezed_attention.register_autograd(_inference_only)
 select_clusters.register_autograd(_inference_only)
+
+
+def context_params(fn, start: int = 4) -> tuple[str, ...]:
+    """The context parameters of `fn` (the op, its CUDA launcher or its ONNX translation): the
+    len(CONTEXT_ARGS) parameters after the first `start` (q, k_new, v_new, attn_mask), with the
+    op's `ctx_` prefix dropped. They must equal context.CONTEXT_ARGS, the one ordered schema."""
+    names = list(inspect.signature(fn).parameters)[start:start + len(CONTEXT_ARGS)]
+    return tuple(n.removeprefix("ctx_") for n in names)
+
+
+if context_params(_squeezed_attention_impl) != CONTEXT_ARGS:  # pragma: no cover
+    raise AssertionError(f"torch.ops.sqz.squeezed_attention takes {context_params(_squeezed_attention_impl)}, "
+                         f"context.CONTEXT_ARGS says {CONTEXT_ARGS}: keep them in one order")
 
 
 @squeezed_attention.register_fake

@@ -78,3 +78,18 @@ def test_backward_is_refused_clearly():
     out = torch.ops.sqz.squeezed_attention(*args)
     with pytest.raises(RuntimeError, match="inference-only"):
         out.sum().backward()
+
+
+def test_op_launcher_and_onnx_translation_follow_the_one_context_schema():
+    """The op, its CUDA launcher and its ONNX translation take the context in CONTEXT_ARGS order
+    (the rewrite and the fixtures zip it with LayerContext, which defines it)."""
+    from sqz_compile.context import CONTEXT_ARGS, LayerContext
+    from sqz_compile.export.onnx import sqz_squeezed_attention
+    from sqz_compile.ops import context_params
+
+    assert LayerContext._fields == CONTEXT_ARGS
+    schema = torch.ops.sqz.squeezed_attention.default._schema.arguments[4:4 + len(CONTEXT_ARGS)]
+    assert tuple(a.name.removeprefix("ctx_") for a in schema) == CONTEXT_ARGS
+    assert context_params(sqz_squeezed_attention) == CONTEXT_ARGS
+    launch = pytest.importorskip("sqz_compile.kernels.attention.launch")
+    assert context_params(launch.squeezed_attention) == CONTEXT_ARGS

@@ -71,7 +71,7 @@ def niah_prompt(tokenizer, needle: Needle, context_len: int, depth: float, seed:
     essay, 1 = end); user input = the question, the assistant header and (prime=True) the
     needle's answer lead.
     """
-    from .assets import essay_tokens
+    from ..assets import essay_tokens
 
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"needle depth {depth} must lie in [0, 1]")
