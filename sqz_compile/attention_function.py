@@ -32,6 +32,7 @@ class _State(threading.local):
     method: str = "squeezed"
     block_q: int = DEFAULT_BLOCK_Q
     stats: LayerStats | None = None
+    decode_only: bool = False
 
 
 _state = _State()
@@ -53,9 +54,10 @@ def _eval_attention(module, query, key, value, attention_mask, dropout: float = 
                   and (is_causal if is_causal is not None else getattr(module, "is_causal", True)))
     ctx, bq = st.ctx, st.block_q
     analysis = None
-    if st.method == "oracle" or st.stats is not None:
+    record = st.stats is not None and (not st.decode_only or query.shape[2] == 1)
+    if st.method == "oracle" or record:
         analysis = analyse_selection(query, key, attention_mask, causal, ctx, layer, scale, bq)
-        if st.stats is not None:
+        if record:
             record_stats(st.stats, layer, analysis, bq)
     lc = ctx.layer(layer)
     if st.method == "oracle":
@@ -72,12 +74,15 @@ def _eval_attention(module, query, key, value, attention_mask, dropout: float = 
 
 @contextlib.contextmanager
 def squeezed_mode(model: torch.nn.Module, ctx: SqueezedContext, *, oracle: bool = False,
-                  block_q: int = DEFAULT_BLOCK_Q, stats: LayerStats | None = None) -> Iterator[None]:
+                  block_q: int = DEFAULT_BLOCK_Q, stats: LayerStats | None = None,
+                  decode_only: bool = False) -> Iterator[None]:
     """Run `model` with squeezed (or, with oracle=True, oracle) attention over `ctx` inside the
-    block; the model's attention implementation is restored afterwards."""
+    block; the model's attention implementation is restored afterwards. stats: per-layer recall
+    of every call, or (decode_only) only of one-token decode calls."""
     register_attention(EVAL_IMPL, _eval_attention)
     old = model.config._attn_implementation
     _state.ctx, _state.method, _state.block_q, _state.stats = ctx, ("oracle" if oracle else "squeezed"), block_q, stats
+    _state.decode_only = decode_only
     try:
         set_attn_implementation(model, EVAL_IMPL)
         yield

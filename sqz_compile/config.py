@@ -9,8 +9,10 @@ from typing import Any
 class SqueezeConfig:
     """How a fixed context is squeezed.
 
-    keep: target fraction of the clustered context keys attended per query (0..1). The threshold
-        is calibrated on the observation window so that, on average, this fraction is kept.
+    keep: target fraction of the clustered context keys attended (0..1), with the same meaning
+        in decode (per token) and prefill (per block of query tokens): two thresholds are
+        calibrated on the observation window, one per granularity, so that on average this
+        fraction is kept in each.
     cluster_ratio: clusters per clustered context token (the paper uses 5%).
     hierarchical: also build a coarse level (K-means over each head's centroids) so that the
         lookup first prunes coarse clusters and scores only the children of the kept ones.
@@ -18,12 +20,16 @@ class SqueezeConfig:
     observation_window: the last W context tokens: always attended densely, and their queries
         calibrate the threshold.
     sink_tokens: the first S context tokens are also always attended densely (they join the
-        window and leave the clusters). Deep layers of small models put much of their attention
-        on these "attention sinks", which a cluster's mean centroid hides (see
-        benchmarks/results/accuracy.md); 4 is a good value there.
+        window and leave the clusters), whatever the data says.
+    dense_tokens: per (layer, KV head), the T context tokens that the observation window's
+        queries attend to most (attention sinks, and keys that matter whatever the query) leave
+        their clusters and are attended densely with the window. Chosen from data, so they sit
+        wherever the model puts its mass; a cluster's mean would hide them (deep layers of
+        SmolLM2 put ~30% of their attention on such tokens; benchmarks/results/accuracy.md).
     budget: if set, a fixed number of context keys per (batch row, KV head, query block): the
         top-scoring clusters are taken while their total size fits the budget (fixed work,
-        CUDA-graph friendly). Calibration is skipped.
+        CUDA-graph friendly). Calibration is skipped. budget=0 keeps no cluster (only the
+        always-attended keys and the new tokens), like keep=0.
     per_layer_threshold: calibrate one threshold per layer instead of one global threshold.
     kmeans_iters: iteration cap for K-means (it stops early once assignments settle).
     chunk_size: prefill chunk length in tokens (bounds activation memory for long contexts).
@@ -36,6 +42,7 @@ class SqueezeConfig:
     coarse_ratio: float = 0.01
     observation_window: int = 100
     sink_tokens: int = 0
+    dense_tokens: int = 16
     budget: int | None = None
     per_layer_threshold: bool = False
     kmeans_iters: int = 25
@@ -56,6 +63,8 @@ class SqueezeConfig:
             bad("observation_window", "must be >= 1 token")
         if int(self.sink_tokens) < 0:
             bad("sink_tokens", "must be >= 0 (first context tokens always attended)")
+        if int(self.dense_tokens) < 0:
+            bad("dense_tokens", "must be >= 0 (context tokens per KV head attended densely, chosen from data)")
         if self.budget is not None and int(self.budget) < 0:
             bad("budget", "must be None (threshold mode) or a key count >= 0")
         if int(self.kmeans_iters) < 1:

@@ -1,26 +1,30 @@
 """SqueezedContext: the precomputed, cluster-sorted form of one fixed context for one model.
 
-Layout (L = context length, W = observation window actually used, S = sink tokens, N = L - S - W
-clustered keys,
+Layout (L = context length, W = observation window actually used, S = sink tokens, T = dense
+tokens chosen from data per KV head, A = S + T + W always-attended keys, N = L - A clustered keys,
 H = KV heads, Hq = query heads, D = head dim, C = fine clusters, Cc = coarse clusters; every
 tensor is stacked over layers on dim 0):
 
   keys, values        [layers, H, N, D]  model dtype, post-RoPE, sorted by cluster per (layer, head)
-  perm                [layers, H, N]     int32: position of each sorted key among the clustered
-                                         tokens (0..N-1; context position = S + perm)
+  perm                [layers, H, N]     int32: context position (0..L-1) of each sorted key
   centroids           [layers, H, C, D]  float32: mean of the cluster's original (un-normalised) keys
                                          (a compiled graph holds them in the keys' dtype when
                                          that is half precision: half the lookup's bytes)
   offsets             [layers, H, C+1]   int32: cluster c holds sorted keys offsets[c]:offsets[c+1]
-  window_keys/values  [layers, H, S+W, D] model dtype: always attended: the first S context tokens
-                                         (config.sink_tokens) then the last W
+  window_keys/values  [layers, H, A, D] model dtype: always attended: the first S context tokens
+                                         (config.sink_tokens), the T tokens of this KV head the
+                                         window attends to most (config.dense_tokens), the last W
+  window_positions    [layers, H, A]     int32: their context positions (perm and these together
+                                         are a permutation of 0..L-1 per layer and head)
   window_queries      [layers, Hq, W, D] float32: the last W tokens' queries (recalibration)
-  log_threshold       [layers]           float32: keep cluster c for a query when its log share
-                                         exceeds this (+inf keeps nothing, -inf keeps all)
+  log_threshold       [layers, 2]        float32: keep cluster c when its log share exceeds this
+                                         (+inf keeps nothing, -inf keeps all); [:, 0] for decode
+                                         (one query), [:, 1] for prefill (the max over a block of
+                                         block_q queries), each calibrated at its own granularity
   coarse_centroids    [layers, H, Cc, D] float32 (hierarchical only)
   coarse_offsets      [layers, H, Cc+1]  int32 over *fine cluster indices*: fine clusters are
                                          stored grouped by coarse parent
-  coarse_log_threshold [layers]          float32 (hierarchical only)
+  coarse_log_threshold [layers, 2]       float32 (hierarchical only; decode, prefill)
 
 Positions: keys are rotated for positions p - L (relative to the end of the context), so the
 user's tokens keep their natural positions 0, 1, ... RoPE depends only on relative position, so
@@ -41,7 +45,9 @@ import torch
 
 from .config import SqueezeConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# what each older format lacks, for the message that refuses it
+_OLDER_FORMATS = {1: "format 1 has no data-chosen dense tokens and one threshold for decode and prefill"}
 FORMAT_NAME = "sqz_compile.SqueezedContext"
 
 
@@ -58,12 +64,12 @@ class LayerContext(NamedTuple):
     offsets: torch.Tensor
     window_keys: torch.Tensor
     window_values: torch.Tensor
-    # thresholds are 1-element slices, not 0-d: Inductor turns 0-d constant buffers into scalar
+    # thresholds are [decode, prefill], not 0-d: Inductor turns 0-d constant buffers into scalar
     # constants, which AOTInductor cannot pass to a user Triton kernel
-    log_threshold: torch.Tensor  # [1]
+    log_threshold: torch.Tensor  # [2]
     coarse_centroids: torch.Tensor | None
     coarse_offsets: torch.Tensor | None
-    coarse_log_threshold: torch.Tensor | None  # [1]
+    coarse_log_threshold: torch.Tensor | None  # [2]
 
 
 # THE schema of the op's per-layer context arguments: their order in
@@ -89,6 +95,7 @@ class SqueezedContext:
     offsets: torch.Tensor
     window_keys: torch.Tensor
     window_values: torch.Tensor
+    window_positions: torch.Tensor
     window_queries: torch.Tensor
     log_threshold: torch.Tensor
     coarse_centroids: torch.Tensor | None = None
@@ -126,18 +133,15 @@ class SqueezedContext:
         return int(self.config.budget or 0)
 
     def layer(self, i: int) -> LayerContext:
-        """Layer i's views, in CONTEXT_ARGS order: per-layer tensors are indexed, per-layer
-        thresholds ([layers]) sliced to 1 element; absent (None) fields stay None."""
-        out = {}
-        for name in CONTEXT_ARGS:
-            t = getattr(self, name)
-            out[name] = None if t is None else (t[i:i + 1] if t.dim() == 1 else t[i])
-        return LayerContext(**out)
+        """Layer i's views, in CONTEXT_ARGS order: every per-layer tensor indexed (thresholds are
+        [layers, 2] -> the [decode, prefill] pair); absent (None) fields stay None."""
+        return LayerContext(**{n: None if getattr(self, n) is None else getattr(self, n)[i]
+                               for n in CONTEXT_ARGS})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """All tensors by field name (None fields left out)."""
         names = ("keys", "values", "perm", "centroids", "offsets", "window_keys", "window_values",
-                 "window_queries", "log_threshold", "coarse_centroids", "coarse_offsets",
+                 "window_positions", "window_queries", "log_threshold", "coarse_centroids", "coarse_offsets",
                  "coarse_log_threshold")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
@@ -196,10 +200,11 @@ class SqueezedContext:
         want("offsets", (layers, H, C + 1), torch.int32)
         want("window_keys", (layers, H, W, D), kd)
         want("window_values", (layers, H, W, D), kd)
+        want("window_positions", (layers, H, W), torch.int32)
         want("window_queries", (layers, hq, wq, D), torch.float32)
         if wq > W:
             bad(f"{wq} window queries but only {W} always-attended keys")
-        want("log_threshold", (layers,), torch.float32)
+        want("log_threshold", (layers, 2), torch.float32)
         if hq % H:
             bad(f"{hq} query heads is not a multiple of {H} KV heads")
         if N < 1 or N + W != self.context_length:
@@ -207,9 +212,11 @@ class SqueezedContext:
         if not 1 <= C <= N:
             bad(f"{C} clusters for {N} keys")
         _check_offsets("offsets", self.offsets, N, bad)
-        ar = torch.arange(N, device=self.perm.device, dtype=torch.int32)
-        if not torch.equal(self.perm.sort(dim=-1).values, ar.expand_as(self.perm)):
-            bad("perm is not a permutation of 0..N-1 in every (layer, head)")
+        every = torch.cat([self.perm, self.window_positions], dim=-1).sort(dim=-1).values
+        ar = torch.arange(N + W, device=every.device, dtype=torch.int32)
+        if not torch.equal(every, ar.expand_as(every)):
+            bad("perm and window_positions together are not a permutation of the context positions "
+                "0..L-1 in every (layer, head)")
         parts = (self.coarse_centroids, self.coarse_offsets, self.coarse_log_threshold)
         if any(p is not None for p in parts) != all(p is not None for p in parts):
             bad("coarse_centroids, coarse_offsets and coarse_log_threshold must be all set or all None")
@@ -220,7 +227,7 @@ class SqueezedContext:
             cc = self.coarse_centroids.shape[2]
             want("coarse_centroids", (layers, H, cc, D), torch.float32)
             want("coarse_offsets", (layers, H, cc + 1), torch.int32)
-            want("coarse_log_threshold", (layers,), torch.float32)
+            want("coarse_log_threshold", (layers, 2), torch.float32)
             _check_offsets("coarse_offsets", self.coarse_offsets, C, bad)
         fp = self.fingerprint
         for key, n in (("num_hidden_layers", layers), ("num_key_value_heads", H),
@@ -313,9 +320,11 @@ class SqueezedContext:
         if meta.get("format") != FORMAT_NAME:
             raise SqueezedContextError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
         if meta.get("format_version") != FORMAT_VERSION:
+            why = _OLDER_FORMATS.get(meta.get("format_version"), "")
             raise SqueezedContextError(
                 f"{path}: format version {meta.get('format_version')} but this sqz_compile reads version "
-                f"{FORMAT_VERSION}: {fix} (or use the sqz_compile version that wrote it)")
+                f"{FORMAT_VERSION}{' (' + why + ')' if why else ''}: {fix} (or use the sqz_compile "
+                f"version that wrote it)")
         if verify is None:
             verify = sum(t.numel() * t.element_size() for t in tensors.values()) <= 2 << 30
         sums = meta.get("sha256", {})

@@ -7,4 +7,4 @@ from .eval.oracle import LayerStats, analyse_selection, per_key_offsets, record_
 from .eval.report import summarize, targets_check, write_markdown, write_plot, write_reports  # noqa: F401
 from .eval.runs import (LOOKUPS, MODES, EvalSettings, Variant, answer_text, compare_logits, context_kv,  # noqa: F401
                    dense_cache, flat_view, greedy_answer, run, run_niah, run_ppl, user_logits,
-                   variant_context, with_budget, with_sink_tokens)
+                   variant_context, with_budget)

@@ -65,7 +65,7 @@ def tiny_context(model: torch.nn.Module, length: int = 48, keep: float = 1.0, se
     """(context ids [1, length], SqueezedContext) squeezed for `model`."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (1, length), generator=g)
-    cfg = dict(keep=keep, cluster_ratio=0.25, observation_window=8)
+    cfg = dict(keep=keep, cluster_ratio=0.25, observation_window=8, dense_tokens=2)
     cfg.update(config)
     return ids, squeeze(model, ids, SqueezeConfig(**cfg), progress=False)
 

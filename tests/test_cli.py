@@ -54,7 +54,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_squeeze_writes_a_loadable_context(squeezed, model_dir):
     text, out = squeezed
     ctx = SqueezedContext.load(out)
-    assert ctx.config.keep == 0.5 and ctx.window == 8
+    assert ctx.config.keep == 0.5 and ctx.window == 8 + ctx.extra["dense_tokens"] and ctx.extra["dense_tokens"] > 0
     assert ctx.num_layers == 2 and ctx.num_kv_heads == 2
     assert ctx.extra["sqz_cli"] == {"model": model_dir, "source": os.path.abspath(text)}
 

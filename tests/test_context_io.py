@@ -103,7 +103,7 @@ def _rewrite(path, edit_tensors=None, edit_meta=None):
 
 @pytest.mark.parametrize("what,match", [
     ("offsets", "offsets must be non-decreasing"),
-    ("perm", "perm is not a permutation"),
+    ("perm", "perm and window_positions together are not a permutation"),
     ("centroids_dtype", "centroids has dtype"),
     ("values_shape", "values has shape"),
     ("version", "format version 99"),

@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-ratio", type=float, default=d.cluster_ratio)
     p.add_argument("--observation-window", type=int, default=d.observation_window)
     p.add_argument("--sink-tokens", type=int, default=d.sink_tokens,
-                   help="ablation: attend the first K context tokens always (moved out of the clusters)")
+                   help=f"SqueezeConfig.sink_tokens: first context tokens always attended (default {d.sink_tokens})")
+    p.add_argument("--dense-tokens", type=int, default=d.dense_tokens,
+                   help=f"SqueezeConfig.dense_tokens: per KV head, the context tokens the observation window "
+                        f"attends to most, attended densely (default {d.dense_tokens})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -64,7 +67,7 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
                         ppl_tokens=a.ppl_tokens, ppl_contexts=tuple(a.ppl_contexts) if a.ppl_contexts else None,
                         tasks=tuple(a.tasks), max_new_tokens=a.max_new_tokens, prime=not a.no_prime, block_q=a.block_q,
                         cluster_ratio=a.cluster_ratio, observation_window=a.observation_window,
-                        sink_tokens=a.sink_tokens)
+                        sink_tokens=a.sink_tokens, dense_tokens=a.dense_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

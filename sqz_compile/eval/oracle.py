@@ -26,7 +26,7 @@ class LayerStats:
     """Per-layer sums over every attention call made while recording (see the module docstring)."""
 
     FIELDS = ("rows", "mass_total", "mass_lookup", "mass_oracle", "blocks", "keys_total",
-              "keys_lookup", "keys_overlap")
+              "keys_lookup", "keys_overlap", "decode_keys_total", "decode_keys_lookup")
 
     def __init__(self, num_layers: int) -> None:
         self.sums = torch.zeros(num_layers, len(self.FIELDS), dtype=torch.float64)
@@ -54,6 +54,7 @@ class LayerStats:
         return {"mass_recall": ratio("mass_lookup", "mass_oracle"),
                 "key_recall": ratio("keys_overlap", "keys_lookup"),
                 "kept_fraction": ratio("keys_lookup", "keys_total"),
+                "kept_decode": ratio("decode_keys_lookup", "decode_keys_total"),
                 "lost_mass_lookup": lost("mass_lookup"), "lost_mass_oracle": lost("mass_oracle"),
                 "clustered_mass": ratio("mass_total", "rows")}
 
@@ -91,8 +92,12 @@ def analyse_selection(q: torch.Tensor, k_new: torch.Tensor, attn_mask: torch.Ten
 
 
 def record_stats(stats: LayerStats, layer: int, a: _Analysis, block_q: int) -> None:
-    """Add one call's masses and key counts to `stats`."""
+    """Add one call's masses and key counts to `stats`; a decode call (one query token) counts
+    its keys apart, so the report shows what is kept per decode token and per prefill block."""
     m = a.p_ctx.shape[3]
+    if m == 1:
+        stats.add(layer, decode_keys_total=a.lookup.numel(), decode_keys_lookup=a.lookup.sum())
+        return
     rows = lambda k: k.repeat_interleave(block_q, dim=2)[:, :, :m].unsqueeze(2)  # noqa: E731
     stats.add(layer,
               rows=a.p_ctx[..., 0].numel(),

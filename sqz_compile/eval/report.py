@@ -50,7 +50,8 @@ def summarize(records: Sequence[dict]) -> list[dict]:
                 row["cache_vs_full_max_abs_logit_diff"] = r["cache_vs_full_max_abs_logit_diff"]
         layered = [r["layers"] for r in g["niah"] + g["ppl"] if "layers" in r]
         if layered:
-            sums = {f: [sum(x) for x in zip(*(l[f] for l in layered))] for f in LayerStats.FIELDS}
+            sums = {f: [sum(x) for x in zip(*(l.get(f) or [0.0] * len(l["rows"]) for l in layered))]
+                    for f in LayerStats.FIELDS}  # older result files lack the decode fields
             per_layer = LayerStats.metrics(sums)
             row["per_layer"] = per_layer
             tot = {f: [sum(sums[f])] for f in LayerStats.FIELDS}
@@ -105,12 +106,14 @@ def write_markdown(result: dict, path: str) -> None:
              "(`sqz_compile.eval`); oracle = same number of clustered keys per (layer, KV head, query block) "
              "as the lookup, chosen by true attention probability. NIAH hits: answers containing the needle's key "
              "word; agreement/KL on the dense answer tokens (teacher-forced) and on the PPL continuation. "
-             "ΔPPL = PPL/PPL_dense − 1. kept = clustered context keys actually kept (window always kept); "
+             "ΔPPL = PPL/PPL_dense − 1. kept = clustered context keys actually kept per prefill block of "
+             "64 query tokens / per decoded token (the always-attended window, sinks and dense tokens "
+             "come on top); "
              "mass recall = Σp(lookup keys)/Σp(oracle keys); key recall = |lookup ∩ oracle|/|oracle|.",
              "",
              *(["## Findings", "", meta["notes"].strip(), "", "## Results", ""] if meta.get("notes") else []),
              "| context | method | keep | lookup | mode | NIAH hits | answer agree | answer KL | PPL | ΔPPL | "
-             "PPL agree | PPL KL | kept | mass recall | key recall | lost mass (lookup / oracle) |",
+             "PPL agree | PPL KL | kept (prefill / decode) | mass recall | key recall | lost mass (lookup / oracle) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["context"]):
         hits = f"{r['niah_hits']}/{r['niah_cases']}" if "niah_hits" in r else "–"
@@ -121,7 +124,8 @@ def write_markdown(result: dict, path: str) -> None:
             f"{hits} | "
             f"{_fmt(r.get('answer_agree'), True)} | {_fmt(r.get('answer_kl'))} | {_fmt(r.get('ppl'))} | "
             f"{_fmt(r.get('delta_ppl'), True, True)} | {_fmt(r.get('ppl_agree'), True)} | {_fmt(r.get('ppl_kl'))} | "
-            f"{_fmt(r.get('kept_fraction'), True)} | {_fmt(r.get('mass_recall'), True)} | "
+            f"{_fmt(r.get('kept_fraction'), True)} / {_fmt(r.get('kept_decode'), True)} | "
+            f"{_fmt(r.get('mass_recall'), True)} | "
             f"{_fmt(r.get('key_recall'), True)} | {lost} |")
     keeps = sorted({r["keep"] for r in rows if r["method"] == "squeezed"})
     if keeps:

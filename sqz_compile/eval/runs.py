@@ -1,4 +1,4 @@
-"""Running the experiments: context variants (flat/hierarchical, threshold/budget, sink tokens),
+"""Running the experiments: context variants (flat/hierarchical, threshold/budget),
 the dense baseline over a full-context KV cache, PPL and NIAH runs."""
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import torch
 
 from ..config import SqueezeConfig
 from ..context import SqueezedContext
-from ..kernels.attention.reference import key_cluster_ids
-from ..kernels.lookup.reference import cluster_of
 from ..ops import DEFAULT_BLOCK_Q
 from ..attention_function import squeezed_mode
 from .needles import NEEDLES, niah_prompt
@@ -56,49 +54,6 @@ def flat_view(ctx: SqueezedContext) -> SqueezedContext:
                                coarse_centroids=None, coarse_offsets=None, coarse_log_threshold=None)
 
 
-def with_sink_tokens(ctx: SqueezedContext, n: int) -> SqueezedContext:
-    """A copy of `ctx` whose first `n` context tokens are always attended (an ablation, not part of
-    the squeeze): their keys leave their clusters (centroids recomputed as the mean of the keys
-    left) and join the window. Exact for attention: keys are post-RoPE and order-free. Thresholds
-    are stale; recalibrate with `with_keep`. Motivation: attention-sink tokens carry much of the
-    softmax mass in deep layers, but their cluster's centroid does not show it. The copy keeps the
-    W calibration queries, so it is for evaluation only (`validate` and `save` reject it)."""
-    if n <= 0:
-        return ctx
-    layers, h, N, d = ctx.keys.shape
-    if n >= N:
-        raise ValueError(f"sink_tokens={n} must be smaller than the {N} clustered keys")
-    perm = ctx.perm.long()
-    sink = perm < n                                                    # [layers, H, N]
-    rest = torch.sort(sink.to(torch.int8), dim=-1, stable=True).indices[..., :N - n]
-    first = torch.sort(perm, dim=-1).indices[..., :n]                 # sorted index of positions 0..n-1
-    take = lambda t, i: t.gather(2, i.unsqueeze(-1).expand(*i.shape, t.shape[-1]))  # noqa: E731
-    cid = torch.stack([key_cluster_ids(ctx.offsets[li], N) for li in range(layers)]).long()  # [layers, H, N]
-    sizes = (ctx.offsets[..., 1:] - ctx.offsets[..., :-1]).long()
-    gone = torch.zeros_like(sizes).scatter_add_(2, cid, sink.long())
-    sink_sum = torch.zeros_like(ctx.centroids).scatter_add_(
-        2, cid.unsqueeze(-1).expand(-1, -1, -1, d), ctx.keys.float() * sink.unsqueeze(-1))
-    new_sizes = sizes - gone
-    centroids = (ctx.centroids * sizes.unsqueeze(-1) - sink_sum) / new_sizes.clamp(min=1).unsqueeze(-1)
-    centroids = torch.where(new_sizes.unsqueeze(-1) > 0, centroids, torch.zeros_like(centroids))
-    offsets = torch.cat([torch.zeros_like(new_sizes[..., :1]), new_sizes.cumsum(-1)], dim=-1).to(torch.int32)
-    coarse = None
-    if ctx.hierarchical:
-        cc = ctx.coarse_centroids.shape[2]
-        parent = cluster_of(ctx.coarse_offsets, ctx.num_clusters).long()
-        csum = torch.zeros_like(ctx.coarse_centroids).scatter_add_(
-            2, parent.unsqueeze(-1).expand(-1, -1, -1, d), centroids * new_sizes.unsqueeze(-1))
-        cn = torch.zeros(layers, h, cc, dtype=torch.long, device=ctx.keys.device).scatter_add_(2, parent, new_sizes)
-        coarse = csum / cn.clamp(min=1).unsqueeze(-1)
-    extra = dict(ctx.extra, sink_tokens=int(n))
-    return dataclasses.replace(
-        ctx, fingerprint=dict(ctx.fingerprint), extra=extra, keys=take(ctx.keys, rest), values=take(ctx.values, rest),
-        perm=(perm.gather(2, rest) - n).to(torch.int32), centroids=centroids, offsets=offsets,
-        window_keys=torch.cat([take(ctx.keys, first), ctx.window_keys], dim=2),
-        window_values=torch.cat([take(ctx.values, first), ctx.window_values], dim=2),
-        coarse_centroids=coarse if coarse is not None else ctx.coarse_centroids)
-
-
 def variant_context(base: SqueezedContext, v: Variant) -> SqueezedContext:
     """Derive `v` from one squeeze (no re-clustering): drop/keep the coarse level, recalibrate
     the thresholds for v.keep, and for budget mode set budget = keep * clustered keys."""
@@ -116,11 +71,11 @@ def variant_context(base: SqueezedContext, v: Variant) -> SqueezedContext:
 
 def context_kv(ctx: SqueezedContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Full context K/V [layers, H, L, D] in context order (un-permuted clusters + window)."""
-    layers, h, n, d = ctx.keys.shape
-    idx = ctx.perm.long().unsqueeze(-1).expand(layers, h, n, d)
-    keys = torch.cat([torch.empty_like(ctx.keys).scatter_(2, idx, ctx.keys), ctx.window_keys], dim=2)
-    values = torch.cat([torch.empty_like(ctx.values).scatter_(2, idx, ctx.values), ctx.window_values], dim=2)
-    return keys, values
+    pos = torch.cat([ctx.perm, ctx.window_positions], dim=2).long()
+    idx = pos.unsqueeze(-1).expand(*pos.shape, ctx.head_dim)
+    keys = torch.cat([ctx.keys, ctx.window_keys], dim=2)
+    values = torch.cat([ctx.values, ctx.window_values], dim=2)
+    return torch.empty_like(keys).scatter_(2, idx, keys), torch.empty_like(values).scatter_(2, idx, values)
 
 
 def dense_cache(model: torch.nn.Module, kv: tuple[torch.Tensor, torch.Tensor]):
@@ -210,7 +165,8 @@ class EvalSettings:
     block_q: int = DEFAULT_BLOCK_Q
     cluster_ratio: float = 0.05
     observation_window: int = 100
-    sink_tokens: int = 0             # ablation: first tokens always attended (with_sink_tokens)
+    sink_tokens: int = SqueezeConfig.sink_tokens
+    dense_tokens: int = SqueezeConfig.dense_tokens
     essay_seed: int = 0
     ppl_seed: int = 1
 
@@ -223,7 +179,8 @@ class EvalSettings:
     def squeeze_config(self) -> SqueezeConfig:
         return SqueezeConfig(keep=self.keeps[0], cluster_ratio=self.cluster_ratio,
                              hierarchical="hier" in self.lookups,
-                             observation_window=self.observation_window)
+                             observation_window=self.observation_window, sink_tokens=self.sink_tokens,
+                             dense_tokens=self.dense_tokens)
 
 
 def _variant_fields(v: Variant | None, method: str) -> dict[str, Any]:
@@ -242,8 +199,9 @@ def _scored_runs(settings: EvalSettings, base: SqueezedContext):
 
 
 def _run_mode(model, vctx: SqueezedContext, method: str, settings: EvalSettings,
-              stats: "LayerStats | None" = None):
-    return squeezed_mode(model, vctx, oracle=method == "oracle", block_q=settings.block_q, stats=stats)
+              stats: "LayerStats | None" = None, decode_only: bool = False):
+    return squeezed_mode(model, vctx, oracle=method == "oracle", block_q=settings.block_q, stats=stats,
+                         decode_only=decode_only)
 
 
 def run_ppl(model, tokenizer, settings: EvalSettings, context_len: int,
@@ -261,7 +219,6 @@ def run_ppl(model, tokenizer, settings: EvalSettings, context_len: int,
         full = model(input_ids=ids.to(_device(model)), logits_to_keep=t).logits.float()[0, :-1]
     base = squeeze(model, ctx_ids, settings.squeeze_config())
     via_cache = user_logits(model, user, dense_cache(model, context_kv(base)))[0, :-1]
-    base = with_sink_tokens(base, settings.sink_tokens)
     dense = compare_logits(full, full, targets)
     dense["cache_vs_full_max_abs_logit_diff"] = float((via_cache - full).abs().max())
     emit({"task": "ppl", "context": context_len, **_variant_fields(None, "dense"), **dense,
@@ -291,7 +248,6 @@ def run_niah(model, tokenizer, settings: EvalSettings, context_len: int, needle_
     t0 = time.perf_counter()
     base = squeeze(model, ctx_ids, settings.squeeze_config())
     kv = context_kv(base)
-    base = with_sink_tokens(base, settings.sink_tokens)
     gen = greedy_answer(model, user, dense_cache(model, kv), tokenizer, settings.max_new_tokens)
     tf = torch.cat([user, torch.tensor([gen])], dim=1)
     scored = slice(user.shape[1] - 1, tf.shape[1] - 1)   # predictions of the dense answer tokens
@@ -303,7 +259,7 @@ def run_niah(model, tokenizer, settings: EvalSettings, context_len: int, needle_
         t0 = time.perf_counter()
         with _run_mode(model, vctx, method, settings, stats):
             logits = user_logits(model, tf)[0, scored]
-        with _run_mode(model, vctx, method, settings):
+        with _run_mode(model, vctx, method, settings, stats, decode_only=True):
             ans = answer_text(tokenizer, greedy_answer(model, user, None, tokenizer, settings.max_new_tokens))
         rec = {**case, **_variant_fields(v, method), "answer": ans, "hit": needle.answer in ans.lower(),
                **compare_logits(dense_logits, logits), "seconds": round(time.perf_counter() - t0, 2)}

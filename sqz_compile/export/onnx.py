@@ -107,9 +107,21 @@ def _count_starts_at_or_before(op, offsets, length):
     return op.Slice(op.CumSum(hits, op.Constant(value_int=1)), _i64(op, 0), length, _i64(op, 1))
 
 
+def _pick_threshold(op, thr, m):
+    """kernels/lookup.pick_threshold: of a [decode, prefill] pair, entry min(m - 1, 1) (a single
+    value applies to both), as a [1] float32 tensor."""
+    t = op.Reshape(op.Cast(thr, to=1), _i64(op, -1))
+    last = op.Sub(op.Shape(t), _i64(op, 1))
+    i = op.Min(op.Min(op.Sub(m, _i64(op, 1)), _i64(op, 1)), last)
+    return op.Gather(t, i, axis=0)
+
+
 def _selection(op, qg, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                coarse_log_threshold, scale: float, budget: int, block_q: int):
     """Kept clusters as bool [B, H, NB, C] (kernels/lookup/reference.py's rule). qg: float32 [B,H,G,M,D]."""
+    log_threshold = _pick_threshold(op, log_threshold, _dim(op, qg, 3))
+    if coarse_log_threshold is not None:
+        coarse_log_threshold = _pick_threshold(op, coarse_log_threshold, _dim(op, qg, 3))
     sizes = _sizes(op, offsets)  # [H, C]
     log_n = op.Unsqueeze(op.Log(sizes), _i64(op, 0, 2, 3))  # [1, H, 1, 1, C]
     scores = op.Mul(op.MatMul(qg, _heads_first(op, centroids)), _f32(op, scale))  # [B,H,G,M,C]

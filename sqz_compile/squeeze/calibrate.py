@@ -2,11 +2,13 @@
 
 For a query q, scale s and cluster c with centroid mu_c and size n_c (per key):
     log_share_c(q) = s*q.mu_c - logsumexp_j(s*q.mu_j + log n_j)       (empty clusters: log 0 = -inf)
-A cluster is kept when the max of log_share over the GQA group's query heads exceeds the layer's
-log threshold. Calibration works at decode granularity (one window query at a time) and picks
-the threshold so that the mean over (layers, KV heads, window queries) of the fraction of the N
-clustered keys kept equals `keep`: exact up to ties, by sorting the pooled (score, n_c/N/rows)
-pairs. The coarse threshold is set so that the coarse level keeps at least `coarse_coverage` of
+A cluster is kept when the max of log_share over the GQA group's query heads (and, in prefill,
+over the block's queries) exceeds the layer's log threshold. Two thresholds are calibrated, one
+per granularity the lookup applies them at: decode (one window query at a time) and prefill (the
+max over runs of block_q window queries), each so that the mean over (layers, KV heads, rows) of
+the fraction of the N clustered keys kept equals `keep`: exact up to ties, by sorting the pooled
+(score, n_c/N/rows) pairs. Without the prefill column a block keeps the union of its queries'
+needs: 42-45% of the keys at keep = 1/8 on SmolLM2 (benchmarks/results/accuracy.md, v1). The coarse threshold is set so that the coarse level keeps at least `coarse_coverage` of
 the keys the flat fine selection keeps on the same queries.
 """
 from __future__ import annotations
@@ -82,11 +84,23 @@ def _sizes(offsets: torch.Tensor) -> torch.Tensor:
     return (offsets[..., 1:] - offsets[..., :-1]).to(torch.float32)
 
 
+def _blocks(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """[H, W, C] per-query scores -> [H, W - b + 1, C]: max over every run of b = min(block, W)
+    consecutive window queries (the prefill rule keeps a cluster for a block when any of its
+    queries needs it). Overlapping runs: the window rarely holds more than two whole blocks."""
+    b = min(block, scores.shape[1])
+    return scores.unfold(1, b, 1).amax(-1)
+
+
 def calibrate(window_queries: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
               keep: float, scale: float, per_layer: bool = False,
               coarse_centroids: torch.Tensor | None = None, coarse_offsets: torch.Tensor | None = None,
-              coverage: float = COARSE_COVERAGE) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log_threshold [layers], coarse_log_threshold [layers] or None), float32 on centroids' device.
+              coverage: float = COARSE_COVERAGE,
+              block_q: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log_threshold [layers, 2], coarse_log_threshold [layers, 2] or None), float32 on the
+    centroids' device; column 0 for decode (one query), column 1 for prefill (a block of
+    `block_q` queries), each calibrated so that `keep` of the clustered keys is kept at its own
+    granularity.
 
     Shapes as in context.py. With no window queries (a 1-token context) nothing can be measured:
     keep > 0 then keeps everything (-inf), keep = 0 nothing (+inf).
@@ -95,8 +109,8 @@ def calibrate(window_queries: torch.Tensor, centroids: torch.Tensor, offsets: to
     W = window_queries.shape[2]
     dev = centroids.device
     hier = coarse_centroids is not None
-    fine = torch.empty(layers, dtype=torch.float32, device=dev)
-    coarse = torch.empty(layers, dtype=torch.float32, device=dev) if hier else None
+    fine = torch.empty(layers, 2, dtype=torch.float32, device=dev)
+    coarse = torch.empty(layers, 2, dtype=torch.float32, device=dev) if hier else None
     if W == 0 or keep <= 0.0 or keep >= 1.0:
         fine.fill_(float("inf") if keep <= 0.0 else float("-inf"))
         if hier:
@@ -106,43 +120,55 @@ def calibrate(window_queries: torch.Tensor, centroids: torch.Tensor, offsets: to
     sizes = _sizes(offsets)                                      # [layers, H, C]
     N = sizes[0, 0].sum()
     queries = window_queries.to(dev)
-    scores = [group_log_shares(queries[i], centroids[i], sizes[i], scale) for i in range(layers)]
-    rows = H * W if per_layer else layers * H * W
-    weights = (sizes / N / rows).unsqueeze(2).expand(-1, -1, W, -1)  # [layers, H, W, C]
-    if per_layer:
-        for i in range(layers):
-            fine[i] = threshold_for_fraction(scores[i], weights[i], keep)
-    else:
-        fine.fill_(threshold_for_fraction(torch.stack(scores), weights, keep))
+    per_query = [group_log_shares(queries[i], centroids[i], sizes[i], scale) for i in range(layers)]
+    granularities = (per_query, [_blocks(x, block_q) for x in per_query])
+    for col, scores in enumerate(granularities):
+        R = scores[0].shape[1]
+        rows = H * R if per_layer else layers * H * R
+        weights = (sizes / N / rows).unsqueeze(2).expand(-1, -1, R, -1)  # [layers, H, R, C]
+        if per_layer:
+            for i in range(layers):
+                fine[i, col] = threshold_for_fraction(scores[i], weights[i], keep)
+        else:
+            fine[:, col] = threshold_for_fraction(torch.stack(scores), weights, keep)
     if not hier:
         return fine, None
 
     # coarse level: per (row, coarse cluster), the keys of its fine children the flat rule keeps
     Cc = coarse_offsets.shape[-1] - 1
-    cscores, cweights = [], []
-    for i in range(layers):
-        parent = cluster_of(coarse_offsets[i].long(), C).clamp_(0, Cc - 1)  # [H, C]
-        csz = torch.zeros(H, Cc, device=dev).scatter_add_(1, parent, sizes[i])
-        cscores.append(group_log_shares(queries[i], coarse_centroids[i], csz, scale))  # [H, W, Cc]
-        kept = torch.where(scores[i] > fine[i], sizes[i].unsqueeze(1), 0.0)           # [H, W, C]
-        cweights.append(torch.zeros(H, W, Cc, device=dev).scatter_add_(
-            2, parent.unsqueeze(1).expand(-1, W, -1), kept))
-    if per_layer:
+    for col, scores in enumerate(granularities):
+        cscores, cweights = [], []
         for i in range(layers):
-            coarse[i] = threshold_for_coverage(cscores[i], cweights[i], coverage)
-    else:
-        coarse.fill_(threshold_for_coverage(torch.stack(cscores), torch.stack(cweights), coverage))
+            parent = cluster_of(coarse_offsets[i].long(), C).clamp_(0, Cc - 1)  # [H, C]
+            csz = torch.zeros(H, Cc, device=dev).scatter_add_(1, parent, sizes[i])
+            cs = group_log_shares(queries[i], coarse_centroids[i], csz, scale)             # [H, W, Cc]
+            cscores.append(cs if col == 0 else _blocks(cs, block_q))
+            R = scores[i].shape[1]
+            kept = torch.where(scores[i] > fine[i, col], sizes[i].unsqueeze(1), 0.0)      # [H, R, C]
+            cweights.append(torch.zeros(H, R, Cc, device=dev).scatter_add_(
+                2, parent.unsqueeze(1).expand(-1, R, -1), kept))
+        if per_layer:
+            for i in range(layers):
+                coarse[i, col] = threshold_for_coverage(cscores[i], cweights[i], coverage)
+        else:
+            coarse[:, col] = threshold_for_coverage(torch.stack(cscores), torch.stack(cweights), coverage)
     return fine, coarse
 
 
 def kept_fraction(window_queries: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
-                  log_threshold: torch.Tensor, scale: float) -> torch.Tensor:
+                  log_threshold: torch.Tensor, scale: float, block_q: int | None = None) -> torch.Tensor:
     """Per layer, the mean over (KV heads, window queries) of the fraction of clustered keys the
-    flat rule keeps: [layers] float32 (for tests and reports)."""
+    flat rule keeps at decode granularity, or (block_q given) per block of block_q window
+    queries with the prefill threshold: [layers] float32 (for tests and reports)."""
     sizes = _sizes(offsets)
     out = []
     for i in range(centroids.shape[0]):
         sc = group_log_shares(window_queries[i].to(centroids.device), centroids[i], sizes[i], scale)
-        kept = torch.where(sc > log_threshold[i], sizes[i].unsqueeze(1), 0.0).sum(-1)  # [H, W]
+        thr = log_threshold[i].reshape(-1)
+        if block_q is not None:
+            sc, thr = _blocks(sc, block_q), thr[-1]
+        else:
+            thr = thr[0]
+        kept = torch.where(sc > thr, sizes[i].unsqueeze(1), 0.0).sum(-1)  # [H, rows]
         out.append(kept.mean() / sizes[i, 0].sum())
     return torch.stack(out)

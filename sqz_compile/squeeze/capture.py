@@ -183,6 +183,38 @@ def _means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)
 
 
+def _gather_tokens(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x [layers, H, L, D], pos [layers, H, n] -> x at those token positions [layers, H, n, D]."""
+    return x.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])).contiguous()
+
+
+def dense_positions(keys: torch.Tensor, window_queries: torch.Tensor, scaling: float, lo: int, hi: int,
+                    count: int) -> torch.Tensor:
+    """Per (layer, KV head), the `count` context positions in [lo, hi) that the observation window
+    attends to most: mean over the window's queries of the largest probability any query head of
+    the GQA group gives the key (causal softmax over the whole context). [layers, H, count] int64.
+
+    These are the keys a cluster's mean would hide although the model attends to them whatever
+    the query (attention sinks and the like). One layer and KV head at a time, so a 128K context
+    needs [group, W, L] floats of scratch, not [layers, Hq, W, L]."""
+    layers, H, L, D = keys.shape
+    W = window_queries.shape[2]
+    g = window_queries.shape[1] // H
+    out = torch.zeros(layers, H, count, dtype=torch.long, device=keys.device)
+    if count == 0:
+        return out
+    qpos = torch.arange(L - W, L, device=keys.device)
+    visible = torch.arange(L, device=keys.device)[None, :] <= qpos[:, None]             # [W, L]
+    for i in range(layers):
+        for h in range(H):
+            q = window_queries[i, h * g:(h + 1) * g].to(keys.device, torch.float32)      # [g, W, D]
+            logits = torch.matmul(q, keys[i, h].float().T) * scaling                      # [g, W, L]
+            p = logits.masked_fill(~visible, float("-inf")).softmax(-1)
+            received = p.amax(0).mean(0)[lo:hi]                                           # [hi - lo]
+            out[i, h] = received.topk(count).indices + lo
+    return out
+
+
 def _sort_by(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return x.gather(1, perm.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
@@ -213,16 +245,26 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
     if window_queries.shape[1] % H:
         raise ValueError(f"{window_queries.shape[1]} query heads is not a multiple of {H} KV heads")
     S = max(0, min(int(config.sink_tokens), L - W - 1))  # sinks never empty the clustered part
-    N = L - W - S
+    T = max(0, min(int(config.dense_tokens), L - W - S - 1))
+    N = L - W - S - T
     C, Cc = cluster_counts_for(N, config)
     B = layers * H
     t0 = time.perf_counter()
-    # always-attended keys: the S sink tokens, then the W window tokens
-    window_keys = torch.cat([keys[:, :, :S], keys[:, :, S + N:]], dim=2).contiguous()
-    window_values = torch.cat([values[:, :, :S], values[:, :, S + N:]], dim=2).contiguous()
-    ck = keys[:, :, S:S + N].reshape(B, N, D)
-    cv = values[:, :, S:S + N].reshape(B, N, D)
     device = keys.device
+    # always-attended keys per (layer, head): S sinks, T chosen from data, then the W window tokens
+    dense = dense_positions(keys, window_queries, scaling, S, L - W, T)            # [layers, H, T]
+    free = torch.ones(layers, H, L, dtype=torch.bool, device=device)
+    free[:, :, :S] = False
+    free[:, :, L - W:] = False
+    free.scatter_(2, dense, False)
+    clustered = free.nonzero()[:, 2].reshape(layers, H, N)                        # ascending
+    lead = torch.arange(S, device=device).expand(layers, H, S)
+    tail = torch.arange(L - W, L, device=device).expand(layers, H, W)
+    window_pos = torch.cat([lead, dense.sort(dim=2).values, tail], dim=2)
+    window_keys = _gather_tokens(keys, window_pos)
+    window_values = _gather_tokens(values, window_pos)
+    ck = _gather_tokens(keys, clustered).reshape(B, N, D)
+    cv = _gather_tokens(values, clustered).reshape(B, N, D)
     del keys, values
 
     from tqdm.auto import tqdm
@@ -252,6 +294,7 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
 
     counts = cluster_counts(assign, C)
     perm = assign.argsort(dim=1, stable=True)
+    positions = clustered.reshape(B, N).gather(1, perm)  # context position of each sorted key
     centroids = _means(cluster_sums(ck, assign, C), counts)
     sorted_keys = _sort_by(ck, perm)
     del ck
@@ -265,22 +308,27 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
         token_hash=context_hash,
         keys=shape4(sorted_keys),
         values=shape4(sorted_values),
-        perm=shape4(perm.to(torch.int32)),
+        perm=shape4(positions.to(torch.int32)),
         centroids=shape4(centroids),
         offsets=shape4(_offsets(counts)),
         window_keys=window_keys,
         window_values=window_values,
+        window_positions=window_pos.to(torch.int32).contiguous(),
         window_queries=window_queries.to(device, torch.float32).contiguous(),
-        log_threshold=torch.full((layers,), float("-inf"), device=device),
+        log_threshold=torch.full((layers, 2), float("-inf"), device=device),
         coarse_centroids=None if coarse_centroids is None else shape4(coarse_centroids),
         coarse_offsets=None if coarse_offsets is None else shape4(coarse_offsets),
-        coarse_log_threshold=(torch.full((layers,), float("-inf"), device=device)
+        coarse_log_threshold=(torch.full((layers, 2), float("-inf"), device=device)
                               if config.hierarchical else None),
         extra={"scaling": float(scaling), "clusters": C, "coarse_clusters": Cc if config.hierarchical else 0,
-               "window": W, "sink_tokens": S, "kmeans_iterations": iterations},
+               "window": W, "sink_tokens": S, "dense_tokens": T, "kmeans_iterations": iterations},
     )
     if config.budget is None:
         ctx = ctx.with_keep(config.keep)
+    elif int(config.budget) == 0:  # a budget of no keys: keep no cluster (the op's budget 0 is threshold mode)
+        ctx.log_threshold.fill_(float("inf"))
+        if ctx.coarse_log_threshold is not None:
+            ctx.coarse_log_threshold.fill_(float("inf"))
     ctx.extra["seconds"] = {"kmeans": round(t1 - t0, 3), "layout_and_calibration": round(time.perf_counter() - t1, 3)}
     return ctx
 

@@ -149,17 +149,20 @@ def test_harness_end_to_end_on_a_tiny_model(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("hierarchical", [False, True])
-def test_sink_tokens_move_to_the_window_exactly(hierarchical):
+def test_dense_tokens_leave_their_clusters_exactly(hierarchical):
+    """squeeze's data-chosen dense tokens: the full context K/V rebuilt from the layout equals the
+    one without them, centroids are the means of the keys left, and keep = 1 equals dense."""
     from sqz_compile.kernels.attention.reference import key_cluster_ids
 
     model = tiny_model()
-    ctx_ids, base = tiny_context(model, length=64, keep=1.0, hierarchical=hierarchical, coarse_ratio=0.1)
-    ctx = runs.with_sink_tokens(base, 3)
-    assert torch.equal(ctx.perm.sort(-1).values.long(), torch.arange(ctx.keys.shape[2]).expand_as(ctx.perm))
-    assert bool((ctx.offsets[..., -1] == ctx.keys.shape[2]).all())
+    ctx_ids, base = tiny_context(model, length=64, keep=1.0, hierarchical=hierarchical, coarse_ratio=0.1,
+                                 dense_tokens=0)
+    _, ctx = tiny_context(model, length=64, keep=1.0, hierarchical=hierarchical, coarse_ratio=0.1, dense_tokens=3)
     assert ctx.window == base.window + 3 and ctx.keys.shape[2] == base.keys.shape[2] - 3
-    full_k, _ = runs.context_kv(base)
-    torch.testing.assert_close(ctx.window_keys[:, :, :3], full_k[:, :, :3])
+    full_k, full_v = runs.context_kv(base)
+    got_k, got_v = runs.context_kv(ctx)
+    torch.testing.assert_close(got_k, full_k)
+    torch.testing.assert_close(got_v, full_v)
     n = ctx.keys.shape[2]
     for li in range(ctx.num_layers):  # centroids are the means of the keys left in each cluster
         cid = key_cluster_ids(ctx.offsets[li], n)
@@ -169,8 +172,8 @@ def test_sink_tokens_move_to_the_window_exactly(hierarchical):
                 if len(members):
                     torch.testing.assert_close(ctx.centroids[li, h, c], members.float().mean(0))
     user = _user_ids(12)
-    dense = runs.user_logits(model, user, runs.dense_cache(model, (full_k, runs.context_kv(base)[1])))[0]
-    with af.squeezed_mode(model, ctx.with_keep(1.0), block_q=8):
+    dense = runs.user_logits(model, user, runs.dense_cache(model, (full_k, full_v)))[0]
+    with af.squeezed_mode(model, ctx, block_q=8):
         sq = runs.user_logits(model, user)[0]
     torch.testing.assert_close(sq, dense, atol=1e-4, rtol=1e-4)
 

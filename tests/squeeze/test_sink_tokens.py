@@ -11,14 +11,14 @@ from sqz_compile import SqueezedContext
 def test_sinks_join_the_window_and_the_layout_validates(tmp_path):
     model = tiny_model("llama", kv_heads=2, layers=2)
     ids, ctx = tiny_context(model, length=48, keep=0.25, sink_tokens=4)
-    w = ctx.window_queries.shape[2]
-    assert ctx.window == 4 + w and ctx.keys.shape[2] == 48 - 4 - w
+    w, t = ctx.window_queries.shape[2], ctx.extra["dense_tokens"]
+    assert ctx.window == 4 + t + w and ctx.keys.shape[2] == 48 - 4 - t - w
     assert ctx.extra["sink_tokens"] == 4
+    assert torch.equal(ctx.window_positions[..., :4].long(), torch.arange(4).expand(2, 2, 4))
     ctx.validate(model)
     # the window's first 4 keys are the context's first 4 keys (the dense prefill's own cache)
-    _, plain = tiny_context(model, length=48, keep=0.25)
-    sorted_pos = plain.perm.long()  # plain: clustered = positions 0..N0-1
-    first = torch.stack([plain.keys[l, h][torch.argsort(sorted_pos[l, h])[:4]]
+    _, plain = tiny_context(model, length=48, keep=0.25, dense_tokens=0)
+    first = torch.stack([plain.keys[l, h][torch.argsort(plain.perm[l, h].long())[:4]]
                          for l in range(2) for h in range(2)]).reshape(2, 2, 4, -1)
     torch.testing.assert_close(ctx.window_keys[:, :, :4], first)
     ctx.save(tmp_path / "c.sqz")

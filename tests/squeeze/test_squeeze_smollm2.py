@@ -28,8 +28,11 @@ def real():
 def test_real_squeeze_layout(real):
     model, ids, _, ctx = real
     ctx.validate(model)
-    assert ctx.keys.shape == (30, 3, L - 100, 64) and ctx.window_queries.shape == (30, 9, 100, 64)
-    assert ctx.num_clusters == round(0.05 * (L - 100)) and ctx.coarse_centroids.shape[2] == round(0.01 * (L - 100))
+    n = L - 100 - 16  # the window and the 16 default dense tokens leave the clusters
+    assert ctx.keys.shape == (30, 3, n, 64) and ctx.window_queries.shape == (30, 9, 100, 64)
+    assert ctx.num_clusters == round(0.05 * n) and ctx.coarse_centroids.shape[2] == round(0.01 * n)
+    # real attention sinks: the first context token is among every head's dense tokens in deep layers
+    assert bool((ctx.window_positions[15:, :, :16] == 0).any(-1).all())
     assert ctx.scaling == 64 ** -0.5 and model.config._attn_implementation == "sdpa"
     sizes = ctx.offsets[..., 1:] - ctx.offsets[..., :-1]
     assert (sizes > 0).float().mean() > 0.95  # real keys leave (almost) no cluster empty
@@ -44,9 +47,9 @@ def test_real_position_convention(real):
     q = question.shape[1]
 
     def unsort(field):
-        t = getattr(ctx, field)
-        out = torch.empty_like(t).scatter_(2, ctx.perm.long().unsqueeze(-1).expand_as(t), t)
-        return torch.cat([out, getattr(ctx, "window_" + field)], 2)
+        t = torch.cat([getattr(ctx, field), getattr(ctx, "window_" + field)], 2)
+        pos = torch.cat([ctx.perm, ctx.window_positions], 2).long()
+        return torch.empty_like(t).scatter_(2, pos.unsqueeze(-1).expand_as(t), t)
 
     keys, values = unsort("keys"), unsort("values")
     with torch.no_grad():
@@ -64,6 +67,8 @@ def test_real_calibration(real, keep):
     c = ctx.with_keep(keep)
     frac = kept_fraction(c.window_queries, c.centroids, c.offsets, c.log_threshold, c.scaling)
     assert abs(frac.mean().item() - keep) <= 0.02
+    blocks = kept_fraction(c.window_queries, c.centroids, c.offsets, c.log_threshold, c.scaling, block_q=64)
+    assert abs(blocks.mean().item() - keep) <= 0.02
     assert torch.isfinite(c.coarse_log_threshold).all() and (c.coarse_log_threshold < c.log_threshold).all()
 
 

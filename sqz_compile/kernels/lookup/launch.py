@@ -19,7 +19,7 @@ import torch
 
 from ..triton_common import HAS_TRITON, cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
 from . import triton as _lk
-from .reference import cluster_of
+from .reference import cluster_of, pick_threshold
 
 if not HAS_TRITON:  # pragma: no cover
     raise ImportError("sqz_compile.kernels (launch) needs triton: pip install triton "
@@ -97,6 +97,8 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
                   coarse_log_threshold)
     if q.stride(-1) != 1:
         q = q.contiguous()
+    log_threshold = pick_threshold(log_threshold, q.shape[2])
+    coarse_log_threshold = pick_threshold(coarse_log_threshold, q.shape[2])
     centroids = centroids.contiguous()
     offsets = offsets.to(torch.int32).contiguous()
     bsz, hq, m, d = q.shape

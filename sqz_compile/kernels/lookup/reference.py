@@ -24,6 +24,16 @@ def cluster_sizes(offsets: torch.Tensor) -> torch.Tensor:
     return offsets[..., 1:] - offsets[..., :-1]
 
 
+def pick_threshold(log_threshold: torch.Tensor | None, m: int) -> torch.Tensor | None:
+    """The [1] threshold that applies to m query tokens: a context's [decode, prefill] pair gives
+    column 0 for decode (m == 1) and column 1 for prefill; a 0-d or [1] threshold applies to both.
+    (Dynamo specialises m == 1 anyway, so the branch adds no guard a model did not have.)"""
+    if log_threshold is None:
+        return None
+    t = log_threshold.reshape(-1)
+    return t[:1] if t.numel() == 1 or m == 1 else t[1:2]
+
+
 def block_max(x: torch.Tensor, block_q: int) -> torch.Tensor:
     """[B, H, G, M, C] -> [B, H, NB, C]: max over the group's heads and each block of queries."""
     b, h, g, m, c = x.shape
@@ -70,8 +80,12 @@ def selection_mask_reference(
     coarse_log_threshold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch lookup as a bool mask [B, H, NB, C] of kept clusters. q [B, Hq, M, D];
-    centroids [H, C, D]; offsets [H, C+1]; log_threshold 0-d; budget 0 = threshold mode."""
+    centroids [H, C, D]; offsets [H, C+1]; log_threshold [decode, prefill] (or one value for
+    both; see pick_threshold); budget 0 = threshold mode."""
     b, hq, m, d = q.shape
+    log_threshold = pick_threshold(log_threshold, m).reshape(())
+    if coarse_log_threshold is not None:
+        coarse_log_threshold = pick_threshold(coarse_log_threshold, m).reshape(())
     h, c, _ = centroids.shape
     g = hq // h
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
