@@ -37,13 +37,22 @@ def question_ids(tokenizer, question: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 
-def attended_fraction(model, ctx, ids: torch.Tensor, block_q: int = DEFAULT_BLOCK_Q) -> float:
-    """Fraction of the fixed context's keys the lookup attends for `ids` (clustered keys kept,
-    averaged over layers, KV heads and query blocks of `block_q` tokens, plus the window)."""
+def attended_fraction(model, ctx, ids: torch.Tensor, decode: torch.Tensor | None = None) -> float:
+    """Fraction of the fixed context's keys the lookup attends (clustered keys kept, averaged over
+    layers and KV heads, plus the always-attended keys): per query block of the prefill of `ids`,
+    or, given `decode` tokens, per token while decoding them one at a time after `ids`."""
+    from transformers import DynamicCache
+
     stats = LayerStats(ctx.num_layers)
-    with torch.no_grad(), squeezed_mode(model, ctx, stats=stats, block_q=block_q):
-        model(ids)
-    kept = LayerStats.metrics(stats.to_json())["kept_fraction"]
+    with torch.no_grad(), squeezed_mode(model, ctx, stats=stats, decode_only=decode is not None):
+        if decode is None:
+            model(ids)
+        else:
+            cache = DynamicCache(config=model.config)
+            model(ids, past_key_values=cache)
+            for t in decode.reshape(-1):
+                model(t.view(1, 1), past_key_values=cache)
+    kept = LayerStats.metrics(stats.to_json())["kept_decode" if decode is not None else "kept_fraction"]
     clustered = ctx.context_length - ctx.window
     return (sum(kept) / len(kept) * clustered + ctx.window) / ctx.context_length
 
@@ -86,7 +95,7 @@ def main() -> None:
         dense, t_dense = timed(lambda: model.generate(full, **gen)[0, full.shape[1]:])
         sq, t_sqz = timed(lambda: sm.generate(q_ids, **gen)[0, q_ids.shape[1]:])
         prefill = attended_fraction(model, ctx, q_ids)
-        per_token = attended_fraction(model, ctx, torch.cat([q_ids, sq[None]], dim=1), block_q=1)
+        per_token = attended_fraction(model, ctx, q_ids, decode=sq)
         print(f"Q: {question}")
         print(f"  dense    ({t_dense:5.2f} s): {tok.decode(dense, skip_special_tokens=True).strip()}")
         print(f"  squeezed ({t_sqz:5.2f} s): {tok.decode(sq, skip_special_tokens=True).strip()}")
@@ -94,7 +103,8 @@ def main() -> None:
               f"{100 * prefill:.1f}% per {DEFAULT_BLOCK_Q}-token block of the question (prefill)\n")
     print(f"{len(sm.report.layers)} of {ctx.num_layers} attention layers rewritten to torch.ops.sqz.")
     print("The first squeezed call includes torch.compile time; later ones reuse the compiled graph.\n"
-          "A prefill block's selection is the union over its tokens, so it keeps more than one token.")
+          "Keys attended include the always-attended window and dense tokens; decode and prefill each\n"
+          "have their own threshold, so both keep about `keep` of the clustered keys.")
 
 
 if __name__ == "__main__":
