@@ -136,13 +136,16 @@ def calibrate(window_queries: torch.Tensor, centroids: torch.Tensor, offsets: to
 
     # coarse level: per (row, coarse cluster), the keys of its fine children the flat rule keeps
     Cc = coarse_offsets.shape[-1] - 1
+    parents, coarse_per_query = [], []  # per layer, shared by both granularities
+    for i in range(layers):
+        parent = cluster_of(coarse_offsets[i].long(), C).clamp_(0, Cc - 1)                 # [H, C]
+        csz = torch.zeros(H, Cc, device=dev).scatter_add_(1, parent, sizes[i])
+        parents.append(parent)
+        coarse_per_query.append(group_log_shares(queries[i], coarse_centroids[i], csz, scale))  # [H, W, Cc]
     for col, scores in enumerate(granularities):
-        cscores, cweights = [], []
-        for i in range(layers):
-            parent = cluster_of(coarse_offsets[i].long(), C).clamp_(0, Cc - 1)  # [H, C]
-            csz = torch.zeros(H, Cc, device=dev).scatter_add_(1, parent, sizes[i])
-            cs = group_log_shares(queries[i], coarse_centroids[i], csz, scale)             # [H, W, Cc]
-            cscores.append(cs if col == 0 else _blocks(cs, block_q))
+        cscores = coarse_per_query if col == 0 else [_blocks(x, block_q) for x in coarse_per_query]
+        cweights = []
+        for i, parent in enumerate(parents):
             R = scores[i].shape[1]
             kept = torch.where(scores[i] > fine[i, col], sizes[i].unsqueeze(1), 0.0)      # [H, R, C]
             cweights.append(torch.zeros(H, R, Cc, device=dev).scatter_add_(
