@@ -34,6 +34,15 @@ class SqueezeConfig:
     kmeans_iters: iteration cap for K-means (it stops early once assignments settle).
     chunk_size: prefill chunk length in tokens (bounds activation memory for long contexts).
     seed: makes clustering deterministic.
+    cluster_variance: score a cluster by the log-mean-exp of a Gaussian with the cluster's
+        per-channel variance, s q.mu + s^2/2 sum_d q_d^2 var_d, instead of by its mean alone
+        (s q.mu, a lower bound by Jensen that hides a cluster's best keys). The variances are
+        stored beside the centroids ([mean, variance], 2D columns) and the lookup scores
+        [q, s/2 q^2] against them: same kernels, twice the centroid bytes.
+    dense_layers: the first `dense_layers` layers attend to the whole context (no lookup):
+        early layers spread their attention (SmolLM2's layer 0 loses ~40% of its mass at keep =
+        1/8 even with an oracle). keep then applies to the other layers, so the keys attended
+        per token over all layers are (dense_layers + keep * (layers - dense_layers)) / layers.
     """
 
     keep: float = 0.125
@@ -48,6 +57,8 @@ class SqueezeConfig:
     kmeans_iters: int = 25
     chunk_size: int = 4096
     seed: int = 0
+    cluster_variance: bool = True
+    dense_layers: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -71,6 +82,8 @@ class SqueezeConfig:
             bad("kmeans_iters", "must be >= 1")
         if int(self.chunk_size) < 1:
             bad("chunk_size", "must be >= 1")
+        if int(self.dense_layers) < 0:
+            bad("dense_layers", "must be >= 0 (leading layers that attend to the whole context)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,7 +7,9 @@ tensor is stacked over layers on dim 0):
 
   keys, values        [layers, H, N, D]  model dtype, post-RoPE, sorted by cluster per (layer, head)
   perm                [layers, H, N]     int32: context position (0..L-1) of each sorted key
-  centroids           [layers, H, C, D]  float32: mean of the cluster's original (un-normalised) keys
+  centroids           [layers, H, C, D]  float32: mean of the cluster's original (un-normalised) keys;
+                      [layers, H, C, 2D] with config.cluster_variance: [mean, per-channel variance]
+                                         (the lookup scores [q, s/2 q^2] against them)
                                          (a compiled graph holds them in the keys' dtype when
                                          that is half precision: half the lookup's bytes)
   offsets             [layers, H, C+1]   int32: cluster c holds sorted keys offsets[c]:offsets[c+1]
@@ -18,10 +20,11 @@ tensor is stacked over layers on dim 0):
                                          are a permutation of 0..L-1 per layer and head)
   window_queries      [layers, Hq, W, D] float32: the last W tokens' queries (recalibration)
   log_threshold       [layers, 2]        float32: keep cluster c when its log share exceeds this
-                                         (+inf keeps nothing, -inf keeps all); [:, 0] for decode
+                                         (+inf keeps nothing, -inf keeps all: the first
+                                         config.dense_layers layers); [:, 0] for decode
                                          (one query), [:, 1] for prefill (the max over a block of
                                          block_q queries), each calibrated at its own granularity
-  coarse_centroids    [layers, H, Cc, D] float32 (hierarchical only)
+  coarse_centroids    [layers, H, Cc, D or 2D] float32 (hierarchical only; as centroids)
   coarse_offsets      [layers, H, Cc+1]  int32 over *fine cluster indices*: fine clusters are
                                          stored grouped by coarse parent
   coarse_log_threshold [layers, 2]       float32 (hierarchical only; decode, prefill)
@@ -45,9 +48,12 @@ import torch
 
 from .config import SqueezeConfig
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # what each older format lacks, for the message that refuses it
 _OLDER_FORMATS = {1: "format 1 has no data-chosen dense tokens and one threshold for decode and prefill"}
+# older formats read by filling in config fields they predate (format 2: no cluster variances, no
+# dense layers; its tensors are those of format 3 with those off)
+_UPGRADES = {2: {"cluster_variance": False, "dense_layers": 0}}
 FORMAT_NAME = "sqz_compile.SqueezedContext"
 
 
@@ -132,6 +138,16 @@ class SqueezedContext:
         """Fixed key budget, or 0 for threshold mode (the op's convention)."""
         return int(self.config.budget or 0)
 
+    @property
+    def dense_layers(self) -> int:
+        """Leading layers that attend to the whole context (their thresholds keep every cluster)."""
+        return min(int(self.config.dense_layers), self.num_layers)
+
+    def layer_budget(self, i: int) -> int:
+        """The op's budget argument for layer i: threshold mode (0) in a dense layer, whose -inf
+        thresholds keep every cluster, else `budget`."""
+        return 0 if i < self.dense_layers else self.budget
+
     def layer(self, i: int) -> LayerContext:
         """Layer i's views, in CONTEXT_ARGS order: every per-layer tensor indexed (thresholds are
         [layers, 2] -> the [decode, prefill] pair); absent (None) fields stay None."""
@@ -166,7 +182,8 @@ class SqueezedContext:
         per_layer = self.config.per_layer_threshold if per_layer_threshold is None else per_layer_threshold
         cfg = dataclasses.replace(self.config, keep=float(keep), budget=None, per_layer_threshold=bool(per_layer))
         fine, coarse = calibrate(self.window_queries, self.centroids, self.offsets, cfg.keep, self.scaling,
-                                 cfg.per_layer_threshold, self.coarse_centroids, self.coarse_offsets)
+                                 cfg.per_layer_threshold, self.coarse_centroids, self.coarse_offsets,
+                                 dense_layers=self.dense_layers)
         return dataclasses.replace(self, config=cfg, fingerprint=dict(self.fingerprint), log_threshold=fine,
                                    coarse_log_threshold=coarse, extra=dict(self.extra))
 
@@ -196,7 +213,8 @@ class SqueezedContext:
         kd = self.keys.dtype
         want("values", (layers, H, N, D), kd)
         want("perm", (layers, H, N), torch.int32)
-        want("centroids", (layers, H, C, D), torch.float32)
+        cw = 2 * D if self.config.cluster_variance else D
+        want("centroids", (layers, H, C, cw), torch.float32)
         want("offsets", (layers, H, C + 1), torch.int32)
         want("window_keys", (layers, H, W, D), kd)
         want("window_values", (layers, H, W, D), kd)
@@ -225,7 +243,7 @@ class SqueezedContext:
                 f"{'present' if self.hierarchical else 'absent'}")
         if self.hierarchical:
             cc = self.coarse_centroids.shape[2]
-            want("coarse_centroids", (layers, H, cc, D), torch.float32)
+            want("coarse_centroids", (layers, H, cc, cw), torch.float32)
             want("coarse_offsets", (layers, H, cc + 1), torch.int32)
             want("coarse_log_threshold", (layers, 2), torch.float32)
             _check_offsets("coarse_offsets", self.coarse_offsets, C, bad)
@@ -319,7 +337,9 @@ class SqueezedContext:
                                        f"a corrupted header): {fix}") from e
         if meta.get("format") != FORMAT_NAME:
             raise SqueezedContextError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") in _UPGRADES and isinstance(meta.get("config"), dict):
+            meta["config"] = {**_UPGRADES[meta["format_version"]], **meta["config"]}
+        elif meta.get("format_version") != FORMAT_VERSION:
             why = _OLDER_FORMATS.get(meta.get("format_version"), "")
             raise SqueezedContextError(
                 f"{path}: format version {meta.get('format_version')} but this sqz_compile reads version "

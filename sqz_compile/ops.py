@@ -26,8 +26,9 @@ def _check_inputs(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tenso
     torch._check(q.shape[1] % centroids.shape[0] == 0,
                  lambda: f"sqz: {q.shape[1]} query heads is not a multiple of "
                          f"{centroids.shape[0]} KV heads in the context (wrong model?)")
-    torch._check(q.shape[3] == centroids.shape[2],
-                 lambda: f"sqz: head dim {q.shape[3]} != context head dim {centroids.shape[2]}")
+    torch._check((q.shape[3] == centroids.shape[2]) | (2 * q.shape[3] == centroids.shape[2]),
+                 lambda: f"sqz: head dim {q.shape[3]} does not match the context's centroids "
+                         f"({centroids.shape[2]} columns: D means, or 2D means and variances)")
     torch._check(offsets.shape[-1] == centroids.shape[1] + 1, lambda: "sqz: offsets must be [H, C+1]")
 
 

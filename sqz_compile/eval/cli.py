@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-tokens", type=int, default=d.dense_tokens,
                    help=f"SqueezeConfig.dense_tokens: per KV head, the context tokens the observation window "
                         f"attends to most, attended densely (default {d.dense_tokens})")
+    p.add_argument("--cluster-variance", choices=("on", "off"), default="on" if d.cluster_variance else "off",
+                   help="SqueezeConfig.cluster_variance: score clusters with their per-channel variance")
+    p.add_argument("--dense-layers", type=int, default=d.dense_layers,
+                   help=f"SqueezeConfig.dense_layers: leading layers attending to the whole context "
+                        f"(default {d.dense_layers})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -67,7 +72,8 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
                         ppl_tokens=a.ppl_tokens, ppl_contexts=tuple(a.ppl_contexts) if a.ppl_contexts else None,
                         tasks=tuple(a.tasks), max_new_tokens=a.max_new_tokens, prime=not a.no_prime, block_q=a.block_q,
                         cluster_ratio=a.cluster_ratio, observation_window=a.observation_window,
-                        sink_tokens=a.sink_tokens, dense_tokens=a.dense_tokens)
+                        sink_tokens=a.sink_tokens, dense_tokens=a.dense_tokens,
+                        cluster_variance=a.cluster_variance == "on", dense_layers=a.dense_layers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

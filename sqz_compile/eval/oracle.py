@@ -84,7 +84,7 @@ def analyse_selection(q: torch.Tensor, k_new: torch.Tensor, attn_mask: torch.Ten
         sc_new = sc_new + torch.broadcast_to(bias, (b, hq, m, s)).reshape(b, h, g, m, s)
     lse = torch.logsumexp(torch.cat([sc_ctx, sc_win, sc_new], dim=-1), dim=-1, keepdim=True)
     p_ctx = torch.exp(sc_ctx - lse)
-    sel = selection_mask_reference(q, lc.centroids, lc.offsets, lc.log_threshold, scale, block_q, ctx.budget,
+    sel = selection_mask_reference(q, lc.centroids, lc.offsets, lc.log_threshold, scale, block_q, ctx.layer_budget(layer),
                                    lc.coarse_centroids, lc.coarse_offsets, lc.coarse_log_threshold)
     lookup = selected_key_mask(lc.offsets, sel, n)
     oracle = top_count_mask(block_max(p_ctx, block_q), lookup.sum(-1))

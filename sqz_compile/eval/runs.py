@@ -167,6 +167,8 @@ class EvalSettings:
     observation_window: int = 100
     sink_tokens: int = SqueezeConfig.sink_tokens
     dense_tokens: int = SqueezeConfig.dense_tokens
+    cluster_variance: bool = SqueezeConfig.cluster_variance
+    dense_layers: int = SqueezeConfig.dense_layers
     essay_seed: int = 0
     ppl_seed: int = 1
 
@@ -180,7 +182,8 @@ class EvalSettings:
         return SqueezeConfig(keep=self.keeps[0], cluster_ratio=self.cluster_ratio,
                              hierarchical="hier" in self.lookups,
                              observation_window=self.observation_window, sink_tokens=self.sink_tokens,
-                             dense_tokens=self.dense_tokens)
+                             dense_tokens=self.dense_tokens, cluster_variance=self.cluster_variance,
+                             dense_layers=self.dense_layers)
 
 
 def _variant_fields(v: Variant | None, method: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ runtime) runs the model without a custom-op library. Why a translation and not a
 the ops' CPU bodies (kernels/*.py) use aten.searchsorted and stable sorts that the stock exporter
 does not translate, while the lookup maps directly onto ONNX:
 
-  centroid scores   MatMul(q, centroids^T) * scale            (GQA: q reshaped to [B,H,G,M,D])
+  centroid scores   MatMul(q, centroids^T) * scale            (GQA: q reshaped to [B,H,G,M,D];
+                    [q, s/2 q^2] for centroids holding variances)
   log shares        s - ReduceLogSumExp(s + log n)            (empty clusters: -inf)
   block decision    Pad to a whole number of query blocks, ReduceMax over the group and block
   keep rule         Greater(best, log_threshold), or TopK + CumSum of cluster sizes for a budget
@@ -124,6 +125,9 @@ def _selection(op, qg, centroids, offsets, log_threshold, coarse_centroids, coar
         coarse_log_threshold = _pick_threshold(op, coarse_log_threshold, _dim(op, qg, 3))
     sizes = _sizes(op, offsets)  # [H, C]
     log_n = op.Unsqueeze(op.Log(sizes), _i64(op, 0, 2, 3))  # [1, H, 1, 1, C]
+    # lookup_queries: [q, s/2 q^2] cut to the centroids' width (D means, or 2D means and variances)
+    qa = op.Concat(qg, op.Mul(op.Mul(qg, qg), _f32(op, 0.5 * scale)), axis=-1)
+    qg = op.Slice(qa, _i64(op, 0), _dim(op, centroids, 2), _i64(op, -1))
     scores = op.Mul(op.MatMul(qg, _heads_first(op, centroids)), _f32(op, scale))  # [B,H,G,M,C]
     if coarse_centroids is None:
         log_share = _log_share(op, scores, log_n)

@@ -245,7 +245,6 @@ def rewrite_attention(gm: GraphModule, ctx: SqueezedContext, *, block_q: int = D
 
     start = _first_non_placeholder(gm) if plans else None
     cache: dict[int, list[Node | None]] = {}
-    budget = int(ctx.budget)
     for m, reason in plans:
         if reason is not None:
             report.dense.append((m.layer, reason))
@@ -255,7 +254,7 @@ def rewrite_attention(gm: GraphModule, ctx: SqueezedContext, *, block_q: int = D
         bufs = _layer_buffers(gm, ctx, m.layer, start, cache, report, meta_key, fake_mode)
         qs = shape_of(m.query)
         scale = m.scale if m.scale is not None else default_scale(qs[3] if qs and qs[3] else ctx.head_dim)
-        args = (m.query, m.key, m.value, m.attn_mask, *bufs, float(scale), bool(m.is_causal), budget,
+        args = (m.query, m.key, m.value, m.attn_mask, *bufs, float(scale), bool(m.is_causal), ctx.layer_budget(m.layer),
                 int(block_q))
         with gm.graph.inserting_before(m.anchor):
             op = gm.graph.call_function(torch.ops.sqz.squeezed_attention.default, args)

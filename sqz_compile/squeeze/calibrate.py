@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.lookup.reference import cluster_of
+from ..kernels.lookup.reference import cluster_of, lookup_queries
 
 COARSE_COVERAGE = 0.99
 
@@ -25,11 +25,13 @@ def group_log_shares(queries: torch.Tensor, centroids: torch.Tensor, sizes: torc
                      scale: float) -> torch.Tensor:
     """Max over each KV head's query heads of the log share: [H, W, C] float32.
 
-    queries [Hq, W, D], centroids [H, C, D], sizes [H, C] (keys per cluster). Empty clusters -inf.
+    queries [Hq, W, D], centroids [H, C, D] or [H, C, 2D] (means and variances, see
+    lookup_queries), sizes [H, C] (keys per cluster). Empty clusters -inf.
     """
+    queries = lookup_queries(queries.float(), centroids.shape[-1], scale)
     H, C, D = centroids.shape
     Hq, W, _ = queries.shape
-    q = queries.float().reshape(H, Hq // H, W, D)
+    q = queries.reshape(H, Hq // H, W, D)
     logits = scale * torch.matmul(q, centroids.float().transpose(1, 2).unsqueeze(1))  # [H, g, W, C]
     logn = sizes.float().log().view(H, 1, 1, C)
     share = logits - torch.logsumexp(logits + logn, dim=-1, keepdim=True)
@@ -96,19 +98,32 @@ def calibrate(window_queries: torch.Tensor, centroids: torch.Tensor, offsets: to
               keep: float, scale: float, per_layer: bool = False,
               coarse_centroids: torch.Tensor | None = None, coarse_offsets: torch.Tensor | None = None,
               coverage: float = COARSE_COVERAGE,
-              block_q: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+              block_q: int = 64, dense_layers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log_threshold [layers, 2], coarse_log_threshold [layers, 2] or None), float32 on the
     centroids' device; column 0 for decode (one query), column 1 for prefill (a block of
     `block_q` queries), each calibrated so that `keep` of the clustered keys is kept at its own
     granularity.
 
-    Shapes as in context.py. With no window queries (a 1-token context) nothing can be measured:
+    The first `dense_layers` layers get -inf (keep every cluster) and the others are calibrated
+    among themselves. Shapes as in context.py. With no window queries (a 1-token context) nothing can be measured:
     keep > 0 then keeps everything (-inf), keep = 0 nothing (+inf).
     """
     layers, H, C, _ = centroids.shape
     W = window_queries.shape[2]
     dev = centroids.device
     hier = coarse_centroids is not None
+    dl = min(max(int(dense_layers), 0), layers)
+    if dl:
+        fine = torch.full((layers, 2), float("-inf"), device=dev)
+        coarse = fine.clone() if hier else None
+        if dl < layers:
+            f, c = calibrate(window_queries[dl:], centroids[dl:], offsets[dl:], keep, scale, per_layer,
+                             coarse_centroids[dl:] if hier else None, coarse_offsets[dl:] if hier else None,
+                             coverage, block_q)
+            fine[dl:] = f
+            if hier:
+                coarse[dl:] = c
+        return fine, coarse
     fine = torch.empty(layers, 2, dtype=torch.float32, device=dev)
     coarse = torch.empty(layers, 2, dtype=torch.float32, device=dev) if hier else None
     if W == 0 or keep <= 0.0 or keep >= 1.0:

@@ -183,6 +183,12 @@ def _means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)
 
 
+def _with_variance(means: torch.Tensor, mean_squares: torch.Tensor) -> torch.Tensor:
+    """[..., D] means and means of squares -> [..., 2D] [mean, per-channel variance] (clamped at
+    0 against rounding): the centroids SqueezeConfig.cluster_variance stores."""
+    return torch.cat([means, (mean_squares - means * means).clamp_(min=0)], dim=-1)
+
+
 def _gather_tokens(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """x [layers, H, L, D], pos [layers, H, n] -> x at those token positions [layers, H, n, D]."""
     return x.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])).contiguous()
@@ -286,16 +292,25 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
             renumber = torch.empty_like(order).scatter_(
                 1, order, torch.arange(C, device=order.device).expand(B, C).contiguous())
             assign = renumber.gather(1, assign)
+            parent = parent.gather(1, order)  # coarse parent of each renumbered fine cluster
             coarse_offsets = _offsets(cluster_counts(parent, Cc))
-            coarse_keys = cluster_counts(parent, Cc, fine.counts.float())  # keys under each coarse cluster
-            coarse_centroids = _means(cluster_sums(fsums, parent, Cc), coarse_keys)
+            coarse_keys = cluster_counts(parent, Cc, fine.counts.gather(1, order).float())  # keys under each
             del fsums
     t1 = time.perf_counter()
 
     counts = cluster_counts(assign, C)
     perm = assign.argsort(dim=1, stable=True)
     positions = clustered.reshape(B, N).gather(1, perm)  # context position of each sorted key
-    centroids = _means(cluster_sums(ck, assign, C), counts)
+    sums = cluster_sums(ck, assign, C)
+    centroids = _means(sums, counts)
+    squares = cluster_sums(ck, assign, C, squared=True) if config.cluster_variance else None
+    if config.hierarchical:
+        coarse_centroids = _means(cluster_sums(sums, parent, Cc), coarse_keys)
+        if squares is not None:
+            coarse_centroids = _with_variance(coarse_centroids, _means(cluster_sums(squares, parent, Cc), coarse_keys))
+    if squares is not None:
+        centroids = _with_variance(centroids, _means(squares, counts))
+    del sums, squares
     sorted_keys = _sort_by(ck, perm)
     del ck
     sorted_values = _sort_by(cv, perm)
@@ -326,9 +341,9 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
     if config.budget is None:
         ctx = ctx.with_keep(config.keep)
     elif int(config.budget) == 0:  # a budget of no keys: keep no cluster (the op's budget 0 is threshold mode)
-        ctx.log_threshold.fill_(float("inf"))
+        ctx.log_threshold[ctx.dense_layers:] = float("inf")
         if ctx.coarse_log_threshold is not None:
-            ctx.coarse_log_threshold.fill_(float("inf"))
+            ctx.coarse_log_threshold[ctx.dense_layers:] = float("inf")
     ctx.extra["seconds"] = {"kmeans": round(t1 - t0, 3), "layout_and_calibration": round(time.perf_counter() - t1, 3)}
     return ctx
 

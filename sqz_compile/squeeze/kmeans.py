@@ -140,15 +140,18 @@ def nearest_torch(xn: torch.Tensor, cn: torch.Tensor, chunk_elems: int) -> tuple
 
 
 def cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int, weights: torch.Tensor | None = None,
-                 step: int | None = None) -> torch.Tensor:
-    """Float32 per-cluster sums [B, k, D] of `x` [B, N, D] (optionally weighted by [B, N]),
-    converting `step` points per problem at a time (default: ~2^26 elements per chunk)."""
+                 step: int | None = None, squared: bool = False) -> torch.Tensor:
+    """Float32 per-cluster sums [B, k, D] of `x` [B, N, D] (optionally weighted by [B, N]; of
+    x**2 with `squared`), converting `step` points per problem at a time (default: ~2^26
+    elements per chunk)."""
     B, N, D = x.shape
     step = step or max(1, (1 << 26) // (B * D))
     sums = torch.zeros(B * k, D, dtype=torch.float32, device=x.device)
     base = (torch.arange(B, device=x.device) * k).unsqueeze(1)
     for s in range(0, N, step):
         src = x[:, s:s + step].float()
+        if squared:
+            src = src * src
         if weights is not None:
             src = src * weights[:, s:s + step, None]
         sums.index_add_(0, (assign[:, s:s + step] + base).reshape(-1), src.reshape(-1, D))

@@ -170,7 +170,7 @@ def test_dense_tokens_leave_their_clusters_exactly(hierarchical):
             for c in range(ctx.num_clusters):
                 members = ctx.keys[li, h][cid[h] == c]
                 if len(members):
-                    torch.testing.assert_close(ctx.centroids[li, h, c], members.float().mean(0))
+                    torch.testing.assert_close(ctx.centroids[li, h, c, :ctx.head_dim], members.float().mean(0))
     user = _user_ids(12)
     dense = runs.user_logits(model, user, runs.dense_cache(model, (full_k, full_v)))[0]
     with af.squeezed_mode(model, ctx, block_q=8):

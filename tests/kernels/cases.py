@@ -44,9 +44,10 @@ def random_sizes(h: int, c: int, n: int, gen: torch.Generator) -> torch.Tensor:
 def make_case(b: int = 2, h: int = 2, g: int = 2, m: int = 5, d: int = 16, n: int = 50, c: int = 7,
               w: int = 3, s: Optional[int] = None, mask: str = "causal",
               dtype: torch.dtype = torch.float32, coarse: int = 0, device: str = "cpu",
-              seed: int = 0) -> Case:
+              seed: int = 0, variance: bool = False) -> Case:
     """A random context of n clustered keys in c clusters (coarse > 0: a coarse level of that many
-    clusters), window w, and b x (h*g) heads of m new queries over s new keys."""
+    clusters), window w, and b x (h*g) heads of m new queries over s new keys. variance: centroids
+    hold [mean, per-channel variance] (SqueezeConfig.cluster_variance)."""
     gen = torch.Generator().manual_seed(seed)
     s = m if s is None else s
 
@@ -64,13 +65,23 @@ def make_case(b: int = 2, h: int = 2, g: int = 2, m: int = 5, d: int = 16, n: in
             lo, hi = int(offsets[hh, cc]), int(offsets[hh, cc + 1])
             if hi > lo:
                 cent[hh, cc] = keys[hh, lo:hi].float().mean(0)
+    if variance:  # the clusters' own variances (random for empty ones, which never count)
+        var = rnd(h, c, d, dt=torch.float32).abs()
+        for hh in range(h):
+            for cc in range(c):
+                lo, hi = int(offsets[hh, cc]), int(offsets[hh, cc + 1])
+                if hi > lo:
+                    var[hh, cc] = keys[hh, lo:hi].float().var(0, correction=0)
+        cent = torch.cat([cent, var], dim=-1)
     coarse_c = coarse_o = None
     if coarse:
         cuts = torch.sort(torch.randint(0, c + 1, (h, coarse - 1), generator=gen), dim=1).values
         coarse_o = torch.zeros(h, coarse + 1, dtype=torch.int32)
         coarse_o[:, 1:coarse] = cuts.to(torch.int32)
         coarse_o[:, coarse] = c
-        coarse_c = rnd(h, coarse, d, dt=torch.float32)
+        coarse_c = rnd(h, coarse, 2 * d if variance else d, dt=torch.float32)
+        if variance:
+            coarse_c[..., d:] = coarse_c[..., d:].abs()
     am, causal = None, False
     if mask == "causal":
         causal = True
@@ -111,11 +122,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tensor:
     """A log threshold keeping about `keep` of the non-empty clusters (a quantile of the block-max
     log shares, computed as the reference does), so tests select a meaningful subset."""
-    from sqz_compile.kernels.lookup.reference import block_max, cluster_sizes, log_share
+    from sqz_compile.kernels.lookup.reference import block_max, cluster_sizes, log_share, lookup_queries
 
-    b, hq, m, d = cs.q.shape
+    q = lookup_queries(cs.q.float(), cs.centroids.shape[-1], cs.scale)
+    b, hq, m, d = q.shape
     h = cs.centroids.shape[0]
-    qg = cs.q.float().reshape(b, h, hq // h, m, d)
+    qg = q.reshape(b, h, hq // h, m, d)
     sc = torch.einsum("bhgmd,hcd->bhgmc", qg, cs.centroids.float()) * cs.scale
     log_n = cluster_sizes(cs.offsets).float().log()[None, :, None, None, :]
     best = block_max(log_share(sc, log_n), block_q)

@@ -62,13 +62,15 @@ LOOKUP_SHAPES = [
 
 
 @pytest.mark.parametrize("shape,block_q,tiles", LOOKUP_SHAPES)
-@pytest.mark.parametrize("mode", ["flat", "flat-budget", "hier", "hier-budget"])
+@pytest.mark.parametrize("mode", ["flat", "flat-budget", "hier", "hier-budget", "flat-var", "hier-budget-var"])
 def test_lookup_matches_reference(shape, block_q, tiles, mode):
+    """-var: centroids with per-channel variances (the lookup scores [q, s/2 q^2])."""
     hier = mode.startswith("hier")
-    cs = make_case(**shape, coarse=5 if hier else 0, device=DEV, seed=len(mode) + shape["c"])
+    cs = make_case(**shape, coarse=5 if hier else 0, device=DEV, seed=len(mode) + shape["c"],
+                   variance=mode.endswith("var"))
     thr = threshold_for_keep(cs, 0.3, block_q)
     cthr = torch.tensor(-2.0, device=DEV) if hier else None
-    budget = 12 if mode.endswith("budget") else 0
+    budget = 12 if "budget" in mode else 0
     sel = _lookup(cs, thr, block_q, budget, cthr, tiles)
     idx, count = _ref_lookup(cs, thr, block_q, budget, cthr)
     assert torch.equal(sel.idx.cpu(), idx.cpu()) and torch.equal(sel.count.cpu(), count.cpu())
@@ -77,6 +79,7 @@ def test_lookup_matches_reference(shape, block_q, tiles, mode):
 
 @pytest.mark.parametrize("hier", [False, True], ids=["flat", "hier"])
 @pytest.mark.parametrize("kw,block_q", [(dict(b=2, h=2, g=2, m=1, n=60, c=21), 4),
+                                        (dict(b=2, h=2, g=2, m=1, n=60, c=21, variance=True), 4),
                                         (dict(b=1, h=3, g=4, m=1, n=97, c=40), 1),
                                         (dict(b=1, h=1, g=1, m=3, n=9, c=1), 4),
                                         (dict(b=4, h=4, g=1, m=1, n=80, c=40), 4)])

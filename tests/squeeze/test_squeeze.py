@@ -29,7 +29,7 @@ def synthetic_kv(layers=3, H=2, g=2, L=700, D=16, seed=0, dtype=torch.float32):
 def check_layout(ctx, keys, values):
     """Every context key exactly once (clustered or always attended), same permutation on K and
     V, the observation window always attended, offsets consistent, centroids = means of the keys
-    they index."""
+    they index (followed by the per-channel variances with cluster_variance)."""
     layers, H, L, D = keys.shape
     N, C = ctx.keys.shape[2], ctx.num_clusters
     A = L - N
@@ -50,9 +50,16 @@ def check_layout(ctx, keys, values):
             off = ctx.offsets[l, h].long()
             assert off[0] == 0 and off[-1] == N and (off[1:] >= off[:-1]).all()
             for c in range(C):
-                seg = ctx.keys[l, h, off[c]:off[c + 1]].float()
-                want = seg.mean(0) if len(seg) else torch.zeros(D)
-                torch.testing.assert_close(ctx.centroids[l, h, c], want, atol=1e-5, rtol=1e-5)
+                want = cluster_stats(ctx.keys[l, h, off[c]:off[c + 1]], ctx.config.cluster_variance)
+                torch.testing.assert_close(ctx.centroids[l, h, c].double(), want, atol=1e-4, rtol=1e-4)
+
+
+def cluster_stats(seg, variance):
+    """What a centroid holds for the keys `seg` [n, D]: their mean, then (variance) their
+    per-channel variance; zeros for an empty cluster."""
+    seg = seg.double()
+    stats = [seg.mean(0)] + ([seg.var(0, correction=0)] if variance else [])
+    return torch.cat(stats) if len(seg) else torch.zeros(seg.shape[1] * len(stats), dtype=torch.float64)
 
 
 def tiny_model(kind="llama", kv_heads=2, layers=2, **kw):
@@ -81,9 +88,8 @@ def test_layout_invariants(hier):
                 assert co[0] == 0 and co[-1] == ctx.num_clusters and (co[1:] >= co[:-1]).all()
                 for cc in range(Cc):
                     lo, hi = ctx.offsets[l, h, co[cc]].item(), ctx.offsets[l, h, co[cc + 1]].item()
-                    seg = ctx.keys[l, h, lo:hi].float()
-                    want = seg.mean(0) if len(seg) else torch.zeros(keys.shape[-1])
-                    torch.testing.assert_close(ctx.coarse_centroids[l, h, cc], want, atol=1e-5, rtol=1e-5)
+                    want = cluster_stats(ctx.keys[l, h, lo:hi], ctx.config.cluster_variance)
+                    torch.testing.assert_close(ctx.coarse_centroids[l, h, cc].double(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_keys_keep_dtype():

@@ -19,7 +19,7 @@ import torch
 
 from ..triton_common import HAS_TRITON, cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
 from . import triton as _lk
-from .reference import cluster_of, pick_threshold
+from .reference import cluster_of, lookup_queries, pick_threshold
 
 if not HAS_TRITON:  # pragma: no cover
     raise ImportError("sqz_compile.kernels (launch) needs triton: pip install triton "
@@ -95,6 +95,7 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     (`_select_kernel`) and skips the cluster list (idx, count, cum, delta are None)."""
     check_device(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                   coarse_log_threshold)
+    q = lookup_queries(q, centroids.shape[-1], scale)  # [q, s/2 q^2] for [mean, variance] centroids
     if q.stride(-1) != 1:
         q = q.contiguous()
     log_threshold = pick_threshold(log_threshold, q.shape[2])

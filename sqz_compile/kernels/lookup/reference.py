@@ -7,6 +7,11 @@ A (batch row, KV head, query block) keeps c when the max of log_share_c over the
 and the GQA group's query heads exceeds the threshold (strictly). Budget mode instead ranks the
 clusters by that max and keeps the best ones while their total size fits the key budget.
 
+Cluster variance: centroids with 2D columns hold [mean mu_c, per-channel variance var_c] of
+the cluster's keys; the lookup then scores  s q.mu_c + s^2/2 sum_d q_d^2 var_cd  (the log-mean-exp
+of exp(s q.k) over a Gaussian cluster) by scoring the augmented query [q, s/2 q^2] (see
+lookup_queries); every rule below is unchanged.
+
 Hierarchical: the coarse level is scored first with the same rule (coarse sizes = keys under each
 coarse cluster); only fine children of kept coarse clusters are scored; pruned coarse clusters
 stand for their children in the fine denominator.
@@ -32,6 +37,19 @@ def pick_threshold(log_threshold: torch.Tensor | None, m: int) -> torch.Tensor |
         return None
     t = log_threshold.reshape(-1)
     return t[:1] if t.numel() == 1 or m == 1 else t[1:2]
+
+
+def lookup_queries(q: torch.Tensor, width: int, scale: float) -> torch.Tensor:
+    """The vectors the lookup scores against centroids `width` columns wide: q itself, or for
+    [mean, variance] centroids (width 2D) the augmented [q, scale/2 * q^2], so that
+    scale * (q_aug . [mu, var]) = s q.mu + s^2/2 sum_d q_d^2 var_d."""
+    d = q.shape[-1]
+    if width == d:
+        return q
+    if width != 2 * d:
+        raise ValueError(f"sqz: centroids have {width} columns; the queries' head dim {d} needs {d} "
+                         f"(means) or {2 * d} (means and variances): wrong model for this context?")
+    return torch.cat([q, q * q * (0.5 * scale)], dim=-1)
 
 
 def block_max(x: torch.Tensor, block_q: int) -> torch.Tensor:
@@ -80,8 +98,9 @@ def selection_mask_reference(
     coarse_log_threshold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch lookup as a bool mask [B, H, NB, C] of kept clusters. q [B, Hq, M, D];
-    centroids [H, C, D]; offsets [H, C+1]; log_threshold [decode, prefill] (or one value for
+    centroids [H, C, D] (or [H, C, 2D] with variances); offsets [H, C+1]; log_threshold [decode, prefill] (or one value for
     both; see pick_threshold); budget 0 = threshold mode."""
+    q = lookup_queries(q, centroids.shape[-1], scale)
     b, hq, m, d = q.shape
     log_threshold = pick_threshold(log_threshold, m).reshape(())
     if coarse_log_threshold is not None:
