@@ -80,7 +80,7 @@ CONTEXT_ARGS: tuple[str, ...] = LayerContext._fields
 CENTROID_ARGS: tuple[str, ...] = ("centroids", "coarse_centroids")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a field-wise == would compare tensors (torch.compile compares backend options)
 class SqueezedContext:
     """The product of `sqz_compile.squeeze`: one fixed context, clustered, for one model."""
 
