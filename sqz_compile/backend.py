@@ -27,6 +27,7 @@ import torch
 from torch.fx import GraphModule
 
 from .context import SqueezedContext
+from .distributed import local_context
 from .ops import DEFAULT_BLOCK_Q
 from .passes.rewrite import RewriteReport, SqueezeDenseWarning, rewrite_attention
 
@@ -99,6 +100,8 @@ def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str
     if not isinstance(ctx, SqueezedContext):
         raise TypeError(f'options["context"] must be a sqz_compile.SqueezedContext, got {type(ctx).__name__}')
     model = own.get("model") or _dynamo_root_module()
+    if model is not None:
+        ctx = local_context(ctx, model)  # tensor parallel: this rank's KV heads (distributed.py)
     gm = copy_graph_module(gm)
     report = rewrite_attention(gm, ctx, block_q=int(own.get("block_q", DEFAULT_BLOCK_Q)), warn=False, model=model)
     if report.dense:

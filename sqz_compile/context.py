@@ -42,11 +42,14 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from .config import SqueezeConfig
+
+if TYPE_CHECKING:
+    from .distributed import KVShard
 
 FORMAT_VERSION = 3
 # what each older format lacks, for the message that refuses it
@@ -84,9 +87,11 @@ class LayerContext(NamedTuple):
 CONTEXT_ARGS: tuple[str, ...] = LayerContext._fields
 # the fields that hold centroids (cast to the keys' half dtype for the lookup)
 CENTROID_ARGS: tuple[str, ...] = ("centroids", "coarse_centroids")
+# what threshold calibration reads (gathered over ranks for a tensor-parallel context)
+_CALIBRATION_ARGS: tuple[str, ...] = ("window_queries", "centroids", "offsets", "coarse_centroids", "coarse_offsets")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a field-wise == would compare tensors (torch.compile compares backend options)
 class SqueezedContext:
     """The product of `sqz_compile.squeeze`: one fixed context, clustered, for one model."""
 
@@ -108,6 +113,8 @@ class SqueezedContext:
     coarse_offsets: torch.Tensor | None = None
     coarse_log_threshold: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # tensor parallelism: this rank's piece of the KV heads (distributed.py); None = all heads
+    shard: KVShard | None = None
 
     @property
     def num_layers(self) -> int:
@@ -165,7 +172,7 @@ class SqueezedContext:
         """A copy with every tensor on `device` (dtypes unchanged)."""
         moved = {n: t.to(device) for n, t in self.tensors().items()}
         return SqueezedContext(self.config, dict(self.fingerprint), self.context_length,
-                               self.token_hash, **moved, extra=dict(self.extra))
+                               self.token_hash, **moved, extra=dict(self.extra), shard=self.shard)
 
     # ------------------------------------------------------------------ recalibration
 
@@ -181,8 +188,13 @@ class SqueezedContext:
 
         per_layer = self.config.per_layer_threshold if per_layer_threshold is None else per_layer_threshold
         cfg = dataclasses.replace(self.config, keep=float(keep), budget=None, per_layer_threshold=bool(per_layer))
-        fine, coarse = calibrate(self.window_queries, self.centroids, self.offsets, cfg.keep, self.scaling,
-                                 cfg.per_layer_threshold, self.coarse_centroids, self.coarse_offsets,
+        src = {n: getattr(self, n) for n in _CALIBRATION_ARGS}
+        if self.shard is not None:  # one global threshold over every rank's heads (a collective)
+            from .distributed import gather_fields
+
+            src = gather_fields(self, _CALIBRATION_ARGS)
+        fine, coarse = calibrate(src["window_queries"], src["centroids"], src["offsets"], cfg.keep, self.scaling,
+                                 cfg.per_layer_threshold, src["coarse_centroids"], src["coarse_offsets"],
                                  dense_layers=self.dense_layers)
         return dataclasses.replace(self, config=cfg, fingerprint=dict(self.fingerprint), log_threshold=fine,
                                    coarse_log_threshold=coarse, extra=dict(self.extra))
@@ -248,8 +260,9 @@ class SqueezedContext:
             want("coarse_log_threshold", (layers, 2), torch.float32)
             _check_offsets("coarse_offsets", self.coarse_offsets, C, bad)
         fp = self.fingerprint
-        for key, n in (("num_hidden_layers", layers), ("num_key_value_heads", H),
-                       ("num_attention_heads", hq), ("head_dim", D)):
+        pieces = 1 if self.shard is None else self.shard.world_size  # a shard holds 1/pieces of the heads
+        for key, n in (("num_hidden_layers", layers), ("num_key_value_heads", H * pieces),
+                       ("num_attention_heads", hq * pieces), ("head_dim", D)):
             if key in fp and int(fp[key]) != n:
                 bad(f"fingerprint says {key}={fp[key]} but the tensors have {n}")
         if model is not None:
@@ -283,8 +296,14 @@ class SqueezedContext:
     def save(self, path: str | os.PathLike) -> None:
         """Write one .safetensors file (tensors + JSON metadata with format version, model
         fingerprint, context hash, config and per-tensor sha256). Atomic: a crash never leaves a
-        half-written file at `path`."""
+        half-written file at `path`. Under tensor parallelism (a sharded context) every rank must
+        call it: the slices are gathered and rank 0 writes one file of the whole context."""
         from safetensors.torch import save_file
+
+        if self.shard is not None:
+            from .distributed import save_sharded
+
+            return save_sharded(self, path)
 
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.tensors().items()}
         meta = {
@@ -316,16 +335,26 @@ class SqueezedContext:
              device: torch.device | str | None = None, *, verify: bool | None = None) -> "SqueezedContext":
         """Read a file written by `save`, check it (layout; checksums when `verify`, by default for
         files up to 2 GiB; the model fingerprint when `model` is given) and move it to `device`
-        (default: the model's device, else CPU)."""
+        (default: the model's device, else CPU). With a tensor-parallel `model`, each rank keeps only
+        its KV heads (distributed.py): without `verify` (default for files over 2 GiB) it reads only
+        their bytes."""
         from safetensors import safe_open
+
+        from .distributed import kv_shard
 
         path = os.fspath(path)
         fix = "re-create it with sqz_compile.squeeze(model, context_ids).save(path)"
+        shard = None if model is None else kv_shard(model)
+        if shard is not None and verify is None:
+            verify = os.path.getsize(path) <= 2 << 30
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 header = f.metadata() or {}
-                tensors = {n: f.get_tensor(n) for n in f.keys()}
-        except FileNotFoundError:
+                if shard is not None and not verify:
+                    _check_file_heads(path, f.get_slice("keys").get_shape(), shard)
+                read = f.get_tensor if shard is None or verify else (lambda n: shard.read(f, n))
+                tensors = {n: read(n) for n in f.keys()}
+        except (FileNotFoundError, SqueezedContextError):
             raise
         except Exception as e:  # safetensors raises its own error types for bad headers/sizes
             raise SqueezedContextError(f"{path}: not a readable safetensors file ({e}); it is truncated or "
@@ -356,11 +385,14 @@ class SqueezedContext:
                 if _digest(t) != sums[n]:
                     raise SqueezedContextError(f"{path}: tensor {n!r} fails its sha256 check (corrupted "
                                                f"file): {fix}")
+            if shard is not None:
+                _check_file_heads(path, tensors["keys"].shape, shard)
+                tensors = {n: shard.take(n, t).contiguous() for n, t in tensors.items()}  # drop the rest
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
             ctx = cls(config=SqueezeConfig.from_dict(meta["config"]), fingerprint=dict(meta["fingerprint"]),
                       context_length=int(meta["context_length"]), token_hash=str(meta["token_hash"]),
-                      extra=dict(meta.get("extra", {})),
+                      extra=dict(meta.get("extra", {})), shard=shard,
                       **{n: t for n, t in tensors.items() if n in fields})
         except (KeyError, TypeError, ValueError) as e:
             raise SqueezedContextError(f"{path}: incomplete or inconsistent metadata/tensors ({e}): {fix}") from e
@@ -402,6 +434,14 @@ def check_fits(ctx: SqueezedContext, who: str, *, error: type[Exception] = Squee
             device.index is not None and here.index is not None and device.index != here.index)):
         raise error(f"{who} runs on {device} but the context is on {here}: move the context once with "
                     f"ctx = ctx.to({str(device)!r}) (sqz_compile does not copy contexts implicitly)")
+
+
+def _check_file_heads(path: str, keys_shape: Any, shard: KVShard) -> None:
+    """A saved context must hold all the KV heads that the tensor-parallel model splits."""
+    if len(keys_shape) != 4 or keys_shape[1] != shard.num_kv_heads:
+        raise SqueezedContextError(
+            f"{path}: keys of shape {tuple(keys_shape)} do not hold the tensor-parallel model's "
+            f"{shard.num_kv_heads} KV heads (split over {shard.world_size} ranks): it was made for another model")
 
 
 def _check_offsets(name: str, off: torch.Tensor, total: int, bad) -> None:

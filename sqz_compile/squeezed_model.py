@@ -22,6 +22,7 @@ import torch
 
 from .backend import sqz_backend
 from .context import SqueezedContext, check_fits
+from .distributed import local_context
 from .ops import DEFAULT_BLOCK_Q
 from .passes.rewrite import RewriteReport, SqueezeDenseWarning
 from .transformers_compat import check_positions, model_config, num_layers
@@ -34,6 +35,7 @@ class SqueezedModel:
                  inductor: bool = True, mode: str | None = None, dynamic: bool | None = None,
                  fullgraph: bool = False, **inductor_options: Any) -> None:
         _check_model_and_context(model, ctx)
+        ctx = local_context(ctx, model)  # tensor parallel: this rank's KV heads (distributed.py)
         self.model = model
         self.ctx = ctx
         self.reports: list[RewriteReport] = []

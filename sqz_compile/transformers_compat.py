@@ -128,11 +128,14 @@ def _jsonable(x: Any) -> Any:
 
 def _weights_digest(model: torch.nn.Module, n: int = 4096) -> str:
     """Hash of a strided sample of a few weights, rounded to bf16 so that the same checkpoint
-    loaded in float32 or bfloat16 hashes alike while a different fine-tune does not."""
+    loaded in float32 or bfloat16 hashes alike while a different fine-tune does not (and a
+    tensor-parallel model like the unsharded one)."""
+    from .distributed import weight_for_digest
+
     params = [p for _, p in model.named_parameters()]
     h = hashlib.sha256()
     for p in params[:3] + params[-3:]:
-        flat = p.detach().reshape(-1)
+        flat = weight_for_digest(p.detach()).reshape(-1)
         step = max(1, flat.numel() // n)
         sample = flat[::step][:n].to("cpu", torch.float32).to(torch.bfloat16)
         h.update(str(tuple(p.shape)).encode())

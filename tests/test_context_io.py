@@ -160,3 +160,15 @@ def test_validate_catches_in_memory_mistakes(ctx):
         dataclasses.replace(ctx, coarse_offsets=None).validate()
     with pytest.raises(SqueezedContextError, match="context_length"):
         dataclasses.replace(ctx, context_length=ctx.context_length + 1).validate()
+
+
+def test_compile_again_with_an_equal_context(tmp_path, model, ctx):
+    """A context and the same one loaded back compile one after the other on one model: torch.compile
+    compares backend options, and SqueezedContext compares by identity, not tensor by tensor."""
+    import sqz_compile
+
+    ctx.save(tmp_path / "c.sqz")
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(1))
+    logits = [sqz_compile.compile(model, c, inductor=False)(ids).logits
+              for c in (ctx, SqueezedContext.load(tmp_path / "c.sqz"))]
+    torch.testing.assert_close(logits[0], logits[1])

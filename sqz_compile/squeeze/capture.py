@@ -31,8 +31,9 @@ import torch
 
 from ..config import SqueezeConfig
 from ..context import SqueezedContext
+from ..distributed import KVShard, kv_shard
 from ..transformers_compat import (UnsupportedModelError, cache_layer, check_supported, drop_cache_layer,
-                                   head_dim, model_config, model_fingerprint, num_heads, num_layers,
+                                   model_config, model_fingerprint, num_layers,
                                    register_attention, set_attn_implementation)
 from .kmeans import cluster_counts, cluster_sums, kmeans
 
@@ -45,17 +46,20 @@ class Captured:
 
     keys: torch.Tensor          # [layers, H, L, D] model dtype, post-RoPE (positions p - L)
     values: torch.Tensor        # [layers, H, L, D]
-    queries: torch.Tensor       # [layers, Hq, W, D] float32: the last W context tokens
+    queries: torch.Tensor       # [layers, Hq, W, D] float32: the last W context tokens (Hq: this rank's)
     scaling: float              # the attention's softmax scale
 
 
 # --------------------------------------------------------------------------- query capture
 
 class _CaptureState:
-    def __init__(self, num_layers: int, window_start: int, queries: torch.Tensor) -> None:
+    def __init__(self, num_layers: int, window_start: int, window: int) -> None:
         self.num_layers = num_layers
         self.window_start = window_start  # context position of the first window token
-        self.queries = queries            # [layers, Hq, W, D] float32, filled chunk by chunk
+        self.window = window
+        # [layers, Hq, W, D] float32, filled chunk by chunk; allocated at the first call, whose query
+        # shows the heads this rank computes (all, or its piece under tensor parallelism)
+        self.queries: torch.Tensor | None = None
         self.chunk_start = 0
         self.scaling: dict[int, float] = {}
         self._order: dict[int, int] = {}  # fallback layer index by first-call order
@@ -82,6 +86,9 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs):
         q_len = query.shape[2]
         lo = max(st.window_start, st.chunk_start)
         hi = st.chunk_start + q_len
+        if st.queries is None:
+            st.queries = query.new_zeros(st.num_layers, query.shape[1], st.window, query.shape[3],
+                                         dtype=torch.float32)
         if lo < hi and li < st.num_layers:
             st.queries[li, :, lo - st.window_start:hi - st.window_start] = \
                 query[0, :, lo - st.chunk_start:, :].to(st.queries.device, torch.float32)
@@ -121,11 +128,9 @@ def capture_context(model: torch.nn.Module, ids: torch.Tensor, window: int, chun
     cfg = model_config(model)
     L = ids.shape[1]
     layers = num_layers(cfg)
-    hq = num_heads(cfg)
     device = next(model.parameters()).device
     ids = ids.to(device)
-    queries = torch.zeros(layers, hq, window, head_dim(cfg), dtype=torch.float32, device=device)
-    state = _CaptureState(layers, L - window, queries)
+    state = _CaptureState(layers, L - window, window)
     base = getattr(model, "base_model", model)
     cache = None
     with _capturing(model, state):
@@ -158,7 +163,7 @@ def capture_context(model: torch.nn.Module, ids: torch.Tensor, window: int, chun
     scaling = scales.pop()
     if not math.isfinite(scaling) or scaling <= 0:
         raise UnsupportedModelError(f"attention scale {scaling} is not a positive number")
-    return Captured(keys, values, queries, scaling)
+    return Captured(keys, values, state.queries, scaling)
 
 
 # --------------------------------------------------------------------------- clustering and layout
@@ -239,9 +244,10 @@ def squeeze_kv(keys: torch.Tensor, values: torch.Tensor, window_queries: torch.T
 
 def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling: float,
                    config: SqueezeConfig, *, fingerprint: dict | None, context_hash: str,
-                   progress: bool | None) -> SqueezedContext:
+                   progress: bool | None, shard: KVShard | None = None) -> SqueezedContext:
     """squeeze_kv taking ownership of kv = [keys, values]: emptied as soon as they are copied, so a
-    128K context does not hold two full copies of its K/V while clustering."""
+    128K context does not hold two full copies of its K/V while clustering. `shard`: the KV
+    heads are this rank's piece (tensor parallelism; calibration then spans every rank)."""
     keys, values = kv
     kv.clear()
     layers, H, L, D = keys.shape
@@ -337,6 +343,7 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
                               if config.hierarchical else None),
         extra={"scaling": float(scaling), "clusters": C, "coarse_clusters": Cc if config.hierarchical else 0,
                "window": W, "sink_tokens": S, "dense_tokens": T, "kmeans_iterations": iterations},
+        shard=shard,
     )
     if config.budget is None:
         ctx = ctx.with_keep(config.keep)
@@ -375,6 +382,7 @@ def squeeze(model: torch.nn.Module, context_ids: torch.Tensor, config: SqueezeCo
     ids = _context_ids(context_ids)
     L = ids.shape[1]
     check_supported(model, L)
+    shard = kv_shard(model)  # tensor parallel: this rank squeezes its own KV heads
     W = min(int(config.observation_window), L - 1)
     t0 = time.perf_counter()
     cap = capture_context(model, ids, W, int(config.chunk_size), progress)
@@ -382,6 +390,6 @@ def squeeze(model: torch.nn.Module, context_ids: torch.Tensor, config: SqueezeCo
     kv = [cap.keys, cap.values]
     cap.keys = cap.values = None
     ctx = _squeeze_owned(kv, cap.queries, cap.scaling, config, fingerprint=model_fingerprint(model),
-                         context_hash=token_hash(ids), progress=progress)
+                         context_hash=token_hash(ids), progress=progress, shard=shard)
     ctx.extra["seconds"]["prefill"] = round(t1 - t0, 3)
     return ctx
