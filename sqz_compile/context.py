@@ -49,10 +49,21 @@ FORMAT_VERSION = 2
 # what each older format lacks, for the message that refuses it
 _OLDER_FORMATS = {1: "format 1 has no data-chosen dense tokens and one threshold for decode and prefill"}
 FORMAT_NAME = "sqz_compile.SqueezedContext"
+_REMAKE = "re-create it with sqz_compile.squeeze(model, context_ids).save(path)"
 
 
 class SqueezedContextError(ValueError):
-    """A SqueezedContext (or its file) is inconsistent, corrupted, or made for another model."""
+    """A SqueezedContext (or its file) is inconsistent, corrupted, or made for another model.
+    `fix`: the remedy the message ends with ("" when none), which a caller may replace."""
+
+    def __init__(self, message: str, *, fix: str = "") -> None:
+        super().__init__(message)
+        self.fix = fix
+
+    def with_fix(self, fix: str) -> str:
+        """The message with its remedy replaced by `fix` (e.g. a command instead of a Python call)."""
+        msg = str(self)
+        return msg[:len(msg) - len(self.fix)] + fix if self.fix and msg.endswith(self.fix) else msg
 
 
 class LayerContext(NamedTuple):
@@ -80,9 +91,11 @@ CONTEXT_ARGS: tuple[str, ...] = LayerContext._fields
 CENTROID_ARGS: tuple[str, ...] = ("centroids", "coarse_centroids")
 
 
-@dataclass
+@dataclass(eq=False)
 class SqueezedContext:
-    """The product of `sqz_compile.squeeze`: one fixed context, clustered, for one model."""
+    """The product of `sqz_compile.squeeze`: one fixed context, clustered, for one model.
+    Compared by identity: field-wise == over tensors is ambiguous (Dynamo compares backend
+    options, this context among them, when it looks for a cached graph)."""
 
     config: SqueezeConfig
     fingerprint: dict[str, Any]
@@ -243,11 +256,11 @@ class SqueezedContext:
 
         diff = fingerprint_mismatches(self.fingerprint, model_fingerprint(model))
         if diff:
+            fix = ("Re-run sqz_compile.squeeze(model, context_ids) with this model (or load the model the "
+                   "context was made for, in the same dtype).")
             raise SqueezedContextError(
                 f"this SqueezedContext was made for another model ({self.fingerprint.get('architecture')}): "
-                + "; ".join(diff)
-                + ". Re-run sqz_compile.squeeze(model, context_ids) with this model (or load the model "
-                  "the context was made for, in the same dtype).")
+                + "; ".join(diff) + ". " + fix, fix=fix)
 
     def check_model_or_warn(self, model: torch.nn.Module, who: str, stacklevel: int = 2) -> None:
         """`check_model` when the context carries a fingerprint; otherwise (made with squeeze_kv)
@@ -293,6 +306,35 @@ class SqueezedContext:
                 os.unlink(tmp)
             raise
 
+    @staticmethod
+    def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+        """The metadata of a file written by `save` (format and version checked), without reading
+        its tensors: a cheap check before anything expensive (such as loading the model)."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for bad headers/sizes
+            raise _unreadable(path, e) from e
+        try:
+            meta = json.loads(header["sqz_meta"])
+        except (KeyError, ValueError) as e:
+            raise SqueezedContextError(f"{path}: no sqz_compile metadata (not a SqueezedContext file, or "
+                                       f"a corrupted header): {_REMAKE}", fix=_REMAKE) from e
+        if meta.get("format") != FORMAT_NAME:
+            raise SqueezedContextError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            why = _OLDER_FORMATS.get(meta.get("format_version"), "")
+            fix = f"{_REMAKE} (or use the sqz_compile version that wrote it)"
+            raise SqueezedContextError(
+                f"{path}: format version {meta.get('format_version')} but this sqz_compile reads version "
+                f"{FORMAT_VERSION}{' (' + why + ')' if why else ''}: {fix}", fix=fix)
+        return meta
+
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None,
              device: torch.device | str | None = None, *, verify: bool | None = None) -> "SqueezedContext":
@@ -302,40 +344,24 @@ class SqueezedContext:
         from safetensors import safe_open
 
         path = os.fspath(path)
-        fix = "re-create it with sqz_compile.squeeze(model, context_ids).save(path)"
+        fix = _REMAKE
+        meta = cls.read_metadata(path)
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
-                header = f.metadata() or {}
                 tensors = {n: f.get_tensor(n) for n in f.keys()}
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for bad headers/sizes
-            raise SqueezedContextError(f"{path}: not a readable safetensors file ({e}); it is truncated or "
-                                       f"corrupted: {fix}") from e
-        try:
-            meta = json.loads(header["sqz_meta"])
-        except (KeyError, ValueError) as e:
-            raise SqueezedContextError(f"{path}: no sqz_compile metadata (not a SqueezedContext file, or "
-                                       f"a corrupted header): {fix}") from e
-        if meta.get("format") != FORMAT_NAME:
-            raise SqueezedContextError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            why = _OLDER_FORMATS.get(meta.get("format_version"), "")
-            raise SqueezedContextError(
-                f"{path}: format version {meta.get('format_version')} but this sqz_compile reads version "
-                f"{FORMAT_VERSION}{' (' + why + ')' if why else ''}: {fix} (or use the sqz_compile "
-                f"version that wrote it)")
+        except Exception as e:  # safetensors raises its own error types for bad sizes
+            raise _unreadable(path, e) from e
         if verify is None:
             verify = sum(t.numel() * t.element_size() for t in tensors.values()) <= 2 << 30
         sums = meta.get("sha256", {})
         if set(sums) != set(tensors):
             raise SqueezedContextError(f"{path}: tensors {sorted(tensors)} do not match the recorded "
-                                       f"{sorted(sums)}: {fix}")
+                                       f"{sorted(sums)}: {fix}", fix=fix)
         if verify:
             for n, t in tensors.items():
                 if _digest(t) != sums[n]:
                     raise SqueezedContextError(f"{path}: tensor {n!r} fails its sha256 check (corrupted "
-                                               f"file): {fix}")
+                                               f"file): {fix}", fix=fix)
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
             ctx = cls(config=SqueezeConfig.from_dict(meta["config"]), fingerprint=dict(meta["fingerprint"]),
@@ -343,7 +369,8 @@ class SqueezedContext:
                       extra=dict(meta.get("extra", {})),
                       **{n: t for n, t in tensors.items() if n in fields})
         except (KeyError, TypeError, ValueError) as e:
-            raise SqueezedContextError(f"{path}: incomplete or inconsistent metadata/tensors ({e}): {fix}") from e
+            raise SqueezedContextError(f"{path}: incomplete or inconsistent metadata/tensors ({e}): {fix}",
+                                       fix=fix) from e
         try:
             ctx.validate(model)
         except SqueezedContextError as e:
@@ -382,6 +409,11 @@ def check_fits(ctx: SqueezedContext, who: str, *, error: type[Exception] = Squee
             device.index is not None and here.index is not None and device.index != here.index)):
         raise error(f"{who} runs on {device} but the context is on {here}: move the context once with "
                     f"ctx = ctx.to({str(device)!r}) (sqz_compile does not copy contexts implicitly)")
+
+
+def _unreadable(path: str, e: Exception) -> SqueezedContextError:
+    return SqueezedContextError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted: "
+                                f"{_REMAKE}", fix=_REMAKE)
 
 
 def _check_offsets(name: str, off: torch.Tensor, total: int, bad) -> None:
