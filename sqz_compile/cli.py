@@ -403,7 +403,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(f"{kind + ':':<{width}} {text}" if len(answers) > 1 else text)
     decode = f"{100 * per_token:.1f}% per token (decode), " if per_token is not None else ""
     print("\n".join(times) + f"\ncontext keys attended: {decode}{100 * prefill:.1f}% per {DEFAULT_BLOCK_Q}-token "
-          f"block of the question (prefill), of {ctx.context_length:,}", file=sys.stderr)
+          f"block of the question (prefill), of {ctx.context_length:,} context tokens", file=sys.stderr)
     return 0
 
 
