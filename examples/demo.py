@@ -13,7 +13,7 @@ import time
 import torch
 
 from sqz_compile import SqueezeConfig, assets
-from sqz_compile.attention_function import LayerStats, squeezed_mode
+from sqz_compile.attention_function import attended_fraction
 from sqz_compile.squeezed_model import compile as sqz_compile_model
 from sqz_compile.ops import DEFAULT_BLOCK_Q
 from sqz_compile.squeeze import squeeze
@@ -35,26 +35,6 @@ def question_ids(tokenizer, question: str) -> torch.Tensor:
     msgs = [{"role": "user", "content": f"Answer briefly from the essay above. {question}"}]
     text = "\n\n" + tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-
-
-def attended_fraction(model, ctx, ids: torch.Tensor, decode: torch.Tensor | None = None) -> float:
-    """Fraction of the fixed context's keys the lookup attends (clustered keys kept, averaged over
-    layers and KV heads, plus the always-attended keys): per query block of the prefill of `ids`,
-    or, given `decode` tokens, per token while decoding them one at a time after `ids`."""
-    from transformers import DynamicCache
-
-    stats = LayerStats(ctx.num_layers)
-    with torch.no_grad(), squeezed_mode(model, ctx, stats=stats, decode_only=decode is not None):
-        if decode is None:
-            model(ids)
-        else:
-            cache = DynamicCache(config=model.config)
-            model(ids, past_key_values=cache)
-            for t in decode.reshape(-1):
-                model(t.view(1, 1), past_key_values=cache)
-    kept = LayerStats.metrics(stats.to_json())["kept_decode" if decode is not None else "kept_fraction"]
-    clustered = ctx.context_length - ctx.window
-    return (sum(kept) / len(kept) * clustered + ctx.window) / ctx.context_length
 
 
 def timed(fn):

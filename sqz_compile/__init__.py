@@ -3,16 +3,72 @@
 One verb per job: `squeeze` (offline, per fixed context) -> `compile` (model + context ->
 SqueezedModel, backend "sqz") -> `export` / `export_onnx` / `package` (artifacts with the context
 baked in).
+
+The names below load on first use, so that `sqz --help` does not wait for torch. Importing
+sqz_compile registers torch.ops.sqz when torch is already imported (as in `import torch,
+sqz_compile`); otherwise the first use of any name here (or `import sqz_compile.ops`) does.
 """
-from . import ops  # noqa: F401  (registers torch.ops.sqz.*)
-from .config import SqueezeConfig
-from .context import SqueezedContext
-from .squeezed_model import SqueezedModel, compile
-# `squeeze` and `export` are both subpackages and public verbs: the functions, bound last, shadow
-# the subpackage attributes (`import sqz_compile.squeeze.capture` and `from sqz_compile.export.aoti
-# import ...` still work through sys.modules).
-from .export import export, export_onnx, load_exported, package, save_exported
-from .squeeze import squeeze
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module defining it. `squeeze` and `export` are both subpackages and public
+# verbs: the functions shadow the subpackage attributes (`import sqz_compile.squeeze.capture` and
+# `from sqz_compile.export.aoti import ...` still work through sys.modules).
+_EXPORTS = {
+    "ops": ".ops",
+    "SqueezeConfig": ".config",
+    "SqueezedContext": ".context",
+    "SqueezedModel": ".squeezed_model",
+    "compile": ".squeezed_model",
+    "export": ".export",
+    "export_onnx": ".export",
+    "load_exported": ".export",
+    "package": ".export",
+    "save_exported": ".export",
+    "squeeze": ".squeeze",
+}
 
 __all__ = ["SqueezeConfig", "SqueezedContext", "SqueezedModel", "squeeze", "compile", "export",
            "export_onnx", "load_exported", "package", "save_exported", "ops"]
+
+if TYPE_CHECKING:
+    from . import ops
+    from .config import SqueezeConfig
+    from .context import SqueezedContext
+    from .export import export, export_onnx, load_exported, package, save_exported
+    from .squeeze import squeeze
+    from .squeezed_model import SqueezedModel, compile
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module(".ops", __name__)  # every public name needs the ops registered
+    module = importlib.import_module(_EXPORTS[name], __name__)
+    value = module if name == "ops" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps the verbs `squeeze` and `export` bound when their subpackages are imported (the
+    import system binds a loaded subpackage on its parent)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not (name in ("squeeze", "export") and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if "torch" in sys.modules:
+    from . import ops  # noqa: E402,F401  (registers torch.ops.sqz)

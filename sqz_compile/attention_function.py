@@ -89,3 +89,24 @@ def squeezed_mode(model: torch.nn.Module, ctx: SqueezedContext, *, oracle: bool 
     finally:
         _state.ctx, _state.stats = None, None
         set_attn_implementation(model, old)
+
+
+def attended_fraction(model: torch.nn.Module, ctx: SqueezedContext, ids: torch.Tensor,
+                      decode: torch.Tensor | None = None) -> float:
+    """Fraction of the fixed context's keys the lookup attends (clustered keys kept, averaged over
+    layers and KV heads, plus the always-attended keys): per query block of the prefill of `ids`,
+    or, given `decode` tokens, per token while decoding them one at a time after `ids`."""
+    from transformers import DynamicCache
+
+    stats = LayerStats(ctx.num_layers)
+    with torch.no_grad(), squeezed_mode(model, ctx, stats=stats, decode_only=decode is not None):
+        if decode is None:
+            model(ids)
+        else:
+            cache = DynamicCache(config=model.config)
+            model(ids, past_key_values=cache)
+            for t in decode.reshape(-1):
+                model(t.view(1, 1), past_key_values=cache)
+    kept = LayerStats.metrics(stats.to_json())["kept_decode" if decode is not None else "kept_fraction"]
+    clustered = ctx.context_length - ctx.window
+    return (sum(kept) / len(kept) * clustered + ctx.window) / ctx.context_length

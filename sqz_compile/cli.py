@@ -9,7 +9,9 @@ Models come from local files only: the bundled SmolLM2-135M-Instruct (the defaul
 model and the text it was made from, so `ask` and `export` need only the context file.
 
 User errors (missing files, a context made for another model, bad options) print one line and
-exit with status 1 (2 for command-line usage errors); only bugs print a traceback.
+exit with status 1 (2 for command-line usage errors); only bugs print a traceback. Progress and
+timings go to stderr, answers and results to stdout. torch loads only when a command runs, so
+that `--help` is fast.
 """
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ import argparse
 import contextlib
 import os
 import sys
-from typing import Any, Callable, Iterator, Sequence
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "smollm2"
 CLI_KEY = "sqz_cli"  # key in SqueezedContext.extra: what the command line needs to reuse a context
@@ -39,15 +44,22 @@ def _as_user_error(what: str) -> Iterator[None]:
 
 
 class _Steps:
-    """One tqdm bar over a command's stages (on stderr; hidden with --quiet)."""
+    """One tqdm bar over a command's stages (on stderr; hidden with --quiet). On a terminal the
+    elapsed time keeps counting during a long stage."""
 
     def __init__(self, names: Sequence[str], quiet: bool) -> None:
         from tqdm.auto import tqdm
 
-        self._names = list(names)
         self._bar = tqdm(total=len(names), disable=quiet, unit="step", file=sys.stderr,
-                         bar_format="{desc:<28} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
+                         bar_format="{desc:<36} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
         self._started = False
+        self._done = threading.Event()
+        if not quiet and sys.stderr.isatty():
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._done.wait(1.0):
+            self._bar.refresh()
 
     def __call__(self, name: str) -> None:
         if self._started:
@@ -56,14 +68,34 @@ class _Steps:
         self._bar.set_description_str(name)
 
     def close(self) -> None:
+        self._done.set()
         if self._started:
             self._bar.update(1)
         self._bar.close()
 
 
+def _hide_progress_bars() -> None:
+    """--quiet: no tqdm bar from any library either (transformers' loading bars, the GGUF
+    de-quantisation bar). The environment switches reach libraries not imported yet, which in the
+    `sqz` process is all of them; transformers' own switch covers an in-process call."""
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _mib(n_bytes: int) -> str:
+    mib = n_bytes / 2**20
+    return f"{mib:.0f} MiB" if mib >= 10 else f"{mib:.1f} MiB"
+
+
 # --------------------------------------------------------------------------- models and files
 
 def _device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -72,6 +104,8 @@ def _device(name: str) -> torch.device:
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
@@ -109,20 +143,25 @@ def load_model(spec: str | None, dtype: torch.dtype, device: torch.device) -> tu
     return model.to(device).eval(), tok, path
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, what: str, option: str = "") -> str:
+    """The UTF-8 text at `path`; `what` names its role in errors ("the text to squeeze"),
+    `option` the command-line option it came from, if any."""
+    where = f"{option} {path}" if option else path
     if not os.path.isfile(path):
-        raise CLIError(f"{path}: no such file")
+        raise CLIError(f"{where}: no such file; give {what}")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise CLIError(f"{path}: not UTF-8 text ({e})") from e
+        raise CLIError(f"{where}: not UTF-8 text ({e}); give {what}") from e
     if not text.strip():
-        raise CLIError(f"{path}: the file is empty; give the text to squeeze")
+        raise CLIError(f"{where}: the file is empty; give {what}")
     return text
 
 
 def _text_ids(tok: Any, text: str) -> torch.Tensor:
+    import torch
+
     return torch.tensor([tok.encode(text, add_special_tokens=False)], dtype=torch.long)
 
 
@@ -142,28 +181,59 @@ def question_ids(tok: Any, question: str, raw: bool = False) -> torch.Tensor:
     return ids
 
 
-def _load_context(path: str, model_override: str | None, dtype_name: str, device: torch.device):
-    """(ctx, model, tokenizer) for a context file: the model recorded in it unless --model says
-    otherwise, in the dtype the context was made in, checked against the context."""
+def _remake(path: str, meta: dict[str, Any] | None = None) -> str:
+    """The command that makes the context file at `path` again (with its recorded text and model
+    when the metadata is readable)."""
+    info = (meta or {}).get("extra", {}).get(CLI_KEY, {})
+    model = info.get("model")
+    text = info.get("source") or "TEXT"
+    return (f"re-create it with: sqz squeeze {text} -o {path}"
+            + (f" --model {model}" if model and model != DEFAULT_MODEL else ""))
+
+
+def _context_metadata(path: str, dtype_name: str) -> dict[str, Any]:
+    """The context file's metadata, checked before any model loads: the file exists, is a
+    context file of this version, and (given --dtype) matches the context's dtype."""
     from .context import SqueezedContext, SqueezedContextError
 
     if not os.path.isfile(path):
         raise CLIError(f"{path}: no such context file (make one with: sqz squeeze TEXT_FILE -o {path})")
     try:
+        meta = SqueezedContext.read_metadata(path)
+    except SqueezedContextError as e:
+        raise CLIError(e.with_fix(_remake(path))) from e
+    made_in = str(meta.get("fingerprint", {}).get("dtype", "float32"))
+    if dtype_name not in ("auto", made_in):
+        raise CLIError(f"--dtype {dtype_name}: {path} was squeezed with the model in {made_in} and holds "
+                       f"{made_in} K/V, so it runs in {made_in} only: drop --dtype (ask and export use the "
+                       f"context's dtype)")
+    return meta
+
+
+def _load_context(path: str, model_override: str | None, dtype_name: str, device: torch.device,
+                  step: Callable[[str], None]) -> tuple[Any, Any, Any]:
+    """(ctx, model, tokenizer) for a context file: the file checked first, then the model recorded
+    in it (unless --model says otherwise) loaded in the context's dtype and checked against it."""
+    import torch
+
+    from .context import SqueezedContext, SqueezedContextError
+
+    meta = _context_metadata(path, dtype_name)
+    step("read context")
+    try:
         ctx = SqueezedContext.load(path)
     except SqueezedContextError as e:
-        raise CLIError(str(e)) from e
-    info = ctx.extra.get(CLI_KEY, {})
-    if dtype_name == "auto":
-        dtype = getattr(torch, str(ctx.fingerprint.get("dtype", "float32")), torch.float32)
-    else:
-        dtype = _dtype(dtype_name, device)
-    model, tok, _ = load_model(model_override or info.get("model"), dtype, device)
+        raise CLIError(e.with_fix(_remake(path, meta))) from e
+    recorded = ctx.extra.get(CLI_KEY, {}).get("model")
+    step("load model")
+    dtype = getattr(torch, str(ctx.fingerprint.get("dtype", "float32")), torch.float32)
+    model, tok, spec = load_model(model_override or recorded, dtype, device)
     try:
         ctx.check_model(model)
     except SqueezedContextError as e:
-        hint = "" if model_override else " (pass --model with the model it was squeezed for)"
-        raise CLIError(f"{path}: {e}{hint}") from e
+        fix = (f"pass --model with the model it was squeezed for ({recorded or 'not recorded'}), or squeeze "
+               f"the text again for this one: sqz squeeze TEXT --model {spec} -o {path}")
+        raise CLIError(f"{path}: {e.with_fix(fix)}") from e
     return ctx.to(device), model, tok
 
 
@@ -172,10 +242,7 @@ def _load_context(path: str, model_override: str | None, dtype_name: str, device
 def _add_model_args(p: argparse.ArgumentParser, default_hint: str) -> None:
     p.add_argument("--model", default=None,
                    help=f"model folder or .gguf file, or 'smollm2' (bundled); default: {default_hint}")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype (default: squeeze: bfloat16 on CUDA, float32 on CPU; "
-                        "ask/export: the context's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto, i.e. cuda if available)")
 
 
 def _squeeze_args(p: argparse.ArgumentParser) -> None:
@@ -185,6 +252,9 @@ def _squeeze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="text file holding the fixed context (UTF-8)")
     p.add_argument("-o", "--output", help="context file to write (default: TEXT with extension .sqz)")
     _add_model_args(p, "the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype, and the dtype of the stored K/V (default: auto, i.e. bfloat16 on CUDA, "
+                        "float32 on CPU); `ask` and `export` then run in it")
     p.add_argument("--keep", type=float, default=d.keep, help=f"fraction of context keys to attend "
                                                                f"(default {d.keep})")
     p.add_argument("--budget", type=int, default=None,
@@ -200,13 +270,13 @@ def _squeeze_args(p: argparse.ArgumentParser) -> None:
                    help=f"first tokens always attended (attention sinks; default {d.sink_tokens}, "
                         f"4 helps small models)")
     p.add_argument("--per-layer-threshold", action="store_true", help="calibrate one threshold per layer")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"random seed of the K-means clustering: the same seed gives the same context file "
+                        f"(default {d.seed})")
 
 
 def cmd_squeeze(args: argparse.Namespace) -> int:
     from .config import SqueezeConfig
-    from .transformers_compat import UnsupportedModelError
-    from .squeeze import squeeze
 
     with _as_user_error("invalid option"):
         config = SqueezeConfig(keep=args.keep, budget=args.budget, cluster_ratio=args.cluster_ratio,
@@ -214,7 +284,7 @@ def cmd_squeeze(args: argparse.Namespace) -> int:
                                observation_window=args.window, sink_tokens=args.sink_tokens,
                                per_layer_threshold=args.per_layer_threshold,
                                seed=args.seed)
-    text = _read_text(args.text)
+    text = _read_text(args.text, "the text to squeeze")
     out = args.output or os.path.splitext(args.text)[0] + ".sqz"
     _check_writable(out)
     device = _device(args.device)
@@ -224,6 +294,9 @@ def cmd_squeeze(args: argparse.Namespace) -> int:
         model, tok, spec = load_model(args.model, _dtype(args.dtype, device), device)
         ids = _text_ids(tok, text).to(device)
         steps("squeeze")
+        from .squeeze import squeeze
+        from .transformers_compat import UnsupportedModelError
+
         try:
             with _as_user_error(f"cannot squeeze {args.text}"):
                 ctx = squeeze(model, ids, config, progress=not args.quiet)
@@ -234,8 +307,10 @@ def cmd_squeeze(args: argparse.Namespace) -> int:
         ctx.save(out)
     finally:
         steps.close()
-    print(f"{out}: {ids.shape[1]} tokens, {ctx.num_clusters} clusters per head, "
-          + (f"budget {config.budget} keys" if config.budget else f"keep {config.keep:g}"))
+    selection = f"budget {config.budget} keys" if config.budget is not None else f"keep {config.keep:g}"
+    print(f"wrote {out}: {_mib(os.path.getsize(out))} ({str(ctx.keys.dtype).removeprefix('torch.')} K/V, "
+          f"{ctx.num_layers} layers x {ctx.context_length:,} tokens); {ctx.num_clusters} clusters per head, "
+          f"{selection}")
     return 0
 
 
@@ -245,14 +320,23 @@ def _check_writable(path: str) -> None:
         raise CLIError(f"{path}: folder {folder} does not exist")
 
 
+def _context_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default: auto, the context's dtype, the only one it runs in (it holds K/V of the "
+                        "model in the dtype it was squeezed with)")
+
+
 def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("context", help="context file written by `sqz squeeze`")
     p.add_argument("question", help="the question (sent as the model's chat turn unless --raw)")
     _add_model_args(p, "the model recorded in the context file")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    _context_dtype_arg(p)
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="most tokens of the answer (greedy; it may stop earlier) (default: %(default)s)")
     p.add_argument("--dense", action="store_true",
-                   help="also answer with the whole text in the prompt (needs the original text file)")
-    p.add_argument("--text", help="the text file the context was made from (for --dense; default: the "
+                   help="also answer with the whole text in the prompt, to compare answers and times "
+                        "(needs the original text file)")
+    p.add_argument("--text", help="with --dense: the text file the context was squeezed from (default: the "
                                   "path recorded in the context file)")
     p.add_argument("--raw", action="store_true", help="send the question verbatim, without a chat turn")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
@@ -262,39 +346,64 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    import torch
+
+    from .attention_function import attended_fraction
+    from .config import DEFAULT_BLOCK_Q
     from .squeezed_model import compile as compile_model
 
     if args.max_new_tokens < 1:
         raise CLIError("--max-new-tokens must be >= 1")
+    if not args.question.strip():
+        raise CLIError('the question is empty: ask something, e.g. sqz ask CONTEXT "What is it about?"')
+    if args.text and not args.dense:
+        raise CLIError("--text is the text for the --dense comparison: add --dense, or drop --text")
+    if args.text:
+        _read_text(args.text, f"the text {args.context} was squeezed from", "--text")
     device = _device(args.device)
-    names = ["load model and context", "compile", "answer"] + (["dense answer"] if args.dense else [])
-    steps = _Steps(names, args.quiet)
+    names = ["check context", "read context", "load model", "answer (squeezed)", "keys attended"]
+    steps = _Steps(names + (["answer (dense)"] if args.dense else []), args.quiet)
     answers: list[tuple[str, str]] = []
+    times: list[str] = []
     try:
-        steps("load model and context")
-        ctx, model, tok = _load_context(args.context, args.model, args.dtype, device)
+        steps("check context")
+        ctx, model, tok = _load_context(args.context, args.model, args.dtype, device, steps)
         full_ids = _context_text_ids(args, ctx, tok) if args.dense else None
         q = question_ids(tok, args.question, args.raw).to(device)
         gen = {"max_new_tokens": args.max_new_tokens, "do_sample": False,
                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
-        steps("compile")
+        steps("answer (squeezed)")
         inductor = device.type == "cuda" if args.compile is None else args.compile
-        sm = compile_model(model, ctx, inductor=inductor)
-        steps("answer")
+        # dynamic=True: one graph for every question length (as examples/demo.py)
+        sm = compile_model(model, ctx, inductor=inductor, dynamic=True)
+        start = time.perf_counter()
         with _as_user_error("cannot answer"), torch.no_grad():
-            out = sm.generate(q, attention_mask=torch.ones_like(q), **gen)
-        answers.append(("squeezed", tok.decode(out[0, q.shape[1]:], skip_special_tokens=True).strip()))
+            out = sm.generate(q, attention_mask=torch.ones_like(q), **gen)[0, q.shape[1]:]
+        seconds = time.perf_counter() - start
+        answers.append(("squeezed", tok.decode(out, skip_special_tokens=True).strip()))
+        times.append(f"squeezed {seconds:6.2f} s  {len(out)} new tokens; the first call includes "
+                     f"{'compiling' if inductor else 'tracing'} the model")
+        steps("keys attended")
+        per_token = attended_fraction(model, ctx, q, decode=out[:-1]) if len(out) > 1 else None
+        prefill = attended_fraction(model, ctx, q)
         if full_ids is not None:
-            steps("dense answer")
+            steps("answer (dense)")
             prompt = torch.cat([full_ids.to(device), q], dim=1)
+            start = time.perf_counter()
             with torch.no_grad():
-                dense = model.generate(prompt, attention_mask=torch.ones_like(prompt), **gen)
-            answers.append(("dense", tok.decode(dense[0, prompt.shape[1]:], skip_special_tokens=True).strip()))
+                dense = model.generate(prompt, attention_mask=torch.ones_like(prompt), **gen)[0, prompt.shape[1]:]
+            seconds = time.perf_counter() - start
+            answers.append(("dense", tok.decode(dense, skip_special_tokens=True).strip()))
+            times.append(f"dense    {seconds:6.2f} s  {len(dense)} new tokens; prefills the whole "
+                         f"{ctx.context_length:,}-token text again")
     finally:
         steps.close()
     width = max(len(k) for k, _ in answers) + 1
     for kind, text in answers:
         print(f"{kind + ':':<{width}} {text}" if len(answers) > 1 else text)
+    decode = f"{100 * per_token:.1f}% per token (decode), " if per_token is not None else ""
+    print("\n".join(times) + f"\ncontext keys attended: {decode}{100 * prefill:.1f}% per {DEFAULT_BLOCK_Q}-token "
+          f"block of the question (prefill), of {ctx.context_length:,} context tokens", file=sys.stderr)
     return 0
 
 
@@ -305,10 +414,10 @@ def _context_text_ids(args: argparse.Namespace, ctx: Any, tok: Any) -> torch.Ten
 
     path = args.text or ctx.extra.get(CLI_KEY, {}).get("source")
     if not path:
-        raise CLIError("--dense needs the text the context was made from: pass --text FILE")
+        raise CLIError("--dense needs the text the context was squeezed from: pass --text FILE")
     if not os.path.isfile(path):
         raise CLIError(f"--dense: the context's text file {path} is gone; pass --text FILE")
-    ids = _text_ids(tok, _read_text(path))
+    ids = _text_ids(tok, _read_text(path, f"the text {args.context} was squeezed from", "--text"))
     if token_hash(ids) != ctx.token_hash:
         raise CLIError(f"--dense: {path} is not the text {args.context} was squeezed from (it changed since?)")
     return ids
@@ -322,15 +431,16 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=sorted(FORMATS),
                    help="exported: torch.export program (load with sqz_compile.load_exported); "
                         "onnx: ONNX for onnxruntime, no custom ops; pt2: AOTInductor package "
-                        "(torch._inductor.aoti_load_package)")
+                        "(torch._inductor.aoti_load_package; compiles C++, minutes on a CPU)")
     p.add_argument("-o", "--output", help="file to write (default: CONTEXT with the format's extension)")
     _add_model_args(p, "the model recorded in the context file")
-    p.add_argument("--block-q", type=int, default=None, help="queries sharing one cluster selection")
+    _context_dtype_arg(p)
+    p.add_argument("--block-q", type=int, default=None,
+                   help="prefill queries sharing one cluster selection (default: the ops' default, 64)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import aoti, onnx, program
-    from .ops import DEFAULT_BLOCK_Q
+    from .config import DEFAULT_BLOCK_Q
 
     out = args.output or os.path.splitext(args.context)[0] + FORMATS[args.format]
     _check_writable(out)
@@ -339,24 +449,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     # ONNX and torch.export programs are made on CPU unless asked; a .pt2 targets the best device.
     device = _device(args.device if args.device != "auto" or args.format == "pt2" else "cpu")
     block_q = args.block_q or DEFAULT_BLOCK_Q
-    steps = _Steps(["load model and context", f"export ({args.format})"], args.quiet)
+    last = {"exported": "write", "onnx": "ONNX translation", "pt2": "AOTInductor: compile C++ (minutes)"}
+    from .export import aoti, onnx, program
+
+    if args.format == "onnx":
+        try:
+            onnx._require_onnx()
+        except ModuleNotFoundError as e:
+            raise CLIError(str(e)) from e
+    steps = _Steps(["check context", "read context", "load model", "torch.export", last[args.format]], args.quiet)
     try:
-        steps("load model and context")
-        ctx, model, tok = _load_context(args.context, args.model, args.dtype, device)
+        steps("check context")
+        ctx, model, tok = _load_context(args.context, args.model, args.dtype, device, steps)
         example = question_ids(tok, "Hello?").to(device)
-        steps(f"export ({args.format})")
+        steps("torch.export")
+        ep = program.export(model, ctx, example, block_q=block_q)
+        steps(last[args.format])
         if args.format == "exported":
-            program.save_exported(program.export(model, ctx, example, block_q=block_q), out)
+            program.save_exported(ep, out)
         elif args.format == "onnx":
-            try:
-                onnx.export_onnx(model, ctx, example, out, block_q=block_q)
-            except ModuleNotFoundError as e:
-                raise CLIError(str(e)) from e
+            onnx.export_program_onnx(ep, out)
         else:
-            aoti.package(model, ctx, example, out, block_q=block_q)
+            aoti.package_program(ep, out)
     finally:
         steps.close()
-    print(f"{out}: {os.path.getsize(out) / 2**20:.1f} MiB ({args.format}; input_ids [batch, length] -> logits)")
+    print(f"wrote {out}: {_mib(os.path.getsize(out))} ({args.format}; input_ids [batch, length] -> logits)")
     return 0
 
 
@@ -367,19 +484,21 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
     ("export", "export the model with a squeezed context (torch.export, ONNX, AOTInductor)", _export_args,
      cmd_export),
 ]
+EVAL_HELP = "accuracy vs keep on SmolLM2 (needles, perplexity, agreement; `sqz eval --help`)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `sqz` parser (without `sqz eval`'s options: that is sqz_compile.eval.cli's parser)."""
     parser = argparse.ArgumentParser(prog="sqz", description=(__doc__ or "").split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, add_args, run in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bars (neither sqz's nor those of transformers or the GGUF loader)")
         p.set_defaults(run=run)
     # listed for --help only: main() hands `sqz eval ...` to sqz_compile.eval.cli with its own parser
-    sub.add_parser("eval", help="accuracy vs keep on SmolLM2 (needles, perplexity, agreement; "
-                                "`sqz eval --help`)", add_help=False)
+    sub.add_parser("eval", help=EVAL_HELP, add_help=False)
     return parser
 
 
@@ -393,9 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files only
     if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        _hide_progress_bars()
     from .context import SqueezedContextError
 
     try:

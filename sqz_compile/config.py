@@ -95,3 +95,7 @@ class SqueezeConfig:
         if unknown:
             raise ValueError(f"unknown SqueezeConfig fields {sorted(unknown)}: file from a newer sqz_compile?")
         return cls(**d)
+
+
+# query tokens of one prefill block that share a cluster selection (the sqz ops' default)
+DEFAULT_BLOCK_Q = 64

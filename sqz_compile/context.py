@@ -58,10 +58,21 @@ _OLDER_FORMATS = {1: "format 1 has no data-chosen dense tokens and one threshold
 # dense layers; its tensors are those of format 3 with those off)
 _UPGRADES = {2: {"cluster_variance": False, "dense_layers": 0}}
 FORMAT_NAME = "sqz_compile.SqueezedContext"
+_REMAKE = "re-create it with sqz_compile.squeeze(model, context_ids).save(path)"
 
 
 class SqueezedContextError(ValueError):
-    """A SqueezedContext (or its file) is inconsistent, corrupted, or made for another model."""
+    """A SqueezedContext (or its file) is inconsistent, corrupted, or made for another model.
+    `fix`: the remedy the message ends with ("" when none), which a caller may replace."""
+
+    def __init__(self, message: str, *, fix: str = "") -> None:
+        super().__init__(message)
+        self.fix = fix
+
+    def with_fix(self, fix: str) -> str:
+        """The message with its remedy replaced by `fix` (e.g. a command instead of a Python call)."""
+        msg = str(self)
+        return msg[:len(msg) - len(self.fix)] + fix if self.fix and msg.endswith(self.fix) else msg
 
 
 class LayerContext(NamedTuple):
@@ -91,9 +102,11 @@ CENTROID_ARGS: tuple[str, ...] = ("centroids", "coarse_centroids")
 _CALIBRATION_ARGS: tuple[str, ...] = ("window_queries", "centroids", "offsets", "coarse_centroids", "coarse_offsets")
 
 
-@dataclass(eq=False)  # identity: a field-wise == would compare tensors (torch.compile compares backend options)
+@dataclass(eq=False)
 class SqueezedContext:
-    """The product of `sqz_compile.squeeze`: one fixed context, clustered, for one model."""
+    """The product of `sqz_compile.squeeze`: one fixed context, clustered, for one model.
+    Compared by identity: field-wise == over tensors is ambiguous (Dynamo compares backend
+    options, this context among them, when it looks for a cached graph)."""
 
     config: SqueezeConfig
     fingerprint: dict[str, Any]
@@ -274,11 +287,11 @@ class SqueezedContext:
 
         diff = fingerprint_mismatches(self.fingerprint, model_fingerprint(model))
         if diff:
+            fix = ("Re-run sqz_compile.squeeze(model, context_ids) with this model (or load the model the "
+                   "context was made for, in the same dtype).")
             raise SqueezedContextError(
                 f"this SqueezedContext was made for another model ({self.fingerprint.get('architecture')}): "
-                + "; ".join(diff)
-                + ". Re-run sqz_compile.squeeze(model, context_ids) with this model (or load the model "
-                  "the context was made for, in the same dtype).")
+                + "; ".join(diff) + ". " + fix, fix=fix)
 
     def check_model_or_warn(self, model: torch.nn.Module, who: str, stacklevel: int = 2) -> None:
         """`check_model` when the context carries a fingerprint; otherwise (made with squeeze_kv)
@@ -330,6 +343,37 @@ class SqueezedContext:
                 os.unlink(tmp)
             raise
 
+    @staticmethod
+    def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+        """The metadata of a file written by `save` (format and version checked), without reading
+        its tensors: a cheap check before anything expensive (such as loading the model)."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for bad headers/sizes
+            raise _unreadable(path, e) from e
+        try:
+            meta = json.loads(header["sqz_meta"])
+        except (KeyError, ValueError) as e:
+            raise SqueezedContextError(f"{path}: no sqz_compile metadata (not a SqueezedContext file, or "
+                                       f"a corrupted header): {_REMAKE}", fix=_REMAKE) from e
+        if meta.get("format") != FORMAT_NAME:
+            raise SqueezedContextError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
+        if meta.get("format_version") in _UPGRADES and isinstance(meta.get("config"), dict):
+            meta["config"] = {**_UPGRADES[meta["format_version"]], **meta["config"]}
+        elif meta.get("format_version") != FORMAT_VERSION:
+            why = _OLDER_FORMATS.get(meta.get("format_version"), "")
+            fix = f"{_REMAKE} (or use the sqz_compile version that wrote it)"
+            raise SqueezedContextError(
+                f"{path}: format version {meta.get('format_version')} but this sqz_compile reads version "
+                f"{FORMAT_VERSION}{' (' + why + ')' if why else ''}: {fix}", fix=fix)
+        return meta
+
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None,
              device: torch.device | str | None = None, *, verify: bool | None = None) -> "SqueezedContext":
@@ -343,48 +387,32 @@ class SqueezedContext:
         from .distributed import kv_shard
 
         path = os.fspath(path)
-        fix = "re-create it with sqz_compile.squeeze(model, context_ids).save(path)"
+        fix = _REMAKE
+        meta = cls.read_metadata(path)
         shard = None if model is None else kv_shard(model)
         if shard is not None and verify is None:
             verify = os.path.getsize(path) <= 2 << 30
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
-                header = f.metadata() or {}
                 if shard is not None and not verify:
                     _check_file_heads(path, f.get_slice("keys").get_shape(), shard)
                 read = f.get_tensor if shard is None or verify else (lambda n: shard.read(f, n))
                 tensors = {n: read(n) for n in f.keys()}
-        except (FileNotFoundError, SqueezedContextError):
+        except SqueezedContextError:
             raise
-        except Exception as e:  # safetensors raises its own error types for bad headers/sizes
-            raise SqueezedContextError(f"{path}: not a readable safetensors file ({e}); it is truncated or "
-                                       f"corrupted: {fix}") from e
-        try:
-            meta = json.loads(header["sqz_meta"])
-        except (KeyError, ValueError) as e:
-            raise SqueezedContextError(f"{path}: no sqz_compile metadata (not a SqueezedContext file, or "
-                                       f"a corrupted header): {fix}") from e
-        if meta.get("format") != FORMAT_NAME:
-            raise SqueezedContextError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
-        if meta.get("format_version") in _UPGRADES and isinstance(meta.get("config"), dict):
-            meta["config"] = {**_UPGRADES[meta["format_version"]], **meta["config"]}
-        elif meta.get("format_version") != FORMAT_VERSION:
-            why = _OLDER_FORMATS.get(meta.get("format_version"), "")
-            raise SqueezedContextError(
-                f"{path}: format version {meta.get('format_version')} but this sqz_compile reads version "
-                f"{FORMAT_VERSION}{' (' + why + ')' if why else ''}: {fix} (or use the sqz_compile "
-                f"version that wrote it)")
+        except Exception as e:  # safetensors raises its own error types for bad sizes
+            raise _unreadable(path, e) from e
         if verify is None:
             verify = sum(t.numel() * t.element_size() for t in tensors.values()) <= 2 << 30
         sums = meta.get("sha256", {})
         if set(sums) != set(tensors):
             raise SqueezedContextError(f"{path}: tensors {sorted(tensors)} do not match the recorded "
-                                       f"{sorted(sums)}: {fix}")
+                                       f"{sorted(sums)}: {fix}", fix=fix)
         if verify:
             for n, t in tensors.items():
                 if _digest(t) != sums[n]:
                     raise SqueezedContextError(f"{path}: tensor {n!r} fails its sha256 check (corrupted "
-                                               f"file): {fix}")
+                                               f"file): {fix}", fix=fix)
             if shard is not None:
                 _check_file_heads(path, tensors["keys"].shape, shard)
                 tensors = {n: shard.take(n, t).contiguous() for n, t in tensors.items()}  # drop the rest
@@ -395,7 +423,8 @@ class SqueezedContext:
                       extra=dict(meta.get("extra", {})), shard=shard,
                       **{n: t for n, t in tensors.items() if n in fields})
         except (KeyError, TypeError, ValueError) as e:
-            raise SqueezedContextError(f"{path}: incomplete or inconsistent metadata/tensors ({e}): {fix}") from e
+            raise SqueezedContextError(f"{path}: incomplete or inconsistent metadata/tensors ({e}): {fix}",
+                                       fix=fix) from e
         try:
             ctx.validate(model)
         except SqueezedContextError as e:
@@ -442,6 +471,11 @@ def _check_file_heads(path: str, keys_shape: Any, shard: KVShard) -> None:
         raise SqueezedContextError(
             f"{path}: keys of shape {tuple(keys_shape)} do not hold the tensor-parallel model's "
             f"{shard.num_kv_heads} KV heads (split over {shard.world_size} ranks): it was made for another model")
+
+
+def _unreadable(path: str, e: Exception) -> SqueezedContextError:
+    return SqueezedContextError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted: "
+                                f"{_REMAKE}", fix=_REMAKE)
 
 
 def _check_offsets(name: str, off: torch.Tensor, total: int, bad) -> None:

@@ -13,11 +13,10 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
+from .config import DEFAULT_BLOCK_Q  # noqa: F401  (re-exported: the op's default)
 from .context import CONTEXT_ARGS
 from .kernels.attention.reference import squeezed_attention_reference
 from .kernels.lookup.reference import select_clusters_reference, selection_mask_reference
-
-DEFAULT_BLOCK_Q = 64
 
 
 def _check_inputs(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor) -> None:

@@ -169,3 +169,188 @@ def test_installed_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sqz_compile.cli", "ask", str(tmp_path / "none.sqz"), "q"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "no such context file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- issue 17: the CLI as a user meets it
+
+def _fresh(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter from the repository root."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)
+
+
+def test_help_does_not_import_torch():
+    """`sqz --help` and every subcommand's help (eval's too) load neither torch nor transformers."""
+    proc = _fresh("""
+import sys
+from sqz_compile.cli import main
+for argv in (["--help"], ["squeeze", "--help"], ["ask", "--help"], ["export", "--help"], ["eval", "--help"]):
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+print([m for m in ("torch", "transformers") if m in sys.modules])
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _parsers():
+    import argparse
+
+    from sqz_compile.cli import build_parser
+    from sqz_compile.eval.cli import build_parser as eval_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(name, p) for name, p in sub.choices.items() if name != "eval"] + [("eval", eval_parser())]
+
+
+def _shown(default) -> str:
+    if isinstance(default, (list, tuple)):
+        return " ".join(_shown(v) for v in default)
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def test_every_option_has_help_with_its_default():
+    import argparse
+
+    for name, parser in _parsers():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            what = f"sqz {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, f"{what} has no help text"
+            if action.option_strings and action.default not in (None, False, True):
+                text = action.help % {"default": _shown(action.default)}
+                assert _shown(action.default) in text, f"{what}: help does not show the default {action.default!r}"
+
+
+def test_quiet_hides_every_progress_bar(model_dir, tmp_path):
+    """-q in a fresh `sqz` process: no bar on stderr, and tqdm bars of other libraries (the GGUF
+    loader's, created with no arguments) are disabled too."""
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    proc = _fresh(f"""
+import sys
+from sqz_compile.cli import main
+code = main(["squeeze", {str(text)!r}, "--model", {model_dir!r}, "--window", "8", "--cluster-ratio", "0.2", "-q"])
+from transformers import modeling_gguf_pytorch_utils as gguf
+assert gguf.tqdm(range(3)).disable
+sys.exit(code)
+""", env={k: v for k, v in os.environ.items() if not k.startswith("TQDM_")})
+    assert proc.returncode == 0, proc.stderr
+    assert "it/s" not in proc.stderr and "%|" not in proc.stderr and "[00:" not in proc.stderr, proc.stderr
+    assert "wrote" in proc.stdout
+
+
+def test_squeeze_says_how_big_the_file_is_and_why(squeezed, capsys):
+    text, _ = squeezed
+    code, out, err = _run(capsys, "squeeze", text, "-o", text + ".2.sqz", "--model",
+                          SqueezedContext.load(squeezed[1]).extra["sqz_cli"]["model"], "--window", "8",
+                          "--cluster-ratio", "0.2", "-q")
+    assert code == 0, err
+    ctx = SqueezedContext.load(text + ".2.sqz")
+    size = os.path.getsize(text + ".2.sqz") / 2**20
+    assert out.startswith(f"wrote {text}.2.sqz: {size:.1f} MiB (float32 K/V, 2 layers x {ctx.context_length:,} "
+                          f"tokens)"), out
+
+
+def test_ask_prints_times_and_keys_attended(squeezed, capsys):
+    _, ctx_path = squeezed
+    code, out, err = _run(capsys, "ask", ctx_path, "Who kept the ledger?", "--dense", "--max-new-tokens", "3", "-q")
+    assert code == 0, err
+    assert {line.split(":", 1)[0] for line in out.strip().splitlines()} == {"squeezed", "dense"}
+    report = err.strip().splitlines()[-3:]
+    assert report[0].startswith("squeezed") and " s  " in report[0] and "new tokens" in report[0]
+    assert report[1].startswith("dense") and "prefills the whole" in report[1]
+    assert report[2].startswith("context keys attended: ") and "% per token (decode)" in report[2]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Errors that must come before the model loads: loading it fails the test."""
+    import sqz_compile.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(cli, "load_model", refuse)
+
+
+def _resave_with(src: str, dst, **meta_changes) -> None:
+    """Copy a context file with some of its metadata changed."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, framework="pt") as f:
+        meta = json.loads(f.metadata()["sqz_meta"])
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    meta.update(meta_changes)
+    save_file(tensors, str(dst), metadata={"sqz_meta": json.dumps(meta)})
+
+
+def test_context_file_errors_name_the_command_before_the_model_loads(squeezed, tmp_path, capsys, no_model_load):
+    text, ctx_path = squeezed
+    junk = tmp_path / "junk.sqz"
+    junk.write_bytes(b"\x00" * 64)
+    err = _user_error(capsys, "ask", str(junk), "hi", "-q")
+    assert f"re-create it with: sqz squeeze TEXT -o {junk}" in err and "sqz_compile.squeeze" not in err
+    old = tmp_path / "old.sqz"
+    _resave_with(ctx_path, old, format_version=1)
+    err = _user_error(capsys, "export", str(old), "--format", "exported", "-q")
+    assert "format version 1" in err and "sqz_compile.squeeze" not in err
+    assert f"re-create it with: sqz squeeze TEXT -o {old}" in err
+    corrupt = tmp_path / "corrupt.sqz"
+    _resave_with(ctx_path, corrupt, sha256={})  # readable header, contents fail their check
+    err = _user_error(capsys, "ask", str(corrupt), "hi", "-q")
+    assert f"re-create it with: sqz squeeze {os.path.abspath(text)} -o {corrupt} --model " in err
+
+
+def test_dtype_other_than_the_contexts_says_drop_dtype(squeezed, capsys, no_model_load):
+    _, ctx_path = squeezed
+    err = _user_error(capsys, "ask", ctx_path, "hi", "--dtype", "bfloat16", "-q")
+    assert "squeezed with the model in float32" in err and "drop --dtype" in err and "another model" not in err
+
+
+def test_ask_input_errors_come_first_and_speak_of_asking(squeezed, tmp_path, capsys, no_model_load):
+    text, ctx_path = squeezed
+    assert "question is empty" in _user_error(capsys, "ask", ctx_path, "  ", "-q")
+    assert "add --dense" in _user_error(capsys, "ask", ctx_path, "hi", "--text", text, "-q")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    err = _user_error(capsys, "ask", ctx_path, "hi", "--dense", "--text", str(empty), "-q")
+    assert f"--text {empty}: the file is empty; give the text {ctx_path} was squeezed from" in err
+    assert "to squeeze" not in err
+    err = _user_error(capsys, "ask", ctx_path, "hi", "--dense", "--text", str(tmp_path / "gone.txt"), "-q")
+    assert "--text" in err and "no such file" in err and "to squeeze" not in err
+
+
+def test_wrong_model_names_the_commands(squeezed, model_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    _, ctx_path = squeezed
+    other = tmp_path / "other"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tiny_model("llama", None, 2, 2, seed=7, vocab_size=len(tok), max_position_embeddings=2048,
+               pad_token_id=None).save_pretrained(other)
+    tok.save_pretrained(other)
+    err = _user_error(capsys, "ask", ctx_path, "hi", "--model", str(other), "-q")
+    assert f"pass --model with the model it was squeezed for ({model_dir})" in err
+    assert f"sqz squeeze TEXT --model {other} -o {ctx_path}" in err and "sqz_compile.squeeze" not in err
+
+
+def test_export_shows_its_stages(squeezed, tmp_path, capsys, monkeypatch):
+    """Without -q every stage is named on stderr; a .pt2 build shows its C++ compile stage (the
+    compile itself is stubbed here: it takes minutes)."""
+    from sqz_compile.export import aoti
+
+    _, ctx_path = squeezed
+    built = []
+    monkeypatch.setattr(aoti, "package_program", lambda ep, path: built.append(path) or open(path, "wb").close())
+    code, out, err = _run(capsys, "export", ctx_path, "--format", "pt2", "-o", str(tmp_path / "m.pt2"))
+    assert code == 0, err
+    for stage in ("check context", "read context", "load model", "torch.export", "AOTInductor: compile C++"):
+        assert stage in err, (stage, err)
+    assert built == [str(tmp_path / "m.pt2")] and out.startswith(f"wrote {tmp_path / 'm.pt2'}: ")

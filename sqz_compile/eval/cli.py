@@ -1,4 +1,5 @@
-"""`sqz eval` (and benchmarks/accuracy.py): its own argparse entry."""
+"""`sqz eval` (and benchmarks/accuracy.py): its own argparse entry. torch loads only when a run
+starts, so that `sqz eval --help` is fast."""
 from __future__ import annotations
 
 import argparse
@@ -9,35 +10,52 @@ import platform
 import time
 from typing import Any, Sequence
 
-import torch
-
 from .needles import NEEDLES
-from .report import _key, _label, write_reports
-from .runs import LOOKUPS, MODES, EvalSettings, _device, run
+from .settings import LOOKUPS, MODES, EvalSettings
 
 
 # --------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
     d = EvalSettings()
-    p = argparse.ArgumentParser(prog="sqz eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=list(d.contexts), help="context lengths (tokens)")
-    p.add_argument("--keeps", type=float, nargs="+", default=list(d.keeps))
-    p.add_argument("--depths", type=float, nargs="+", default=list(d.depths), help="needle depths in [0, 1]")
-    p.add_argument("--needles", type=int, default=d.needles, help=f"how many needles (1..{len(NEEDLES)})")
-    p.add_argument("--lookups", nargs="+", choices=LOOKUPS, default=list(d.lookups))
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(d.modes))
+    p = argparse.ArgumentParser(prog="sqz eval", description=(
+        "Accuracy vs keep on SmolLM2-135M-Instruct over Paul Graham essays: needles found, perplexity and "
+        "next-token agreement, against dense attention and an oracle at the same sparsity. Writes JSON, a "
+        "markdown table and a plot."))
+    p.add_argument("--contexts", type=int, nargs="+", default=list(d.contexts),
+                   help=f"context lengths in tokens (default: {_join(d.contexts)})")
+    p.add_argument("--keeps", type=float, nargs="+", default=list(d.keeps),
+                   help=f"target fractions of context keys attended (default: {_join(d.keeps)})")
+    p.add_argument("--depths", type=float, nargs="+", default=list(d.depths),
+                   help=f"needle depths in [0, 1], 0 = start of the essay (default: {_join(d.depths)})")
+    p.add_argument("--needles", type=int, default=d.needles,
+                   help=f"how many needles (1..{len(NEEDLES)}; default {d.needles})")
+    p.add_argument("--lookups", nargs="+", choices=LOOKUPS, default=list(d.lookups),
+                   help=f"cluster lookups: flat, or hier (coarse level first) (default: {_join(d.lookups)})")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(d.modes),
+                   help=f"selection: threshold (calibrated for keep) or budget (keep x clustered keys per "
+                        f"block) (default: {_join(d.modes)})")
     p.add_argument("--oracle", nargs="+", default=list(d.oracle),
-                   help="variants that also get an oracle run: LOOKUP-MODE names (e.g. flat-threshold), all, none")
-    p.add_argument("--tasks", nargs="+", choices=("ppl", "niah"), default=list(d.tasks))
-    p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens, help="user tokens scored for PPL")
-    p.add_argument("--ppl-contexts", type=int, nargs="+", default=None, help="default: --contexts")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+                   help=f"variants that also get an oracle run: LOOKUP-MODE names (e.g. flat-threshold), all, "
+                        f"none (default: {_join(d.oracle)})")
+    p.add_argument("--tasks", nargs="+", choices=("ppl", "niah"), default=list(d.tasks),
+                   help=f"ppl: perplexity of essay continuations; niah: needle in a haystack "
+                        f"(default: {_join(d.tasks)})")
+    p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
+                   help=f"user tokens scored for PPL (default {d.ppl_tokens})")
+    p.add_argument("--ppl-contexts", type=int, nargs="+", default=None,
+                   help="context lengths for PPL (default: --contexts)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"greedy answer length for NIAH (default {d.max_new_tokens})")
     p.add_argument("--no-prime", action="store_true",
                    help="do not start the assistant's answer with the needle's lead (longer answers)")
-    p.add_argument("--block-q", type=int, default=d.block_q)
-    p.add_argument("--cluster-ratio", type=float, default=d.cluster_ratio)
-    p.add_argument("--observation-window", type=int, default=d.observation_window)
+    p.add_argument("--block-q", type=int, default=d.block_q,
+                   help=f"prefill queries sharing one cluster selection (default {d.block_q})")
+    p.add_argument("--cluster-ratio", type=float, default=d.cluster_ratio,
+                   help=f"clusters per clustered context token (default {d.cluster_ratio})")
+    p.add_argument("--observation-window", type=int, default=d.observation_window,
+                   help=f"last context tokens always attended, whose queries calibrate the thresholds "
+                        f"(default {d.observation_window})")
     p.add_argument("--sink-tokens", type=int, default=d.sink_tokens,
                    help=f"SqueezeConfig.sink_tokens: first context tokens always attended (default {d.sink_tokens})")
     p.add_argument("--dense-tokens", type=int, default=d.dense_tokens,
@@ -48,15 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-layers", type=int, default=d.dense_layers,
                    help=f"SqueezeConfig.dense_layers: leading layers attending to the whole context "
                         f"(default {d.dense_layers})")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model dtype (default float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="benchmarks/results/accuracy.json",
-                   help="JSON results; the .md table and .png plot go beside it")
+                   help="JSON results; the .md table and .png plot go beside it (default: %(default)s)")
     p.add_argument("--report-only", action="store_true", help="rewrite .md/.png from an existing --out JSON")
     p.add_argument("--notes", default=None, help="markdown file whose text is stored in the JSON and shown "
                                                  "under 'Findings' in the .md (e.g. with --report-only)")
     return p
+
+
+def _join(values: Sequence[Any]) -> str:
+    return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 def settings_from_args(a: argparse.Namespace) -> EvalSettings:
@@ -81,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     a = build_parser().parse_args(argv)
+    from .report import _key, _label, write_reports
+
     if a.report_only:
         with open(a.out, encoding="utf-8") as f:
             result = json.load(f)
@@ -90,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_reports(result, a.out)
         return 0
     settings = settings_from_args(a)
+    import torch
+
+    from .runs import _device, run
+
     if a.threads:
         torch.set_num_threads(a.threads)
     import transformers

@@ -4,9 +4,10 @@ the chat-formatted question."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 
@@ -71,6 +72,8 @@ def niah_prompt(tokenizer, needle: Needle, context_len: int, depth: float, seed:
     essay, 1 = end); user input = the question, the assistant header and (prime=True) the
     needle's answer lead.
     """
+    import torch
+
     from ..assets import essay_tokens
 
     if not 0.0 <= depth <= 1.0:
