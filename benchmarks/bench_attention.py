@@ -203,7 +203,7 @@ def sparse_step(ctx, q, kn, vn, thr, causal, hier=False, cthr=None):
         q, kn, vn, None, ctx["keys"], ctx["values"], ctx["lookup_centroids"], ctx["offsets"],
         ctx["window_keys"], ctx["window_values"], thr,
         ctx.get("lookup_coarse_centroids") if hier else None, ctx.get("coarse_offsets") if hier else None,
-        cthr if hier else None, SCALE, causal, 0, BLOCK_Q)
+        cthr if hier else None, None, SCALE, causal, 0, BLOCK_Q)
 
 
 def dense_inputs(ctx, kn, vn):
