@@ -18,6 +18,8 @@ IMPLS = ("sdpa", "eager")
 # fix (layer_types), interleaved RoPE, fused QKV, an nn.Dropout attribute
 CORE = {"llama", "qwen3", "phi3:partial_rotary", "gemma3_text:full", "cohere", "falcon", "persimmon"}
 ACCEPTED = [c for c in fs.CASES if c not in fs.EXPECTED_REFUSAL]
+# older transformers (5.17) still hard-code some families' attention (Falcon): refused, clearly
+NO_INTERFACE = "attention not dispatched through transformers.AttentionInterface"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +43,7 @@ def test_family_is_exact_or_refused(case, impl):
         pytest.skip(row["detail"])
     want = fs.EXPECTED_REFUSAL.get(case)
     if want is None:
-        assert row["status"] == "exact", row
+        assert row["status"] == "exact" or (row["status"] == "refused" and NO_INTERFACE in row["detail"]), row
     else:
         assert row["status"] == "refused" and want in row["detail"], row
 
@@ -67,6 +69,8 @@ def test_self_check_refuses_what_the_up_front_rules_know(case, monkeypatch):
     """Without the up-front rules, the self-check alone refuses each silently wrong family."""
     monkeypatch.setattr(transformers_compat, "unsupported_reasons", lambda model: [])
     model = fs.build(case, "eager")
+    if not model._can_set_attn_implementation():
+        pytest.skip(f"this transformers version refuses it earlier: {NO_INTERFACE}")
     ids = torch.randint(3, fs.VOCAB, (1, fs.L_CTX), generator=torch.Generator().manual_seed(1))
     with pytest.raises(CaptureMismatchError, match=r"in layer 0 .* differs from the model's own attention by"):
         squeeze(model, ids, SqueezeConfig(keep=1.0, cluster_ratio=0.25, observation_window=fs.WINDOW), progress=False)

@@ -30,13 +30,15 @@ from ..transformers_compat import (UnsupportedModelError, cache_kwargs, model_co
                                    observing_attention, output_cache)
 from .capture import Captured, window_probs
 
-# max |recomputed - model| / max |model| per layer. At short contexts float32 noise is ~1e-6 and half
-# precision rounds the model's own output and probabilities (~5e-3 on tiny models). On top, RoPE
-# angles are computed in float32 at positions p (model) and p - L (capture): their rounding,
-# ~p * 2^-24 radians, is the same noise the squeezed model shows at run time (SmolLM2 at 2K
-# positions: 1.4e-5), so the tolerance grows by 2^-24 per position.
+# max |recomputed - model| / max |model| per layer. Float32 noise is ~1e-6 at short contexts; on top,
+# RoPE angles are computed in float32 at positions p (model) and p - L (capture): their rounding,
+# ~p * 2^-24 radians, is noise the squeezed model shows at run time too (SmolLM2 at 2K positions:
+# 5e-5), so the tolerance grows by 2^-24 per position. Half precision rounds the keys rotated at p
+# and at p - L differently: SmolLM2 in bfloat16 at 2K measures 0.1 (tiny models 5e-3), as large as
+# some real mismatches (hunyuan's qk-norm after RoPE: 0.05), so there the check only catches gross
+# errors (keys without RoPE, ALiBi: 0.3+); an architecture is proven in float32 (the family sweep).
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
-HALF_TOLERANCE = 3e-2
+HALF_TOLERANCE = 0.25
 ROPE_ROUNDING = 2.0 ** -24
 
 

@@ -29,7 +29,7 @@ def _broken_capture(monkeypatch, corrupt):
 
 
 @pytest.mark.parametrize("attn,dtype,tol", [("sdpa", torch.float32, 1e-5), ("eager", torch.float32, 1e-5),
-                                            ("sdpa", torch.bfloat16, 3e-2)])
+                                            ("sdpa", torch.bfloat16, 0.25)])
 def test_clean_capture_passes_and_is_recorded(attn, dtype, tol):
     model = fixtures.tiny_model("llama", attn).to(dtype)
     sdpa_before, eager_before = AttentionInterface._global_mapping["sdpa"], modeling_llama.eager_attention_forward
@@ -64,6 +64,17 @@ def test_the_failing_layer_is_named(monkeypatch):
     _broken_capture(monkeypatch, scale_last_layer_keys)
     with pytest.raises(CaptureMismatchError, match=r"in layer 1 .*failing layers \[1\]\)"):
         squeeze(fixtures.tiny_model("llama", "eager"), _ids(), SqueezeConfig(**CFG), progress=False)
+
+
+def test_half_precision_refuses_gross_errors(monkeypatch):
+    """In bfloat16 the tolerance (0.25) sits above the rounding of keys rotated at p vs p - L (0.1 on
+    SmolLM2): a gross error (values of layer 0 off by half) is still refused."""
+    def corrupt(cap):
+        cap.values[0] *= 1.5
+        return cap
+    _broken_capture(monkeypatch, corrupt)
+    with pytest.raises(CaptureMismatchError, match=r"in layer 0 .*tolerance 0.25 for bfloat16.*failing layers \[0\]"):
+        squeeze(fixtures.tiny_model("llama", "sdpa").to(torch.bfloat16), _ids(), SqueezeConfig(**CFG), progress=False)
 
 
 def test_self_check_false_skips_it(monkeypatch):
