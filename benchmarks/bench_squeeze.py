@@ -179,6 +179,7 @@ def cuda_smoke() -> list[dict]:
     reproduce the dense forward (position convention), with the installed transformers."""
     import transformers
     from sqz_compile.squeeze import squeeze
+    from sqz_compile.transformers_compat import cache_kwargs
 
     out = []
     for kind, kvh in (("llama", 4), ("mistral", 2), ("qwen2", 1)):
@@ -203,7 +204,7 @@ def cuda_smoke() -> list[dict]:
             cache = transformers.DynamicCache(config=model.config)
             for i in range(ctx.num_layers):
                 cache.update(k[i:i + 1], v[i:i + 1], i)
-            got = model(qn, past_key_values=cache, position_ids=torch.arange(9, device="cuda")[None]).logits
+            got = model(qn, **cache_kwargs(model, cache), position_ids=torch.arange(9, device="cuda")[None]).logits
         err = (got - dense).abs().max().item()
         out.append({"model": kind, "kv_heads": kvh, "max_abs_logit_diff": err, "ok": err < 1e-3,
                     "attn_impl_restored": model.config._attn_implementation})

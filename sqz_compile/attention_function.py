@@ -19,7 +19,7 @@ from .context import SqueezedContext
 from .kernels.attention.reference import squeezed_attention_reference
 from .ops import DEFAULT_BLOCK_Q
 from .eval.oracle import LayerStats, analyse_selection, per_key_offsets, record_stats
-from .transformers_compat import register_attention, set_attn_implementation
+from .transformers_compat import cache_kwargs, register_attention, set_attn_implementation
 
 
 EVAL_IMPL = "sqz_eval"
@@ -105,9 +105,9 @@ def attended_fraction(model: torch.nn.Module, ctx: SqueezedContext, ids: torch.T
             model(ids)
         else:
             cache = DynamicCache(config=model.config)
-            model(ids, past_key_values=cache)
+            model(ids, **cache_kwargs(model, cache))
             for t in decode.reshape(-1):
-                model(t.view(1, 1), past_key_values=cache)
+                model(t.view(1, 1), **cache_kwargs(model, cache))
     kept = LayerStats.metrics(stats.to_json())["kept_decode" if decode is not None else "kept_fraction"]
     clustered = ctx.context_length - ctx.window
     return (sum(kept) / len(kept) * clustered + ctx.window) / ctx.context_length

@@ -49,6 +49,11 @@ class SqueezeConfig:
         early layers spread their attention (SmolLM2's layer 0 loses ~40% of its mass at keep =
         1/8 even with an oracle). keep then applies to the other layers, so the keys attended
         per token over all layers are (dense_layers + keep * (layers - dense_layers)) / layers.
+    self_check: prove the capture before clustering: the observation window's attention
+        recomputed from the captured K/V must match the model's own attention output in every
+        layer (squeeze/selfcheck.py), else squeeze refuses naming the layer. Costs one more
+        prefill of the context; False skips it (only for models already proven, e.g. when
+        re-squeezing many contexts for one model).
     """
 
     keep: float = 0.125
@@ -66,6 +71,7 @@ class SqueezeConfig:
     cluster_variance: bool = True
     dense_layers: int = 0
     max_dropped_mass: float | None = None
+    self_check: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:

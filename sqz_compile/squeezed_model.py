@@ -25,7 +25,7 @@ from .context import SqueezedContext, check_fits
 from .distributed import local_context
 from .ops import DEFAULT_BLOCK_Q
 from .passes.rewrite import RewriteReport, SqueezeDenseWarning
-from .transformers_compat import check_positions, model_config, num_layers
+from .transformers_compat import check_positions, model_config, num_layers, passed_cache
 
 
 class SqueezedModel:
@@ -56,7 +56,7 @@ class SqueezedModel:
                 **kwargs: Any) -> Any:
         """The model's forward over the user's tokens, attending to the squeezed context (under
         torch.no_grad: the sqz ops are inference-only)."""
-        past = kwargs.get("past_key_values")
+        past = passed_cache(kwargs)
         past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         n = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
         self._check_length(past_len + n, "tokens")

@@ -6,16 +6,28 @@ Callers (squeeze, passes, SqueezedModel, export, eval) read model configs only t
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import inspect
 import json
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 import torch
 
 # rope types whose frequencies depend on absolute position or sequence length: relative
 # positions p - L would not reproduce the model's attention.
 ABSOLUTE_ROPE_TYPES = frozenset({"dynamic", "longrope"})
-KNOWN_GOOD = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# layer types whose layers are softmax attention over cached keys (others: conv, linear attention, ...)
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+# model types exact at keep = 1 in the family sweep (tests/test_family_sweep.py keeps this in step)
+KNOWN_GOOD = frozenset({
+    "apertus", "arcee", "cohere", "cohere2", "dots1", "ernie4_5", "exaone4", "falcon", "gemma", "gemma2",
+    "gemma3_text", "glm", "glm4", "gpt_neox", "granite", "helium", "jais2", "lfm2", "llama", "llama4_text",
+    "ministral", "mistral", "mixtral", "nemotron", "olmo", "olmo2", "olmo3", "olmoe", "persimmon", "phi", "phi3",
+    "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "seed_oss", "smollm3", "stablelm",
+    "starcoder2"})
 
 
 class UnsupportedModelError(ValueError):
@@ -98,6 +110,26 @@ def sliding_window(cfg: Any, layer: int | None = None, module: torch.nn.Module |
     return None
 
 
+def sliding_window_fix(cfg: Any) -> str:
+    """The setting that turns a model's sliding-window layers into full attention without breaking
+    it: `layer_types` where the config has them (there `sliding_window = None` crashes the model's
+    own cache and mask code), else `sliding_window = None`."""
+    cfg = text_config(cfg) if cfg is not None else None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return f'model.config.layer_types = ["full_attention"] * {len(types)}'
+    return "model.config.sliding_window = None"
+
+
+def attention_dropout(module: torch.nn.Module) -> float:
+    """The attention module's dropout probability, whether it stores a float or an nn.Dropout
+    (Persimmon)."""
+    p = getattr(module, "attention_dropout", 0.0)
+    if isinstance(p, torch.nn.Dropout):
+        p = p.p
+    return float(p or 0.0)
+
+
 def _rope_params(cfg) -> list[dict[str, Any]]:
     """Every rope-parameter dict of the config (transformers 5 `rope_parameters`, older
     `rope_scaling`; nested per layer type in some models)."""
@@ -176,40 +208,107 @@ def fingerprint_mismatches(stored: dict[str, Any], actual: dict[str, Any]) -> li
     return out
 
 
-def check_supported(model: torch.nn.Module, context_length: int) -> None:
-    """Raise UnsupportedModelError unless squeezing `model` over `context_length` tokens is sound."""
+def _limited_layers(cfg: Any, kind: str, size: Any, what: str) -> str | None:
+    """Why layers of `kind` ("sliding_attention", "chunked_attention") forbid squeezing, or None:
+    a limit shorter than max_position_embeddings drops context keys; a sliding window no shorter
+    changes nothing but still builds a sliding-window mask, which the pass does not rewrite (an
+    inert chunk size builds a plain causal mask: the family sweep shows Llama-4 exact)."""
+    types = list(getattr(cfg, "layer_types", None) or [])
+    if kind == "sliding_attention" and not types:
+        types = [kind] * num_layers(cfg) if size is not None else []
+    n = sum(t == kind for t in types)
+    if not n or size is None:
+        return None
+    fix = sliding_window_fix(cfg)
+    max_pos = max_positions(cfg)
+    if max_pos and int(size) >= max_pos:
+        if kind != "sliding_attention":
+            return None
+        return (f"{n} {what} layer(s) with a window of {size} >= max_position_embeddings={max_pos}: they "
+                f"attend in full at every length, but their mask is built as a windowed mask, which the "
+                f"pass does not rewrite. Set {fix} before squeezing and compiling: same outputs")
+    return (f"{what} attention ({what}={size}, {n} layer(s)): the squeezed context is attended in full, "
+            f"which differs from the model. If the context plus inputs fit in {size} tokens, set {fix} "
+            f"before squeezing and compiling")
+
+
+def unsupported_reasons(model: torch.nn.Module) -> list[str]:
+    """Why the pass cannot read `model`'s attention as softmax(q.k * scale) v over RoPE keys at
+    relative positions, from its config and attention modules' attributes ([] when none applies).
+
+    Each rule names an architecture feature that the capture, the rewrite or the runtime would get
+    silently wrong; the squeeze-time self-check catches what these rules do not know."""
     cfg = model_config(model)
+    out = []
+    if getattr(cfg, "alibi", False) or "alibi" in str(getattr(cfg, "position_embedding_type", "")):
+        out.append("ALiBi position biases (alibi=True): sqz_compile supports RoPE position encoding only")
+    if not _has_rotary(model) or (not _rope_params(cfg) and getattr(cfg, "rope_theta", None) is None):
+        out.append("no rotary position embedding (rotary_emb): sqz_compile stores post-RoPE keys at relative "
+                   "positions and supports RoPE models only (Llama, Mistral, Qwen2, ...)")
+    bad = _rope_types(model) & ABSOLUTE_ROPE_TYPES
+    if bad:
+        out.append(f"rope_type {sorted(bad)}, whose frequencies depend on the absolute position or sequence "
+                   f"length: keys rotated for positions p - L would not match the model. Use a model with "
+                   f"position-independent RoPE (default, linear, llama3, yarn)")
+    other = sorted(set(getattr(cfg, "layer_types", None) or []) - ATTENTION_LAYER_TYPES)
+    if other:
+        out.append(f"layer_types {other}: such layers keep state over the context that is not attention "
+                   f"keys and values, which a squeezed context cannot carry")
+    for kind, size, what in (("sliding_attention", getattr(cfg, "sliding_window", None), "sliding_window"),
+                             ("chunked_attention", getattr(cfg, "attention_chunk_size", None), "attention_chunk_size")):
+        why = _limited_layers(cfg, kind, size, what)
+        if why:
+            out.append(why)
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        out.append(f"attention logit soft-capping (attn_logit_softcapping={cfg.attn_logit_softcapping})")
+    qk = sum(int(getattr(cfg, a, 0) or 0) for a in ("qk_nope_head_dim", "qk_rope_head_dim"))
+    v = int(getattr(cfg, "v_head_dim", 0) or 0)
+    if qk and (qk != head_dim(cfg) or (v and v != qk)):
+        out.append(f"query/key head dim {qk} differs from config.head_dim={head_dim(cfg)} or the value head dim "
+                   f"{v or '?'} (multi-head latent attention): the context layout needs one head dim for "
+                   f"queries, keys and values")
+    mods = list(model.modules())
+    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in mods):
+        out.append("learned attention sinks (a per-head logit joins the softmax): the squeezed attention's "
+                   "softmax has no such term")
+    if any(getattr(getattr(m, n, None), "weight", None) is not None for m in mods
+           for n in ("query_layernorm", "key_layernorm")):
+        out.append("query/key norms with learned weights applied after RoPE (query_layernorm/key_layernorm): "
+                   "scores then depend on absolute positions, not only on p - s, so keys rotated for "
+                   "positions p - L give different scores")
+    if any(hasattr(m, "dt_proj") and hasattr(m, "A") for m in mods):
+        out.append("a dynamic attention mask (dt_proj, A): every context key carries a bias computed from "
+                   "its value, which the squeezed attention does not add")
+    nope = [getattr(m, "layer_idx", "?") for m in mods if getattr(m, "attn_temperature_tuning", False) and not getattr(m, "use_rope", True)]
+    if nope:
+        out.append(f"NoPE layers {nope} with attn_temperature_tuning: their queries are scaled by "
+                   f"log1p(floor((pos + 1) / floor_scale)) with pos counted from the cache, which starts at "
+                   f"0 for the user's tokens instead of at the context length. Below floor_scale="
+                   f"{getattr(cfg, 'floor_scale', '?')} total tokens the scale is 1: if context plus inputs "
+                   f"stay below it, set attn_temperature_tuning = False on those attention modules (same outputs)")
+    return out
+
+
+def check_supported(model: torch.nn.Module, context_length: int) -> None:
+    """Raise UnsupportedModelError unless squeezing `model` over `context_length` tokens is sound
+    (each reason from unsupported_reasons, and the context length); ValueError for an empty or too
+    long context."""
     name = type(model).__name__
     if context_length < 1:
         raise ValueError("empty context: squeeze needs at least one context token")
     check_positions(model, context_length, f"context of {context_length} tokens",
                     "shorten the context (or use a model trained for longer contexts)")
-    if not _has_rotary(model) or (not _rope_params(cfg) and getattr(cfg, "rope_theta", None) is None):
-        raise UnsupportedModelError(
-            f"{name} has no rotary position embedding (rotary_emb): sqz_compile stores post-RoPE keys "
-            f"at relative positions and supports RoPE models only (Llama, Mistral, Qwen2, ...)")
-    bad = _rope_types(model) & ABSOLUTE_ROPE_TYPES
-    if bad:
-        raise UnsupportedModelError(
-            f"{name} uses rope_type {sorted(bad)}, whose frequencies depend on the absolute position or "
-            f"sequence length; keys rotated for positions p - L would not match the model. Use a model "
-            f"with position-independent RoPE (default, linear, llama3, yarn)")
-    sw = sliding_window(cfg)
-    if sw is not None:
-        raise UnsupportedModelError(
-            f"{name} uses sliding-window attention (sliding_window={sw}): the squeezed context is "
-            f"attended in full, which differs from the model. If the context plus inputs fit in the "
-            f"window, set model.config.sliding_window = None before squeezing and compiling")
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        raise UnsupportedModelError(f"{name} uses attention logit soft-capping, which sqz does not support")
+    reasons = unsupported_reasons(model)
     if hasattr(model, "_can_set_attn_implementation") and not model._can_set_attn_implementation():
-        raise UnsupportedModelError(
-            f"{name} does not dispatch attention through transformers.AttentionInterface, so its "
-            f"queries cannot be captured")
-    if str(getattr(cfg, "model_type", "")) not in KNOWN_GOOD:
+        reasons.append("attention not dispatched through transformers.AttentionInterface, so its queries "
+                       "cannot be captured")
+    if reasons:
+        raise UnsupportedModelError(f"{name} cannot be squeezed: " + "; ".join(reasons))
+    if str(getattr(model_config(model), "model_type", "")) not in KNOWN_GOOD:
         import warnings
-        warnings.warn(f"sqz_compile: model_type {getattr(cfg, 'model_type', '?')!r} is not in the "
-                      f"tested set {sorted(KNOWN_GOOD)}; squeezing it anyway", stacklevel=3)
+        warnings.warn(f"sqz_compile: model_type {getattr(model_config(model), 'model_type', '?')!r} is not in "
+                      f"the family sweep (tests/test_family_sweep.py); squeezing it, its capture proven by the "
+                      f"self-check", stacklevel=3)
 
 
 # --------------------------------------------------------------------------- attention implementation
@@ -239,6 +338,55 @@ def set_attn_implementation(model: torch.nn.Module, impl: str) -> None:
         raise UnsupportedModelError(f"could not switch {type(model).__name__} to attention '{impl}'")
 
 
+@contextlib.contextmanager
+def observing_attention(model: torch.nn.Module, record: Callable[[torch.nn.Module, torch.Tensor], None]) -> Iterator[None]:
+    """While active, `record(module, output)` sees the output [B, M, Hq, Dv] of every call that
+    `model`'s attention modules make to the attention function they really use: the entry of
+    their attn_implementation in transformers' AttentionInterface (the shared mapping and any
+    modeling file's own instance), or for "eager" each modeling file's `eager_attention_forward`
+    global. The model's settings are untouched; calls from other models or threads are not
+    recorded; everything is restored on exit."""
+    import sys
+
+    from transformers import AttentionInterface
+
+    impl = model.config._attn_implementation
+    ours = {id(m) for m in model.modules()}
+    thread = threading.get_ident()
+    restore: list[Callable[[], None]] = []
+
+    def wrap(fn: Callable) -> Callable:
+        def observed(module, query, key, value, attention_mask, *args, **kwargs):
+            out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+            if id(module) in ours and threading.get_ident() == thread:
+                record(module, out[0] if isinstance(out, tuple) else out)
+            return out
+        return observed
+
+    def patch(mapping: dict, key: str) -> None:
+        orig = mapping[key]
+        mapping[key] = wrap(orig)
+        restore.append(lambda: mapping.__setitem__(key, orig))
+
+    namespaces = {id(ns): ns for ns in (sys.modules[type(m).__module__].__dict__ for m in model.modules())}
+    try:
+        if impl in (None, "eager"):
+            for ns in namespaces.values():
+                if callable(ns.get("eager_attention_forward")):
+                    patch(ns, "eager_attention_forward")
+        else:
+            if impl in AttentionInterface._global_mapping:
+                patch(AttentionInterface._global_mapping, impl)
+            local = {id(i): i for i in (ns.get("ALL_ATTENTION_FUNCTIONS") for ns in namespaces.values())
+                     if i is not None and impl in getattr(i, "_local_mapping", {})}
+            for inst in local.values():   # a modeling file's own override (e.g. Doge)
+                patch(inst._local_mapping, impl)
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
 # --------------------------------------------------------------------------- caches
 
 def cache_layer(cache: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,3 +405,35 @@ def drop_cache_layer(cache: Any, i: int) -> None:
         cache.layers[i].keys = cache.layers[i].values = None
     elif hasattr(cache, "key_cache"):
         cache.key_cache[i] = cache.value_cache[i] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """{name: cache} for `model(...)`: transformers 5.24 renamed `past_key_values` to `cache`
+    (the old name warns, removal announced for 5.40), 5.17 knows only the old one. Read once
+    per model class from its forward's signature."""
+    return {_cache_kwarg(type(model)): cache}
+
+
+def passed_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache in a forward's keyword arguments, under either name (None without one)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model output returns (`cache` from transformers 5.24, `past_key_values` before),
+    read without the deprecation warning."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    return getattr(output, "cache" if "cache" in fields else "past_key_values")

@@ -10,6 +10,7 @@ import torch
 
 from ..context import SqueezedContext
 from ..attention_function import squeezed_mode
+from ..transformers_compat import cache_kwargs
 from .needles import NEEDLES, niah_prompt
 from .oracle import LayerStats
 from .settings import LOOKUPS, MODES, EvalSettings, Variant  # noqa: F401  (re-exported)
@@ -86,7 +87,7 @@ def user_logits(model: torch.nn.Module, ids: torch.Tensor, cache=None, start: in
     (context, if any, is in `cache`)."""
     ids = ids.to(_device(model))
     pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
-    out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=cache is not None)
+    out = model(input_ids=ids, position_ids=pos, use_cache=cache is not None, **cache_kwargs(model, cache))
     return out.logits.float()
 
 

@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 
 from ..context import CENTROID_ARGS, CONTEXT_ARGS, SqueezedContext, check_fits
 from ..ops import DEFAULT_BLOCK_Q
-from ..transformers_compat import sliding_window, text_config
+from ..transformers_compat import attention_dropout, sliding_window, sliding_window_fix, text_config
 from .match import AttentionMatch, default_scale, find_attention, normalize_module_path
 from .targets import is_assert, shape_of, tensor_meta
 
@@ -110,13 +110,13 @@ def config_reason(module: torch.nn.Module | None, layer: int) -> str | None:
     window = sliding_window(cfg, layer, module)
     if window is not None:
         return (f"sliding window of {window} tokens (the squeezed context is attended in full; set "
-                f"config.sliding_window = None if context + inputs fit in the window)")
+                f"{sliding_window_fix(cfg)} if context + inputs fit in the window)")
     softcap = getattr(module, "attn_logit_softcapping", None)
     if softcap is None and cfg is not None:
         softcap = getattr(cfg, "attn_logit_softcapping", None)
     if softcap is not None:
         return f"logit soft-capping ({softcap})"
-    dropout = float(getattr(module, "attention_dropout", 0.0) or 0.0)
+    dropout = attention_dropout(module)
     if module.training and dropout > 0:
         return f"attention dropout is active (p={dropout}, training)"
     return None

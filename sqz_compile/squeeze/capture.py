@@ -32,9 +32,9 @@ import torch
 from ..config import SqueezeConfig
 from ..context import SqueezedContext
 from ..distributed import KVShard, kv_shard
-from ..transformers_compat import (UnsupportedModelError, cache_layer, check_supported, drop_cache_layer,
-                                   model_config, model_fingerprint, num_layers,
-                                   register_attention, set_attn_implementation)
+from ..transformers_compat import (UnsupportedModelError, cache_kwargs, cache_layer, check_supported,
+                                   drop_cache_layer, model_config, model_fingerprint, num_layers,
+                                   output_cache, register_attention, set_attn_implementation)
 from .kmeans import cluster_counts, cluster_sums, kmeans
 
 CAPTURE_IMPL = "sqz_capture"
@@ -139,8 +139,8 @@ def capture_context(model: torch.nn.Module, ids: torch.Tensor, window: int, chun
             end = min(L, start + chunk_size)
             state.chunk_start = start
             pos = torch.arange(start - L, end - L, device=device).unsqueeze(0)
-            out = base(input_ids=ids[:, start:end], position_ids=pos, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = base(input_ids=ids[:, start:end], position_ids=pos, use_cache=True, **cache_kwargs(base, cache))
+            cache = output_cache(out)
             del out
     if len(state.scaling) != layers:
         raise UnsupportedModelError(
@@ -163,7 +163,12 @@ def capture_context(model: torch.nn.Module, ids: torch.Tensor, window: int, chun
     scaling = scales.pop()
     if not math.isfinite(scaling) or scaling <= 0:
         raise UnsupportedModelError(f"attention scale {scaling} is not a positive number")
-    return Captured(keys, values, state.queries, scaling)
+    queries = state.queries
+    if queries.shape[3] != keys.shape[3] or values.shape[3] != keys.shape[3]:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: queries [x {queries.shape[3]}], keys [x {keys.shape[3]}], values "
+            f"[x {values.shape[3]}]: the context layout needs one head dim for queries, keys and values")
+    return Captured(keys, values, queries, scaling)
 
 
 # --------------------------------------------------------------------------- clustering and layout
@@ -213,6 +218,15 @@ def _gather_tokens(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return x.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])).contiguous()
 
 
+def window_probs(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The attention probabilities [g, W, L] (float32) of the last W context tokens' queries
+    [g, W, D] over one KV head's context keys [L, D]: causal softmax of q.k * scaling."""
+    L, W = keys.shape[0], queries.shape[1]
+    logits = torch.matmul(queries.to(keys.device, torch.float32), keys.float().T) * scaling
+    visible = torch.arange(L, device=keys.device)[None, :] <= torch.arange(L - W, L, device=keys.device)[:, None]
+    return logits.masked_fill(~visible, float("-inf")).softmax(-1)
+
+
 def dense_positions(keys: torch.Tensor, window_queries: torch.Tensor, scaling: float, lo: int, hi: int,
                     count: int) -> torch.Tensor:
     """Per (layer, KV head), the `count` context positions in [lo, hi) that the observation window
@@ -223,18 +237,13 @@ def dense_positions(keys: torch.Tensor, window_queries: torch.Tensor, scaling: f
     the query (attention sinks and the like). One layer and KV head at a time, so a 128K context
     needs [group, W, L] floats of scratch, not [layers, Hq, W, L]."""
     layers, H, L, D = keys.shape
-    W = window_queries.shape[2]
     g = window_queries.shape[1] // H
     out = torch.zeros(layers, H, count, dtype=torch.long, device=keys.device)
     if count == 0:
         return out
-    qpos = torch.arange(L - W, L, device=keys.device)
-    visible = torch.arange(L, device=keys.device)[None, :] <= qpos[:, None]             # [W, L]
     for i in range(layers):
         for h in range(H):
-            q = window_queries[i, h * g:(h + 1) * g].to(keys.device, torch.float32)      # [g, W, D]
-            logits = torch.matmul(q, keys[i, h].float().T) * scaling                      # [g, W, L]
-            p = logits.masked_fill(~visible, float("-inf")).softmax(-1)
+            p = window_probs(window_queries[i, h * g:(h + 1) * g], keys[i, h], scaling)  # [g, W, L]
             received = p.amax(0).mean(0)[lo:hi]                                           # [hi - lo]
             out[i, h] = received.topk(count).indices + lo
     return out
@@ -395,7 +404,12 @@ def squeeze(model: torch.nn.Module, context_ids: torch.Tensor, config: SqueezeCo
         device; it is left exactly as it was. context_ids: [1, L] (or [L]) token ids.
     progress: tqdm bars for prefill and clustering (default: only on a terminal).
     Budget mode (config.budget set) skips calibration: both log thresholds are -inf and unused.
+    Refuses (UnsupportedModelError) architectures the pass cannot read up front, and, with
+    config.self_check (default), any model whose capture fails the self-check (selfcheck.py:
+    CaptureMismatchError naming the layer), at the cost of one more prefill.
     """
+    from .selfcheck import check_capture, window_reference
+
     config = config or SqueezeConfig()
     ids = _context_ids(context_ids)
     L = ids.shape[1]
@@ -403,11 +417,17 @@ def squeeze(model: torch.nn.Module, context_ids: torch.Tensor, config: SqueezeCo
     shard = kv_shard(model)  # tensor parallel: this rank squeezes its own KV heads
     W = min(int(config.observation_window), L - 1)
     t0 = time.perf_counter()
-    cap = capture_context(model, ids, W, int(config.chunk_size), progress)
+    reference = window_reference(model, ids, W, int(config.chunk_size)) if config.self_check and W else None
     t1 = time.perf_counter()
+    cap = capture_context(model, ids, W, int(config.chunk_size), progress)
+    t2 = time.perf_counter()
+    check = check_capture(model, cap, reference) if reference is not None else None
     kv = [cap.keys, cap.values]
     cap.keys = cap.values = None
     ctx = _squeeze_owned(kv, cap.queries, cap.scaling, config, fingerprint=model_fingerprint(model),
                          context_hash=token_hash(ids), progress=progress, shard=shard)
-    ctx.extra["seconds"]["prefill"] = round(t1 - t0, 3)
+    ctx.extra["seconds"]["prefill"] = round(t2 - t1, 3)
+    if check is not None:
+        ctx.extra["seconds"]["self_check"] = round(t1 - t0 + check.seconds, 3)
+        ctx.extra["self_check_errors"] = [float(f"{e:.3g}") for e in check.errors]
     return ctx

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import fixtures
 from sqz_compile.config import SqueezeConfig
 from sqz_compile.squeeze import squeeze, squeeze_kv
+from sqz_compile.transformers_compat import cache_kwargs
 from sqz_compile.squeeze.calibrate import group_log_shares, kept_fraction
 
 transformers = pytest.importorskip("transformers")
@@ -211,7 +212,7 @@ def test_tiny_models_squeeze_and_match_dense(kind, kv_heads):
         keys, values = _unsort(ctx, "keys"), _unsort(ctx, "values")
         for i in range(ctx.num_layers):
             cache.update(keys[i:i + 1], values[i:i + 1], i)
-        out = model(question, past_key_values=cache, position_ids=torch.arange(12).unsqueeze(0)).logits
+        out = model(question, **cache_kwargs(model, cache), position_ids=torch.arange(12).unsqueeze(0)).logits
     torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
 
 

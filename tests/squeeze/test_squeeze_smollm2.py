@@ -7,6 +7,7 @@ from sqz_compile.squeeze.calibrate import kept_fraction
 from sqz_compile.config import SqueezeConfig
 from sqz_compile.context import SqueezedContext
 from sqz_compile.squeeze import squeeze
+from sqz_compile.transformers_compat import cache_kwargs
 
 pytestmark = pytest.mark.slow
 L, Q = 2048, 16
@@ -57,7 +58,7 @@ def test_real_position_convention(real):
         cache = transformers.DynamicCache(config=model.config)
         for i in range(ctx.num_layers):
             cache.update(keys[i:i + 1], values[i:i + 1], i)
-        out = model(question, past_key_values=cache, position_ids=torch.arange(q).unsqueeze(0)).logits
+        out = model(question, **cache_kwargs(model, cache), position_ids=torch.arange(q).unsqueeze(0)).logits
     torch.testing.assert_close(out, dense, atol=2e-3, rtol=1e-3)
 
 

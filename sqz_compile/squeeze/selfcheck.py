@@ -1,0 +1,150 @@
+"""Squeeze-time self-check: does what the capture read reproduce the model's own attention?
+
+    reference = window_reference(model, ids, W, chunk_size)   # before the capture
+    cap = capture_context(model, ids, W, chunk_size)
+    check_capture(model, cap, reference)                      # CaptureMismatchError naming the layer
+
+For the observation window (the last W context tokens) and every layer, the window's attention is
+recomputed from the captured tensors alone -- softmax(q.k * scaling, causal) v with the captured
+window queries, post-RoPE keys (positions p - L) and values -- and compared with the output of the
+attention function the model itself calls (its attn_implementation's AttentionInterface entry or
+its modeling file's `eager_attention_forward`), recorded during an ordinary prefill at natural
+positions 0..L-1 with no sqz machinery. That function is what the rewrite replaces, so whatever
+the squeezed attention would not reproduce -- qk-norm after RoPE, position or per-key biases,
+attention sinks, soft-capping, per-layer scales, a capture bug -- makes a layer differ.
+
+Not covered: effects outside the attention function that depend on absolute positions of the
+user's tokens (e.g. Llama-4's NoPE temperature tuning; transformers_compat refuses those up front).
+
+Cost: one more prefill of the context (chunked like the capture; run before it so that its cache
+and the captured K/V are never held together) plus a [group, W, L] softmax per (layer, KV head).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..transformers_compat import (UnsupportedModelError, cache_kwargs, model_config, num_layers,
+                                   observing_attention, output_cache)
+from .capture import Captured, window_probs
+
+# max |recomputed - model| / max |model| per layer. Float32 noise is ~1e-6 at short contexts; on top,
+# RoPE angles are computed in float32 at positions p (model) and p - L (capture): their rounding,
+# ~p * 2^-24 radians, is noise the squeezed model shows at run time too (SmolLM2 at 2K positions:
+# 5e-5), so the tolerance grows by 2^-24 per position. Half precision rounds the keys rotated at p
+# and at p - L differently: SmolLM2 in bfloat16 at 2K measures 0.1 (tiny models 5e-3), as large as
+# some real mismatches (hunyuan's qk-norm after RoPE: 0.05), so there the check only catches gross
+# errors (keys without RoPE, ALiBi: 0.3+); an architecture is proven in float32 (the family sweep).
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
+HALF_TOLERANCE = 0.25
+ROPE_ROUNDING = 2.0 ** -24
+
+
+class CaptureMismatchError(UnsupportedModelError):
+    """The captured context does not reproduce the model's attention: squeezing would be wrong."""
+
+
+@dataclass
+class SelfCheck:
+    """Per-layer relative errors of the recomputed window attention, and the tolerance."""
+
+    errors: list[float]
+    tol: float
+    seconds: float = 0.0
+
+    @property
+    def failing(self) -> list[int]:
+        return [i for i, e in enumerate(self.errors) if not e <= self.tol]   # NaN fails
+
+
+def tolerance(dtype: torch.dtype, positions: int) -> float:
+    """The self-check's tolerance for a model in `dtype` over a context of `positions` tokens."""
+    return TOLERANCE.get(dtype, HALF_TOLERANCE) + positions * ROPE_ROUNDING
+
+
+@torch.no_grad()
+def window_reference(model: torch.nn.Module, ids: torch.Tensor, window: int, chunk_size: int) -> list[torch.Tensor]:
+    """Per layer, the model's own attention-function output [Hq, W, Dv] (float32) for the last
+    `window` tokens of `ids` [1, L], from a chunked prefill at natural positions (eval mode;
+    the model is left as it was)."""
+    cfg = model_config(model)
+    layers, L = num_layers(cfg), ids.shape[1]
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    got: dict[int, list[torch.Tensor]] = {}
+    order: dict[int, int] = {}
+    chunk = {"start": 0}
+
+    def record(module: torch.nn.Module, out: torch.Tensor) -> None:
+        li = getattr(module, "layer_idx", None)
+        li = int(li) if li is not None else order.setdefault(id(module), len(order))
+        lo = max(L - window - chunk["start"], 0)
+        if out.dim() == 4 and lo < out.shape[1]:    # [B, M, Hq, Dv]; Hq: this rank's under tensor parallel
+            got.setdefault(li, []).append(out[0, lo:].float().transpose(0, 1))
+
+    was_training = model.training
+    base = getattr(model, "base_model", model)
+    model.eval()
+    try:
+        with observing_attention(model, record):
+            cache = None
+            for start in range(0, L, chunk_size):
+                end = min(L, start + chunk_size)
+                chunk["start"] = start
+                pos = torch.arange(start, end, device=device).unsqueeze(0)
+                out = base(input_ids=ids[:, start:end], position_ids=pos, use_cache=end < L,
+                           **cache_kwargs(base, cache))
+                cache = output_cache(out) if end < L else None
+                del out
+    finally:
+        model.train(was_training)
+    missing = sorted(set(range(layers)) - set(got))
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the squeeze self-check saw no output of the model's own attention "
+            f"function in layers {missing}, so it cannot prove the capture there")
+    return [torch.cat(got[i], 1) for i in range(layers)]
+
+
+def recompute_window(cap: Captured, layer: int) -> torch.Tensor:
+    """The window's attention [Hq, W, Dv] (float32) of one layer from the captured tensors alone."""
+    keys, values, queries = cap.keys[layer], cap.values[layer], cap.queries[layer]
+    g = queries.shape[0] // keys.shape[0]
+    return torch.cat([window_probs(queries[h * g:(h + 1) * g], keys[h], cap.scaling) @ values[h].float()
+                      for h in range(keys.shape[0])])
+
+
+def measure(cap: Captured, reference: list[torch.Tensor]) -> SelfCheck:
+    """Per-layer max |recomputed - reference| / max |reference| (inf where the shapes differ)."""
+    errors = []
+    for i, ref in enumerate(reference):
+        rec = recompute_window(cap, i)
+        if rec.shape != ref.shape:
+            errors.append(float("inf"))
+            continue
+        ref = ref.to(rec.device)
+        errors.append(((rec - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item())
+    return SelfCheck(errors, tolerance(cap.keys.dtype, cap.keys.shape[2]))
+
+
+def check_capture(model: torch.nn.Module, cap: Captured, reference: list[torch.Tensor]) -> SelfCheck:
+    """The self-check's verdict; raises CaptureMismatchError naming the first failing layer, its
+    error and what to do."""
+    t0 = time.perf_counter()
+    res = measure(cap, reference)
+    res.seconds = time.perf_counter() - t0
+    failing = res.failing
+    if failing:
+        i, W, L = failing[0], cap.queries.shape[2], cap.keys.shape[2]
+        dtype = str(cap.keys.dtype).removeprefix("torch.")
+        raise CaptureMismatchError(
+            f"{type(model).__name__} cannot be squeezed: in layer {i} the attention recomputed from the "
+            f"captured context differs from the model's own attention by {res.errors[i]:.3g} (relative, "
+            f"tolerance {res.tol:.2g} for {dtype} at {L} positions, over the last {W} context tokens; failing layers "
+            f"{failing}). Squeezing would silently change the model's outputs: this architecture's attention "
+            f"is not softmax(q.k * {cap.scaling:.4g}) v over its cached keys at relative positions (e.g. "
+            f"qk-norm after RoPE, position or per-key biases, attention sinks). Use a supported model"
+            f"{'; if the error is close to the tolerance, squeeze in float32 to tell rounding from a real mismatch' if dtype != 'float32' else ''}.")
+    return res
