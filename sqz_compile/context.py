@@ -391,12 +391,12 @@ class SqueezedContext:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None,
-             device: torch.device | str | None = None, *, verify: bool | None = None) -> "SqueezedContext":
-        """Read a file written by `save`, check it (layout; checksums when `verify`, by default for
-        files up to 2 GiB; the model fingerprint when `model` is given) and move it to `device`
-        (default: the model's device, else CPU). With a tensor-parallel `model`, each rank keeps only
-        its KV heads (distributed.py): without `verify` (default for files over 2 GiB) it reads only
-        their bytes."""
+             device: torch.device | str | None = None) -> "SqueezedContext":
+        """Read a file written by `save`, check it (every tensor's sha256, whatever its size; the
+        layout; the model fingerprint when `model` is given) and place it on `device` (default:
+        the model's device, else CPU). With a tensor-parallel `model`, each rank keeps only its KV
+        heads (distributed.py): it checksums each whole tensor streamed from the file a few rows at
+        a time (`_digest_in_file`) and holds only its own heads' bytes."""
         from safetensors import safe_open
 
         from .distributed import kv_shard
@@ -405,32 +405,26 @@ class SqueezedContext:
         fix = _REMAKE
         meta = cls.read_metadata(path)
         shard = None if model is None else kv_shard(model)
-        if shard is not None and verify is None:
-            verify = os.path.getsize(path) <= 2 << 30
+        sums = meta.get("sha256", {})
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
-                if shard is not None and not verify:
+                names = list(f.keys())
+                if set(sums) != set(names):
+                    raise SqueezedContextError(f"{path}: tensors {sorted(names)} do not match the recorded "
+                                               f"{sorted(sums)}: {fix}", fix=fix)
+                if shard is not None:
                     _check_file_heads(path, f.get_slice("keys").get_shape(), shard)
-                read = f.get_tensor if shard is None or verify else (lambda n: shard.read(f, n))
-                tensors = {n: read(n) for n in f.keys()}
+                tensors = {}
+                for n in names:
+                    t = f.get_tensor(n) if shard is None else shard.read(f, n)
+                    if (_digest(t) if shard is None else _digest_in_file(f, n)) != sums[n]:
+                        raise SqueezedContextError(f"{path}: tensor {n!r} fails its sha256 check (corrupted "
+                                                   f"file): {fix}", fix=fix)
+                    tensors[n] = t
         except SqueezedContextError:
             raise
         except Exception as e:  # safetensors raises its own error types for bad sizes
             raise _unreadable(path, e) from e
-        if verify is None:
-            verify = sum(t.numel() * t.element_size() for t in tensors.values()) <= 2 << 30
-        sums = meta.get("sha256", {})
-        if set(sums) != set(tensors):
-            raise SqueezedContextError(f"{path}: tensors {sorted(tensors)} do not match the recorded "
-                                       f"{sorted(sums)}: {fix}", fix=fix)
-        if verify:
-            for n, t in tensors.items():
-                if _digest(t) != sums[n]:
-                    raise SqueezedContextError(f"{path}: tensor {n!r} fails its sha256 check (corrupted "
-                                               f"file): {fix}", fix=fix)
-            if shard is not None:
-                _check_file_heads(path, tensors["keys"].shape, shard)
-                tensors = {n: shard.take(n, t).contiguous() for n, t in tensors.items()}  # drop the rest
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
             ctx = cls(config=SqueezeConfig.from_dict(meta["config"]), fingerprint=dict(meta["fingerprint"]),
@@ -500,6 +494,36 @@ def _check_offsets(name: str, off: torch.Tensor, total: int, bad) -> None:
         bad(f"{name} must be non-decreasing")
 
 
+# bytes hashed per step: a tensor of any size is checksummed without a second full copy in memory
+_HASH_CHUNK = 64 << 20
+
+
+def _hash_into(h: Any, t: torch.Tensor) -> None:
+    """Feed `t`'s bytes (C order) to hash `h`, `_HASH_CHUNK` bytes at a time."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    for start in range(0, flat.numel(), _HASH_CHUNK):
+        h.update(memoryview(flat[start:start + _HASH_CHUNK].numpy()))
+
+
 def _digest(t: torch.Tensor) -> str:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    """sha256 of the tensor's bytes (C order), fed in chunks: the same digest as hashing them in
+    one piece, without a second full copy in memory."""
+    h = hashlib.sha256()
+    _hash_into(h, t)
+    return h.hexdigest()
+
+
+def _digest_in_file(f: Any, name: str) -> str:
+    """`_digest` of tensor `name` of an open safetensors file, read a few rows (dim 0) at a time:
+    a tensor-parallel rank checks a whole tensor without holding it."""
+    sl = f.get_slice(name)
+    rows = sl.get_shape()[0] if sl.get_shape() else 0
+    if rows == 0:
+        return _digest(f.get_tensor(name))
+    h = hashlib.sha256()
+    first = sl[0:1]
+    _hash_into(h, first)
+    step = max(1, _HASH_CHUNK // max(1, first.numel() * first.element_size()))
+    for start in range(1, rows, step):
+        _hash_into(h, sl[start:start + step])
+    return h.hexdigest()
