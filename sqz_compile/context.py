@@ -10,8 +10,8 @@ tensor is stacked over layers on dim 0):
   centroids           [layers, H, C, D]  float32: mean of the cluster's original (un-normalised) keys;
                       [layers, H, C, 2D] with config.cluster_variance: [mean, per-channel variance]
                                          (the lookup scores [q, s/2 q^2] against them)
-                                         (a compiled graph holds them in the keys' dtype when
-                                         that is half precision: half the lookup's bytes)
+                                         (a compiled graph of a half-precision model holds one
+                                         cast copy in the keys' dtype: `layer(i, centroid_dtype)`)
   offsets             [layers, H, C+1]   int32: cluster c holds sorted keys offsets[c]:offsets[c+1]
   window_keys/values  [layers, H, A, D] model dtype: always attended: the first S context tokens
                                          (config.sink_tokens), the T tokens of this KV head the
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import SqueezeConfig
 
@@ -104,6 +105,16 @@ CONTEXT_ARGS: tuple[str, ...] = LayerContext._fields
 CENTROID_ARGS: tuple[str, ...] = ("centroids", "coarse_centroids")
 # what threshold calibration reads (gathered over ranks for a tensor-parallel context)
 _CALIBRATION_ARGS: tuple[str, ...] = ("window_queries", "centroids", "offsets", "coarse_centroids", "coarse_offsets")
+# float32 centroids -> {dtype: cast copy}, kept as long as the context's tensor lives
+_CASTS = WeakIdKeyDictionary()
+
+
+def _cast_once(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, cast on the first request and shared by every later one."""
+    casts = _CASTS.setdefault(t, {})
+    if dtype not in casts:
+        casts[dtype] = t.to(dtype)
+    return casts[dtype]
 
 
 @dataclass(eq=False)
@@ -178,11 +189,24 @@ class SqueezedContext:
         thresholds keep every cluster, else `budget`."""
         return 0 if i < self.dense_layers else self.budget
 
-    def layer(self, i: int) -> LayerContext:
+    def layer(self, i: int, *, centroid_dtype: torch.dtype | None = None) -> LayerContext:
         """Layer i's views, in CONTEXT_ARGS order: every per-layer tensor indexed (thresholds are
-        [layers, 2] -> the [decode, prefill] pair); absent (None) fields stay None."""
-        return LayerContext(**{n: None if getattr(self, n) is None else getattr(self, n)[i]
-                               for n in CONTEXT_ARGS})
+        [layers, 2] -> the [decode, prefill] pair); absent (None) fields stay None.
+
+        centroid_dtype: the centroid fields (CENTROID_ARGS) in that dtype instead of float32. That
+        is a copy, not a view: made once per context tensor and dtype (all layers at once) and
+        shared by every later call, so the graphs of one model (prefill, decode, recompiles) hold
+        one copy between them. The rewrite asks for the keys' dtype when it is half precision:
+        the lookup reads every centroid at each step, and half the bytes is its speed."""
+        def pick(name: str) -> torch.Tensor | None:
+            t = getattr(self, name)
+            if t is None:
+                return None
+            if centroid_dtype is not None and name in CENTROID_ARGS and t.dtype != centroid_dtype:
+                t = _cast_once(t, centroid_dtype)
+            return t[i]
+
+        return LayerContext(**{n: pick(n) for n in CONTEXT_ARGS})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """All tensors by field name (None fields left out)."""
@@ -192,7 +216,9 @@ class SqueezedContext:
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def to(self, device: torch.device | str) -> "SqueezedContext":
-        """A copy with every tensor on `device` (dtypes unchanged)."""
+        """A copy with every tensor on `device` (dtypes unchanged). sqz_compile never moves a
+        context implicitly: compile, export and the rewrite refuse a context on another device
+        than the model, naming both and this fix."""
         moved = {n: t.to(device) for n, t in self.tensors().items()}
         return SqueezedContext(self.config, dict(self.fingerprint), self.context_length,
                                self.token_hash, **moved, extra=dict(self.extra), shard=self.shard)
@@ -485,6 +511,21 @@ def _check_file_heads(path: str, keys_shape: Any, shard: KVShard) -> None:
 def _unreadable(path: str, e: Exception) -> SqueezedContextError:
     return SqueezedContextError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupted: "
                                 f"{_REMAKE}", fix=_REMAKE)
+
+
+def check_for_model(ctx: SqueezedContext, model: torch.nn.Module, who: str) -> None:
+    """The check `compile` and `export` make before using `ctx` with `model`: a SqueezedContext
+    made for it (fingerprint; a warning when it carries none) with the model's layer count, dtype
+    and device. Nothing is moved or cast: a context on another device than the model is refused
+    with both devices and the fix (`ctx.to(device)`) in the message."""
+    from .transformers_compat import model_config, num_layers
+
+    if not isinstance(ctx, SqueezedContext):
+        raise TypeError(f"{who}: ctx must be a sqz_compile.SqueezedContext, got {type(ctx).__name__}")
+    ctx.check_model_or_warn(model, who, stacklevel=4)
+    p = next(iter(model.parameters()), None)
+    check_fits(ctx, f"{who}: the model", layers=num_layers(model_config(model)),
+               dtype=None if p is None else p.dtype, device=None if p is None else p.device)
 
 
 def _check_offsets(name: str, off: torch.Tensor, total: int, bad) -> None:

@@ -37,7 +37,7 @@ def _model(kv_heads: int = 4):
 
 
 def _compiled(model, ctx: SqueezedContext):
-    return sqz_compile.compile(model, ctx, inductor=False, dynamic=True)   # as tests/tp_worker.py
+    return sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False, dynamic=True))  # as tests/tp_worker.py
 
 
 def _torchrun(folder: Path) -> str:

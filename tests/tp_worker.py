@@ -24,7 +24,7 @@ def main(folder: str) -> None:
 
     def run(ctx: SqueezedContext, tag: str, generate: bool) -> None:
         """Greedy generate (tokens, logits of every step) or one forward (logits of every position)."""
-        sm = sqz_compile.compile(model, ctx, inductor=False, dynamic=True)
+        sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False, dynamic=True))
         if generate:
             gen = sm.generate(spec["query"], max_new_tokens=spec["new_tokens"], do_sample=False,
                               output_logits=True, return_dict_in_generate=True)

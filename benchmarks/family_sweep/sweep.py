@@ -168,7 +168,7 @@ def run_one(family: str, attn: str) -> dict:
                                                                     observation_window=8), progress=False)
             stage = "compile"
             torch._dynamo.reset()
-            sm = sqz_compile.compile(model, ctx, inductor=False)
+            sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False))
             stage = "forward"
             got = sm(user, attention_mask=torch.ones_like(user)).logits[0].float()
         caught = [f"{w.category.__name__}: {str(w.message)[:160]}" for w in ws
