@@ -3,7 +3,6 @@ package, export_onnx and the "sqz" backend), each one frozen dataclass holding e
 from __future__ import annotations
 
 import dataclasses
-import types
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
@@ -146,8 +145,8 @@ class CompileConfig:
     def __post_init__(self) -> None:
         if int(self.block_q) < 1:
             raise ValueError(f"CompileConfig.block_q={self.block_q!r}: must be >= 1 query token")
-        # read-only, so that the frozen config cannot change behind a compiled model's back
-        object.__setattr__(self, "inductor_options", types.MappingProxyType(dict(self.inductor_options)))
+        # a private copy: changing the caller's dict later does not change a compiled model's config
+        object.__setattr__(self, "inductor_options", dict(self.inductor_options))
 
 
 # keyword arguments that compile / export / package / export_onnx / backend options took before

@@ -167,6 +167,19 @@ def test_compile_opt_out_warns_once_per_model_over_prefill_and_decode():
         assert out.tolist() == model.generate(ids, attention_mask=am, max_new_tokens=3, do_sample=False).tolist()
 
 
+def test_a_layer_refused_inside_the_graph_raises_the_plain_error_not_dynamos_wrapper():
+    """Returned attention weights are only visible in the graph: the backend refuses them while
+    Dynamo compiles, and SqueezedModel raises the SqueezeDenseError itself."""
+    model = tiny_model("llama", "eager", 2)
+    _, ctx = tiny_context(model, keep=1.0)
+    torch._dynamo.reset()
+    sm = compile(model, ctx, EAGER)
+    ids, am, _ = left_padded([5])
+    with pytest.raises(SqueezeDenseError, match="layers 0-1: the attention weights are used elsewhere"):
+        sm(ids, attention_mask=am, output_attentions=True)
+    assert_model_untouched(model)
+
+
 def test_a_context_on_another_device_is_refused_not_moved():
     """'meta' stands in for another device on a CPU-only machine."""
     model = tiny_model("llama", "sdpa", 2)
