@@ -202,6 +202,6 @@ def test_compile_again_with_an_equal_context(tmp_path, model, ctx):
 
     ctx.save(tmp_path / "c.sqz")
     ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(1))
-    logits = [sqz_compile.compile(model, c, inductor=False)(ids).logits
+    logits = [sqz_compile.compile(model, c, sqz_compile.CompileConfig(inductor=False))(ids).logits
               for c in (ctx, SqueezedContext.load(tmp_path / "c.sqz"))]
     torch.testing.assert_close(logits[0], logits[1])
