@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from sqz_compile import SqueezeConfig, assets
+from sqz_compile import CompileConfig, SqueezeConfig, assets
 from sqz_compile.attention_function import attended_fraction
 from sqz_compile.squeezed_model import compile as sqz_compile_model
 from sqz_compile.ops import DEFAULT_BLOCK_Q
@@ -66,7 +66,7 @@ def main() -> None:
 
     inductor = device == "cuda" if args.inductor is None else args.inductor
     # dynamic=True: one graph for every question length instead of a recompile per length
-    sm = sqz_compile_model(model, ctx, inductor=inductor, dynamic=True)
+    sm = sqz_compile_model(model, ctx, CompileConfig(inductor=inductor, dynamic=True))
     print(f"compiled with backend 'sqz' ({'Inductor' if inductor else 'rewritten graph run eagerly'})\n")
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     for question in QUESTIONS:

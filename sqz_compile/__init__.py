@@ -1,8 +1,8 @@
 """sqz_compile: Squeezed Attention (arXiv 2411.09688) as a torch.compile pass.
 
-One verb per job: `squeeze` (offline, per fixed context) -> `compile` (model + context ->
-SqueezedModel, backend "sqz") -> `export` / `export_onnx` / `package` (artifacts with the context
-baked in).
+One verb per job: `squeeze` (offline, per fixed context; SqueezeConfig) -> `compile` (model +
+context -> SqueezedModel, backend "sqz") -> `export` / `export_onnx` / `package` (artifacts with the
+context baked in); the last four take one CompileConfig.
 
 The names below load on first use, so that `sqz --help` does not wait for torch. Importing
 sqz_compile registers torch.ops.sqz when torch is already imported (as in `import torch,
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "ops": ".ops",
     "SqueezeConfig": ".config",
+    "CompileConfig": ".config",
     "SqueezedContext": ".context",
     "SqueezedModel": ".squeezed_model",
     "compile": ".squeezed_model",
@@ -32,12 +33,12 @@ _EXPORTS = {
     "squeeze": ".squeeze",
 }
 
-__all__ = ["SqueezeConfig", "SqueezedContext", "SqueezedModel", "squeeze", "compile", "export",
+__all__ = ["SqueezeConfig", "CompileConfig", "SqueezedContext", "SqueezedModel", "squeeze", "compile", "export",
            "export_onnx", "load_exported", "package", "save_exported", "ops"]
 
 if TYPE_CHECKING:
     from . import ops
-    from .config import SqueezeConfig
+    from .config import CompileConfig, SqueezeConfig
     from .context import SqueezedContext
     from .export import export, export_onnx, load_exported, package, save_exported
     from .squeeze import squeeze

@@ -1,21 +1,28 @@
 """The torch.compile backend "sqz": rewrite attention to the sqz op, then hand over to Inductor.
 
-    model = torch.compile(model, backend="sqz", options={"context": ctx})
+    model = torch.compile(model, backend="sqz", options={"context": ctx, "config": CompileConfig()})
 
 Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so the string "sqz"
 works in any process with sqz_compile installed; passing `sqz_backend` itself works too. torch.compile
-calls a backend as `backend(gm, example_inputs, options=..., mode=...)`.
+calls a backend as `backend(gm, example_inputs, options=..., mode=...)`, once per graph (prefill,
+decode, recompiles), with the same options dict each time.
 
 Options:
   context    SqueezedContext (required)
-  block_q    queries sharing one cluster selection in prefill (default 64)
-  inductor   False: run the rewritten graph eagerly (no Inductor; quick CPU checks)
+  config     CompileConfig: block_q, strict, inductor (False: run the rewritten graph eagerly),
+             mode (for callers that must pass it in options: torch.compile refuses mode and
+             options together), inductor_options. Default CompileConfig(): strict, so a layer the
+             pass cannot rewrite is an error (SqueezeDenseError) naming it.
   model      the module being compiled, when Dynamo's frame does not show it (it is found
-             automatically for torch.compile(model) and torch.compile(model.forward))
+             automatically for torch.compile(model) and torch.compile(model.forward)); without
+             it the layers' settings cannot be checked, which strict mode refuses
   on_report  callable receiving each graph's RewriteReport
-  mode       Inductor mode ("reduce-overhead", ...), for callers that must pass it in options
-             (torch.compile refuses mode and options together)
-  anything else is an Inductor config option (as torch.compile(..., options=...) takes them)
+The loose options of earlier releases (block_q, inductor, mode, Inductor config names) still work
+for one release, with a DeprecationWarning.
+
+With CompileConfig(strict=False) the SqueezeDenseWarning is said once per compiled model: the
+backend keeps its DenseNotice in the options dict (under `NOTICE_KEY`), which torch.compile hands
+it for every graph of that model.
 """
 from __future__ import annotations
 
@@ -26,13 +33,13 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule
 
+from .config import resolve_compile_config
 from .context import SqueezedContext
 from .distributed import local_context
-from .ops import DEFAULT_BLOCK_Q
-from .passes.rewrite import RewriteReport, SqueezeDenseWarning, rewrite_attention
+from .passes.rewrite import DenseNotice, RewriteReport, SqueezeDenseWarning, rewrite_attention
 
-_OWN_OPTIONS = ("context", "block_q", "inductor", "model", "on_report", "mode")
-_warned: set[tuple[int, tuple]] = set()
+_OWN_OPTIONS = ("context", "config", "model", "on_report")
+NOTICE_KEY = "_sqz_dense_notice"
 
 
 def copy_graph_module(gm: GraphModule) -> GraphModule:
@@ -81,16 +88,24 @@ def _dynamo_root_module() -> torch.nn.Module | None:
 
 def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     own = {k: options[k] for k in _OWN_OPTIONS if k in options}
-    rest = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
-    return own, rest
+    legacy = {k: v for k, v in options.items() if k not in _OWN_OPTIONS and k != NOTICE_KEY}
+    return own, legacy
+
+
+def _notice(options: dict[str, Any] | None) -> DenseNotice:
+    """This compiled model's DenseNotice, kept in its options dict (a fresh one per direct call)."""
+    if options is None:
+        return DenseNotice()
+    return options.setdefault(NOTICE_KEY, DenseNotice())
 
 
 def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str, Any] | None = None,
                 mode: str | None = None, **kwargs: Any) -> Callable[..., Any]:
     """torch.compile backend: rewrite attention in a copy of `gm` to use the context, then compile
-    it with Inductor (or run it eagerly with options={"inductor": False})."""
-    own, inductor_options = _split_options({**(options or {}), **kwargs})
-    mode = own.get("mode", mode)
+    it with Inductor (or run it eagerly with CompileConfig(inductor=False))."""
+    own, legacy = _split_options({**(options or {}), **kwargs})
+    config = resolve_compile_config(own.get("config"), legacy, 'the "sqz" backend options', rest_to_inductor=True)
+    mode = config.mode or mode
     ctx = own.get("context")
     if ctx is None:
         raise ValueError(
@@ -103,18 +118,13 @@ def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str
     if model is not None:
         ctx = local_context(ctx, model)  # tensor parallel: this rank's KV heads (distributed.py)
     gm = copy_graph_module(gm)
-    report = rewrite_attention(gm, ctx, block_q=int(own.get("block_q", DEFAULT_BLOCK_Q)), warn=False, model=model)
-    if report.dense:
-        key = (id(ctx), tuple(report.dense))
-        if key not in _warned:
-            _warned.add(key)
-            from .passes.rewrite import warn_dense
-
-            warn_dense(report)
+    report = rewrite_attention(gm, ctx, block_q=config.block_q, strict=config.strict, model=model,
+                               notice=_notice(options))
     on_report = own.get("on_report")
     if on_report is not None:
         on_report(report)
-    if not own.get("inductor", True):
+    inductor_options = dict(config.inductor_options)
+    if not config.inductor:
         if mode not in (None, "default") or inductor_options:
             warnings.warn(f"sqz: inductor=False runs the graph eagerly; ignoring mode={mode!r} and Inductor "
                           f"options {sorted(inductor_options)}", stacklevel=2)
@@ -126,4 +136,4 @@ def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
-__all__ = ["sqz_backend", "copy_graph_module", "RewriteReport", "SqueezeDenseWarning"]
+__all__ = ["sqz_backend", "copy_graph_module", "RewriteReport", "SqueezeDenseWarning", "NOTICE_KEY"]

@@ -349,7 +349,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     import torch
 
     from .attention_function import attended_fraction
-    from .config import DEFAULT_BLOCK_Q
+    from .config import DEFAULT_BLOCK_Q, CompileConfig
     from .squeezed_model import compile as compile_model
 
     if args.max_new_tokens < 1:
@@ -375,7 +375,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         steps("answer (squeezed)")
         inductor = device.type == "cuda" if args.compile is None else args.compile
         # dynamic=True: one graph for every question length (as examples/demo.py)
-        sm = compile_model(model, ctx, inductor=inductor, dynamic=True)
+        sm = compile_model(model, ctx, CompileConfig(inductor=inductor, dynamic=True))
         start = time.perf_counter()
         with _as_user_error("cannot answer"), torch.no_grad():
             out = sm.generate(q, attention_mask=torch.ones_like(q), **gen)[0, q.shape[1]:]
@@ -440,7 +440,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .config import DEFAULT_BLOCK_Q
+    from .config import DEFAULT_BLOCK_Q, CompileConfig
 
     out = args.output or os.path.splitext(args.context)[0] + FORMATS[args.format]
     _check_writable(out)
@@ -448,7 +448,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CLIError(f"{out}: AOTInductor packages must be named *.pt2")
     # ONNX and torch.export programs are made on CPU unless asked; a .pt2 targets the best device.
     device = _device(args.device if args.device != "auto" or args.format == "pt2" else "cpu")
-    block_q = args.block_q or DEFAULT_BLOCK_Q
+    config = CompileConfig(block_q=args.block_q or DEFAULT_BLOCK_Q)
     last = {"exported": "write", "onnx": "ONNX translation", "pt2": "AOTInductor: compile C++ (minutes)"}
     from .export import aoti, onnx, program
 
@@ -463,7 +463,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         ctx, model, tok = _load_context(args.context, args.model, args.dtype, device, steps)
         example = question_ids(tok, "Hello?").to(device)
         steps("torch.export")
-        ep = program.export(model, ctx, example, block_q=block_q)
+        ep = program.export(model, ctx, example, config=config)
         steps(last[args.format])
         if args.format == "exported":
             program.save_exported(ep, out)

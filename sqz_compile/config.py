@@ -1,8 +1,14 @@
-"""Configuration for the offline squeeze (one frozen dataclass holding every knob)."""
+"""Configuration: `SqueezeConfig` (the offline squeeze) and `CompileConfig` (compile, export,
+package, export_onnx and the "sqz" backend), each one frozen dataclass holding every knob."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+import dataclasses
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+# query tokens of one prefill block that share a cluster selection (the sqz ops' default)
+DEFAULT_BLOCK_Q = 64
 
 
 @dataclass(frozen=True)
@@ -115,5 +121,64 @@ class SqueezeConfig:
         return cls(**d)
 
 
-# query tokens of one prefill block that share a cluster selection (the sqz ops' default)
-DEFAULT_BLOCK_Q = 64
+@dataclass(frozen=True)
+class CompileConfig:
+    """How a model is compiled with its squeezed context: one config for `sqz_compile.compile`,
+    `export`, `export_onnx`, `package` and the "sqz" backend (options={"context": ctx,
+    "config": CompileConfig(...)}). Each knob says which of them read it.
+
+    block_q: query tokens sharing one cluster selection in prefill (all).
+    strict: a layer the pass cannot rewrite (sliding window, soft-capping, attention weights used
+        elsewhere, a model whose settings cannot be read, ...) is an error, SqueezeDenseError,
+        naming the layer and the reason (all). False is the opt-out: such a layer stays dense, so
+        it attends only to the user's tokens and ignores the context, and a SqueezeDenseWarning
+        says so once per compiled model.
+    inductor: compile the rewritten graph with Inductor; False runs it eagerly (compile, backend).
+    mode: Inductor mode, e.g. "reduce-overhead" (compile, backend).
+    dynamic, fullgraph: torch.compile's (compile).
+    inductor_options: Inductor config options: torch.compile's `options` (compile, backend) or
+        AOTInductor's `inductor_configs` (package), e.g. {"cpp.cxx": (None, "/usr/bin/g++")}.
+    """
+
+    block_q: int = DEFAULT_BLOCK_Q
+    strict: bool = True
+    inductor: bool = True
+    mode: str | None = None
+    dynamic: bool | None = None
+    fullgraph: bool = False
+    inductor_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if int(self.block_q) < 1:
+            raise ValueError(f"CompileConfig.block_q={self.block_q!r}: must be >= 1 query token")
+        # a private copy: changing the caller's dict later does not change a compiled model's config
+        object.__setattr__(self, "inductor_options", dict(self.inductor_options))
+
+
+# keyword arguments that compile / export / package / export_onnx / backend options took before
+# CompileConfig, mapped to its fields (accepted, with a DeprecationWarning, for one release)
+_LEGACY_NAMES = {"inductor_configs": "inductor_options"}
+
+
+def resolve_compile_config(config: CompileConfig | None, legacy: Mapping[str, Any], who: str, *,
+                           rest_to_inductor: bool = False, stacklevel: int = 3) -> CompileConfig:
+    """`config` (default CompileConfig()), updated from the loose keyword arguments of the old API
+    with a DeprecationWarning. `rest_to_inductor`: unknown names are Inductor options (compile and
+    the backend took those loose); otherwise they are a TypeError."""
+    if config is None:
+        config = CompileConfig()
+    elif not isinstance(config, CompileConfig):
+        raise TypeError(f"{who}: config must be a sqz_compile.CompileConfig, got {type(config).__name__}")
+    if not legacy:
+        return config
+    names = {f.name for f in dataclasses.fields(CompileConfig)}
+    known = {_LEGACY_NAMES.get(k, k): v for k, v in legacy.items() if _LEGACY_NAMES.get(k, k) in names}
+    rest = {k: v for k, v in legacy.items() if _LEGACY_NAMES.get(k, k) not in names}
+    if rest and not rest_to_inductor:
+        raise TypeError(f"{who}() got unexpected keyword arguments {sorted(rest)}")
+    if rest or "inductor_options" in known:
+        known["inductor_options"] = {**config.inductor_options, **known.get("inductor_options", {}), **rest}
+    warnings.warn(f"{who}: keyword arguments {sorted(legacy)} are deprecated and go away in the next "
+                  f"release: pass config=sqz_compile.CompileConfig(...) instead", DeprecationWarning,
+                  stacklevel=stacklevel)
+    return dataclasses.replace(config, **known)

@@ -10,8 +10,8 @@ tensor is stacked over layers on dim 0):
   centroids           [layers, H, C, D]  float32: mean of the cluster's original (un-normalised) keys;
                       [layers, H, C, 2D] with config.cluster_variance: [mean, per-channel variance]
                                          (the lookup scores [q, s/2 q^2] against them)
-                                         (a compiled graph holds them in the keys' dtype when
-                                         that is half precision: half the lookup's bytes)
+                                         (a compiled graph of a half-precision model holds one
+                                         cast copy in the keys' dtype: `layer(i, centroid_dtype)`)
   offsets             [layers, H, C+1]   int32: cluster c holds sorted keys offsets[c]:offsets[c+1]
   window_keys/values  [layers, H, A, D] model dtype: always attended: the first S context tokens
                                          (config.sink_tokens), the T tokens of this KV head the
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import SqueezeConfig
 
@@ -104,6 +105,16 @@ CONTEXT_ARGS: tuple[str, ...] = LayerContext._fields
 CENTROID_ARGS: tuple[str, ...] = ("centroids", "coarse_centroids")
 # what threshold calibration reads (gathered over ranks for a tensor-parallel context)
 _CALIBRATION_ARGS: tuple[str, ...] = ("window_queries", "centroids", "offsets", "coarse_centroids", "coarse_offsets")
+# float32 centroids -> {dtype: cast copy}, kept as long as the context's tensor lives
+_CASTS = WeakIdKeyDictionary()
+
+
+def _cast_once(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, cast on the first request and shared by every later one."""
+    casts = _CASTS.setdefault(t, {})
+    if dtype not in casts:
+        casts[dtype] = t.to(dtype)
+    return casts[dtype]
 
 
 @dataclass(eq=False)
@@ -178,11 +189,24 @@ class SqueezedContext:
         thresholds keep every cluster, else `budget`."""
         return 0 if i < self.dense_layers else self.budget
 
-    def layer(self, i: int) -> LayerContext:
+    def layer(self, i: int, *, centroid_dtype: torch.dtype | None = None) -> LayerContext:
         """Layer i's views, in CONTEXT_ARGS order: every per-layer tensor indexed (thresholds are
-        [layers, 2] -> the [decode, prefill] pair); absent (None) fields stay None."""
-        return LayerContext(**{n: None if getattr(self, n) is None else getattr(self, n)[i]
-                               for n in CONTEXT_ARGS})
+        [layers, 2] -> the [decode, prefill] pair); absent (None) fields stay None.
+
+        centroid_dtype: the centroid fields (CENTROID_ARGS) in that dtype instead of float32. That
+        is a copy, not a view: made once per context tensor and dtype (all layers at once) and
+        shared by every later call, so the graphs of one model (prefill, decode, recompiles) hold
+        one copy between them. The rewrite asks for the keys' dtype when it is half precision:
+        the lookup reads every centroid at each step, and half the bytes is its speed."""
+        def pick(name: str) -> torch.Tensor | None:
+            t = getattr(self, name)
+            if t is None:
+                return None
+            if centroid_dtype is not None and name in CENTROID_ARGS and t.dtype != centroid_dtype:
+                t = _cast_once(t, centroid_dtype)
+            return t[i]
+
+        return LayerContext(**{n: pick(n) for n in CONTEXT_ARGS})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """All tensors by field name (None fields left out)."""
@@ -192,7 +216,9 @@ class SqueezedContext:
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def to(self, device: torch.device | str) -> "SqueezedContext":
-        """A copy with every tensor on `device` (dtypes unchanged)."""
+        """A copy with every tensor on `device` (dtypes unchanged). sqz_compile never moves a
+        context implicitly: compile, export and the rewrite refuse a context on another device
+        than the model, naming both and this fix."""
         moved = {n: t.to(device) for n, t in self.tensors().items()}
         return SqueezedContext(self.config, dict(self.fingerprint), self.context_length,
                                self.token_hash, **moved, extra=dict(self.extra), shard=self.shard)
@@ -391,12 +417,12 @@ class SqueezedContext:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None,
-             device: torch.device | str | None = None, *, verify: bool | None = None) -> "SqueezedContext":
-        """Read a file written by `save`, check it (layout; checksums when `verify`, by default for
-        files up to 2 GiB; the model fingerprint when `model` is given) and move it to `device`
-        (default: the model's device, else CPU). With a tensor-parallel `model`, each rank keeps only
-        its KV heads (distributed.py): without `verify` (default for files over 2 GiB) it reads only
-        their bytes."""
+             device: torch.device | str | None = None) -> "SqueezedContext":
+        """Read a file written by `save`, check it (every tensor's sha256, whatever its size; the
+        layout; the model fingerprint when `model` is given) and place it on `device` (default:
+        the model's device, else CPU). With a tensor-parallel `model`, each rank keeps only its KV
+        heads (distributed.py): it checksums each whole tensor streamed from the file a few rows at
+        a time (`_digest_in_file`) and holds only its own heads' bytes."""
         from safetensors import safe_open
 
         from .distributed import kv_shard
@@ -405,32 +431,26 @@ class SqueezedContext:
         fix = _REMAKE
         meta = cls.read_metadata(path)
         shard = None if model is None else kv_shard(model)
-        if shard is not None and verify is None:
-            verify = os.path.getsize(path) <= 2 << 30
+        sums = meta.get("sha256", {})
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
-                if shard is not None and not verify:
+                names = list(f.keys())
+                if set(sums) != set(names):
+                    raise SqueezedContextError(f"{path}: tensors {sorted(names)} do not match the recorded "
+                                               f"{sorted(sums)}: {fix}", fix=fix)
+                if shard is not None:
                     _check_file_heads(path, f.get_slice("keys").get_shape(), shard)
-                read = f.get_tensor if shard is None or verify else (lambda n: shard.read(f, n))
-                tensors = {n: read(n) for n in f.keys()}
+                tensors = {}
+                for n in names:
+                    t = f.get_tensor(n) if shard is None else shard.read(f, n)
+                    if (_digest(t) if shard is None else _digest_in_file(f, n)) != sums[n]:
+                        raise SqueezedContextError(f"{path}: tensor {n!r} fails its sha256 check (corrupted "
+                                                   f"file): {fix}", fix=fix)
+                    tensors[n] = t
         except SqueezedContextError:
             raise
         except Exception as e:  # safetensors raises its own error types for bad sizes
             raise _unreadable(path, e) from e
-        if verify is None:
-            verify = sum(t.numel() * t.element_size() for t in tensors.values()) <= 2 << 30
-        sums = meta.get("sha256", {})
-        if set(sums) != set(tensors):
-            raise SqueezedContextError(f"{path}: tensors {sorted(tensors)} do not match the recorded "
-                                       f"{sorted(sums)}: {fix}", fix=fix)
-        if verify:
-            for n, t in tensors.items():
-                if _digest(t) != sums[n]:
-                    raise SqueezedContextError(f"{path}: tensor {n!r} fails its sha256 check (corrupted "
-                                               f"file): {fix}", fix=fix)
-            if shard is not None:
-                _check_file_heads(path, tensors["keys"].shape, shard)
-                tensors = {n: shard.take(n, t).contiguous() for n, t in tensors.items()}  # drop the rest
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
             ctx = cls(config=SqueezeConfig.from_dict(meta["config"]), fingerprint=dict(meta["fingerprint"]),
@@ -493,6 +513,21 @@ def _unreadable(path: str, e: Exception) -> SqueezedContextError:
                                 f"{_REMAKE}", fix=_REMAKE)
 
 
+def check_for_model(ctx: SqueezedContext, model: torch.nn.Module, who: str) -> None:
+    """The check `compile` and `export` make before using `ctx` with `model`: a SqueezedContext
+    made for it (fingerprint; a warning when it carries none) with the model's layer count, dtype
+    and device. Nothing is moved or cast: a context on another device than the model is refused
+    with both devices and the fix (`ctx.to(device)`) in the message."""
+    from .transformers_compat import model_config, num_layers
+
+    if not isinstance(ctx, SqueezedContext):
+        raise TypeError(f"{who}: ctx must be a sqz_compile.SqueezedContext, got {type(ctx).__name__}")
+    ctx.check_model_or_warn(model, who, stacklevel=4)
+    p = next(iter(model.parameters()), None)
+    check_fits(ctx, f"{who}: the model", layers=num_layers(model_config(model)),
+               dtype=None if p is None else p.dtype, device=None if p is None else p.device)
+
+
 def _check_offsets(name: str, off: torch.Tensor, total: int, bad) -> None:
     if off.numel() and (bool((off[..., 0] != 0).any()) or bool((off[..., -1] != total).any())):
         bad(f"{name} must start at 0 and end at {total} in every (layer, head)")
@@ -500,6 +535,36 @@ def _check_offsets(name: str, off: torch.Tensor, total: int, bad) -> None:
         bad(f"{name} must be non-decreasing")
 
 
+# bytes hashed per step: a tensor of any size is checksummed without a second full copy in memory
+_HASH_CHUNK = 64 << 20
+
+
+def _hash_into(h: Any, t: torch.Tensor) -> None:
+    """Feed `t`'s bytes (C order) to hash `h`, `_HASH_CHUNK` bytes at a time."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    for start in range(0, flat.numel(), _HASH_CHUNK):
+        h.update(memoryview(flat[start:start + _HASH_CHUNK].numpy()))
+
+
 def _digest(t: torch.Tensor) -> str:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    """sha256 of the tensor's bytes (C order), fed in chunks: the same digest as hashing them in
+    one piece, without a second full copy in memory."""
+    h = hashlib.sha256()
+    _hash_into(h, t)
+    return h.hexdigest()
+
+
+def _digest_in_file(f: Any, name: str) -> str:
+    """`_digest` of tensor `name` of an open safetensors file, read a few rows (dim 0) at a time:
+    a tensor-parallel rank checks a whole tensor without holding it."""
+    sl = f.get_slice(name)
+    rows = sl.get_shape()[0] if sl.get_shape() else 0
+    if rows == 0:
+        return _digest(f.get_tensor(name))
+    h = hashlib.sha256()
+    first = sl[0:1]
+    _hash_into(h, first)
+    step = max(1, _HASH_CHUNK // max(1, first.numel() * first.element_size()))
+    for start in range(1, rows, step):
+        _hash_into(h, sl[start:start + step])
+    return h.hexdigest()

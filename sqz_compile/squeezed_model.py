@@ -15,37 +15,41 @@ duration of a call.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Iterator
 
 import torch
 
-from .backend import sqz_backend
-from .context import SqueezedContext, check_fits
+from .backend import NOTICE_KEY, sqz_backend
+from .config import CompileConfig, resolve_compile_config
+from .context import SqueezedContext, check_for_model
 from .distributed import local_context
-from .ops import DEFAULT_BLOCK_Q
-from .passes.rewrite import RewriteReport, SqueezeDenseWarning
+from .passes.rewrite import (ContextMismatchError, DenseNotice, RewriteReport, SqueezeDenseError, model_reasons,
+                             refuse_or_warn, uncovered)
 from .transformers_compat import check_positions, model_config, num_layers, passed_cache
 
 
 class SqueezedModel:
     """`model` bound to `ctx` through the "sqz" backend. Build it with `sqz_compile.compile`."""
 
-    def __init__(self, model: torch.nn.Module, ctx: SqueezedContext, *, block_q: int = DEFAULT_BLOCK_Q,
-                 inductor: bool = True, mode: str | None = None, dynamic: bool | None = None,
-                 fullgraph: bool = False, **inductor_options: Any) -> None:
-        _check_model_and_context(model, ctx)
+    def __init__(self, model: torch.nn.Module, ctx: SqueezedContext, config: CompileConfig | None = None,
+                 **deprecated: Any) -> None:
+        config = resolve_compile_config(config, deprecated, "sqz_compile.SqueezedModel", rest_to_inductor=True)
+        if not hasattr(model, "generate") or not hasattr(model, "config"):
+            raise TypeError(f"sqz_compile.compile needs a transformers causal LM, got {type(model).__name__}")
+        check_for_model(ctx, model, "sqz_compile.compile")
+        if config.strict:  # what the config already forbids fails here, not at the first call
+            refuse_or_warn(model_reasons(model), strict=True)
         ctx = local_context(ctx, model)  # tensor parallel: this rank's KV heads (distributed.py)
         self.model = model
         self.ctx = ctx
+        self.compile_config = config  # (`config` is the wrapped model's, as for the model)
         self.reports: list[RewriteReport] = []
         self._checked = 0
-        options: dict[str, Any] = {"context": ctx, "block_q": int(block_q), "inductor": bool(inductor),
-                                   "model": model, "on_report": self.reports.append, **inductor_options}
-        if mode is not None:
-            options["mode"] = mode  # torch.compile takes mode or options, not both
-        self._forward = torch.compile(model.forward, backend=sqz_backend, options=options, dynamic=dynamic,
-                                      fullgraph=fullgraph)
+        self._notice = DenseNotice()  # one SqueezeDenseWarning per (layer, reason) for this model
+        options: dict[str, Any] = {"context": ctx, "config": config, "model": model,
+                                   "on_report": self.reports.append, NOTICE_KEY: self._notice}
+        self._forward = torch.compile(model.forward, backend=sqz_backend, options=options,
+                                      dynamic=config.dynamic, fullgraph=config.fullgraph)
 
     # ------------------------------------------------------------------ calls
 
@@ -88,7 +92,7 @@ class SqueezedModel:
 
     def __getattr__(self, name: str) -> Any:
         # config, device, generation_config, ... of the wrapped model
-        if name in ("model", "ctx", "reports", "_forward", "_checked"):
+        if name in ("model", "ctx", "compile_config", "reports", "_forward", "_checked", "_notice"):
             raise AttributeError(name)
         return getattr(self.model, name)
 
@@ -108,12 +112,18 @@ class SqueezedModel:
             # would otherwise turn model floats into symbols and leave every layer dense
             with torch._dynamo.config.patch(specialize_float=True):
                 yield
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            # Dynamo wraps the backend's exceptions: sqz_compile's own are raised as they are
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, (SqueezeDenseError, ContextMismatchError)):
+                raise inner from None
+            raise
         finally:
             if had_own:
                 m.forward = old
             else:
                 del m.forward
-            self._check_coverage()
+        self._check_coverage()  # after a successful call: strict refuses before its output is returned
 
     def _check_length(self, n_tokens: int, what: str) -> None:
         total = self.ctx.context_length + n_tokens
@@ -121,41 +131,26 @@ class SqueezedModel:
                         "shorten the input, lower max_new_tokens, or squeeze a shorter context")
 
     def _check_coverage(self) -> None:
-        """Warn once per compile if some decoder layer's attention was not found at all (it would
-        silently ignore the context)."""
-        new = self.reports[self._checked:]
-        self._checked = len(self.reports)
-        if not new:
+        """After new graphs were compiled: every decoder layer's attention must have been found
+        (rewritten or reported) in some graph, else that layer silently ignores the context
+        (strict: SqueezeDenseError; else one SqueezeDenseWarning)."""
+        if len(self.reports) == self._checked:
             return
-        layers = num_layers(model_config(self.model))
-        seen = {r for rep in new for r in rep.rewritten} | {l for rep in new for l, _ in rep.dense}
-        missing = sorted(set(range(layers)) - seen)
-        if missing:
-            warnings.warn(
-                f"sqz: no attention found in layers {missing} of {type(self.model).__name__}: those layers "
-                f"attend only to the new tokens, not to the squeezed context (unrecognised attention "
-                f"implementation? use attn_implementation='sdpa' or 'eager')", SqueezeDenseWarning, stacklevel=3)
+        self._checked = len(self.reports)
+        missing = uncovered(self.report, num_layers(model_config(self.model)))
+        refuse_or_warn(missing, strict=self.compile_config.strict, notice=self._notice)
 
 
-def _check_model_and_context(model: torch.nn.Module, ctx: SqueezedContext) -> None:
-    if not isinstance(ctx, SqueezedContext):
-        raise TypeError(f"ctx must be a sqz_compile.SqueezedContext, got {type(ctx).__name__}")
-    if not hasattr(model, "generate") or not hasattr(model, "config"):
-        raise TypeError(f"sqz_compile.compile needs a transformers causal LM, got {type(model).__name__}")
-    ctx.check_model_or_warn(model, "sqz", stacklevel=3)
-    p = next(model.parameters())
-    check_fits(ctx, "the model", layers=num_layers(model_config(model)), dtype=p.dtype, device=p.device)
-
-
-def compile(model: torch.nn.Module, ctx: SqueezedContext, *, block_q: int = DEFAULT_BLOCK_Q,
-            inductor: bool = True, mode: str | None = None, dynamic: bool | None = None,
-            **inductor_options: Any) -> SqueezedModel:
+def compile(model: torch.nn.Module, ctx: SqueezedContext, config: CompileConfig | None = None,
+            **deprecated: Any) -> SqueezedModel:
     """Compile `model` with its squeezed context: a SqueezedModel whose forward and generate take
     only the user's tokens. Checks up front that `ctx` was made for `model` (fingerprint, layers,
-    dtype, device). `inductor=False` runs the rewritten graph eagerly; `mode` and other keyword
-    options go to Inductor (as torch.compile's mode/options)."""
-    return SqueezedModel(model, ctx, block_q=block_q, inductor=inductor, mode=mode, dynamic=dynamic,
-                         **inductor_options)
+    dtype, device; nothing is moved or cast) and, in strict mode (the default), that no layer's
+    settings forbid the rewrite. `config` (CompileConfig) sets block_q, strict, inductor (False
+    runs the rewritten graph eagerly), mode, dynamic, fullgraph and Inductor options; the loose
+    keyword arguments of earlier releases still work for one release (DeprecationWarning)."""
+    config = resolve_compile_config(config, deprecated, "sqz_compile.compile", rest_to_inductor=True)
+    return SqueezedModel(model, ctx, config)
 
 
 __all__ = ["SqueezedModel", "compile"]

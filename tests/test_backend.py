@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sqz_compile import CompileConfig
 from sqz_compile.backend import sqz_backend
 from sqz_compile.passes import SqueezeDenseWarning
 from fixtures import (dense_full_rows, left_padded, real_rows, selected_keys_reference, tiny_context,
@@ -12,10 +13,10 @@ from fixtures import (dense_full_rows, left_padded, real_rows, selected_keys_ref
 LENGTHS = [7, 5, 2]  # batch 3, left padded
 
 
-def compiled_logits(model, ctx, backend="sqz", **options):
+def compiled_logits(model, ctx, backend="sqz", **config):
     reports = []
     torch._dynamo.reset()
-    opts = {"context": ctx, "inductor": False, "on_report": reports.append, **options}
+    opts = {"context": ctx, "config": CompileConfig(**{"inductor": False, **config}), "on_report": reports.append}
     compiled = torch.compile(model, backend=backend, options=opts)
     ids, am, pos = left_padded(LENGTHS)
     with torch.no_grad():
@@ -88,12 +89,27 @@ def test_missing_or_wrong_context_is_a_clear_error():
     torch._dynamo.reset()
 
 
-def test_sliding_window_model_stays_dense_with_one_warning():
+DENSE_ERROR = r"(?s)SqueezeDenseError.*layers 0-1: {}.*CompileConfig\(strict=False\)"
+
+
+def sliding_window_model():
     model = tiny_model("mistral", "sdpa", 2)
     _, ctx = tiny_context(model)
     model.config.sliding_window = 16  # longer than the batch: HF drops the mask, only the config shows it
-    with pytest.warns(SqueezeDenseWarning, match="layer 0: sliding window of 16 tokens") as rec:
-        logits, reports, (ids, am, pos) = compiled_logits(model, ctx)
+    return model, ctx
+
+
+def test_sliding_window_model_is_refused_by_default_naming_layers_reason_and_opt_out():
+    model, ctx = sliding_window_model()
+    with pytest.raises(Exception, match=DENSE_ERROR.format("sliding window of 16 tokens")):
+        compiled_logits(model, ctx)
+    torch._dynamo.reset()
+
+
+def test_sliding_window_model_opt_out_stays_dense_with_one_warning():
+    model, ctx = sliding_window_model()
+    with pytest.warns(SqueezeDenseWarning, match="layers 0-1: sliding window of 16 tokens") as rec:
+        logits, reports, (ids, am, pos) = compiled_logits(model, ctx, strict=False)
     assert len([w for w in rec if issubclass(w.category, SqueezeDenseWarning)]) == 1
     assert reports[0].rewritten == [] and [layer for layer, _ in reports[0].dense] == [0, 1]
     with torch.no_grad():
@@ -101,14 +117,74 @@ def test_sliding_window_model_stays_dense_with_one_warning():
     assert_rows_close(real_rows(logits, am), real_rows(plain, am), atol=1e-5)
 
 
-def test_returned_attention_weights_stay_dense():
-    model = tiny_model("llama", "eager", 2)
-    _, ctx = tiny_context(model)
+def test_opt_out_warns_once_per_compiled_model_not_once_per_process():
+    """One torch.compile: its prefill and decode graphs warn once together; a second compile of
+    the same model and context warns again (it is another compiled model)."""
+    model, ctx = sliding_window_model()
+    ids, am, _ = left_padded([5, 3])
+    for _ in range(2):
+        torch._dynamo.reset()
+        reports = []
+        compiled = torch.compile(model, backend="sqz", options={
+            "context": ctx, "config": CompileConfig(inductor=False, strict=False), "on_report": reports.append})
+        with pytest.warns(SqueezeDenseWarning) as rec, torch.no_grad():
+            compiled(input_ids=ids, attention_mask=am)
+            compiled(input_ids=ids[:1, :4], attention_mask=am[:1, :4])  # another shape: another graph
+        assert len(reports) >= 2, "the test needs two graphs of one compiled model"
+        assert len([w for w in rec if issubclass(w.category, SqueezeDenseWarning)]) == 1
+    torch._dynamo.reset()
+
+
+def test_loose_options_of_the_old_api_still_work_with_a_deprecation_warning():
+    model = tiny_model("llama", "sdpa", 2)
+    ctx_ids, ctx = tiny_context(model)
     torch._dynamo.reset()
     reports = []
-    compiled = torch.compile(model, backend="sqz", options={"context": ctx, "inductor": False,
+    compiled = torch.compile(model, backend="sqz", options={"context": ctx, "inductor": False, "block_q": 4,
                                                             "on_report": reports.append})
     ids, am, pos = left_padded(LENGTHS)
+    with pytest.warns(DeprecationWarning, match=r"\['block_q', 'inductor'\].*CompileConfig"), torch.no_grad():
+        logits = compiled(input_ids=ids, attention_mask=am, position_ids=pos).logits
+    assert reports[0].layers == [0, 1]
+    assert_rows_close(real_rows(logits, am), dense_full_rows(model, ctx_ids, ids, am))
+    torch._dynamo.reset()
+
+
+def test_a_model_the_backend_cannot_find_is_refused_not_unchecked():
+    """A function that reaches the model through another object hides it from the backend:
+    nothing about its layers' settings can be proven, so strict mode refuses (and names
+    options={'model': model})."""
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model)
+    ids, am, pos = left_padded(LENGTHS)
+    holder = type("Holder", (), {"model": model})()
+
+    def run(i):
+        return holder.model(input_ids=i).logits
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"(?s)SqueezeDenseError.*settings .* cannot be checked.*'model': model"):
+        torch.compile(run, backend="sqz", options={"context": ctx, "config": CompileConfig(inductor=False)})(ids)
+    torch._dynamo.reset()
+    reports = []
+    out = torch.compile(run, backend="sqz", options={"context": ctx, "model": model, "on_report": reports.append,
+                                                     "config": CompileConfig(inductor=False)})(ids)
+    assert reports[0].layers == [0, 1] and out.shape[:2] == ids.shape
+    torch._dynamo.reset()
+
+
+def test_returned_attention_weights_are_refused_by_default_and_stay_dense_on_opt_out():
+    model = tiny_model("llama", "eager", 2)
+    _, ctx = tiny_context(model)
+    ids, am, pos = left_padded(LENGTHS)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sqz", options={"context": ctx, "config": CompileConfig(inductor=False)})
+    with pytest.raises(Exception, match=DENSE_ERROR.format("the attention weights are used elsewhere")), torch.no_grad():
+        compiled(input_ids=ids, attention_mask=am, position_ids=pos, output_attentions=True)
+    torch._dynamo.reset()
+    reports = []
+    compiled = torch.compile(model, backend="sqz", options={
+        "context": ctx, "config": CompileConfig(inductor=False, strict=False), "on_report": reports.append})
     with pytest.warns(SqueezeDenseWarning, match="attention weights are used elsewhere"), torch.no_grad():
         out = compiled(input_ids=ids, attention_mask=am, position_ids=pos, output_attentions=True)
     assert reports[0].rewritten == []
@@ -118,12 +194,14 @@ def test_returned_attention_weights_stay_dense():
     torch.testing.assert_close(out.attentions[1], plain.attentions[1])
 
 
-def test_dropout_in_training_stays_dense():
+def test_dropout_in_training_is_refused_by_default_and_stays_dense_on_opt_out():
     model = tiny_model("qwen2", "sdpa", 2, attention_dropout=0.5)
     _, ctx = tiny_context(model)
     model.train()
+    with pytest.raises(Exception, match=DENSE_ERROR.format("attention dropout is active")):
+        compiled_logits(model, ctx)
     with pytest.warns(SqueezeDenseWarning, match="dropout is active"):
-        _, reports, _ = compiled_logits(model, ctx)
+        _, reports, _ = compiled_logits(model, ctx, strict=False)
     assert reports[0].rewritten == [] and len(reports[0].dense) == 2
 
 
@@ -131,8 +209,9 @@ def test_two_models_with_two_contexts_in_one_process():
     a, b = tiny_model("llama", "sdpa", 2, seed=0), tiny_model("llama", "sdpa", 2, seed=5)
     (ids_a, ctx_a), (ids_b, ctx_b) = tiny_context(a, seed=1), tiny_context(b, seed=7)
     torch._dynamo.reset()
-    ca = torch.compile(a, backend="sqz", options={"context": ctx_a, "inductor": False})
-    cb = torch.compile(b, backend="sqz", options={"context": ctx_b, "inductor": False})
+    eager = CompileConfig(inductor=False)
+    ca = torch.compile(a, backend="sqz", options={"context": ctx_a, "config": eager})
+    cb = torch.compile(b, backend="sqz", options={"context": ctx_b, "config": eager})
     ids, am, pos = left_padded(LENGTHS)
     with torch.no_grad():
         la = ca(input_ids=ids, attention_mask=am, position_ids=pos).logits

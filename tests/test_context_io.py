@@ -85,7 +85,39 @@ def test_rejects_flipped_tensor_bytes(tmp_path, ctx):
         SqueezedContext.load(p)
 
 
-def _rewrite(path, edit_tensors=None, edit_meta=None):
+def test_checksums_are_chunked_and_always_verified(tmp_path, ctx, monkeypatch):
+    """Every tensor is checksummed whatever its size (no more skipping above 2 GiB): a tiny chunk
+    size runs the many-chunk path of a large tensor; the digest is the one-piece sha256, and a
+    flipped byte in a late chunk of the largest tensor is still caught at load."""
+    import hashlib
+
+    from sqz_compile import context as context_module
+
+    monkeypatch.setattr(context_module, "_HASH_CHUNK", 7)  # bytes: thousands of chunks per tensor
+    t = torch.arange(1000, dtype=torch.float32).reshape(10, 100)[:, ::3]  # non-contiguous too
+    whole = hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    assert context_module._digest(t) == whole
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    save_file({"t": t.contiguous()}, tmp_path / "t.safetensors")
+    with safe_open(tmp_path / "t.safetensors", "pt") as f:  # what a tensor-parallel rank streams
+        assert context_module._digest_in_file(f, "t") == whole
+    p = tmp_path / "ctx.safetensors"
+    ctx.save(p)
+    assert same(ctx, SqueezedContext.load(p))
+    big = max(ctx.tensors(), key=lambda n: ctx.tensors()[n].numel())
+
+    def flip(tensors):  # the sha256 recorded is the old one: corruption after saving
+        flat = tensors[big].view(-1).view(torch.uint8)
+        flat[-5] ^= 0xFF
+
+    _rewrite(p, edit_tensors=flip, keep_sums=True)
+    with pytest.raises(SqueezedContextError, match=f"tensor '{big}' fails its sha256 check"):
+        SqueezedContext.load(p)
+
+
+def _rewrite(path, edit_tensors=None, edit_meta=None, keep_sums=False):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -95,7 +127,8 @@ def _rewrite(path, edit_tensors=None, edit_meta=None):
     if edit_tensors:
         edit_tensors(tensors)
     from sqz_compile.context import _digest
-    meta["sha256"] = {n: _digest(t) for n, t in tensors.items()}
+    if not keep_sums:
+        meta["sha256"] = {n: _digest(t) for n, t in tensors.items()}
     if edit_meta:
         edit_meta(meta)
     save_file(tensors, path, metadata={"sqz_meta": json.dumps(meta)})
@@ -169,6 +202,6 @@ def test_compile_again_with_an_equal_context(tmp_path, model, ctx):
 
     ctx.save(tmp_path / "c.sqz")
     ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(1))
-    logits = [sqz_compile.compile(model, c, inductor=False)(ids).logits
+    logits = [sqz_compile.compile(model, c, sqz_compile.CompileConfig(inductor=False))(ids).logits
               for c in (ctx, SqueezedContext.load(tmp_path / "c.sqz"))]
     torch.testing.assert_close(logits[0], logits[1])

@@ -15,7 +15,7 @@ def test_dynamic_true_rewrites_every_layer_and_matches_dense():
     torch._dynamo.reset()
     model = tiny_model("llama", kv_heads=2, layers=2)
     ctx_ids, ctx = tiny_context(model, keep=1.0)
-    sm = sqz_compile.compile(model, ctx, inductor=False, dynamic=True)
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False, dynamic=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error", SqueezeDenseWarning)
         for n in (5, 9):

@@ -4,12 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sqz_compile import CompileConfig
 from sqz_compile.context import SqueezedContextError
+from sqz_compile.passes import SqueezeDenseError, SqueezeDenseWarning
 from sqz_compile.squeezed_model import SqueezedModel, compile
 from fixtures import (_selected_keys_impl, dense_full_rows, left_padded, real_rows, tiny_context,
                      tiny_model)
 
 NEW = 6
+EAGER = CompileConfig(inductor=False)  # the rewritten graph runs eagerly: no minutes of CPU compile
 
 
 def dense_generate_rows(model, ctx_ids, ids, mask, **kw):
@@ -37,7 +40,7 @@ def test_greedy_generate_at_keep_1_equals_dense_generation(arch, attn, kv_heads,
     model = tiny_model(arch, attn, kv_heads)
     ctx_ids, ctx = tiny_context(model, keep=1.0)
     torch._dynamo.reset()
-    sm = compile(model, ctx, inductor=False)
+    sm = compile(model, ctx, EAGER)
     ids, am, _ = left_padded([7, 5, 3])
     out = sm.generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=False, cache_implementation=cache)
     assert out.shape == (3, ids.shape[1] + NEW)
@@ -53,7 +56,7 @@ def test_sampling_equals_dense_sampling_with_the_same_seed():
     model = tiny_model("llama", "sdpa", 2)
     ctx_ids, ctx = tiny_context(model, keep=1.0)
     torch._dynamo.reset()
-    sm = compile(model, ctx, inductor=False)
+    sm = compile(model, ctx, EAGER)
     ids, am, _ = left_padded([6])
     torch.manual_seed(123)
     out = sm.generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=True, temperature=1.5, top_k=0)
@@ -65,7 +68,7 @@ def test_greedy_generate_below_keep_1_equals_the_selected_keys_reference():
     model = tiny_model("llama", "sdpa", 2)
     _, ctx = tiny_context(model, keep=0.3)
     torch._dynamo.reset()
-    sm = compile(model, ctx, inductor=False, block_q=4)
+    sm = compile(model, ctx, CompileConfig(inductor=False, block_q=4))
     ids, am, _ = left_padded([7, 5, 3])
     out = sm.generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=False)
     with _selected_keys_impl(model, ctx, 4):
@@ -77,7 +80,7 @@ def test_forward_returns_the_models_output_for_the_user_tokens():
     model = tiny_model("qwen2", "sdpa", 2)
     ctx_ids, ctx = tiny_context(model, keep=1.0)
     torch._dynamo.reset()
-    sm = compile(model, ctx, inductor=False)
+    sm = compile(model, ctx, EAGER)
     ids, am, pos = left_padded([7, 4])
     out = sm(ids, attention_mask=am, position_ids=pos)
     assert out.logits.shape == (2, ids.shape[1], model.config.vocab_size)
@@ -110,7 +113,7 @@ def test_up_front_checks():
         compile(tiny_model("llama", "sdpa", 2).to(torch.bfloat16), ctx)
     with pytest.raises(TypeError, match="SqueezedContext"):
         compile(model, "ctx.safetensors")
-    sm = compile(model, ctx, inductor=False)
+    sm = compile(model, ctx, EAGER)
     ids, am, _ = left_padded([7])
     with pytest.raises(ValueError, match="max_position_embeddings=256"):
         sm.generate(ids, attention_mask=am, max_new_tokens=250)
@@ -123,7 +126,7 @@ def test_model_is_restored_after_a_failing_call():
     model = tiny_model("llama", "sdpa", 2)
     _, ctx = tiny_context(model, keep=1.0)
     torch._dynamo.reset()
-    sm = SqueezedModel(model, ctx, inductor=False)
+    sm = SqueezedModel(model, ctx, EAGER)
     ids, am, _ = left_padded([4])
     with pytest.raises(Exception):
         sm.generate(ids, attention_mask=am, max_new_tokens=2, not_a_generate_argument=1)
@@ -131,3 +134,87 @@ def test_model_is_restored_after_a_failing_call():
     plain = model(ids).logits  # the model still runs dense, without the context
     with torch.no_grad():
         assert not torch.allclose(sm(ids).logits, plain, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- strict by default
+
+def sliding_window_model():
+    model = tiny_model("mistral", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=1.0)
+    model.config.sliding_window = 16  # after squeezing: squeeze itself refuses a sliding window
+    return model, ctx
+
+
+def test_compile_refuses_a_layer_it_cannot_rewrite_up_front():
+    model, ctx = sliding_window_model()
+    with pytest.raises(SqueezeDenseError, match=r"layers 0-1: sliding window of 16 tokens.*"
+                                                r"CompileConfig\(strict=False\)"):
+        compile(model, ctx, EAGER)
+    assert_model_untouched(model)
+
+
+def test_compile_opt_out_warns_once_per_model_over_prefill_and_decode():
+    model, ctx = sliding_window_model()
+    torch._dynamo.reset()
+    sm = compile(model, ctx, CompileConfig(inductor=False, strict=False))
+    ids, am, _ = left_padded([6, 4])
+    with pytest.warns(SqueezeDenseWarning, match="layers 0-1: sliding window") as rec:
+        out = sm.generate(ids, attention_mask=am, max_new_tokens=3, do_sample=False)
+        sm(ids, attention_mask=am)
+    assert len([w for w in rec if issubclass(w.category, SqueezeDenseWarning)]) == 1
+    assert len(sm.reports) >= 2 and sm.report.rewritten == []
+    with torch.no_grad():  # dense layers: the model without the context
+        assert out.tolist() == model.generate(ids, attention_mask=am, max_new_tokens=3, do_sample=False).tolist()
+
+
+def test_a_layer_refused_inside_the_graph_raises_the_plain_error_not_dynamos_wrapper():
+    """Returned attention weights are only visible in the graph: the backend refuses them while
+    Dynamo compiles, and SqueezedModel raises the SqueezeDenseError itself."""
+    model = tiny_model("llama", "eager", 2)
+    _, ctx = tiny_context(model, keep=1.0)
+    torch._dynamo.reset()
+    sm = compile(model, ctx, EAGER)
+    ids, am, _ = left_padded([5])
+    with pytest.raises(SqueezeDenseError, match="layers 0-1: the attention weights are used elsewhere"):
+        sm(ids, attention_mask=am, output_attentions=True)
+    assert_model_untouched(model)
+
+
+def test_a_context_on_another_device_is_refused_not_moved():
+    """'meta' stands in for another device on a CPU-only machine."""
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=1.0)
+    with pytest.raises(SqueezedContextError, match=r"runs on cpu but the context is on meta.*ctx = ctx.to\('cpu'\)"):
+        compile(model, ctx.to("meta"), EAGER)
+
+
+class NoAttention(torch.nn.Module):
+    """An attention module that attends to nothing: the graph has no attention for its layer."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+def test_a_layer_without_any_attention_in_the_graph_is_refused_before_the_output_is_returned():
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=1.0)
+    model.model.layers[1].self_attn = NoAttention()
+    ids, am, _ = left_padded([5])
+    torch._dynamo.reset()
+    with pytest.raises(SqueezeDenseError, match="layer 1: no attention found in this layer"):
+        compile(model, ctx, EAGER)(ids, attention_mask=am)
+    assert_model_untouched(model)
+    torch._dynamo.reset()
+    sm = compile(model, ctx, CompileConfig(inductor=False, strict=False))
+    with pytest.warns(SqueezeDenseWarning, match="layer 1: no attention found") as rec:
+        sm(ids, attention_mask=am)
+        sm(ids, attention_mask=am)
+    assert len([w for w in rec if issubclass(w.category, SqueezeDenseWarning)]) == 1
+
+
+def test_loose_keyword_arguments_of_the_old_api_warn_and_still_work():
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=1.0)
+    with pytest.warns(DeprecationWarning, match=r"\['block_q', 'inductor'\].*CompileConfig"):
+        sm = compile(model, ctx, inductor=False, block_q=4)
+    assert sm.compile_config == CompileConfig(inductor=False, block_q=4)

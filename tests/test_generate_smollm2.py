@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sqz_compile import SqueezeConfig
+from sqz_compile import CompileConfig, SqueezeConfig
 from sqz_compile.squeezed_model import compile
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def setup():
 
 def _generate(model, ctx, question):
     torch._dynamo.reset()
-    sm = compile(model, ctx, inductor=False)
+    sm = compile(model, ctx, CompileConfig(inductor=False))
     out = sm.generate(question, attention_mask=torch.ones_like(question), max_new_tokens=NEW, do_sample=False)
     assert torch.equal(out[:, :question.shape[1]], question)
     layers = model.config.num_hidden_layers

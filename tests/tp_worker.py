@@ -24,7 +24,7 @@ def main(folder: str) -> None:
 
     def run(ctx: SqueezedContext, tag: str, generate: bool) -> None:
         """Greedy generate (tokens, logits of every step) or one forward (logits of every position)."""
-        sm = sqz_compile.compile(model, ctx, inductor=False, dynamic=True)
+        sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False, dynamic=True))
         if generate:
             gen = sm.generate(spec["query"], max_new_tokens=spec["new_tokens"], do_sample=False,
                               output_logits=True, return_dict_in_generate=True)
@@ -33,12 +33,11 @@ def main(folder: str) -> None:
             out[f"{tag}_logits"] = sm(spec["query"]).logits
         out[f"{tag}_rewritten"] = sm.report.layers
 
-    # 1. one file squeezed in one process, each rank reading its KV heads (whole read + checksums,
-    #    and slices only)
+    # 1. one file squeezed in one process, each rank reading only its KV heads (every tensor
+    #    checksummed whole, streamed): the same as its slice of the whole file
     single = SqueezedContext.load(f"{folder}/single.sqz", model)
-    sliced = SqueezedContext.load(f"{folder}/single.sqz", model, verify=False)
-    out["load_paths_agree"] = all(torch.equal(a, b) for a, b in zip(single.tensors().values(),
-                                                                     sliced.tensors().values()))
+    whole = SqueezedContext.load(f"{folder}/single.sqz").tensors()
+    out["load_paths_agree"] = all(torch.equal(t, single.shard.take(n, whole[n])) for n, t in single.tensors().items())
     out["loaded_heads"] = single.num_kv_heads
     run(single, "single", generate=True)
 
@@ -50,13 +49,12 @@ def main(folder: str) -> None:
     out["roundtrip"] = all(torch.equal(a, b) for a, b in zip(ctx.tensors().values(), back.tensors().values()))
     run(back, "tp", generate=False)
 
-    # 3. a file made for a model with other KV heads is refused with a clear message (either read)
-    for verify in (True, False):
-        try:
-            SqueezedContext.load(f"{folder}/other.sqz", model, verify=verify)
-            out[f"other_error_{verify}"] = None
-        except SqueezedContextError as e:
-            out[f"other_error_{verify}"] = str(e)
+    # 3. a file made for a model with other KV heads is refused with a clear message
+    try:
+        SqueezedContext.load(f"{folder}/other.sqz", model)
+        out["other_error"] = None
+    except SqueezedContextError as e:
+        out["other_error"] = str(e)
     torch.save(out, f"{folder}/rank{dist.get_rank()}.pt")
     dist.barrier()
     dist.destroy_process_group()

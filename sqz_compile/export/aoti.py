@@ -12,8 +12,8 @@ from typing import Any, Mapping
 import torch
 from torch.export import ExportedProgram
 
+from ..config import CompileConfig, resolve_compile_config
 from ..context import SqueezedContext
-from ..ops import DEFAULT_BLOCK_Q
 from .program import export
 
 
@@ -63,7 +63,8 @@ def _check_cpp_compiler(inductor_configs: Mapping[str, Any] | None) -> None:
             f"the C++ compiler AOTInductor would use ({cxx}, from $CXX or Inductor's cpp.cxx) finds no "
             f"shared libstdc++.so, so the package would link libstdc++ statically and crash when "
             f"loaded: point $CXX at a g++ that has one (e.g. the system /usr/bin/g++) or pass "
-            f"inductor_configs={{'cpp.cxx': (None, '/usr/bin/g++')}}")
+            f"config=CompileConfig(inductor_options={{'cpp.cxx': (None, '/usr/bin/g++')}}) to package "
+            f"(inductor_configs= to package_program)")
 
 
 def package_program(program: ExportedProgram, path: str | os.PathLike,
@@ -84,16 +85,18 @@ def package_program(program: ExportedProgram, path: str | os.PathLike,
 
 
 def package(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: Any, path: str | os.PathLike,
-            dynamic_shapes: Any = None, *, block_q: int = DEFAULT_BLOCK_Q,
-            inductor_configs: dict[str, Any] | None = None) -> str:
+            dynamic_shapes: Any = None, *, config: CompileConfig | None = None, **deprecated: Any) -> str:
     """Write an AOTInductor package (`.pt2`) of `model` with `ctx` baked in; returns its path.
 
+    `config` (CompileConfig): block_q and strict as in `export` (a layer that would stay dense is
+    an error unless strict=False); inductor_options are AOTInductor's inductor_configs.
     Load it with `torch._inductor.aoti_load_package(path)` and call it on input_ids. On CPU the
     package runs without sqz_compile; on CUDA it holds the sqz Triton kernels, compiled.
     """
+    config = resolve_compile_config(config, deprecated, "sqz_compile.package")
     path = _pt2_path(path)
-    return package_program(export(model, ctx, example_inputs, dynamic_shapes, block_q=block_q), path,
-                           inductor_configs)
+    return package_program(export(model, ctx, example_inputs, dynamic_shapes, config=config), path,
+                           dict(config.inductor_options) or None)
 
 
 __all__ = ["has_shared_libstdcxx", "package", "package_program"]

@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import DEFAULT_BLOCK_Q, CompileConfig, resolve_compile_config
 from ..context import SqueezedContext
-from ..ops import DEFAULT_BLOCK_Q
 
 OPSET = 18
 _NEG_INF = float("-inf")
@@ -342,14 +342,17 @@ def _require_onnx() -> None:
 
 
 def export_onnx(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: Any, path: str | os.PathLike,
-                dynamic_shapes: Any = None, *, block_q: int = DEFAULT_BLOCK_Q, optimize: bool = True) -> Any:
+                dynamic_shapes: Any = None, *, config: CompileConfig | None = None, optimize: bool = True,
+                **deprecated: Any) -> Any:
     """Export `model` with `ctx` baked in to an ONNX file at `path` (input `input_ids` [batch,
     length], both dynamic; output `logits`), runnable by onnxruntime with no custom ops. Returns
-    the torch.onnx ONNXProgram."""
+    the torch.onnx ONNXProgram. `config` (CompileConfig): block_q and strict as in `export`.
+    `optimize`: tidy the ONNX graph (`tidy`); a property of the file, not of the compile."""
     from .program import export
 
+    config = resolve_compile_config(config, deprecated, "sqz_compile.export_onnx")
     _require_onnx()
-    program = export(model, ctx, example_inputs, dynamic_shapes, block_q=block_q)
+    program = export(model, ctx, example_inputs, dynamic_shapes, config=config)
     return export_program_onnx(program, path, optimize=optimize)
 
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
 import zipfile
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch.export import Dim, ExportedProgram
 
-from ..context import SqueezedContext
-from ..ops import DEFAULT_BLOCK_Q
-from ..transformers_compat import max_positions
+from ..config import CompileConfig, resolve_compile_config
+from ..context import SqueezedContext, check_for_model
+from ..transformers_compat import max_positions, model_config, num_layers
 
 SQZ_NAMESPACE = "sqz"
 META_FILE = "sqz_compile.json"  # extra file written by `save_exported`
@@ -141,7 +140,7 @@ def _own_storage(module: torch.nn.Module) -> None:
 
 
 def export(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: Any, dynamic_shapes: Any = None,
-           *, block_q: int = DEFAULT_BLOCK_Q) -> ExportedProgram:
+           *, config: CompileConfig | None = None, **deprecated: Any) -> ExportedProgram:
     """torch.export `model` (a transformers causal LM) with `ctx` baked in.
 
     The program takes input_ids [batch, length] (both dynamic unless `dynamic_shapes` says
@@ -149,38 +148,39 @@ def export(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: Any, dy
     squeezed context; its graph holds torch.ops.sqz.squeezed_attention nodes and the context
     tensors as buffers. Save it with `save_exported` (or torch.export.save) and load it with
     `load_exported`.
-    """
-    from ..passes import rewrite_attention
 
-    if not isinstance(ctx, SqueezedContext):
-        raise TypeError(f"ctx must be a sqz_compile.SqueezedContext, got {type(ctx).__name__}")
-    ctx.check_model_or_warn(model, "sqz_compile.export", stacklevel=2)
+    `config` (CompileConfig): block_q and strict are read. Strict (the default) refuses, naming
+    the layer and the reason, any layer that would stay dense (it would ignore the context);
+    CompileConfig(strict=False) exports such layers dense with one SqueezeDenseWarning. The
+    context must be on the model's device already (`ctx.to(device)`; nothing is moved here).
+    """
+    from ..passes.rewrite import DenseNotice, model_reasons, refuse_or_warn, rewrite_attention
+
+    config = resolve_compile_config(config, deprecated, "sqz_compile.export")
+    check_for_model(ctx, model, "sqz_compile.export")
     example = _example_ids(example_inputs)
     limit = max_input_length(model, ctx)
     if limit is not None and (limit < 2 or example.shape[1] > limit):
         raise ValueError(f"context ({ctx.context_length} tokens) + example input ({example.shape[1]}) leaves "
                          f"no room within {type(model).__name__}'s max_position_embeddings "
                          f"({ctx.context_length + limit}): use a shorter example input or context")
-    device = _model_device(model)
-    ctx = ctx.to(device)
-    ids = _trace_ids(example).to(device)
+    ids = _trace_ids(example).to(_model_device(model))
     shapes = default_dynamic_shapes(model, ctx) if dynamic_shapes is None else dynamic_shapes
     wrapper = LogitsModule(model)
     was_training = model.training
-    model.eval()
+    model.eval()  # the program is for inference: traced, and its settings checked, in eval mode
     try:
+        if config.strict:  # refused before the (slow) dense export
+            refuse_or_warn(model_reasons(model), strict=True)
         with torch.no_grad():
-            dense = _export_dynamic(wrapper, ids, shapes)
+            gm = _export_dynamic(wrapper, ids, shapes).module()
+        # model= lets the pass read each attention module's settings (sliding window, softcap, ...);
+        # layers= makes a layer whose attention was not found at all a dense layer too
+        rewrite_attention(gm, ctx, block_q=config.block_q, strict=config.strict, model=wrapper,
+                          layers=num_layers(model_config(model)), notice=DenseNotice())
     finally:
         model.train(was_training)
-    gm = dense.module()
-    # model= lets the pass read each attention module's settings (sliding window, softcap, ...)
-    rewrite_attention(gm, ctx, block_q=block_q, model=wrapper)
     _own_storage(gm)
-    if count_sqz_nodes(gm) == 0:
-        warnings.warn("sqz_compile.export: no attention was rewritten to torch.ops.sqz, so the exported "
-                      "program is the dense model without the context (see the pass's warnings above)",
-                      stacklevel=2)
     return export_module(gm, ids, shapes)
 
 

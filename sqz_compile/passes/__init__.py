@@ -1,15 +1,17 @@
 """FX passes: find attention subgraphs, map them to layers, rewrite them to torch.ops.sqz.
 
-    report = rewrite_attention(gm, ctx)      # in place on a GraphModule you own
+    report = rewrite_attention(gm, ctx, model=model)   # in place on a GraphModule you own
 
 match.py    one matcher per attention spelling (SDPA, eager matmul-softmax-matmul), repeat_kv undo,
             layer mapping through nn_module_stack
 targets.py  op vocabulary shared by Dynamo (torch-level) and torch.export (aten) graphs
-rewrite.py  the rewrite itself, context buffers, safety checks and the RewriteReport
+rewrite.py  the rewrite itself, context buffers, safety rules (strict: SqueezeDenseError; or one
+            SqueezeDenseWarning per compiled model) and the RewriteReport
 """
 from .match import MATCHERS, AttentionMatch, find_attention, layer_of_path, undo_repeat_kv
-from .rewrite import (ContextMismatchError, RewriteReport, SqueezeDenseWarning, rewrite_attention,
-                      warn_dense)
+from .rewrite import (ContextMismatchError, DenseNotice, RewriteReport, SqueezeDenseError, SqueezeDenseWarning,
+                      rewrite_attention)
 
-__all__ = ["rewrite_attention", "RewriteReport", "SqueezeDenseWarning", "ContextMismatchError",
-           "find_attention", "AttentionMatch", "MATCHERS", "layer_of_path", "undo_repeat_kv", "warn_dense"]
+__all__ = ["rewrite_attention", "RewriteReport", "SqueezeDenseWarning", "SqueezeDenseError", "DenseNotice",
+           "ContextMismatchError", "find_attention", "AttentionMatch", "MATCHERS", "layer_of_path",
+           "undo_repeat_kv"]

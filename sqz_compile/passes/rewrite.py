@@ -6,13 +6,20 @@
 Each layer's context tensors become buffers of the GraphModule (`sqz_L7_keys`, ...) read through
 `get_attr` nodes: AOTAutograd/Inductor treat them as static parameters (no per-call copies, CUDA-graph
 friendly) and `torch.export` makes them buffers of the ExportedProgram. They are views of the
-context's tensors, not copies.
+context's tensors, with one exception made on purpose: for a half-precision context the centroids
+are read in the keys' dtype (half the lookup's bytes), from one cast copy per context that every
+graph shares (`SqueezedContext.layer(i, centroid_dtype=...)`).
 
-Safety: a subgraph the pass cannot prove equivalent stays dense (it then attends only to the
-user's tokens, not to the squeezed context) and the pass warns once, naming the layers and reasons.
+Safety: an attention the pass cannot prove equivalent (its module's or config's settings say
+sliding window, chunked attention, soft-capping, ALiBi or training dropout; the graph shows
+attention weights used elsewhere; the model is unknown, so its settings cannot be read) would,
+left dense, attend only to the user's tokens and ignore the squeezed context. By default
+(strict) that is a SqueezeDenseError naming the layers and reasons, raised before the graph is
+touched; with strict=False (CompileConfig(strict=False)) those layers stay dense and a
+SqueezeDenseWarning says so once per compiled model (a DenseNotice).
 Mismatches that mean "wrong model for this context" (layer count, heads, head dim) and dtype or
-device mismatches are errors: the pass never converts context tensors behind your back; move or
-cast the context yourself (`ctx.to(device)`, or squeeze in the model's dtype).
+device mismatches are errors: the pass never moves context tensors behind your back; move the
+context yourself (`ctx.to(device)`), or squeeze in the model's dtype.
 """
 from __future__ import annotations
 
@@ -23,23 +30,25 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ..context import CENTROID_ARGS, CONTEXT_ARGS, SqueezedContext, check_fits
-from ..ops import DEFAULT_BLOCK_Q
-from ..transformers_compat import attention_dropout, sliding_window, sliding_window_fix, text_config
+from ..config import DEFAULT_BLOCK_Q
+from ..context import CONTEXT_ARGS, SqueezedContext, check_fits
+from ..transformers_compat import (attention_dropout, model_config, num_layers, sliding_window,
+                                   sliding_window_fix, text_config)
 from .match import AttentionMatch, default_scale, find_attention, normalize_module_path
 from .targets import is_assert, shape_of, tensor_meta
 
-# mask-building code whose presence in a mask's provenance means "not a plain causal/padding mask"
-_MASK_EVIDENCE = {
-    "sliding_window": "sliding-window attention mask",
-    "chunked_overlay": "chunked attention mask",
-    "position_bias": "position bias in the mask",
-    "alibi": "ALiBi bias in the mask",
-}
+OPT_OUT = ("opt out with sqz_compile.CompileConfig(strict=False), which leaves them dense: they then attend "
+           "only to the user's tokens, ignoring the context, and a SqueezeDenseWarning says so")
+NOT_FOUND = ("no attention found in this layer (unrecognised attention implementation? use "
+             "attn_implementation='sdpa' or 'eager')")
 
 
 class SqueezeDenseWarning(UserWarning):
-    """Some attention layers were left dense (they ignore the squeezed context)."""
+    """Some attention layers were left dense (they ignore the squeezed context); strict=False only."""
+
+
+class SqueezeDenseError(ValueError):
+    """Some attention layers cannot use the squeezed context (strict mode, the default)."""
 
 
 class ContextMismatchError(ValueError):
@@ -99,46 +108,108 @@ def find_submodule(model: torch.nn.Module, path: str | None) -> torch.nn.Module 
     return None
 
 
-def config_reason(module: torch.nn.Module | None, layer: int) -> str | None:
-    """Why the attention module's own settings forbid the rewrite (sliding window, soft-capping,
-    dropout in training), or None."""
-    if module is None:
-        return None
-    cfg = getattr(module, "config", None)
-    if cfg is not None:
-        cfg = text_config(cfg)
+def _setting(name: str, module: torch.nn.Module | None, cfg: Any) -> Any:
+    """An attention setting: the module's own attribute when it has one, else the config's."""
+    if module is not None and hasattr(module, name):
+        return getattr(module, name)
+    return getattr(cfg, name, None) if cfg is not None else None
+
+
+def config_reason(cfg: Any, layer: int, module: torch.nn.Module | None = None,
+                  training: bool = False) -> str | None:
+    """Why layer `layer`'s settings forbid the rewrite, or None. Read from the attention module's
+    attributes (when given) and the (text) config: sliding window (per `layer_types`), chunked
+    attention, logit soft-capping, ALiBi, and attention dropout while training."""
+    own = getattr(module, "config", None)
+    cfg = text_config(own if own is not None else cfg) if (own is not None or cfg is not None) else None
     window = sliding_window(cfg, layer, module)
     if window is not None:
         return (f"sliding window of {window} tokens (the squeezed context is attended in full; set "
                 f"{sliding_window_fix(cfg)} if context + inputs fit in the window)")
-    softcap = getattr(module, "attn_logit_softcapping", None)
-    if softcap is None and cfg is not None:
-        softcap = getattr(cfg, "attn_logit_softcapping", None)
+    chunk = _setting("attention_chunk_size", module, cfg)
+    types = getattr(cfg, "layer_types", None)
+    if chunk and (not types or layer >= len(types) or types[layer] == "chunked_attention"):
+        return f"chunked attention ({chunk} tokens per chunk)"
+    softcap = _setting("attn_logit_softcapping", module, cfg)
     if softcap is not None:
         return f"logit soft-capping ({softcap})"
-    dropout = attention_dropout(module)
-    if module.training and dropout > 0:
+    if _setting("alibi", module, cfg) or _setting("position_embedding_type", module, cfg) == "alibi":
+        return "ALiBi position bias"
+    dropout = (attention_dropout(module) if module is not None
+               else float(_setting("attention_dropout", None, cfg) or 0.0))
+    if (module.training if module is not None else training) and dropout > 0:
         return f"attention dropout is active (p={dropout}, training)"
     return None
 
 
-def mask_reason(mask: Node | None, limit: int = 400) -> str | None:
-    """Graph evidence that `mask` is more than causal + padding: the recorded stack traces of the
-    nodes that built it mention sliding windows, chunking or position biases."""
-    if mask is None:
-        return None
-    seen, todo = set(), [mask]
-    while todo and len(seen) < limit:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        trace = n.meta.get("stack_trace") or ""
-        for needle, what in _MASK_EVIDENCE.items():
-            if needle in trace:
-                return what
-        todo.extend(n.all_input_nodes)
-    return None
+def model_reasons(model: torch.nn.Module) -> "RewriteReport":
+    """The layers of a transformers model whose config forbids the rewrite (`config_reason` per
+    decoder layer), before any graph exists: compile and export refuse them up front."""
+    cfg = model_config(model)
+    found = ((i, config_reason(cfg, i, training=model.training)) for i in range(num_layers(cfg)))
+    return RewriteReport(dense=[(i, why) for i, why in found if why is not None])
+
+
+def _settings_reason(m: AttentionMatch, model: torch.nn.Module | None) -> str | None:
+    """`config_reason` for a matched attention, from its module in `model` (or the model's
+    config); a reason to refuse when neither can be found, since nothing could then be proven."""
+    if model is None:
+        return ("the model is unknown, so this layer's settings (sliding window, soft-capping, dropout, "
+                "...) cannot be checked: pass model= (backend: options={'model': model})")
+    module = find_submodule(model, m.module_path)
+    # the outermost config: the model's own, or a wrapped model's (export traces a wrapper)
+    cfg = next((mod.config for mod in model.modules() if getattr(mod, "config", None) is not None), None)
+    if module is None and cfg is None:
+        return (f"its module {m.module_path!r} is not in {type(model).__name__}, which has no config: "
+                f"its settings cannot be checked")
+    return config_reason(cfg, m.layer, module, training=model.training)
+
+
+def uncovered(report: "RewriteReport", layers: int) -> "RewriteReport":
+    """The decoder layers 0..layers-1 that `report` neither rewrote nor left dense, as dense
+    entries (`NOT_FOUND`): such a layer would silently ignore the context."""
+    seen = set(report.rewritten) | {layer for layer, _ in report.dense}
+    return RewriteReport(dense=[(layer, NOT_FOUND) for layer in range(layers) if layer not in seen])
+
+
+class DenseNotice:
+    """Says each (layer, reason) left dense once per compiled model: one instance per compile
+    (the backend keeps it in its options; SqueezedModel and export hold their own)."""
+
+    def __init__(self) -> None:
+        self._said: set[tuple[int | None, str]] = set()
+
+    def __call__(self, report: "RewriteReport") -> None:
+        new = [d for d in dict.fromkeys(report.dense) if d not in self._said]
+        if new:
+            self._said.update(new)
+            warnings.warn(f"sqz: {len(new)} attention(s) left dense - they attend only to the new tokens, not "
+                          f"to the squeezed context: {_by_reason(new)}", SqueezeDenseWarning, stacklevel=4)
+
+
+def _by_reason(dense: list[tuple[int | None, str]]) -> str:
+    """'layers 0-1, 5: why; layer ?: other' - each reason once, with the layers it applies to."""
+    groups: dict[str, list[int | None]] = {}
+    for layer, why in dense:
+        groups.setdefault(why, []).append(layer)
+    parts = []
+    for why, layers in groups.items():
+        known = sorted({l for l in layers if l is not None})
+        names = ([_ranges(known)] if known else []) + (["?"] if None in layers else [])
+        many = len(known) + (None in layers) > 1
+        parts.append(f"layer{'s' if many else ''} {', '.join(names)}: {why}")
+    return "; ".join(parts)
+
+
+def refuse_or_warn(report: "RewriteReport", *, strict: bool, notice: DenseNotice | None = None) -> None:
+    """The one rule for layers left dense: strict -> SqueezeDenseError naming each layer, its reason
+    and the opt-out; else a SqueezeDenseWarning, once per compiled model (`notice`)."""
+    if not report.dense:
+        return
+    if strict:
+        raise SqueezeDenseError(f"sqz: {len(report.dense)} attention(s) cannot use the squeezed context - "
+                                f"{_by_reason(report.dense)}. Remove the cause, or {OPT_OUT}")
+    (notice if notice is not None else DenseNotice())(report)
 
 
 # --------------------------------------------------------------------------- checks
@@ -170,17 +241,16 @@ def _layer_buffers(gm: GraphModule, ctx: SqueezedContext, layer: int, anchor_gra
                    fake_mode: Any) -> list[Node | None]:
     if layer in cache:
         return cache[layer]
-    lc = ctx.layer(layer)
+    # the lookup reads every centroid at each step: a half-precision context's graph holds them in
+    # the keys' dtype (half the bytes; the products stay exact on tensor cores), one shared copy
+    half = ctx.keys.dtype if ctx.keys.dtype in _HALF else None
+    lc = ctx.layer(layer, centroid_dtype=half)
     nodes: list[Node | None] = []
     with gm.graph.inserting_before(anchor_graph_start):
         for name, t in zip(CONTEXT_ARGS, lc):
             if t is None:
                 nodes.append(None)
                 continue
-            if name in CENTROID_ARGS and lc.keys.dtype in _HALF and t.dtype != lc.keys.dtype:
-                # the lookup reads every centroid at each step: half the bytes in the keys'
-                # half dtype, and the products stay exact on tensor cores (kernels/lookup/launch.py)
-                t = t.to(lc.keys.dtype)
             attr = f"sqz_L{layer}_{name}"
             gm.register_buffer(attr, t)
             node = gm.graph.get_attr(attr)
@@ -217,15 +287,20 @@ def _erase_dead(gm: GraphModule, nodes: list[Node]) -> None:
 
 
 def rewrite_attention(gm: GraphModule, ctx: SqueezedContext, *, block_q: int = DEFAULT_BLOCK_Q,
-                      warn: bool = True, model: torch.nn.Module | None = None) -> RewriteReport:
+                      strict: bool = True, model: torch.nn.Module | None = None, layers: int | None = None,
+                      notice: DenseNotice | None = None) -> RewriteReport:
     """Rewrite every attention of `gm` (Dynamo or torch.export graph) that can use `ctx` into
     torch.ops.sqz.squeezed_attention, IN PLACE (copy Dynamo's graph module first).
 
-    model: the module the graph was traced from, if known; its attention modules' settings
-        (sliding window, soft-capping, dropout) decide which layers must stay dense. Without it
-        the pass relies on what the graph shows.
+    model: the module the graph was traced from; its attention modules' settings and config
+        (sliding window, soft-capping, dropout, ...) decide which layers are safe. Without it
+        nothing can be proven: every attention is reported dense.
+    layers: the decoder layers the graph must cover (a whole-model graph, as export makes);
+        any without an attention is reported dense too.
+    strict: raise SqueezeDenseError, before touching the graph, if any attention would stay
+        dense; strict=False leaves them dense and warns once per `notice` (default: this call).
     Raises ContextMismatchError for a context that does not fit the graph (wrong model, dtype,
-    device); warns (SqueezeDenseWarning, once) for layers left dense."""
+    device)."""
     report = RewriteReport()
     matches = find_attention(gm.graph)
     plans: list[tuple[AttentionMatch, str | None]] = []
@@ -236,18 +311,22 @@ def rewrite_attention(gm: GraphModule, ctx: SqueezedContext, *, block_q: int = D
         else:
             _check(m, ctx)
             if reason is None:
-                reason = config_reason(find_submodule(model, m.module_path), m.layer)
-            if reason is None:
-                reason = mask_reason(m.attn_mask)
+                reason = _settings_reason(m, model)
             if reason is None and (shape_of(m.query) is None or shape_of(m.key) is None):
                 reason = "the graph has no shape metadata to check it against the context"
         plans.append((m, reason))
+    planned = RewriteReport(rewritten=[m.layer for m, why in plans if why is None],
+                            dense=[(m.layer, why) for m, why in plans if why is not None])
+    if layers is not None:
+        planned = planned.merge(uncovered(planned, layers))
+    if strict:
+        refuse_or_warn(planned, strict=True)
+    report.dense = planned.dense
 
     start = _first_non_placeholder(gm) if plans else None
     cache: dict[int, list[Node | None]] = {}
     for m, reason in plans:
         if reason is not None:
-            report.dense.append((m.layer, reason))
             continue
         meta_key = "val" if "val" in m.query.meta else ("example_value" if "example_value" in m.query.meta else None)
         fake_mode = _fake_mode(m.query)
@@ -269,8 +348,7 @@ def rewrite_attention(gm: GraphModule, ctx: SqueezedContext, *, block_q: int = D
     if plans:
         gm.graph.lint()
         gm.recompile()
-    if warn and report.dense:
-        warn_dense(report)
+    refuse_or_warn(report, strict=False, notice=notice)
     return report
 
 
@@ -284,13 +362,6 @@ def _fake_output(fake_mode: Any, args: tuple) -> Any:
         return torch.ops.sqz.squeezed_attention.default(*[fake(a) for a in args])
 
 
-def warn_dense(report: RewriteReport) -> None:
-    """The one warning for the layers a rewrite left dense."""
-    items = "; ".join(f"layer {'?' if l is None else l}: {why}" for l, why in report.dense)
-    warnings.warn(
-        f"sqz: {len(report.dense)} attention(s) left dense - they attend only to the new tokens, not to "
-        f"the squeezed context: {items}", SqueezeDenseWarning, stacklevel=3)
-
-
-__all__ = ["rewrite_attention", "RewriteReport", "SqueezeDenseWarning", "ContextMismatchError",
-           "config_reason", "mask_reason", "find_submodule", "normalize_module_path"]
+__all__ = ["rewrite_attention", "RewriteReport", "SqueezeDenseWarning", "SqueezeDenseError",
+           "ContextMismatchError", "DenseNotice", "config_reason", "model_reasons", "refuse_or_warn",
+           "uncovered", "find_submodule", "normalize_module_path"]

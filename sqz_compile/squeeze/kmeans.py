@@ -108,20 +108,33 @@ def nearest_fused(xn: torch.Tensor, cn: torch.Tensor, config: dict | None = None
     return best, idx
 
 
-_fused_failed = False
+class FusedFallback:
+    """The fused assignment's fallback, scoped to one `kmeans` call: after the Triton kernel fails
+    once, the rest of that call uses the torch path, and a warning says so once. Nothing is
+    remembered across calls, so the next call tries the kernel again."""
 
+    def __init__(self) -> None:
+        self.failed = False
 
-def nearest(xn: torch.Tensor, cn: torch.Tensor, chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(best similarity float32 [B, N], index int64 [B, N]) of each point among centres [B, K, D]."""
-    global _fused_failed
-    if _use_triton(xn) and not _fused_failed:
-        try:
-            return nearest_fused(xn, cn)
-        except Exception as e:  # e.g. a Triton/GPU combination that cannot compile the kernel
+    def note(self, e: Exception) -> None:
+        if not self.failed:
             import warnings
             warnings.warn(f"sqz_compile.kmeans: fused Triton assignment failed ({type(e).__name__}: {e}); "
-                          f"using the torch path", stacklevel=2)
-            _fused_failed = True
+                          f"this k-means call uses the torch path", stacklevel=4)
+        self.failed = True
+
+
+def nearest(xn: torch.Tensor, cn: torch.Tensor, chunk_elems: int,
+            fallback: FusedFallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best similarity float32 [B, N], index int64 [B, N]) of each point among centres [B, K, D].
+    The fused Triton kernel where it applies, else (or once it failed within `fallback`'s scope,
+    default this call) the torch path."""
+    fallback = fallback if fallback is not None else FusedFallback()
+    if _use_triton(xn) and not fallback.failed:
+        try:
+            return nearest_fused(xn, cn)
+        except Exception as e:  # noqa: BLE001 - e.g. a Triton/GPU combination that cannot compile it
+            fallback.note(e)
     return nearest_torch(xn, cn, chunk_elems)
 
 
@@ -196,8 +209,8 @@ def _round_picks(s: torch.Tensor, logw: torch.Tensor, d2: torch.Tensor, t: int, 
 
 
 def _init_centers(xn: torch.Tensor, k: int, gen: torch.Generator, weights: torch.Tensor | None,
-                  chunk_elems: int, oversample: int = 8, greedy_steps: int = 256,
-                  growth: float = 0.1) -> torch.Tensor:
+                  chunk_elems: int, oversample: int = 8, greedy_steps: int = 256, growth: float = 0.1,
+                  fallback: FusedFallback | None = None) -> torch.Tensor:
     """k-means++ on a random subsample of ~oversample*k points.
 
     The first `greedy_steps` centres are drawn one at a time, greedy k-means++ style (2 + log k
@@ -231,7 +244,7 @@ def _init_centers(xn: torch.Tensor, k: int, gen: torch.Generator, weights: torch
         new = s.gather(1, picks.unsqueeze(-1).expand(-1, -1, D))
         centers[:, count:count + new.shape[1]] = new
         if nb is None:
-            nb, _ = nearest(s, new, chunk_elems)
+            nb, _ = nearest(s, new, chunk_elems, fallback)
         torch.maximum(best, nb, out=best)
         count += new.shape[1]
     return centers
@@ -261,14 +274,15 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
     gen = torch.Generator(device=device).manual_seed(int(seed))
     w = None if weights is None else weights.to(device, torch.float32)
     xn = normalize(x, dtype)
-    cn = _init_centers(xn, k, gen, w, chunk_elems, greedy_steps=greedy_steps)
+    fallback = FusedFallback()
+    cn = _init_centers(xn, k, gen, w, chunk_elems, greedy_steps=greedy_steps, fallback=fallback)
 
     arangeB = torch.arange(B, device=device).unsqueeze(1)
     prev = torch.full((B, N), -1, dtype=torch.int64, device=device)
     changed = torch.zeros((), dtype=torch.int64, device=device)
     done = 0
     for it in range(1, iters + 1):
-        best, assign = nearest(xn, cn, chunk_elems)
+        best, assign = nearest(xn, cn, chunk_elems, fallback)
         changed += (assign != prev).sum()
         prev = assign
         sums = cluster_sums(xn, assign, k, w)

@@ -189,7 +189,7 @@ def test_eval_path_matches_the_compiled_squeezed_model(mode):
     user = _user_ids(20)
     with af.squeezed_mode(model, ctx, block_q=8):
         ours = runs.user_logits(model, user)[0]
-    sm = sqz_compile.compile(model, ctx, block_q=8, inductor=False)
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(block_q=8, inductor=False))
     theirs = sm(user).logits[0].float()
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     dense = runs.user_logits(model, user, runs.dense_cache(model, runs.context_kv(base)))[0]

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 import sqz_compile
+from sqz_compile import CompileConfig
 from sqz_compile.context import SqueezedContextError
 from sqz_compile.export.program import (count_sqz_nodes, export, export_module, load_exported, read_package_note,
                                    save_exported)
+from sqz_compile.passes import SqueezeDenseError, SqueezeDenseWarning
 
 from fixtures import (DirectSqz, assert_fresh_ok, context_ids, dense_logits, run_fresh, squeezed_eager,
-                             export_context, tiny_llama, user_ids)
+                             export_context, tiny_llama, tiny_model, user_ids)
 
 LENGTHS = [(1, 5), (3, 37)]  # two (batch, length) pairs served by one artifact
 
@@ -197,3 +199,67 @@ def test_program_refuses_inputs_past_the_models_positions(model, squeezed):
         ep.module()(user_ids(1, limit + 1))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         export(model, ctx, user_ids(1, limit + 5))
+
+
+# --------------------------------------------------------------------------- strict by default
+
+def sliding_window_llama():
+    """The export tests' model with a sliding window set after squeezing (squeeze refuses one)."""
+    model = tiny_model("mistral", "sdpa", 2, max_position_embeddings=1024, pad_token_id=None)
+    ctx = export_context(model)
+    model.config.sliding_window = 16
+    return model, ctx
+
+
+def _export_onnx(model, ctx, ids, tmp_path, **kw):
+    pytest.importorskip("onnxscript")
+    return sqz_compile.export_onnx(model, ctx, ids, str(tmp_path / "m.onnx"), **kw)
+
+
+VERBS = {
+    "export": lambda model, ctx, ids, tmp_path, **kw: export(model, ctx, ids, **kw),
+    "package": lambda model, ctx, ids, tmp_path, **kw: sqz_compile.package(model, ctx, ids,
+                                                                           str(tmp_path / "m.pt2"), **kw),
+    "export_onnx": _export_onnx,
+}
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_sliding_window_model_is_refused_by_default_naming_the_layers(verb, tmp_path):
+    """Left dense, those layers would ship the model without the context: an error up front
+    (before any tracing or compiling), with the layers, the reason and the opt-out."""
+    model, ctx = sliding_window_llama()
+    with pytest.raises(SqueezeDenseError, match=r"layers 0-1: sliding window of 16 tokens.*"
+                                                r"CompileConfig\(strict=False\)"):
+        VERBS[verb](model, ctx, user_ids(2, 10), tmp_path)
+    assert not list(tmp_path.iterdir()), "nothing may be written"
+
+
+def test_export_opt_out_ships_the_dense_layers_with_one_warning():
+    sw, ctx = sliding_window_llama()
+    with pytest.warns(SqueezeDenseWarning, match="layers 0-1: sliding window of 16 tokens") as rec:
+        ep = export(sw, ctx, user_ids(2, 10), config=CompileConfig(strict=False))
+    assert len([w for w in rec if issubclass(w.category, SqueezeDenseWarning)]) == 1
+    assert count_sqz_nodes(ep) == 0
+    ids = user_ids(2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(ids), sw(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_a_context_on_another_device_is_refused_not_moved(model, verb, tmp_path):
+    """'meta' stands in for another device on a CPU-only machine: the message names both
+    devices and the explicit fix."""
+    ctx = export_context(model).to("meta")
+    with pytest.raises(SqueezedContextError, match=r"runs on cpu but the context is on meta.*ctx = ctx.to\('cpu'\)"):
+        VERBS[verb](model, ctx, user_ids(2, 10), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_loose_keyword_arguments_of_the_old_api_warn_and_still_work(model):
+    ctx = export_context(model, keep=1.0)
+    with pytest.warns(DeprecationWarning, match=r"\['block_q'\].*CompileConfig"):
+        ep = export(model, ctx, user_ids(2, 10), block_q=8)
+    assert count_sqz_nodes(ep) == ctx.num_layers
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['blockq'\\]"):
+        export(model, ctx, user_ids(2, 10), blockq=8)

@@ -46,6 +46,7 @@ def test_cuda_package_holds_sqz_triton_kernels_and_matches_eager(tmp_path):
         pytest.skip("needs CUDA")
     from fixtures import assert_fresh_ok, squeezed_eager, export_context, tiny_llama, user_ids
 
+    from sqz_compile import CompileConfig
     from sqz_compile.export.aoti import package
     from sqz_compile.kernels.attention import triton as attention_triton
     from sqz_compile.kernels.lookup import triton as lookup_triton
@@ -57,7 +58,7 @@ def test_cuda_package_holds_sqz_triton_kernels_and_matches_eager(tmp_path):
     ctx = export_context(model)
     assert ctx.keys.is_cuda
     path = package(model, ctx, user_ids(2, 10).cuda(), str(tmp_path / "tiny_cuda.pt2"),
-                   inductor_configs={"cpp.cxx": (None, cxx)})
+                   config=CompileConfig(inductor_options={"cpp.cxx": (None, cxx)}))
 
     # Kernel names survive in the generated wrapper and in the compiled binaries' symbol tables.
     with zipfile.ZipFile(path) as z:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from sqz_compile import SqueezeConfig
 from sqz_compile.backend import copy_graph_module
-from sqz_compile.passes import (ContextMismatchError, SqueezeDenseWarning, find_attention, layer_of_path,
-                                rewrite_attention)
+from sqz_compile.passes import (ContextMismatchError, SqueezeDenseError, SqueezeDenseWarning, find_attention,
+                                layer_of_path, rewrite_attention)
 from sqz_compile.squeeze import squeeze_kv
 from fixtures import dense_full_rows, left_padded, real_rows, tiny_context, tiny_model
 
@@ -149,7 +149,7 @@ def test_every_spelling_is_rewritten_and_matches_the_op(level):
         gm = torch.export.export(model, (q, k, v, mask)).module()
         run = lambda: gm(q, k, v, mask)  # noqa: E731
     dense = run()
-    report = rewrite_attention(gm, ctx)
+    report = rewrite_attention(gm, ctx, model=model)
     assert report.layers == list(range(len(cases))), str(report)
     assert not report.dense
     assert "rewritten layers: 0-6" in str(report)
@@ -167,7 +167,7 @@ def test_context_tensors_become_buffers_and_survive_reexport():
     model = Stack(["positional_mask", "eager_div"]).eval()
     q, k, v, mask = inputs()
     gm = torch.export.export(model, (q, k, v, mask)).module()
-    report = rewrite_attention(gm, ctx)
+    report = rewrite_attention(gm, ctx, model=model)
     names = dict(gm.named_buffers())
     assert "sqz_L1_keys" in names and set(report.buffers) <= set(names)
     assert names["sqz_L1_keys"].data_ptr() == ctx.layer(1).keys.data_ptr(), "buffers must be views, not copies"
@@ -182,7 +182,8 @@ def test_context_tensors_become_buffers_and_survive_reexport():
 
 def test_half_precision_context_gets_centroid_buffers_in_its_dtype():
     """The lookup reads every centroid each step: a bf16 model's graph holds them in bf16 (half
-    the bytes); the context keeps float32 and the keys stay views."""
+    the bytes), one cast copy per context that every graph shares; the context keeps float32 and
+    the keys stay views."""
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(1, H, L, D, generator=g).bfloat16()
     values = torch.randn(1, H, L, D, generator=g).bfloat16()
@@ -191,26 +192,46 @@ def test_half_precision_context_gets_centroid_buffers_in_its_dtype():
                      SqueezeConfig(keep=0.5, cluster_ratio=0.25, observation_window=6), progress=False)
     assert ctx.centroids.dtype == torch.float32
     q, k, v, mask = (t.bfloat16() if t.is_floating_point() else t for t in inputs())
-    gm = torch.export.export(Stack(["gqa"]).eval(), (q, k, v, mask)).module()
-    rewrite_attention(gm, ctx)
+    model = Stack(["gqa"]).eval()
+    gm = torch.export.export(model, (q, k, v, mask)).module()
+    rewrite_attention(gm, ctx, model=model)
     bufs = dict(gm.named_buffers())
     assert bufs["sqz_L0_centroids"].dtype == torch.bfloat16
     assert bufs["sqz_L0_keys"].data_ptr() == ctx.layer(0).keys.data_ptr()
     assert all(torch.isfinite(o.float()).all() for o in gm(q, k, v, mask))
+    again = torch.export.export(model, (q, k, v, mask)).module()  # e.g. the decode graph
+    rewrite_attention(again, ctx, model=model)
+    assert dict(again.named_buffers())["sqz_L0_centroids"].data_ptr() == bufs["sqz_L0_centroids"].data_ptr()
+    assert bufs["sqz_L0_centroids"].data_ptr() == ctx.layer(0, centroid_dtype=torch.bfloat16).centroids.data_ptr()
 
 
 @pytest.mark.parametrize("spelling,reason", [
     ("softcap", "soft-capping"),
     ("weights_reused", "attention weights are used elsewhere"),
 ])
-def test_unsafe_eager_variants_stay_dense_with_one_warning(spelling, reason):
+def test_unsafe_eager_variants_are_refused_by_default(spelling, reason):
+    ctx = synthetic_context(layers=2)
+    model = Stack(["eager_div", spelling]).eval()
+    q, k, v, mask = inputs()
+    dg = dynamo_graph(model, q, k, v, float_mask(mask))
+    before = dg.gm.code
+    with pytest.raises(SqueezeDenseError, match=f"layer 1: .*{reason}.*CompileConfig\\(strict=False\\)"):
+        rewrite_attention(dg.gm, ctx, model=model)
+    assert dg.gm.code == before, "a refused rewrite must leave the graph untouched"
+
+
+@pytest.mark.parametrize("spelling,reason", [
+    ("softcap", "soft-capping"),
+    ("weights_reused", "attention weights are used elsewhere"),
+])
+def test_unsafe_eager_variants_stay_dense_with_one_warning_on_opt_out(spelling, reason):
     ctx = synthetic_context(layers=2)
     model = Stack(["eager_div", spelling]).eval()
     q, k, v, mask = inputs()
     dg = dynamo_graph(model, q, k, v, float_mask(mask))
     dense = dg()
     with pytest.warns(SqueezeDenseWarning, match=reason) as rec:
-        report = rewrite_attention(dg.gm, ctx)
+        report = rewrite_attention(dg.gm, ctx, model=model, strict=False)
     assert len([w for w in rec if issubclass(w.category, SqueezeDenseWarning)]) == 1
     assert report.layers == [0] and report.dense[0][0] == 1 and reason in report.dense[0][1]
     torch.testing.assert_close(dg()[1], dense[1])
@@ -221,12 +242,14 @@ def test_active_dropout_stays_dense():
     model = Stack(["eager_mul_cast"], training_dropout=0.5).train()
     q, k, v, mask = inputs()
     dg = dynamo_graph(model, q, k, v, float_mask(mask))
+    with pytest.raises(SqueezeDenseError, match="dropout is active"):
+        rewrite_attention(dg.gm, ctx, model=model)
     with pytest.warns(SqueezeDenseWarning, match="dropout is active"):
-        report = rewrite_attention(dg.gm, ctx)
+        report = rewrite_attention(dg.gm, ctx, model=model, strict=False)
     assert report.rewritten == []
     model.eval()  # dropout inactive: the same spelling is rewritten
     dg = dynamo_graph(model, q, k, v, float_mask(mask))
-    assert rewrite_attention(dg.gm, ctx).layers == [0]
+    assert rewrite_attention(dg.gm, ctx, model=model).layers == [0]
 
 
 def test_wrong_model_for_context_is_an_error():
@@ -288,12 +311,50 @@ def test_export_of_hf_model_rewrites_to_dense_truth_at_keep_1(attn):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_sliding_window_mask_is_seen_in_the_graph_without_the_model():
+def hf_graph(model, lengths=(7, 7)):
+    ids, am, pos = left_padded(list(lengths))
+    return dynamo_graph(lambda i, a, p: model(input_ids=i, attention_mask=a, position_ids=p).logits, ids, am, pos)
+
+
+def test_sliding_window_is_read_from_the_models_config_not_from_the_graph():
     model = tiny_model("mistral", "sdpa", 2)
     _, ctx = tiny_context(model)
     model.config.sliding_window = 3
-    ids, am, pos = left_padded([7, 7])
-    dg = dynamo_graph(lambda i, a, p: model(input_ids=i, attention_mask=a, position_ids=p).logits, ids, am, pos)
-    with pytest.warns(SqueezeDenseWarning, match="sliding-window"):
-        report = rewrite_attention(dg.gm, ctx)  # no model given: graph evidence only
+    with pytest.raises(SqueezeDenseError, match="layers 0-1: sliding window of 3 tokens"):
+        rewrite_attention(hf_graph(model).gm, ctx, model=model)
+    model.config.layer_types = ["full_attention", "sliding_attention"]  # per-layer rule
+    with pytest.warns(SqueezeDenseWarning, match="layer 1: sliding window of 3 tokens"):
+        report = rewrite_attention(hf_graph(model).gm, ctx, model=model, strict=False)
+    assert report.layers == [0] and [layer for layer, _ in report.dense] == [1]
+
+
+@pytest.mark.parametrize("setting,value,reason", [
+    ("attn_logit_softcapping", 30.0, "logit soft-capping"),
+    ("attention_chunk_size", 4, "chunked attention"),
+    ("alibi", True, "ALiBi"),
+])
+def test_attention_flags_on_the_module_or_config_are_refused(setting, value, reason):
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model)
+    setattr(model.model.layers[1].self_attn, setting, value)  # the module's own attribute
+    with pytest.raises(SqueezeDenseError, match=f"layer 1: {reason}"):
+        rewrite_attention(hf_graph(model).gm, ctx, model=model)
+    delattr(model.model.layers[1].self_attn, setting)
+    setattr(model.config, setting, value)  # the config's: every layer
+    with pytest.raises(SqueezeDenseError, match=f"layers 0-1: {reason}"):
+        rewrite_attention(hf_graph(model).gm, ctx, model=model)
+
+
+def test_without_the_model_nothing_is_proven_so_strict_refuses():
+    """No model: the layers' settings (here a sliding window) cannot be read, so the pass does
+    not skip the check: strict refuses, the opt-out leaves every layer dense with one warning."""
+    model = tiny_model("mistral", "sdpa", 2)
+    _, ctx = tiny_context(model)
+    model.config.sliding_window = 3
+    dg = hf_graph(model)
+    with pytest.raises(SqueezeDenseError, match="settings .* cannot be checked: pass model="):
+        rewrite_attention(dg.gm, ctx)
+    with pytest.warns(SqueezeDenseWarning, match="cannot be checked") as rec:
+        report = rewrite_attention(dg.gm, ctx, strict=False)
+    assert len([w for w in rec if issubclass(w.category, SqueezeDenseWarning)]) == 1
     assert report.rewritten == [] and len(report.dense) == 2

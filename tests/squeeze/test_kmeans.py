@@ -104,3 +104,29 @@ def test_fused_assignment_matches_torch():
         ref_best, ref_idx = km.nearest_torch(x.float(), c.float(), 1 << 20)
         assert (idx == ref_idx).float().mean() > 0.99
         torch.testing.assert_close(best, ref_best, atol=2e-3 if cuda else 1e-5, rtol=0)
+
+
+def test_fused_fallback_is_per_call_and_said_once(monkeypatch):
+    """A failing fused kernel falls back to the torch path for the rest of that k-means call, with
+    one warning; the next call tries the kernel again (nothing sticky for the process)."""
+    import pytest
+
+    from sqz_compile.squeeze import kmeans as km
+
+    attempts = []
+
+    def broken(xn, cn, config=None):
+        attempts.append(1)
+        raise RuntimeError("0 active drivers")
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 80, 8, generator=g)
+    want = km.kmeans(x, 5, seed=0)
+    monkeypatch.setattr(km, "_use_triton", lambda xn: True)
+    monkeypatch.setattr(km, "nearest_fused", broken)
+    for call in (1, 2):
+        with pytest.warns(UserWarning, match="fused Triton assignment failed .*0 active drivers") as rec:
+            got = km.kmeans(x, 5, seed=0)
+        assert len([w for w in rec if "fused Triton" in str(w.message)]) == 1
+        assert len(attempts) == call  # one attempt per call: tried again, never sticky
+        assert torch.equal(got.assign, want.assign) and got.iterations == want.iterations

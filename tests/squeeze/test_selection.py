@@ -47,13 +47,13 @@ def test_keep_zero_attends_the_dense_tokens_and_keep_one_is_exact():
     ctx_ids, ctx = tiny_context(model, length=48, keep=1.0, dense_tokens=6)
     ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
     want = dense_full_rows(model, ctx_ids, ids, torch.ones_like(ids))[0]
-    got = sqz_compile.compile(model, ctx, inductor=False)(ids).logits[0]
+    got = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False))(ids).logits[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch._dynamo.reset()
-    none = sqz_compile.compile(model, ctx.with_keep(0.0), inductor=False)(ids).logits[0]
+    none = sqz_compile.compile(model, ctx.with_keep(0.0), sqz_compile.CompileConfig(inductor=False))(ids).logits[0]
     _, plain = tiny_context(model, length=48, keep=0.0, dense_tokens=0)
     torch._dynamo.reset()
-    no_dense = sqz_compile.compile(model, plain, inductor=False)(ids).logits[0]
+    no_dense = sqz_compile.compile(model, plain, sqz_compile.CompileConfig(inductor=False))(ids).logits[0]
     assert not torch.allclose(none, no_dense, atol=1e-4)
 
 
