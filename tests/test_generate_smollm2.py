@@ -73,11 +73,6 @@ def test_keep_1_reproduces_dense_greedy_generation(setup):
     assert got.tolist() == dense.tolist(), f"{tok.decode(got)!r} != {tok.decode(dense)!r}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11, open: since keep = 1/8 also means 1/8 per prefill block (it meant ~40% before the "
-    "prefill threshold was calibrated at its own granularity), the lookup misses this needle; "
-    "benchmarks/results/accuracy.md has the grid. strict: passing again turns this red, so "
-    "the marker goes when the selection finds it"))
 def test_keep_one_eighth_finds_the_needle(setup):
     model, tok, _, question, _, ctx = setup
     primed = torch.cat([question, torch.tensor(tok.encode(LEAD, add_special_tokens=False))[None]], dim=1)

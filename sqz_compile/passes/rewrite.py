@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Node
 
 from ..config import DEFAULT_BLOCK_Q
 from ..context import CONTEXT_ARGS, SqueezedContext, check_fits
-from ..transformers_compat import (attention_dropout, model_config, num_layers, sliding_window,
+from ..transformers_compat import (attention_dropout, max_positions, model_config, num_layers, sliding_window,
                                    sliding_window_fix, text_config)
 from .match import AttentionMatch, default_scale, find_attention, normalize_module_path
 from .targets import is_assert, shape_of, tensor_meta
@@ -128,7 +128,9 @@ def config_reason(cfg: Any, layer: int, module: torch.nn.Module | None = None,
                 f"{sliding_window_fix(cfg)} if context + inputs fit in the window)")
     chunk = _setting("attention_chunk_size", module, cfg)
     types = getattr(cfg, "layer_types", None)
-    if chunk and (not types or layer >= len(types) or types[layer] == "chunked_attention"):
+    max_pos = max_positions(cfg) if cfg is not None else None
+    inert = bool(chunk) and bool(max_pos) and int(chunk) >= max_pos  # a plain causal mask at every length
+    if chunk and not inert and (not types or layer >= len(types) or types[layer] == "chunked_attention"):
         return f"chunked attention ({chunk} tokens per chunk)"
     softcap = _setting("attn_logit_softcapping", module, cfg)
     if softcap is not None:
