@@ -258,3 +258,25 @@ def dense_logits(model, ctx_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tenso
     full = torch.cat([ctx_ids.expand(ids.shape[0], -1), ids], dim=1)
     with torch.no_grad():
         return model(full).logits[:, -ids.shape[1]:]
+
+
+def check_always_attended(config: dict, without: dict) -> None:
+    """Tokens that `config` makes always attended (sinks, dense tokens): at keep = 1 the squeezed
+    model equals dense; at keep = 0 those tokens are still attended, so the logits differ from a
+    keep = 0 context squeezed with `without` instead."""
+    import sqz_compile
+
+    torch._dynamo.reset()
+    model = tiny_model("llama", kv_heads=2, layers=2)
+    ctx_ids, ctx = tiny_context(model, length=48, keep=1.0, **config)
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    want = dense_full_rows(model, ctx_ids, ids, torch.ones_like(ids))[0]
+    eager = sqz_compile.CompileConfig(inductor=False)
+    got = sqz_compile.compile(model, ctx, eager)(ids).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
+    none = sqz_compile.compile(model, ctx.with_keep(0.0), eager)(ids).logits[0]
+    _, plain = tiny_context(model, length=48, keep=0.0, **without)
+    torch._dynamo.reset()
+    other = sqz_compile.compile(model, plain, eager)(ids).logits[0]
+    assert not torch.allclose(none, other, atol=1e-4)

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sqz_compile
-from fixtures import dense_full_rows, tiny_context, tiny_model
+from fixtures import check_always_attended, tiny_context, tiny_model
 from sqz_compile import SqueezeConfig, SqueezedContext
 from sqz_compile.squeeze.calibrate import kept_fraction
 from sqz_compile.context import SqueezedContextError
@@ -42,19 +41,7 @@ def test_dense_tokens_count_clamps_to_the_context():
 
 
 def test_keep_zero_attends_the_dense_tokens_and_keep_one_is_exact():
-    torch._dynamo.reset()
-    model = tiny_model("llama", kv_heads=2, layers=2)
-    ctx_ids, ctx = tiny_context(model, length=48, keep=1.0, dense_tokens=6)
-    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(0))
-    want = dense_full_rows(model, ctx_ids, ids, torch.ones_like(ids))[0]
-    got = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False))(ids).logits[0]
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    torch._dynamo.reset()
-    none = sqz_compile.compile(model, ctx.with_keep(0.0), sqz_compile.CompileConfig(inductor=False))(ids).logits[0]
-    _, plain = tiny_context(model, length=48, keep=0.0, dense_tokens=0)
-    torch._dynamo.reset()
-    no_dense = sqz_compile.compile(model, plain, sqz_compile.CompileConfig(inductor=False))(ids).logits[0]
-    assert not torch.allclose(none, no_dense, atol=1e-4)
+    check_always_attended(dict(dense_tokens=6), dict(dense_tokens=0))
 
 
 @pytest.mark.parametrize("keep", [0.0625, 0.125, 0.25])
