@@ -15,12 +15,14 @@ duration of a call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Any, Iterator
 
 import torch
 
 from .backend import sqz_backend
+from .compiled_forward import dynamo_settings, graph_inputs, shared_forward
 from .context import SqueezedContext, check_fits
 from .distributed import local_context
 from .ops import DEFAULT_BLOCK_Q
@@ -38,14 +40,16 @@ class SqueezedModel:
         ctx = local_context(ctx, model)  # tensor parallel: this rank's KV heads (distributed.py)
         self.model = model
         self.ctx = ctx
-        self.reports: list[RewriteReport] = []
-        self._checked = 0
-        options: dict[str, Any] = {"context": ctx, "block_q": int(block_q), "inductor": bool(inductor),
-                                   "model": model, "on_report": self.reports.append, **inductor_options}
+        options: dict[str, Any] = {"block_q": int(block_q), "inductor": bool(inductor), "model": model,
+                                   **inductor_options}
         if mode is not None:
             options["mode"] = mode  # torch.compile takes mode or options, not both
-        self._forward = torch.compile(model.forward, backend=sqz_backend, options=options, dynamic=dynamic,
-                                      fullgraph=fullgraph)
+        # one compiled forward per model and context structure, the context an input (compiled_forward.py);
+        # dynamic shapes by default: other questions, batches, cache lengths and contexts reuse it
+        compiled = shared_forward(model, ctx, sqz_backend, options, True if dynamic is None else dynamic, fullgraph)
+        self.reports: list[RewriteReport] = compiled.reports  # every graph of that compiled forward
+        self._checked = len(self.reports)
+        self._forward = functools.partial(compiled, graph_inputs(ctx))
 
     # ------------------------------------------------------------------ calls
 
@@ -104,9 +108,7 @@ class SqueezedModel:
         old = m.__dict__.get("forward")
         m.forward = self._forward
         try:
-            # the attention's softmax scale must trace as a constant for the rewrite; dynamic=True
-            # would otherwise turn model floats into symbols and leave every layer dense
-            with torch._dynamo.config.patch(specialize_float=True):
+            with dynamo_settings():
                 yield
         finally:
             if had_own:
