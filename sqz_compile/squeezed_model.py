@@ -9,8 +9,9 @@ context.py: the user's tokens keep positions 0, 1, ...). `forward` behaves like 
 (with left padding pass position_ids, as with the plain model); `generate` is transformers'
 generate, so it returns the user's prompt plus the new tokens, with any cache implementation
 (dynamic, `cache_implementation="static"`), greedy or sampling, and left-padded batches that share
-the one context. The model itself is left untouched: its compiled forward is installed only for the
-duration of a call.
+the one context. The model itself is left untouched (apart from a private cache of compiled code,
+`_sqz_compiled`, that every context of the model shares): its compiled forward is installed only
+for the duration of a call.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ match.py    one matcher per attention spelling (SDPA, eager matmul-softmax-matmu
             layer mapping through nn_module_stack
 targets.py  op vocabulary shared by Dynamo (torch-level) and torch.export (aten) graphs
 rewrite.py  the rewrite itself, context buffers, safety checks and the RewriteReport
+bound.py    context tensors that arrive as graph inputs (SqueezedModel) instead of buffers
 """
 from .match import MATCHERS, AttentionMatch, find_attention, layer_of_path, undo_repeat_kv
 from .rewrite import (ContextMismatchError, RewriteReport, SqueezeDenseWarning, rewrite_attention,
