@@ -46,6 +46,9 @@ W = 128
 SCALE = D ** -0.5
 BLOCK_Q = 64
 L2_BYTES = 50 << 20
+# --variance: centroids carry the clusters' per-channel variances (SqueezeConfig.cluster_variance,
+# the default): 2D columns, the lookup scores [q, s/2 q^2]
+VARIANCE = {"on": False}
 
 
 # ----------------------------------------------------------------------------- data
@@ -87,6 +90,10 @@ def make_context(n: int, seed: int, coarse_ratio: float = 0.0, with_kv: bool = T
     sums = torch.zeros(H, c, D, device=dev).scatter_add_(1, cid[..., None].expand(H, n, D), keys32)
     cent = sums / sizes.clamp(min=1)[..., None].float()
     cent = torch.where(sizes[..., None] > 0, cent, 6.0 * fine_dir)
+    if VARIANCE["on"]:
+        sq = torch.zeros(H, c, D, device=dev).scatter_add_(1, cid[..., None].expand(H, n, D), keys32 * keys32)
+        mean_sq = sq / sizes.clamp(min=1)[..., None].float()
+        cent = torch.cat([cent, (mean_sq - cent * cent).clamp(min=0)], -1)
     ctx["centroids"] = cent.contiguous()
     # what a compiled bf16 model's graph holds (passes/rewrite.py): the lookup reads these
     ctx["lookup_centroids"] = cent.to(DT).contiguous()
@@ -94,7 +101,12 @@ def make_context(n: int, seed: int, coarse_ratio: float = 0.0, with_kv: bool = T
         csum = torch.zeros(H, ctx["cc"], D, device=dev).scatter_add_(1, ctx["parent"][..., None].expand(H, c, D),
                                                                       sums)
         cn = torch.zeros(H, ctx["cc"], device=dev).scatter_add_(1, ctx["parent"], sizes.float())
-        ctx["coarse_centroids"] = (csum / cn.clamp(min=1)[..., None]).contiguous()
+        cmean = csum / cn.clamp(min=1)[..., None]
+        if VARIANCE["on"]:
+            csq = torch.zeros(H, ctx["cc"], D, device=dev).scatter_add_(
+                1, ctx["parent"][..., None].expand(H, c, D), sq)
+            cmean = torch.cat([cmean, (csq / cn.clamp(min=1)[..., None] - cmean * cmean).clamp(min=0)], -1)
+        ctx["coarse_centroids"] = cmean.contiguous()
         ctx["lookup_coarse_centroids"] = ctx["coarse_centroids"].to(DT)
     if with_kv:
         ctx["keys"] = keys32.to(DT)
@@ -117,8 +129,9 @@ def make_queries(ctx: dict, m: int, seed: int) -> torch.Tensor:
 
 def best_scores(q: torch.Tensor, cent: torch.Tensor, sizes: torch.Tensor, block_q: int) -> torch.Tensor:
     """Block-max log shares [B, H, NB, C] as the reference computes them (float32)."""
-    from sqz_compile.kernels.lookup.reference import block_max, log_share
+    from sqz_compile.kernels.lookup.reference import block_max, log_share, lookup_queries
 
+    q = lookup_queries(q.float(), cent.shape[-1], SCALE)
     b, hq, m, d = q.shape
     qg = q.float().reshape(b, H, hq // H, m, d)
     sc = torch.einsum("bhgmd,hcd->bhgmc", qg, cent.float()) * SCALE
@@ -203,7 +216,7 @@ def sparse_step(ctx, q, kn, vn, thr, causal, hier=False, cthr=None):
         q, kn, vn, None, ctx["keys"], ctx["values"], ctx["lookup_centroids"], ctx["offsets"],
         ctx["window_keys"], ctx["window_values"], thr,
         ctx.get("lookup_coarse_centroids") if hier else None, ctx.get("coarse_offsets") if hier else None,
-        cthr if hier else None, SCALE, causal, 0, BLOCK_Q)
+        cthr if hier else None, None, SCALE, causal, 0, BLOCK_Q)
 
 
 def dense_inputs(ctx, kn, vn):
@@ -324,7 +337,7 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
                                                   None, SCALE, BLOCK_Q, 0)) for c, q, t in zip(ctxs, qs, thrs)]
     row["sqz_lookup_ms"] = graph_time(lk)
     # bytes the sparse path must read: centroids + offsets, kept K/V, window and new K/V, q
-    byt = (H * ctxs[0]["c"] * D * 2 + kept * H * D * 2 * 2 + (W + s) * H * D * 2 * 2
+    byt = (H * ctxs[0]["c"] * ctxs[0]["centroids"].shape[-1] * 2 + kept * H * D * 2 * 2 + (W + s) * H * D * 2 * 2
            + HQ * m * D * 2 * 2)
     row["sqz_bytes"] = byt
     row["sqz_GBps"] = byt / row["sqz_ms"] / 1e6
@@ -444,7 +457,10 @@ def main() -> None:
     ap.add_argument("--lookup-contexts", default="32768,65536,131072,262144,524288")
     ap.add_argument("--keep", type=float, default=0.10)
     ap.add_argument("--only", default="decode,prefill,lookup")
+    ap.add_argument("--variance", action="store_true",
+                    help="centroids with per-channel variances (SqueezeConfig.cluster_variance)")
     args = ap.parse_args()
+    VARIANCE["on"] = args.variance
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
@@ -453,7 +469,7 @@ def main() -> None:
 
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "lookup_centroids": str(DT).replace("torch.", "")}
+            "lookup_centroids": str(DT).replace("torch.", ""), "cluster_variance": args.variance}
     bw = copy_bandwidth()
     info["copy_bandwidth_GBps"] = bw
     print(json.dumps(info), flush=True)

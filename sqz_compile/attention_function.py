@@ -68,7 +68,8 @@ def _eval_attention(module, query, key, value, attention_mask, dropout: float = 
         out = torch.ops.sqz.squeezed_attention(
             query.contiguous(), key.contiguous(), value.contiguous(), attention_mask, lc.keys, lc.values,
             lc.centroids, lc.offsets, lc.window_keys, lc.window_values, lc.log_threshold,
-            lc.coarse_centroids, lc.coarse_offsets, lc.coarse_log_threshold, scale, causal, ctx.layer_budget(layer), bq)
+            lc.coarse_centroids, lc.coarse_offsets, lc.coarse_log_threshold, lc.radii, scale, causal,
+            ctx.layer_budget(layer), bq, ctx.layer_max_dropped_mass(layer))
     return out.transpose(1, 2).contiguous(), None
 
 

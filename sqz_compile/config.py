@@ -39,6 +39,12 @@ class SqueezeConfig:
         (s q.mu, a lower bound by Jensen that hides a cluster's best keys). The variances are
         stored beside the centroids ([mean, variance], 2D columns) and the lookup scores
         [q, s/2 q^2] against them: same kernels, twice the centroid bytes.
+    max_dropped_mass: error-bounded selection (HSR-style certified reporting) instead of a
+        threshold or budget: per query, clusters are kept best-first (by n_c exp of the bound
+        below) until the certified upper bound on the softmax mass of the dropped context keys is
+        <= this epsilon. The bound per cluster: q.k <= q.mu_c + |q| r_c with r_c the cluster's
+        radius (max distance of its keys from the mean), and a cluster's partition >= n_c
+        exp(s q.mu_c) (Jensen). Runs in plain torch ops on every device (no fused kernel yet).
     dense_layers: the first `dense_layers` layers attend to the whole context (no lookup):
         early layers spread their attention (SmolLM2's layer 0 loses ~40% of its mass at keep =
         1/8 even with an oracle). keep then applies to the other layers, so the keys attended
@@ -59,6 +65,7 @@ class SqueezeConfig:
     seed: int = 0
     cluster_variance: bool = True
     dense_layers: int = 0
+    max_dropped_mass: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -82,6 +89,11 @@ class SqueezeConfig:
             bad("kmeans_iters", "must be >= 1")
         if int(self.chunk_size) < 1:
             bad("chunk_size", "must be >= 1")
+        if self.max_dropped_mass is not None:
+            if not 0.0 < float(self.max_dropped_mass) < 1.0:
+                bad("max_dropped_mass", "must lie in (0, 1) (bound on the dropped softmax mass), or None")
+            if self.budget is not None:
+                bad("max_dropped_mass", "and budget are two selection modes: set one of them")
         if int(self.dense_layers) < 0:
             bad("dense_layers", "must be >= 0 (leading layers that attend to the whole context)")
 

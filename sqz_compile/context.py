@@ -28,6 +28,9 @@ tensor is stacked over layers on dim 0):
   coarse_offsets      [layers, H, Cc+1]  int32 over *fine cluster indices*: fine clusters are
                                          stored grouped by coarse parent
   coarse_log_threshold [layers, 2]       float32 (hierarchical only; decode, prefill)
+  radii               [layers, H, C]     float32: max distance of a cluster's keys from its mean
+                                         (the certified logit bound of config.max_dropped_mass;
+                                         absent in format-2 files)
 
 Positions: keys are rotated for positions p - L (relative to the end of the context), so the
 user's tokens keep their natural positions 0, 1, ... RoPE depends only on relative position, so
@@ -90,6 +93,7 @@ class LayerContext(NamedTuple):
     coarse_centroids: torch.Tensor | None
     coarse_offsets: torch.Tensor | None
     coarse_log_threshold: torch.Tensor | None  # [2]
+    radii: torch.Tensor | None  # [H, C]
 
 
 # THE schema of the op's per-layer context arguments: their order in
@@ -125,6 +129,7 @@ class SqueezedContext:
     coarse_centroids: torch.Tensor | None = None
     coarse_offsets: torch.Tensor | None = None
     coarse_log_threshold: torch.Tensor | None = None
+    radii: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # tensor parallelism: this rank's piece of the KV heads (distributed.py); None = all heads
     shard: KVShard | None = None
@@ -163,6 +168,11 @@ class SqueezedContext:
         """Leading layers that attend to the whole context (their thresholds keep every cluster)."""
         return min(int(self.config.dense_layers), self.num_layers)
 
+    def layer_max_dropped_mass(self, i: int) -> float:
+        """The op's max_dropped_mass for layer i: 0 (off) in a dense layer or without the mode."""
+        eps = self.config.max_dropped_mass
+        return 0.0 if eps is None or i < self.dense_layers else float(eps)
+
     def layer_budget(self, i: int) -> int:
         """The op's budget argument for layer i: threshold mode (0) in a dense layer, whose -inf
         thresholds keep every cluster, else `budget`."""
@@ -178,7 +188,7 @@ class SqueezedContext:
         """All tensors by field name (None fields left out)."""
         names = ("keys", "values", "perm", "centroids", "offsets", "window_keys", "window_values",
                  "window_positions", "window_queries", "log_threshold", "coarse_centroids", "coarse_offsets",
-                 "coarse_log_threshold")
+                 "coarse_log_threshold", "radii")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def to(self, device: torch.device | str) -> "SqueezedContext":
@@ -200,7 +210,8 @@ class SqueezedContext:
         from .squeeze.calibrate import calibrate
 
         per_layer = self.config.per_layer_threshold if per_layer_threshold is None else per_layer_threshold
-        cfg = dataclasses.replace(self.config, keep=float(keep), budget=None, per_layer_threshold=bool(per_layer))
+        cfg = dataclasses.replace(self.config, keep=float(keep), budget=None, max_dropped_mass=None,
+                                  per_layer_threshold=bool(per_layer))
         src = {n: getattr(self, n) for n in _CALIBRATION_ARGS}
         if self.shard is not None:  # one global threshold over every rank's heads (a collective)
             from .distributed import gather_fields
@@ -272,6 +283,10 @@ class SqueezedContext:
             want("coarse_offsets", (layers, H, cc + 1), torch.int32)
             want("coarse_log_threshold", (layers, 2), torch.float32)
             _check_offsets("coarse_offsets", self.coarse_offsets, C, bad)
+        if self.radii is not None:
+            want("radii", (layers, H, C), torch.float32)
+        elif self.config.max_dropped_mass is not None:
+            bad("config.max_dropped_mass needs the clusters' radii, which this context lacks (a format-2 file?)")
         fp = self.fingerprint
         pieces = 1 if self.shard is None else self.shard.world_size  # a shard holds 1/pieces of the heads
         for key, n in (("num_hidden_layers", layers), ("num_key_value_heads", H * pieces),

@@ -15,8 +15,8 @@ from torch.library import triton_op
 
 from .config import DEFAULT_BLOCK_Q  # noqa: F401  (re-exported: the op's default)
 from .context import CONTEXT_ARGS
-from .kernels.attention.reference import squeezed_attention_reference
-from .kernels.lookup.reference import select_clusters_reference, selection_mask_reference
+from .kernels.attention.reference import log_partition_rest, squeezed_attention_reference
+from .kernels.lookup.reference import certified_selection, select_clusters_reference, selection_mask_reference
 
 
 def _check_inputs(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor) -> None:
@@ -86,23 +86,33 @@ def _squeezed_attention_impl(
     coarse_centroids: Optional[torch.Tensor],
     coarse_offsets: Optional[torch.Tensor],
     coarse_log_threshold: Optional[torch.Tensor],
+    radii: Optional[torch.Tensor],
     scale: float,
     is_causal: bool,
     budget: int,
     block_q: int,
+    max_dropped_mass: float = 0.0,
 ) -> torch.Tensor:
     """Attention of the new tokens' queries q [B,Hq,M,D] over the selected clusters of one
     layer's fixed context, its observation window and the new keys/values k_new, v_new
     [B,H,S,D] under the model's mask (attn_mask / is_causal, SDPA semantics). Returns
     [B,Hq,M,D] in q's dtype. budget 0 selects by log_threshold; budget > 0 keeps the best
-    clusters up to that many keys. block_q: queries that share one selection in prefill."""
+    clusters up to that many keys. block_q: queries that share one selection in prefill.
+    max_dropped_mass > 0: error-bounded selection with the clusters' radii (lookup/reference.py),
+    in plain torch ops on every device (no fused kernel yet)."""
     _check_inputs(q, centroids, offsets)
+    if max_dropped_mass > 0:
+        torch._check(radii is not None, lambda: "sqz: max_dropped_mass needs the clusters' radii (context format 3)")
+        log_rest = log_partition_rest(q, k_new, attn_mask, is_causal, window_keys, scale)
+        sel = certified_selection(q, centroids, offsets, radii, scale, block_q, max_dropped_mass, log_rest)
+        return squeezed_attention_reference(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, offsets, sel,
+                                            window_keys, window_values, scale, is_causal, block_q)
     if _use_cuda_kernels(q):
         from .kernels.attention.launch import squeezed_attention as cuda_squeezed_attention
 
         return cuda_squeezed_attention(
             q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets, window_keys,
-            window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold,
+            window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold, radii,
             scale, is_causal, budget, block_q)
     sel = selection_mask_reference(
         q, centroids, offsets, log_threshold, scale, block_q, budget,
@@ -140,8 +150,8 @@ if context_params(_squeezed_attention_impl) != CONTEXT_ARGS:  # pragma: no cover
 
 @squeezed_attention.register_fake
 def _(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets, window_keys,
-      window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold,
-      scale, is_causal, budget, block_q):
+      window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold, radii,
+      scale, is_causal, budget, block_q, max_dropped_mass=0.0):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

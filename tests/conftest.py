@@ -3,9 +3,16 @@
 - Inductor's on-disk caches do not key on the Python bodies of triton_ops, so a stale cache can
   serve code compiled from an older op body: every test session gets a fresh cache directory.
 - Without CUDA, Triton kernels run under the interpreter (must be set before triton is imported).
+- The shared test helpers (tests/kernels/cases.py, tests/squeeze/test_squeeze.py) import by bare
+  name from any test file, whichever files are collected (`kernels` alone would find the PyPI
+  package of that name).
 """
 import os
+import sys
 import tempfile
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(_here, "kernels"), os.path.join(_here, "squeeze")]
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="sqz_inductor_"))
 try:

@@ -28,14 +28,15 @@ def _case(seed: int, b=2, hq=4, h=2, m=5, s=5, d=8, n=40, c=6, w=3, coarse=False
                 window_values=r(h, w, d), **cc)
 
 
-def _args(t, thr, mask=None, causal=True, budget=0, block_q=2):
+def _args(t, thr, mask=None, causal=True, budget=0, block_q=2, max_dropped_mass=0.0):
+    radii = torch.rand(t["centroids"].shape[:2], generator=torch.Generator().manual_seed(9)) * 3
     return (t["q"], t["k_new"], t["v_new"], mask, t["ctx_keys"], t["ctx_values"], t["centroids"],
             t["offsets"], t["window_keys"], t["window_values"], torch.tensor(thr),
-            t["coarse_centroids"], t["coarse_offsets"], t["coarse_log_threshold"],
-            t["q"].shape[-1] ** -0.5, causal, budget, block_q)
+            t["coarse_centroids"], t["coarse_offsets"], t["coarse_log_threshold"], radii,
+            t["q"].shape[-1] ** -0.5, causal, budget, block_q, max_dropped_mass)
 
 
-@pytest.mark.parametrize("variant", ["threshold", "budget", "hierarchical", "bool_mask", "float_mask"])
+@pytest.mark.parametrize("variant", ["threshold", "budget", "hierarchical", "bool_mask", "float_mask", "error_bounded"])
 def test_opcheck_squeezed_attention(variant):
     t = _case(0, coarse=variant == "hierarchical")
     mask, causal = None, True
@@ -43,7 +44,8 @@ def test_opcheck_squeezed_attention(variant):
         mask, causal = torch.rand(2, 1, 5, 5) > 0.3, False
     if variant == "float_mask":
         mask, causal = torch.randn(1, 4, 5, 5), False
-    args = _args(t, -3.0, mask, causal, budget=12 if variant == "budget" else 0)
+    args = _args(t, -3.0, mask, causal, budget=12 if variant == "budget" else 0,
+                 max_dropped_mass=0.05 if variant == "error_bounded" else 0.0)
     torch.library.opcheck(torch.ops.sqz.squeezed_attention.default, args)
 
 

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(d.modes),
                    help=f"selection: threshold (calibrated for keep) or budget (keep x clustered keys per "
                         f"block) (default: {_join(d.modes)})")
+    p.add_argument("--max-dropped-mass", type=float, default=d.max_dropped_mass,
+                   help=f"eps of the bounded mode (default {d.max_dropped_mass})")
     p.add_argument("--oracle", nargs="+", default=list(d.oracle),
                    help=f"variants that also get an oracle run: LOOKUP-MODE names (e.g. flat-threshold), all, "
                         f"none (default: {_join(d.oracle)})")
@@ -96,7 +98,8 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
                         tasks=tuple(a.tasks), max_new_tokens=a.max_new_tokens, prime=not a.no_prime, block_q=a.block_q,
                         cluster_ratio=a.cluster_ratio, observation_window=a.observation_window,
                         sink_tokens=a.sink_tokens, dense_tokens=a.dense_tokens,
-                        cluster_variance=a.cluster_variance == "on", dense_layers=a.dense_layers)
+                        cluster_variance=a.cluster_variance == "on", dense_layers=a.dense_layers,
+                        max_dropped_mass=a.max_dropped_mass)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

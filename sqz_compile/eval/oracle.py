@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 
 from ..context import SqueezedContext
-from ..kernels.attention.reference import new_token_bias, selected_key_mask
-from ..kernels.lookup.reference import block_max, selection_mask_reference
+from ..kernels.attention.reference import rest_logits, selected_key_mask
+from ..kernels.lookup.reference import block_max, certified_selection, selection_mask_reference
 
 
 # --------------------------------------------------------------------------- oracle and recall
@@ -74,18 +74,20 @@ def analyse_selection(q: torch.Tensor, k_new: torch.Tensor, attn_mask: torch.Ten
     lc = ctx.layer(layer)
     b, hq, m, d = q.shape
     h, n, _ = lc.keys.shape
-    g, s = hq // h, k_new.shape[2]
+    g = hq // h
     qg = q.float().reshape(b, h, g, m, d)
     sc_ctx = torch.einsum("bhgmd,hnd->bhgmn", qg, lc.keys.float()) * scale
-    sc_win = torch.einsum("bhgmd,hwd->bhgmw", qg, lc.window_keys.float()) * scale
-    sc_new = torch.einsum("bhgmd,bhsd->bhgms", qg, k_new.float()) * scale
-    bias = new_token_bias(attn_mask, is_causal, m, s, torch.float32, q.device)
-    if bias is not None:
-        sc_new = sc_new + torch.broadcast_to(bias, (b, hq, m, s)).reshape(b, h, g, m, s)
+    sc_win, sc_new = rest_logits(q, k_new, attn_mask, is_causal, lc.window_keys, scale)
     lse = torch.logsumexp(torch.cat([sc_ctx, sc_win, sc_new], dim=-1), dim=-1, keepdim=True)
     p_ctx = torch.exp(sc_ctx - lse)
-    sel = selection_mask_reference(q, lc.centroids, lc.offsets, lc.log_threshold, scale, block_q, ctx.layer_budget(layer),
-                                   lc.coarse_centroids, lc.coarse_offsets, lc.coarse_log_threshold)
+    eps = ctx.layer_max_dropped_mass(layer)
+    if eps > 0:
+        log_rest = torch.logsumexp(torch.cat([sc_win, sc_new], -1), -1)
+        sel = certified_selection(q, lc.centroids, lc.offsets, lc.radii, scale, block_q, eps, log_rest)
+    else:
+        sel = selection_mask_reference(q, lc.centroids, lc.offsets, lc.log_threshold, scale, block_q,
+                                       ctx.layer_budget(layer), lc.coarse_centroids, lc.coarse_offsets,
+                                       lc.coarse_log_threshold)
     lookup = selected_key_mask(lc.offsets, sel, n)
     oracle = top_count_mask(block_max(p_ctx, block_q), lookup.sum(-1))
     return _Analysis(p_ctx, lookup, oracle)

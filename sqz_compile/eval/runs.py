@@ -37,12 +37,16 @@ def flat_view(ctx: SqueezedContext) -> SqueezedContext:
 
 def variant_context(base: SqueezedContext, v: Variant) -> SqueezedContext:
     """Derive `v` from one squeeze (no re-clustering): drop/keep the coarse level, recalibrate
-    the thresholds for v.keep, and for budget mode set budget = keep * clustered keys."""
+    the thresholds for v.keep, and for budget mode set budget = keep * clustered keys (bounded
+    mode: max_dropped_mass = v.eps)."""
     if v.lookup not in LOOKUPS or v.mode not in MODES:
         raise ValueError(f"unknown variant {v}: lookup must be one of {LOOKUPS}, mode one of {MODES}")
     if v.lookup == "hier" and not base.hierarchical:
         raise ValueError("a hierarchical variant needs a context squeezed with hierarchical=True")
     ctx = (flat_view(base) if v.lookup == "flat" else base).with_keep(v.keep)
+    if v.mode == "bounded":
+        cfg = dataclasses.replace(ctx.config, max_dropped_mass=float(v.eps))
+        ctx = dataclasses.replace(ctx, config=cfg, fingerprint=dict(ctx.fingerprint), extra=dict(ctx.extra))
     if v.mode == "budget":
         ctx = with_budget(ctx, round(v.keep * base.keys.shape[2]))
     return ctx
@@ -130,7 +134,8 @@ def compare_logits(dense: torch.Tensor, test: torch.Tensor, targets: torch.Tenso
 def _variant_fields(v: Variant | None, method: str) -> dict[str, Any]:
     if v is None:
         return {"method": method, "keep": 1.0, "lookup": None, "mode": None}
-    return {"method": method, "keep": v.keep, "lookup": v.lookup, "mode": v.mode}
+    return {"method": method, "keep": v.keep, "lookup": v.lookup, "mode": v.mode,
+            **({"eps": v.eps} if v.eps is not None else {})}
 
 
 def _scored_runs(settings: EvalSettings, base: SqueezedContext):

@@ -7,19 +7,23 @@ from dataclasses import dataclass
 from ..config import DEFAULT_BLOCK_Q, SqueezeConfig
 
 LOOKUPS = ("flat", "hier")
-MODES = ("threshold", "budget")
+MODES = ("threshold", "budget", "bounded")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One squeezed configuration: target keep, lookup ("flat"/"hier"), mode ("threshold"/"budget")."""
+    """One squeezed configuration: target keep, lookup ("flat"/"hier"), mode ("threshold"/"budget"/
+    "bounded": error-bounded with max_dropped_mass = eps, where keep does not apply)."""
 
     keep: float
     lookup: str
     mode: str
+    eps: float | None = None
 
     @property
     def name(self) -> str:
+        if self.mode == "bounded":
+            return f"eps={self.eps:g} {self.lookup} bounded"
         return f"keep={self.keep:g} {self.lookup} {self.mode}"
 
 
@@ -32,7 +36,8 @@ class EvalSettings:
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     needles: int = 3
     lookups: tuple[str, ...] = LOOKUPS
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = ("threshold", "budget")
+    max_dropped_mass: float = 0.05   # eps of the "bounded" mode
     oracle: tuple[str, ...] = ("flat-threshold", "flat-budget")  # variants with an oracle run: LOOKUP-MODE, all
     ppl_tokens: int = 512
     ppl_contexts: tuple[int, ...] | None = None
@@ -50,7 +55,8 @@ class EvalSettings:
     ppl_seed: int = 1
 
     def variants(self) -> list[Variant]:
-        return [Variant(k, lu, mo) for k in self.keeps for lu in self.lookups for mo in self.modes]
+        return [Variant(k, lu, mo, self.max_dropped_mass if mo == "bounded" else None)
+                for k in self.keeps for lu in self.lookups for mo in self.modes]
 
     def wants_oracle(self, v: Variant) -> bool:
         return "all" in self.oracle or f"{v.lookup}-{v.mode}" in self.oracle

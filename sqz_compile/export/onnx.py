@@ -176,9 +176,14 @@ def _group_queries(op, q, centroids):
 
 def sqz_squeezed_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets,
                            window_keys, window_values, log_threshold, coarse_centroids=None,
-                           coarse_offsets=None, coarse_log_threshold=None, scale: float = 1.0,
-                           is_causal: bool = False, budget: int = 0, block_q: int = DEFAULT_BLOCK_Q):
+                           coarse_offsets=None, coarse_log_threshold=None, radii=None, scale: float = 1.0,
+                           is_causal: bool = False, budget: int = 0, block_q: int = DEFAULT_BLOCK_Q,
+                           max_dropped_mass: float = 0.0):
     """ONNX translation of torch.ops.sqz.squeezed_attention (same arguments and semantics)."""
+    if max_dropped_mass > 0:
+        raise NotImplementedError(
+            "export_onnx: the error-bounded selection (SqueezeConfig.max_dropped_mass) has no ONNX "
+            "translation yet; squeeze the context in threshold or budget mode to export it")
     op = _ops()
     neg = _f32(op, _NEG_INF)
     qg = _group_queries(op, q, centroids)  # [B, H, G, M, D]

@@ -258,7 +258,7 @@ def rewrite_attention(gm: GraphModule, ctx: SqueezedContext, *, block_q: int = D
         qs = shape_of(m.query)
         scale = m.scale if m.scale is not None else default_scale(qs[3] if qs and qs[3] else ctx.head_dim)
         args = (m.query, m.key, m.value, m.attn_mask, *bufs, float(scale), bool(m.is_causal), ctx.layer_budget(m.layer),
-                int(block_q))
+                int(block_q), ctx.layer_max_dropped_mass(m.layer))
         with gm.graph.inserting_before(m.anchor):
             op = gm.graph.call_function(torch.ops.sqz.squeezed_attention.default, args)
         op.meta.update({k: v for k, v in m.anchor.meta.items() if k in ("nn_module_stack", "stack_trace",

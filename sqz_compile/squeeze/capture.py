@@ -194,6 +194,20 @@ def _with_variance(means: torch.Tensor, mean_squares: torch.Tensor) -> torch.Ten
     return torch.cat([means, (mean_squares - means * means).clamp_(min=0)], dim=-1)
 
 
+def cluster_radii(x: torch.Tensor, assign: torch.Tensor, means: torch.Tensor, step: int = 16) -> torch.Tensor:
+    """[B, C] float32: the largest distance of a cluster's points x [B, N, D] from its mean
+    [B, C, D] (0 for an empty cluster), a few problems at a time. With it every key's logit obeys
+    q.k <= q.mu + |q| r (Cauchy-Schwarz): the certified bound of max_dropped_mass."""
+    B, N, D = x.shape
+    out = torch.zeros(B, means.shape[1], dtype=torch.float32, device=x.device)
+    for b in range(0, B, step):
+        a = assign[b:b + step]
+        mu = means[b:b + step].float().gather(1, a.unsqueeze(-1).expand(-1, -1, D))
+        dist = (x[b:b + step].float() - mu).norm(dim=-1)
+        out[b:b + step].scatter_reduce_(1, a, dist, reduce="amax")
+    return out * (1 + 1e-5)  # a margin so that float32 rounding never breaks the bound
+
+
 def _gather_tokens(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """x [layers, H, L, D], pos [layers, H, n] -> x at those token positions [layers, H, n, D]."""
     return x.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])).contiguous()
@@ -309,6 +323,7 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
     positions = clustered.reshape(B, N).gather(1, perm)  # context position of each sorted key
     sums = cluster_sums(ck, assign, C)
     centroids = _means(sums, counts)
+    radii = cluster_radii(ck, assign, centroids)
     squares = cluster_sums(ck, assign, C, squared=True) if config.cluster_variance else None
     if config.hierarchical:
         coarse_centroids = _means(cluster_sums(sums, parent, Cc), coarse_keys)
@@ -341,11 +356,14 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
         coarse_offsets=None if coarse_offsets is None else shape4(coarse_offsets),
         coarse_log_threshold=(torch.full((layers, 2), float("-inf"), device=device)
                               if config.hierarchical else None),
+        radii=shape4(radii),
         extra={"scaling": float(scaling), "clusters": C, "coarse_clusters": Cc if config.hierarchical else 0,
                "window": W, "sink_tokens": S, "dense_tokens": T, "kmeans_iterations": iterations},
         shard=shard,
     )
-    if config.budget is None:
+    if config.max_dropped_mass is not None:
+        pass  # error-bounded: the op selects per query from the radii; no threshold to calibrate
+    elif config.budget is None:
         ctx = ctx.with_keep(config.keep)
     elif int(config.budget) == 0:  # a budget of no keys: keep no cluster (the op's budget 0 is threshold mode)
         ctx.log_threshold[ctx.dense_layers:] = float("inf")

@@ -162,10 +162,11 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                        window_keys: torch.Tensor, window_values: torch.Tensor,
                        log_threshold: torch.Tensor, coarse_centroids: Optional[torch.Tensor],
                        coarse_offsets: Optional[torch.Tensor],
-                       coarse_log_threshold: Optional[torch.Tensor], scale: float,
-                       is_causal: bool, budget: int, block_q: int) -> torch.Tensor:
+                       coarse_log_threshold: Optional[torch.Tensor], radii: Optional[torch.Tensor],
+                       scale: float, is_causal: bool, budget: int, block_q: int) -> torch.Tensor:
     """CUDA implementation of torch.ops.sqz.squeezed_attention: lookup, then sparse attention
-    (decode: the lookup writes the kept keys' positions for the attention loop)."""
+    (decode: the lookup writes the kept keys' positions for the attention loop). radii serve only
+    the error-bounded mode, which the op runs in torch ops before reaching this launcher."""
     h, n_ctx, d = ctx_keys.shape
     cfg = attention_config(q.shape[0], h, q.shape[1] // h, q.shape[2], int(block_q), n_ctx,
                            window_keys.shape[1], k_new.shape[2], d, sm_count(q))

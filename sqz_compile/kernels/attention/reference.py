@@ -52,6 +52,30 @@ def new_token_bias(attn_mask: torch.Tensor | None, is_causal: bool, m: int, s: i
     return None
 
 
+def rest_logits(q: torch.Tensor, k_new: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                window_keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the keys every query attends besides the context clusters: the window
+    [B, H, G, M, W] and the new keys under the model's mask [B, H, G, M, S], in float32 (float64
+    for float64 q)."""
+    b, hq, m, d = q.shape
+    h, s = k_new.shape[1], k_new.shape[2]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(work).reshape(b, h, hq // h, m, d)
+    sc_win = torch.einsum("bhgmd,hwd->bhgmw", qg, window_keys.to(work)) * scale
+    sc_new = torch.einsum("bhgmd,bhsd->bhgms", qg, k_new.to(work)) * scale
+    bias = new_token_bias(attn_mask, is_causal, m, s, work, q.device)
+    if bias is not None:
+        sc_new = sc_new + torch.broadcast_to(bias, (b, hq, m, s)).reshape(b, h, hq // h, m, s)
+    return sc_win, sc_new
+
+
+def log_partition_rest(q: torch.Tensor, k_new: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                       window_keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, H, G, M] log of sum exp over the window and new keys' logits (rest_logits): the part of
+    each query's partition the certified selection knows exactly."""
+    return torch.logsumexp(torch.cat(rest_logits(q, k_new, attn_mask, is_causal, window_keys, scale), -1), -1)
+
+
 def squeezed_attention_reference(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -82,13 +106,7 @@ def squeezed_attention_reference(
     keymask = keymask.repeat_interleave(block_q, dim=2)[:, :, :m]  # [B, H, M, N]
     sc_ctx = sc_ctx.masked_fill(~keymask[:, :, None], float("-inf"))
 
-    sc_win = torch.einsum("bhgmd,hwd->bhgmw", qg, window_keys.to(work)) * scale
-    sc_new = torch.einsum("bhgmd,bhsd->bhgms", qg, k_new.to(work)) * scale
-    bias = new_token_bias(attn_mask, is_causal, m, s, work, q.device)
-    if bias is not None:
-        bias = torch.broadcast_to(bias, (b, hq, m, s)).reshape(b, h, g, m, s)
-        sc_new = sc_new + bias
-
+    sc_win, sc_new = rest_logits(q, k_new, attn_mask, is_causal, window_keys, scale)
     p = torch.softmax(torch.cat([sc_ctx, sc_win, sc_new], dim=-1), dim=-1)
     w = window_keys.shape[1]
     out = (torch.einsum("bhgmn,hnd->bhgmd", p[..., :n], ctx_values.to(work))
@@ -98,4 +116,4 @@ def squeezed_attention_reference(
 
 
 __all__ = ["squeezed_attention_reference", "selection_from_compact", "selected_key_mask",
-           "key_cluster_ids", "new_token_bias", "cluster_sizes"]
+           "key_cluster_ids", "new_token_bias", "cluster_sizes", "rest_logits", "log_partition_rest"]

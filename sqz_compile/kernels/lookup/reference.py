@@ -16,6 +16,14 @@ Hierarchical: the coarse level is scored first with the same rule (coarse sizes 
 coarse cluster); only fine children of kept coarse clusters are scored; pruned coarse clusters
 stand for their children in the fine denominator.
 
+Error-bounded mode (max_dropped_mass = eps > 0; HSR-style certified reporting): per query, every
+key of cluster c has logit <= U_c = s (q.mu_c + |q| r_c) (r_c: the cluster's radius), and the
+cluster's partition sum_k exp(s q.k) >= n_c exp(s q.mu_c) (Jensen). Clusters are kept in
+descending order of n_c exp(U_c) until the dropped ones' bound R = sum n_c exp(U_c) satisfies
+R / (R + kept lower bounds + Z_rest) <= eps, with Z_rest the exact partition of the always
+attended and new keys. The true dropped softmax mass is then <= eps (x / (x + z) grows with x
+and falls with z). A block keeps the union of its queries' and heads' sets.
+
 Output (fixed size, no host sync): idx [B, H, NB, C] int32 listing the kept clusters in ascending
 order, padded with -1; count [B, H, NB] int32.
 """
@@ -139,6 +147,47 @@ def selection_mask_reference(
     if budget > 0:
         return _fit_budget(best, sizes, budget)
     return best > log_threshold.to(work)
+
+
+def logit_bounds(q: torch.Tensor, centroids: torch.Tensor, radii: torch.Tensor, scale: float) -> torch.Tensor:
+    """Certified upper bound of every key's logit per cluster: s (q.mu_c + |q| r_c), [B, H, G, M, C].
+    q [B, Hq, M, D]; centroids [H, C, D or 2D] (the means are the first D columns); radii [H, C]."""
+    b, hq, m, d = q.shape
+    h = centroids.shape[0]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(work).reshape(b, h, hq // h, m, d)
+    mean = torch.einsum("bhgmd,hcd->bhgmc", qg, centroids[..., :d].to(work))
+    return (mean + qg.norm(dim=-1, keepdim=True) * radii.to(work)[:, None, None, :][None]) * scale
+
+
+def certified_selection(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor, radii: torch.Tensor,
+                        scale: float, block_q: int, eps: float, log_z_rest: torch.Tensor) -> torch.Tensor:
+    """Error-bounded lookup (module docstring) as a bool mask [B, H, NB, C]. log_z_rest
+    [B, H, G, M]: log of the exact partition over the always-attended and new keys."""
+    b, hq, m, d = q.shape
+    h, c = centroids.shape[0], centroids.shape[1]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    log_n = cluster_sizes(offsets).to(work).log()[None, :, None, None, :]      # -inf: empty
+    upper = logit_bounds(q, centroids, radii, scale) + log_n                     # log n_c e^{U_c}
+    qg = q.to(work).reshape(b, h, hq // h, m, d)
+    lower = torch.einsum("bhgmd,hcd->bhgmc", qg, centroids[..., :d].to(work)) * scale + log_n
+    order = upper.argsort(dim=-1, descending=True, stable=True)
+    up, lo = upper.gather(-1, order), lower.gather(-1, order)
+    # keeping the first j clusters of `order` (j = 0..C): dropped bound R_j, kept lower bound L_j
+    ninf = torch.full_like(up[..., :1], float("-inf"))
+    log_r = torch.cat([torch.logcumsumexp(up.flip(-1), -1).flip(-1), ninf], -1)
+    log_l = torch.cat([ninf, torch.logcumsumexp(lo, -1)], -1)
+    log_rest = torch.logaddexp(log_l, log_z_rest.to(work).unsqueeze(-1))
+    bound = torch.sigmoid(log_r - log_rest)                                      # R / (R + L + Z)
+    need = (bound > eps).sum(-1, keepdim=True)  # bounds fall with j: the first j with bound <= eps
+    rank = torch.arange(c, device=q.device)
+    keep_sorted = (rank < need) & torch.isfinite(up)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)        # [B, H, G, M, C]
+    nb = -(-m // block_q)
+    pad = nb * block_q - m
+    if pad:
+        keep = torch.nn.functional.pad(keep, (0, 0, 0, pad), value=False)
+    return keep.reshape(b, h, -1, nb, block_q, c).any(dim=4).any(dim=2)
 
 
 def cluster_of(offsets: torch.Tensor, n: int) -> torch.Tensor:
