@@ -31,10 +31,12 @@ _inputs: "weakref.WeakKeyDictionary[SqueezedContext, list]" = weakref.WeakKeyDic
 
 def structure_key(ctx: SqueezedContext) -> tuple:
     """What compiled code depends on besides sizes: which tensors exist, their dtypes, device and
-    fixed dims (layers, heads, head dim or centroid width), each layer's op budget, the shard."""
+    fixed dims (layers, heads, head dim or centroid width), each layer's op budget and dropped-mass
+    bound (constants of the op), the shard."""
     fixed = tuple((n, t.dtype, t.shape[:2], t.shape[3:]) if t is not None else (n, None)
                   for n, t in zip(CONTEXT_ARGS, _stacked(ctx)))
-    return (fixed, ctx.keys.device, tuple(ctx.layer_budget(i) for i in range(ctx.num_layers)), ctx.shard)
+    per_layer = tuple((ctx.layer_budget(i), ctx.layer_max_dropped_mass(i)) for i in range(ctx.num_layers))
+    return (fixed, ctx.keys.device, per_layer, ctx.shard)
 
 
 def _stacked(ctx: SqueezedContext) -> list[torch.Tensor | None]:
