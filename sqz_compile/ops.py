@@ -153,3 +153,17 @@ def _(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets, wind
       window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold, radii,
       scale, is_causal, budget, block_q, max_dropped_mass=0.0):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sqz::bind_context", mutates_args=())
+def bind_context(x: torch.Tensor, context: list[Optional[torch.Tensor]]) -> torch.Tensor:
+    """Identity on `x` (a copy: a custom op may not alias its input) that ties a context's stacked
+    tensors (CONTEXT_ARGS order, None where absent) into a traced graph as inputs. SqueezedModel
+    calls it on the token ids; the rewrite feeds the sqz ops from its arguments and removes it
+    (passes/bound.py), so no context data is compiled into the graph."""
+    return x.clone()
+
+
+@bind_context.register_fake
+def _(x, context):
+    return torch.empty_like(x)

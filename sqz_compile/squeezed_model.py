@@ -9,17 +9,20 @@ context.py: the user's tokens keep positions 0, 1, ...). `forward` behaves like 
 (with left padding pass position_ids, as with the plain model); `generate` is transformers'
 generate, so it returns the user's prompt plus the new tokens, with any cache implementation
 (dynamic, `cache_implementation="static"`), greedy or sampling, and left-padded batches that share
-the one context. The model itself is left untouched: its compiled forward is installed only for the
-duration of a call.
+the one context. The model itself is left untouched (apart from a private cache of compiled code,
+`_sqz_compiled`, that every context of the model shares): its compiled forward is installed only
+for the duration of a call.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator
 
 import torch
 
 from .backend import NOTICE_KEY, sqz_backend
+from .compiled_forward import dynamo_settings, graph_inputs, shared_forward
 from .config import CompileConfig, resolve_compile_config
 from .context import SqueezedContext, check_for_model
 from .distributed import local_context
@@ -43,13 +46,15 @@ class SqueezedModel:
         self.model = model
         self.ctx = ctx
         self.compile_config = config  # (`config` is the wrapped model's, as for the model)
-        self.reports: list[RewriteReport] = []
-        self._checked = 0
         self._notice = DenseNotice()  # one SqueezeDenseWarning per (layer, reason) for this model
-        options: dict[str, Any] = {"context": ctx, "config": config, "model": model,
-                                   "on_report": self.reports.append, NOTICE_KEY: self._notice}
-        self._forward = torch.compile(model.forward, backend=sqz_backend, options=options,
-                                      dynamic=config.dynamic, fullgraph=config.fullgraph)
+        options: dict[str, Any] = {"config": config, "model": model, NOTICE_KEY: self._notice}
+        # one compiled forward per model and context structure, the context an input (compiled_forward.py);
+        # dynamic shapes by default: other questions, batches, cache lengths and contexts reuse it
+        compiled = shared_forward(model, ctx, sqz_backend, options,
+                                  True if config.dynamic is None else config.dynamic, config.fullgraph)
+        self.reports: list[RewriteReport] = compiled.reports  # every graph of that compiled forward
+        self._checked = len(self.reports)
+        self._forward = functools.partial(compiled, graph_inputs(ctx))
 
     # ------------------------------------------------------------------ calls
 
@@ -108,9 +113,7 @@ class SqueezedModel:
         old = m.__dict__.get("forward")
         m.forward = self._forward
         try:
-            # the attention's softmax scale must trace as a constant for the rewrite; dynamic=True
-            # would otherwise turn model floats into symbols and leave every layer dense
-            with torch._dynamo.config.patch(specialize_float=True):
+            with dynamo_settings():
                 yield
         except torch._dynamo.exc.BackendCompilerFailed as e:
             # Dynamo wraps the backend's exceptions: sqz_compile's own are raised as they are

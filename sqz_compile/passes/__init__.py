@@ -7,6 +7,7 @@ match.py    one matcher per attention spelling (SDPA, eager matmul-softmax-matmu
 targets.py  op vocabulary shared by Dynamo (torch-level) and torch.export (aten) graphs
 rewrite.py  the rewrite itself, context buffers, safety rules (strict: SqueezeDenseError; or one
             SqueezeDenseWarning per compiled model) and the RewriteReport
+bound.py    context tensors that arrive as graph inputs (SqueezedModel) instead of buffers
 """
 from .match import MATCHERS, AttentionMatch, find_attention, layer_of_path, undo_repeat_kv
 from .rewrite import (ContextMismatchError, DenseNotice, RewriteReport, SqueezeDenseError, SqueezeDenseWarning,

@@ -34,6 +34,7 @@ from ..config import DEFAULT_BLOCK_Q
 from ..context import CONTEXT_ARGS, SqueezedContext, check_fits
 from ..transformers_compat import (attention_dropout, max_positions, model_config, num_layers, sliding_window,
                                    sliding_window_fix, text_config)
+from .bound import bound_context
 from .match import AttentionMatch, default_scale, find_attention, normalize_module_path
 from .targets import is_assert, shape_of, tensor_meta
 
@@ -304,6 +305,7 @@ def rewrite_attention(gm: GraphModule, ctx: SqueezedContext, *, block_q: int = D
     Raises ContextMismatchError for a context that does not fit the graph (wrong model, dtype,
     device)."""
     report = RewriteReport()
+    bound = bound_context(gm, ctx)  # SqueezedModel: the context arrives as graph inputs, not constants
     matches = find_attention(gm.graph)
     plans: list[tuple[AttentionMatch, str | None]] = []
     for m in matches:
@@ -332,7 +334,8 @@ def rewrite_attention(gm: GraphModule, ctx: SqueezedContext, *, block_q: int = D
             continue
         meta_key = "val" if "val" in m.query.meta else ("example_value" if "example_value" in m.query.meta else None)
         fake_mode = _fake_mode(m.query)
-        bufs = _layer_buffers(gm, ctx, m.layer, start, cache, report, meta_key, fake_mode)
+        bufs = (bound.layer(m.layer, start) if bound is not None
+                else _layer_buffers(gm, ctx, m.layer, start, cache, report, meta_key, fake_mode))
         qs = shape_of(m.query)
         scale = m.scale if m.scale is not None else default_scale(qs[3] if qs and qs[3] else ctx.head_dim)
         args = (m.query, m.key, m.value, m.attn_mask, *bufs, float(scale), bool(m.is_causal), ctx.layer_budget(m.layer),

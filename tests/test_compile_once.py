@@ -1,0 +1,105 @@
+"""One compilation per model: generate compiles its prefill and decode graphs once, and later
+questions, batches of the same kind and other contexts (other document, other length) reuse
+them. Counted with Dynamo's graph counter and the backend's one RewriteReport per graph."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import sqz_compile
+from fixtures import dense_full_rows, left_padded, real_rows, selected_keys_reference, tiny_context, tiny_model
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def fresh() -> None:
+    torch._dynamo.reset()
+    counters.clear()
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+@pytest.mark.parametrize("lengths,other", [([5], [9]), ([7, 5, 3], [4, 8])])
+def test_generate_compiles_prefill_and_decode_once(cache, lengths, other):
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=0.3)
+    fresh()
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False))
+    ids, am, _ = left_padded(lengths)
+    sm.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False, cache_implementation=cache)
+    # transformers takes other Python paths for a prompt and for one new token: two graphs, then
+    # no recompile for the growing cache in any decode step
+    assert graphs() == 2 == len(sm.reports)
+    ids, am, _ = left_padded(other, seed=4)
+    sm.generate(ids, attention_mask=am, max_new_tokens=9, do_sample=False, cache_implementation=cache)
+    assert graphs() == 2, "a second question (other length, other max_new_tokens) compiled again"
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_a_second_context_of_another_length_compiles_nothing(inductor):
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=0.3)
+    _, other = tiny_context(model, length=61, keep=0.3, seed=5, observation_window=6)
+    assert other.context_length != ctx.context_length and other.num_clusters != ctx.num_clusters
+    ids, am, pos = left_padded([7, 5, 3])
+    fresh()
+    first = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=inductor, block_q=4))
+    first(ids, attention_mask=am, position_ids=pos)
+    assert graphs() == 1
+    sm = sqz_compile.compile(model, other, sqz_compile.CompileConfig(inductor=inductor, block_q=4))
+    got = sm(ids, attention_mask=am, position_ids=pos).logits
+    assert graphs() == 1, "a second context compiled again"
+    # exact for the new context: its clusters and thresholds, not the first one's
+    want = selected_keys_reference(model, other, block_q=4, input_ids=ids, attention_mask=am, position_ids=pos)
+    for a, b in zip(real_rows(got, am), real_rows(want, am)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    mine = first(ids, attention_mask=am, position_ids=pos).logits  # the first context still works
+    assert graphs() == 1 and not torch.allclose(mine, got)
+
+
+def test_generate_with_a_second_context_equals_dense_generation_over_it():
+    model = tiny_model("qwen2", "eager", 4)
+    _, ctx = tiny_context(model, keep=1.0)
+    other_ids, other = tiny_context(model, length=37, keep=1.0, seed=8)
+    ids, am, _ = left_padded([6, 3])
+    fresh()
+    eager = sqz_compile.CompileConfig(inductor=False)
+    sqz_compile.compile(model, ctx, eager).generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False)
+    n = graphs()
+    sm = sqz_compile.compile(model, other, sqz_compile.CompileConfig(inductor=False))
+    out = sm(ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
+    for a, b in zip(real_rows(out, am), dense_full_rows(model, other_ids, ids, am)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    before = graphs()
+    sm.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False)
+    assert graphs() == before and before == n + 1  # only the plain forward (no cache) was new
+
+
+def test_a_context_of_another_structure_compiles_its_own_graphs():
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=0.3)
+    _, budget = tiny_context(model, budget=12)  # fixed-budget selection: another op argument
+    ids, am, pos = left_padded([5])
+    fresh()
+    sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False))(ids, attention_mask=am, position_ids=pos)
+    sqz_compile.compile(model, budget, sqz_compile.CompileConfig(inductor=False))(ids, attention_mask=am, position_ids=pos)
+    assert graphs() == 2
+
+
+def test_compiled_code_holds_no_context_data():
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model)
+    ids, am, pos = left_padded([5])
+    fresh()
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False))
+    sm(ids, attention_mask=am, position_ids=pos)
+    assert sm.report.layers == [0, 1] and sm.report.buffers == []  # inputs, not graph buffers
+    gone = weakref.ref(ctx.keys)
+    del sm, ctx
+    gc.collect()
+    assert gone() is None, "the compiled forward keeps the first context's tensors alive"
