@@ -142,11 +142,12 @@ def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) ->
     """Compile to first token (cold unless this model was compiled before; then warm), then the
     timed generates; the graphs compiled at each stage."""
     dev = args.device
-    sm = sqz_compile.compile(model, ctx, inductor=not args.eager, mode=args.mode)
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=not args.eager, mode=args.mode))
     mask = torch.ones_like(questions)
+    cache = {"cache_implementation": "static"} if args.cache == "static" else {}
 
     def gen(n: int):
-        return sm.generate(questions, attention_mask=mask, max_new_tokens=n, do_sample=False)
+        return sm.generate(questions, attention_mask=mask, max_new_tokens=n, do_sample=False, **cache)
 
     g0 = graphs()
     first, _ = timed(lambda: gen(2), dev)  # prefill and decode graphs
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 (fp32 with --tiny)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mode", default=None, help='Inductor mode for sqz, e.g. "reduce-overhead"')
+    p.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                   help="sqz's generate cache (static with --mode reduce-overhead: one CUDA graph per decode shape)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--tiny", action="store_true",
                    help="a tiny random Llama, short contexts, few tokens, eager sqz: checks the logic on a CPU")
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
            "dtype": str(dtype), "keep": args.keep, "question": args.question, "new_tokens": args.new_tokens,
-           "reps": args.reps, "sqz_inductor": not args.eager, "sqz_mode": args.mode}
+           "reps": args.reps, "sqz_cache": args.cache, "sqz_inductor": not args.eager, "sqz_mode": args.mode}
     md = table(rows)
     print(md)
     stem = os.path.join(out_dir, "bench_e2e" + ("_real" if args.real else ""))

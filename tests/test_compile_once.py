@@ -103,3 +103,26 @@ def test_compiled_code_holds_no_context_data():
     del sm, ctx
     gc.collect()
     assert gone() is None, "the compiled forward keeps the first context's tensors alive"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode,cache", [(None, None), ("reduce-overhead", "static")])
+def test_counts_on_cuda_with_inductor(mode, cache):
+    """The same counts on the GPU through Inductor and the Triton kernels (CUDA graphs too):
+    generate compiles its graphs once; a second question and a second context compile nothing."""
+    model = tiny_model("llama", "sdpa", 2, max_position_embeddings=1024).to("cuda", torch.bfloat16)
+    _, ctx = tiny_context(model, length=300, keep=0.3, cluster_ratio=0.05)
+    _, other = tiny_context(model, length=411, keep=0.3, cluster_ratio=0.05, seed=5)
+    fresh()
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(mode=mode))
+    ids, am, _ = (t.cuda() for t in left_padded([9, 6]))
+    sm.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False, cache_implementation=cache)
+    n = graphs()
+    assert 2 <= n <= 3  # prefill, decode (+ once when Inductor sees the cache's decode layout)
+    ids2, am2, _ = (t.cuda() for t in left_padded([7, 11], seed=4))
+    sm.generate(ids2, attention_mask=am2, max_new_tokens=9, do_sample=False, cache_implementation=cache)
+    assert graphs() == n, "a second question compiled again"
+    sqz_compile.compile(model, other, sqz_compile.CompileConfig(mode=mode)).generate(
+        ids2, attention_mask=am2, max_new_tokens=9, do_sample=False, cache_implementation=cache)
+    assert graphs() == n, "a second context compiled again"

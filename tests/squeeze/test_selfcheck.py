@@ -77,6 +77,33 @@ def test_half_precision_refuses_gross_errors(monkeypatch):
         squeeze(fixtures.tiny_model("llama", "sdpa").to(torch.bfloat16), _ids(), SqueezeConfig(**CFG), progress=False)
 
 
+def _sharpened(factor: float):
+    """A tiny bfloat16 model whose query and key projections are scaled up: logits x factor^2."""
+    model = fixtures.tiny_model("llama", "sdpa", max_position_embeddings=1024).to(torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight *= factor
+            layer.self_attn.k_proj.weight *= factor
+    return model
+
+
+@pytest.mark.parametrize("factor", [16, 32, 64])
+def test_half_precision_sharp_attention_passes_and_wrong_values_still_fail(monkeypatch, factor):
+    """Rounding flips near-tied rows of sharp bfloat16 attention (max error 0.77 on a clean capture
+    here): the half-precision error is the median over rows, which a clean capture keeps small and
+    a wrong one (a layer's values off by 1.5x) does not."""
+    ids = _ids(600)
+    ctx = squeeze(_sharpened(factor), ids, SqueezeConfig(**CFG), progress=False)
+    assert max(ctx.extra["self_check_errors"]) < 0.1
+
+    def corrupt(cap):
+        cap.values[1] *= 1.5
+        return cap
+    _broken_capture(monkeypatch, corrupt)
+    with pytest.raises(CaptureMismatchError, match=r"failing layers \[1\]"):
+        squeeze(_sharpened(factor), ids, SqueezeConfig(**CFG), progress=False)
+
+
 def test_self_check_false_skips_it(monkeypatch):
     """The opt-out is explicit: SqueezeConfig(self_check=False) squeezes even a broken capture."""
     def corrupt(cap):
