@@ -26,6 +26,7 @@ it for every graph of that model.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Any, Callable
@@ -36,6 +37,7 @@ from torch.fx import GraphModule
 from .config import resolve_compile_config
 from .context import SqueezedContext
 from .distributed import local_context
+from .passes.bound import is_skeleton
 from .passes.rewrite import DenseNotice, RewriteReport, SqueezeDenseWarning, rewrite_attention
 
 _OWN_OPTIONS = ("context", "config", "model", "on_report")
@@ -133,7 +135,20 @@ def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**(list_mode_options(mode) if mode not in (None, "default") else {}), **inductor_options}
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    with _opaque_ops() if is_skeleton(ctx) else contextlib.nullcontext():
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _opaque_ops() -> contextlib.AbstractContextManager:
+    """Inductor calls the sqz ops as they are instead of inlining their Triton kernels. Needed when
+    the context arrives as graph inputs (SqueezedModel): inlined, Inductor 2.11 on the H200 fails
+    its scheduler (KeyError 'op13', dynamic shapes) or launches on bad addresses (static shapes)
+    with those inputs' per-layer views, while the op called as is gives the eager tokens."""
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "decompose_custom_triton_ops"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(decompose_custom_triton_ops=False)
 
 
 __all__ = ["sqz_backend", "copy_graph_module", "RewriteReport", "SqueezeDenseWarning", "NOTICE_KEY"]
