@@ -71,6 +71,14 @@ def random_llama(shape: dict[str, int], layers: int, max_positions: int, dtype: 
     return model.eval()
 
 
+_T0 = time.perf_counter()
+
+
+def stage(msg: str) -> None:
+    """Progress on stderr with the seconds since start (a long run shows where it is)."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -150,14 +158,17 @@ def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) ->
         return sm.generate(questions, attention_mask=mask, max_new_tokens=n, do_sample=False, **cache)
 
     g0 = graphs()
+    stage("sqz: first generate (compiles unless compiled before)")
     first, _ = timed(lambda: gen(2), dev)  # prefill and decode graphs
     out = {"first_generate_s": first, "first_generate_graphs": graphs() - g0, "compiled_before": compiled_before}
     if not compiled_before:
         torch._dynamo.reset()  # a new process with warm on-disk caches, as far as one process can tell
+        stage(f"sqz: cold {first:.1f} s; warm compile")
         g0 = graphs()
         out["compile_warm_s"] = timed(lambda: gen(2), dev)[0]
         out["compile_warm_graphs"] = graphs() - g0
     g0 = graphs()
+    stage("sqz: timing")
     with Peak(dev) as peak:
         out.update(latency(gen, args.new_tokens, args.reps, dev))
     out["graphs_while_timing"] = graphs() - g0
@@ -181,6 +192,7 @@ def run_dense_prefix(model, ctx_ids: torch.Tensor, questions: torch.Tensor, args
         return cache
 
     def body() -> dict[str, Any]:
+        stage("dense-prefix: prefill the context")
         prefill_s, cache = timed(prefill, args.device)
 
         def gen(n: int):
@@ -188,6 +200,7 @@ def run_dense_prefix(model, ctx_ids: torch.Tensor, questions: torch.Tensor, args
                                   max_new_tokens=n, do_sample=False)
 
         first_s = timed(lambda: gen(2), args.device)[0]  # transformers' own compile, if it compiles
+        stage(f"dense-prefix: first generate {first_s:.1f} s; timing")
         with Peak(args.device) as peak:
             out = latency(gen, args.new_tokens, args.reps, args.device)
         return {"context_prefill_s": prefill_s, "first_generate_s": first_s, **out, "peak_bytes": peak.bytes}
@@ -204,6 +217,7 @@ def run_dense(model, ctx_ids: torch.Tensor, questions: torch.Tensor, args) -> di
         return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False)
 
     def body() -> dict[str, Any]:
+        stage("dense: timing")
         with Peak(args.device) as peak:
             out = latency(gen, args.new_tokens, args.reps, args.device)
         return {**out, "peak_bytes": peak.bytes}
@@ -267,6 +281,21 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
 
 # --------------------------------------------------------------------------- main
 
+def write(rows: list[dict[str, Any]], args: argparse.Namespace, dtype: torch.dtype, out_dir: str) -> None:
+    """JSON, Markdown table and plot of the rows so far."""
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
+           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+           "dtype": str(dtype), "keep": args.keep, "question": args.question, "new_tokens": args.new_tokens,
+           "reps": args.reps, "sqz_cache": args.cache, "sqz_inductor": not args.eager, "sqz_mode": args.mode}
+    stem = os.path.join(out_dir, "bench_e2e" + ("_real" if args.real else ""))
+    with open(stem + ".json", "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(table(rows) + "\n")
+    drew = plot(rows, stem + ".png")
+    stage(f"wrote {stem}.json, .md{', .png' if drew else ''}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 32768 131072)")
@@ -317,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, compiled = [], False
     for L in args.contexts:
         ctx_ids = make_ids(L).to(args.device)
+        stage(f"context {L}: squeeze")
         squeeze_s, ctx = timed(lambda: sqz_compile.squeeze(model, ctx_ids, SqueezeConfig(keep=args.keep),
                                                            progress=False), args.device)
         for b in args.batches:
@@ -329,21 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             row["dense_prefix"] = run_dense_prefix(model, ctx_ids, questions, args)
             row["dense"] = {"error": "skipped"} if args.skip_dense else run_dense(model, ctx_ids, questions, args)
             rows.append(row)
+            write(rows, args, dtype, out_dir)  # after every row: a run cut short keeps what it measured
             print(json.dumps({k: row[k] for k in ("context", "batch")} | {"sqz": row["sqz"]}), flush=True)
         del ctx
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
-           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-           "dtype": str(dtype), "keep": args.keep, "question": args.question, "new_tokens": args.new_tokens,
-           "reps": args.reps, "sqz_cache": args.cache, "sqz_inductor": not args.eager, "sqz_mode": args.mode}
-    md = table(rows)
-    print(md)
-    stem = os.path.join(out_dir, "bench_e2e" + ("_real" if args.real else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(md + "\n")
-    drew = plot(rows, stem + ".png")
-    print(f"wrote {stem}.json, .md{', .png' if drew else ''}")
+    print(table(rows))
     bad = [r for r in rows if r["sqz"]["graphs_while_timing"]]
     if bad:
         print(f"sqz compiled while timing (recompiles) at {[(r['context'], r['batch']) for r in bad]}")
