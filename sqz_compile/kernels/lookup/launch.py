@@ -149,34 +149,31 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     scores = torch.empty((rows, qt, c), device=dev, dtype=torch.float32) if store else dummy_f
     hier = coarse_centroids is not None
     if hier:
-        # coarse level (threshold mode): keep flags, pruned-cluster lse, then the list of the
-        # kept clusters' children; the fine passes walk only the list (capacity c: no overflow)
+        # coarse level (threshold mode): keep flags, the pruned clusters' lse and the list of
+        # the kept clusters' children; the fine passes walk only the list (capacity c: all fine
+        # clusters, so it never overflows)
         cc_cent = coarse_centroids.contiguous()
         co = coarse_offsets.to(torch.int32).contiguous()
         cc = cc_cent.shape[1]
         csplit, cchunk = _splits(hint(rows), cc, bc, sms)
         cscores = torch.empty((rows, qt, cc), device=dev, dtype=torch.float32) if store else dummy_f
+        csync = torch.empty((rows, csplit), device=dev, dtype=torch.int64)
         cpart = _lse(q, cc_cent, offsets, co, dummy_i, dummy_i, scale, dims, csplit, cchunk,
-                     qt, bc, True, False, cscores, store, False, ieee, nw)
-        ckeep = torch.empty((rows, cc), device=dev, dtype=torch.int8)
-        ccnt = torch.empty((rows, csplit), **i32)
-        nchild = torch.empty((rows, csplit), **i32)
+                     qt, bc, True, False, cscores, store, False, ieee, nw, csync)
         part2 = torch.empty((rows, csplit, nqt * qt), device=dev, dtype=torch.float32)
+        lst = torch.empty((rows, c), **i32)
+        listed = torch.empty(rows, **i32)
         launch(_lk._best_kernel, (rows, csplit),
-                q, cc_cent, offsets, co, dummy_i, dummy_i, cpart, dummy_f, cscores,
+                q, cc_cent, offsets, co, lst, listed, cpart, dummy_f, cscores,
                 torch.empty((rows, cc), device=dev, dtype=torch.float32),
-                coarse_log_threshold.to(torch.float32), ccnt, nchild, ckeep, part2,
+                coarse_log_threshold.to(torch.float32), dummy_i, dummy_i,
+                torch.empty((rows, cc), device=dev, dtype=torch.int8), part2, csync,
                 q.stride(0), q.stride(1), q.stride(2), cc_cent.stride(0), cc_cent.stride(1),
                 offsets.stride(0), co.stride(0),
-                h, nb, g, bq, m, block_q, cc, d, csplit, cchunk, nqt, csplit, 1, float(scale),
+                h, nb, g, bq, m, block_q, cc, d, csplit, cchunk, nqt, csplit, 1, c, float(scale),
                 QT=qt, BC=bc, BLOCK_D=pow2(d), TWO_LEVEL=True, LIST=False, HAS_L2=False,
                 LOAD_SCORES=store, DOT=ieee, THRESH=True, KEEP_FLAGS=True,
                 SP1=pow2(csplit), SP2=1, num_warps=nw)
-        lst = torch.empty((rows, c), **i32)
-        listed = torch.empty(rows, **i32)
-        launch(_lk._list_kernel, (rows, csplit),
-                co, ckeep, nchild, lst, listed, h, nb, cc, co.stride(0), c, csplit, cchunk,
-                BLOCK=min(128, pow2(cchunk)), KB=16, SPLIT_P=max(2, pow2(csplit)), num_warps=4)
         split2 = csplit
     else:
         lst = listed = part2 = dummy_i
@@ -204,10 +201,10 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     sum_s = torch.empty((rows, split), **i32)
     launch(_lk._best_kernel, (rows, split),
             q, centroids, offsets, dummy_i, lst, listed, fpart, part2, scores, best, thr,
-            cnt_s, sum_s, dummy_i, dummy_f,
+            cnt_s, sum_s, dummy_i, dummy_f, dummy_i,
             q.stride(0), q.stride(1), q.stride(2), centroids.stride(0), centroids.stride(1),
             offsets.stride(0), 0,
-            h, nb, g, bq, m, block_q, c, d, split, chunk, nqt, split, split2, float(scale),
+            h, nb, g, bq, m, block_q, c, d, split, chunk, nqt, split, split2, c, float(scale),
             QT=qt, BC=bc, BLOCK_D=pow2(d), TWO_LEVEL=False, LIST=hier, HAS_L2=hier,
             LOAD_SCORES=store, DOT=ieee, THRESH=budget <= 0, KEEP_FLAGS=False,
             SP1=pow2(split), SP2=pow2(split2), num_warps=nw)

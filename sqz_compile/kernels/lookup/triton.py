@@ -23,9 +23,9 @@ from ..triton_common import HAS_TRITON
 # one _select_kernel whose splits hand their counts on by decoupled look-back.
 # Hierarchical: _lse on the coarse level; _best on the coarse level writes keep flags, the
 # per-split child counts of the kept coarse clusters and the partial lse over the PRUNED coarse
-# clusters (they stand for their children in the fine denominator); _list_kernel writes each
-# row's ascending list of the kept coarse clusters' children (contiguous fine ranges, placed by a
-# prefix sum over the child counts); the fine passes (_lse, _best/_compact or _select) then walk
+# clusters (they stand for their children in the fine denominator) and each row's ascending list
+# of the kept coarse clusters' children (contiguous fine ranges, placed by a look-back prefix sum
+# over the splits' child counts); the fine passes (_lse, _best/_compact or _select) then walk
 # only the listed slots [0, listed) (LIST: slot j holds fine cluster List[row, j]), each split
 # taking an equal share of the row's listed slots, with the pruned lse merged as a second set.
 # The list's capacity is C (all fine clusters), so it never overflows.
@@ -216,18 +216,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _best_kernel(Q, Cent, Off, CO, List, Listed, PartL, PartL2, Scores, Best, Thr,
-                     CntS, SumS, KeepOut, PrunedL,
+                     CntS, SumS, KeepOut, PrunedL, Sync,
                      sqb, sqh, sqm, sch, scc, soh, scoh,
                      H, NB, G, BQ, M, block_q, C, D, SPLIT, chunk, NQT, SPLIT_L, SPLIT_L2,
-                     scale,
+                     CAP, scale,
                      QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
                      TWO_LEVEL: tl.constexpr, LIST: tl.constexpr, HAS_L2: tl.constexpr,
                      LOAD_SCORES: tl.constexpr, DOT: tl.constexpr, THRESH: tl.constexpr,
                      KEEP_FLAGS: tl.constexpr, SP1: tl.constexpr, SP2: tl.constexpr):
         """Best[row, j] = max_r (s q_r.mu_c - lse_r) for the cluster c of slot j (-inf if empty).
-        THRESH: also count kept clusters / keys per split. KEEP_FLAGS (coarse level): write 0/1
-        flags, count the kept clusters' children instead of keys, and write PrunedL[row, split, r],
-        the partial lse of the split's pruned clusters (s q_r.mu_k + log n_k)."""
+        THRESH: also count kept clusters / keys per split (CntS, SumS). KEEP_FLAGS (coarse level,
+        threshold mode): write 0/1 flags, PrunedL[row, split, r] = the partial lse of the split's
+        pruned clusters (s q_r.mu_k + log n_k), and the fine list: List[row, :Listed[row]] = the
+        kept clusters' children, ascending (slots placed by a look-back prefix sum of the child
+        counts over the splits; capacity CAP = all fine clusters)."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         h = (row // NB) % H
@@ -276,32 +278,36 @@ if HAS_TRITON:
                     tl.store(KeepOut + row * C + j, keep.to(tl.int8), mask=jvalid)
                 else:
                     ssum += tl.sum(tl.where(keep, n, 0), axis=0)
-        if THRESH:
-            tl.store(CntS + row * SPLIT + split, cnt)
-            tl.store(SumS + row * SPLIT + split, ssum)
         if KEEP_FLAGS:
+            # publish (flag bit 62 | kept children) for the splits after this one (Sync zeroed
+            # by the coarse _lse_kernel), compute the pruned lse meanwhile, then wait for the
+            # splits before (decoupled look-back, as in _select_kernel) and list the children
+            tl.atomic_xchg(Sync + row * SPLIT + split,
+                           tl.full([], 1 << 62, tl.int64) | ssum.to(tl.int64))
             tl.debug_barrier()  # the flags are re-read by other threads than those that stored them
             _lse_rows(Q, Cent, Off, CO, KeepOut, List, PrunedL, Scores, row, split, h, c_lo, c_hi,
                       sqb, sqh, sqm, sch, scc, soh, scoh, H, NB, G, BQ, M, block_q, C, C, D,
                       SPLIT, NQT, scale, QT, BC, BLOCK_D, TWO_LEVEL, 2, False,
                       False, LOAD_SCORES, DOT)
+            sp = tl.arange(0, SP1)
+            pred = sp < split
+            word = tl.load(Sync + row * SPLIT + sp, mask=pred, other=1 << 62, volatile=True)
+            while tl.min(word >> 62, axis=0) == 0:
+                word = tl.load(Sync + row * SPLIT + sp, mask=pred, other=1 << 62, volatile=True)
+            base = tl.sum(tl.where(pred, word & 0xFFFFFFFF, 0), axis=0).to(tl.int32)
+            _list_children(CO, KeepOut, List, row, h, c_lo, c_hi, base, scoh, C, CAP, BC, 16)
+            if split == SPLIT - 1:
+                tl.store(Listed + row, base + ssum)
+        elif THRESH:
+            tl.store(CntS + row * SPLIT + split, cnt)
+            tl.store(SumS + row * SPLIT + split, ssum)
 
     @triton.jit
-    def _list_kernel(CO, Keep, SumS, List, Listed, H, NB, CC, scoh, CAP, SPLIT, chunk,
-                     BLOCK: tl.constexpr, KB: tl.constexpr, SPLIT_P: tl.constexpr):
-        """List[row, :Listed[row]] = the children of the row's kept coarse clusters, ascending
-        (children of coarse cluster k are the fine range [CO[k], CO[k+1])). Each split writes
-        its chunk's kept clusters at the prefix sum of the child counts of the splits before it
-        (SumS, from the coarse _best_kernel); split 0 writes the total."""
-        row = tl.program_id(0)
-        split = tl.program_id(1)
-        h = (row // NB) % H
-        sp = tl.arange(0, SPLIT_P)
-        sums = tl.load(SumS + row * SPLIT + sp, mask=sp < SPLIT, other=0)
-        base = tl.sum(tl.where(sp < split, sums, 0), axis=0)
+    def _list_children(CO, Keep, List, row, h, c_lo, c_hi, base, scoh, CC, CAP,
+                       BLOCK: tl.constexpr, KB: tl.constexpr):
+        """Writes the children of the kept coarse clusters of [c_lo, c_hi) to List[row] from slot
+        base on (children of coarse cluster k: the fine range [CO[k], CO[k+1]))."""
         kb = tl.arange(0, KB)
-        c_lo = split * chunk
-        c_hi = tl.minimum(CC, c_lo + chunk)
         for c0 in range(c_lo, c_hi, BLOCK):
             c = c0 + tl.arange(0, BLOCK)
             keep = tl.load(Keep + row * CC + c, mask=c < c_hi, other=0) != 0
@@ -313,8 +319,6 @@ if HAS_TRITON:
                 tl.store(List + row * CAP + slot[:, None] + k[None, :], lo[:, None] + k[None, :],
                          mask=k[None, :] < nch[:, None])
             base += tl.sum(nch, axis=0)
-        if split == 0:
-            tl.store(Listed + row, tl.sum(sums, axis=0))
 
     @triton.jit
     def _budget_kernel(Best, Off, List, Listed, CntS, SumS, TKey, CStar, budget, H, NB, C, soh,
