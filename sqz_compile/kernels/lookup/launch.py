@@ -86,13 +86,18 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
            coarse_offsets: Optional[torch.Tensor], coarse_log_threshold: Optional[torch.Tensor],
            scale: float, block_q: int, budget: int,
            tiles: Optional[tuple[int, int]] = None,
-           config: Optional[LookupConfig] = None, positions: int = 0) -> Selection:
+           config: Optional[LookupConfig] = None, positions: int = 0,
+           listing: Optional[dict] = None) -> Selection:
     """Centroid lookup on the GPU (flat or hierarchical; threshold or budget mode).
     tiles=(query tile, cluster tile) overrides the heuristic (tests use it to force splits);
     config overrides it whole (benchmarks sweep it). Centroids may be float32 or q's dtype.
     positions=N (the context length) also returns the kept keys' positions (Selection.pos);
     decode in threshold mode then writes them from the scores in one fused kernel
-    (`_select_kernel`) and skips the cluster list (idx, count, cum, delta are None)."""
+    (`_select_kernel`) and skips the cluster list (idx, count, cum, delta are None).
+    Hierarchical: the fine passes walk only the children of the kept coarse clusters, listed on
+    the device with capacity C (all fine clusters: the list cannot overflow); a `listing` dict
+    receives that list ("list" [rows, C] int32, valid up to "listed" [rows] int32) for tests and
+    benchmarks."""
     check_device(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                   coarse_log_threshold)
     q = lookup_queries(q, centroids.shape[-1], scale)  # [q, s/2 q^2] for [mean, variance] centroids
@@ -175,6 +180,8 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
                 LOAD_SCORES=store, DOT=ieee, THRESH=True, KEEP_FLAGS=True,
                 SP1=pow2(csplit), SP2=1, num_warps=nw)
         split2 = csplit
+        if listing is not None:
+            listing.update(list=lst, listed=listed)
     else:
         lst = listed = part2 = dummy_i
         split2 = 1
