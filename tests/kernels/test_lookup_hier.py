@@ -16,10 +16,9 @@ pytest.importorskip("triton")
 
 from sqz_compile.kernels.lookup import launch as lookup_launch  # noqa: E402
 from sqz_compile.kernels.lookup.reference import (  # noqa: E402
-    best_log_shares, block_max, cluster_sizes, listed_children_reference, log_share,
-    lookup_queries, select_clusters_reference)
+    best_log_shares, cluster_sizes, listed_children_reference, select_clusters_reference)
 
-from cases import assert_same_positions, make_case  # noqa: E402
+from cases import assert_same_positions, between, coarse_threshold_for_keep, make_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -46,39 +45,13 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
-def _coarse_best(cs, block_q):
-    """float64 block-max coarse log shares [B, H, NB, Cc], as the reference computes them."""
-    q = lookup_queries(cs.q.double(), cs.coarse_centroids.shape[-1], cs.scale)
-    b, hq, m, d = q.shape
-    h, c = cs.centroids.shape[:2]
-    parent = torch.searchsorted(cs.coarse_offsets[:, 1:].contiguous(),
-                                torch.arange(c, dtype=torch.int32, device=q.device).expand(h, c).contiguous(),
-                                right=True)
-    cn = torch.zeros(h, cs.coarse_centroids.shape[1], dtype=torch.float64, device=q.device)
-    cn.scatter_add_(1, parent.long(), cluster_sizes(cs.offsets).double())
-    sc = torch.einsum("bhgmd,hkd->bhgmk", q.reshape(b, h, hq // h, m, d),
-                      cs.coarse_centroids.double()) * cs.scale
-    return block_max(log_share(sc, cn.log()[None, :, None, None, :]), block_q)
-
-
 def coarse_threshold(cs, block_q, which: str) -> torch.Tensor:
-    """+inf keeps no coarse cluster, -inf all non-empty ones; 'some' sits halfway between two
-    neighbouring block-max coarse shares near the median (no tie for float32 to break)."""
+    """+inf keeps no coarse cluster, -inf all non-empty ones, 'some' about half of them."""
     if which == "none":
         return torch.tensor(INF, device=DEV)
     if which == "all":
         return torch.tensor(-INF, device=DEV)
-    return torch.tensor(_between(_coarse_best(cs, block_q), 0.5), dtype=torch.float32, device=DEV)
-
-
-def _between(values: torch.Tensor, keep: float) -> float:
-    """A threshold halfway between two neighbouring distinct finite values, about `keep` of them
-    above it: no value sits near it for float32 rounding to flip."""
-    v = torch.unique(values.double()).cpu()
-    v = v[torch.isfinite(v)]
-    assert len(v) >= 2
-    i = min(max(int(len(v) * (1.0 - keep)), 1), len(v) - 1)
-    return float(v[i - 1] + v[i]) / 2
+    return coarse_threshold_for_keep(cs, 0.5, block_q)
 
 
 def fine_threshold(cs, keep: float, block_q: int, cthr) -> torch.Tensor:
@@ -86,11 +59,12 @@ def fine_threshold(cs, keep: float, block_q: int, cthr) -> torch.Tensor:
     None)."""
     hier = (cs.coarse_centroids, cs.coarse_offsets, cthr) if cthr is not None else ()
     best = best_log_shares(cs.q.double(), cs.centroids, cs.offsets, cs.scale, block_q, *hier)
-    if not bool(torch.isfinite(best).any()):  # nothing listed: any threshold
+    fin = best[torch.isfinite(best)]
+    if fin.numel() == 0:  # nothing listed: any threshold
         return torch.tensor(0.0, device=DEV)
-    if int(torch.isfinite(best).sum()) == 1:
-        return torch.tensor(float(best[torch.isfinite(best)][0]) - 1.0, device=DEV)
-    return torch.tensor(_between(best, keep), dtype=torch.float32, device=DEV)
+    if torch.unique(fin).numel() == 1:
+        return torch.tensor(float(fin[0]) - 1.0, device=DEV)
+    return torch.tensor(between(best, keep), dtype=torch.float32, device=DEV)
 
 
 def _check_list(cs, listing, cthr, block_q):
