@@ -9,6 +9,13 @@ cluster directions so the selection is meaningful. No K-means runs here.
   decode   1 query over N context keys + 128-token window + 256 new tokens
   prefill  1024 new tokens (causal among themselves) over N + window
   lookup   decode lookup time vs N (32K..512K), flat vs hierarchical (coarse = 1% of N)
+  hier     flat vs hierarchical on the SAME coarse-structured context (32K..1M): decode lookup
+           rows (kind hier_lookup) and decode rows (kind hier_decode, vs dense SDPA), with the
+           fraction of fine clusters the coarse level lists, the recall of the hierarchical
+           selection vs the flat one (kept keys), both levels' centroid bytes and byte floors
+
+`--tiny` smoke-tests the script on CPU under TRITON_INTERPRET=1 (toy shapes, eager timing):
+    TRITON_INTERPRET=1 python benchmarks/bench_attention.py --tiny --out /tmp/bench_tiny
 
 The lookup reads the centroids in bf16, as a compiled bf16 model's graph holds them (the
 thresholds are calibrated on the float32 centroids, as `squeeze` does).
@@ -49,13 +56,15 @@ L2_BYTES = 50 << 20
 # --variance: centroids carry the clusters' per-channel variances (SqueezeConfig.cluster_variance,
 # the default): 2D columns, the lookup scores [q, s/2 q^2]
 VARIANCE = {"on": False}
+DEVICE = {"dev": "cuda"}  # --tiny: "cpu" (kernels under the Triton interpreter)
+NOMINAL_BW_GBPS = 4200.0  # H200 HBM3e datasheet; floors use the measured copy bandwidth on a GPU
 
 
 # ----------------------------------------------------------------------------- data
 def make_context(n: int, seed: int, coarse_ratio: float = 0.0, with_kv: bool = True) -> dict:
     """Clustered synthetic context for H heads: sorted keys/values, centroids (cluster means),
     offsets; with coarse_ratio > 0 fine clusters are children of coarse directions."""
-    dev = "cuda"
+    dev = DEVICE["dev"]
     g = torch.Generator(device=dev).manual_seed(seed)
     c = max(1, int(n * 0.05))
 
@@ -119,11 +128,12 @@ def make_context(n: int, seed: int, coarse_ratio: float = 0.0, with_kv: bool = T
 
 def make_queries(ctx: dict, m: int, seed: int) -> torch.Tensor:
     """[1, HQ, m, D]: each query mixes 4 random cluster directions of its KV head (+ noise)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    pick = torch.randint(0, ctx["c"], (HQ, m, 4), device="cuda", generator=g)
+    dev = DEVICE["dev"]
+    g = torch.Generator(device=dev).manual_seed(seed)
+    pick = torch.randint(0, ctx["c"], (HQ, m, 4), device=dev, generator=g)
     dirs = ctx["dirs"].repeat_interleave(G, 0)  # [HQ, C, D]
     q = dirs.gather(1, pick.reshape(HQ, m * 4, 1).expand(HQ, m * 4, D)).reshape(HQ, m, 4, D).sum(2)
-    q = 2.0 * q + 0.3 * torch.randn(HQ, m, D, device="cuda", generator=g)
+    q = 2.0 * q + 0.3 * torch.randn(HQ, m, D, device=dev, generator=g)
     return q[None].to(DT)
 
 
@@ -406,6 +416,104 @@ def run_lookup_scaling(ns: list, copies: int, results: list) -> None:
         _save(results)
 
 
+def timed(fns: list) -> float:
+    """ms per call: CUDA-graph replays on a GPU; one eager pass of wall clock on CPU (--tiny)."""
+    if DEVICE["dev"] == "cuda":
+        return graph_time(fns)
+    t = time.perf_counter()
+    for f in fns:
+        f()
+    return (time.perf_counter() - t) * 1e3 / len(fns)
+
+
+def _kept_mask(sel, c: int) -> torch.Tensor:
+    from sqz_compile.kernels.attention.reference import selection_from_compact
+
+    return selection_from_compact(sel.idx, c)  # [B, H, NB, C] bool
+
+
+def run_hier(ns: list, copies: int, results: list, bw: float, decode: bool) -> None:
+    """Flat vs hierarchical lookup (and decode) on the same coarse-structured contexts."""
+    dev = DEVICE["dev"]
+    for n in ns:
+        ctxs = [make_context(n, seed=i, coarse_ratio=0.01, with_kv=decode) for i in range(copies)]
+        qs = [make_queries(c, 1, 7 + i) for i, c in enumerate(ctxs)]
+        thrs = [calibrate(best_scores(q, c["centroids"], c["sizes"], BLOCK_Q), c["sizes"], 0.1)
+                for q, c in zip(qs, ctxs)]
+        cthrs = []
+        for q, c in zip(qs, ctxs):  # coarse threshold: the coarse clusters cover 30% of the keys
+            cn = torch.zeros(H, c["cc"], device=dev).scatter_add_(1, c["parent"], c["sizes"].float())
+            cthrs.append(calibrate(best_scores(q, c["coarse_centroids"], cn, BLOCK_Q), cn, 0.3))
+
+        def lk(c, q, t, ct, hier, listing=None):
+            return sqz_lookup.lookup(q, c["lookup_centroids"], c["offsets"], t,
+                                     c["lookup_coarse_centroids"] if hier else None,
+                                     c["coarse_offsets"] if hier else None, ct if hier else None,
+                                     SCALE, BLOCK_Q, 0, listing=listing)
+
+        c0, nc, ncc = ctxs[0], ctxs[0]["c"], ctxs[0]["cc"]
+        listing = {}
+        flat_sel = lk(c0, qs[0], thrs[0], cthrs[0], False)
+        hier_sel = lk(c0, qs[0], thrs[0], cthrs[0], True, listing)
+        sizes = c0["sizes"][None, :, None, :].float()
+        mf, mh = _kept_mask(flat_sel, nc), _kept_mask(hier_sel, nc)
+        recall = float((sizes * (mf & mh)).sum() / (sizes * mf).sum().clamp(min=1))
+        listed = float(listing["listed"].float().mean()) / nc
+        width = c0["lookup_centroids"].shape[-1]
+        elt = c0["lookup_centroids"].element_size()
+        fine_b, coarse_b = H * nc * width * elt, H * ncc * width * elt
+        gbps = bw or NOMINAL_BW_GBPS
+        row = {"kind": "hier_lookup", "context": n, "fine_clusters": nc, "coarse_clusters": ncc,
+               "hier_listed_fraction": listed, "hier_recall_vs_flat": recall,
+               "flat_kept_fraction": float(flat_sel.nkeys.float().mean()) / n,
+               "hier_kept_fraction": float(hier_sel.nkeys.float().mean()) / n,
+               "centroid_bytes_fine": fine_b, "centroid_bytes_coarse": coarse_b,
+               "flat_floor_us": fine_b / gbps / 1e3,
+               "hier_floor_us": (coarse_b + listed * fine_b) / gbps / 1e3}
+        for hier in (False, True):
+            fns = [(lambda c=c, q=q, t=t, ct=ct, hier=hier: lk(c, q, t, ct, hier))
+                   for c, q, t, ct in zip(ctxs, qs, thrs, cthrs)]
+            row[("hier" if hier else "flat") + "_us"] = timed(fns) * 1e3
+        row["speedup_hier_vs_flat"] = row["flat_us"] / row["hier_us"]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        _save(results)
+        if decode:
+            s = 256
+            kns = [torch.randn(1, H, s, D, device=dev).to(DT) for _ in ctxs]
+            vns = [torch.randn(1, H, s, D, device=dev).to(DT) for _ in ctxs]
+            drow = {"kind": "hier_decode", "context": n, "new_tokens": 1, "new_keys": s,
+                    "hier_listed_fraction": listed, "hier_recall_vs_flat": recall}
+            for hier in (False, True):
+                steps = [sparse_step(c, q, kn, vn, t, False, hier, ct)
+                         for c, q, kn, vn, t, ct in zip(ctxs, qs, kns, vns, thrs, cthrs)]
+                drow[("hier" if hier else "flat") + "_ms"] = timed(steps)
+            dense = [dense_inputs(c, kn, vn) for c, kn, vn in zip(ctxs, kns, vns)]
+            dens = []
+            for be in (("cudnn", "flash") if dev == "cuda" else ("math",)):
+                try:
+                    if be == "math":
+                        fns = [(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                            q, k, v, scale=SCALE, enable_gqa=True)) for q, (k, v) in zip(qs, dense)]
+                    else:
+                        fns = [sdpa_step(q, k, v, be, s) for q, (k, v) in zip(qs, dense)]
+                    drow[f"sdpa_{be}_ms"] = timed(fns)
+                    dens.append(drow[f"sdpa_{be}_ms"])
+                except Exception as e:
+                    drow[f"sdpa_{be}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            if dens:
+                drow["best_dense_ms"] = min(dens)
+                drow["speedup_vs_best_dense"] = drow["best_dense_ms"] / drow["hier_ms"]
+                drow["flat_speedup_vs_best_dense"] = drow["best_dense_ms"] / drow["flat_ms"]
+            results.append(drow)
+            print(json.dumps(drow), flush=True)
+            _save(results)
+            del dense, kns, vns
+        del ctxs
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+
 _SAVE = {}
 
 
@@ -456,22 +564,34 @@ def main() -> None:
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--lookup-contexts", default="32768,65536,131072,262144,524288")
     ap.add_argument("--keep", type=float, default=0.10)
-    ap.add_argument("--only", default="decode,prefill,lookup")
+    ap.add_argument("--only", default="decode,prefill,lookup,hier")
+    ap.add_argument("--hier-contexts", default="32768,131072,524288,1048576")
+    ap.add_argument("--tiny", action="store_true",
+                    help="CPU smoke test under TRITON_INTERPRET=1: toy shapes, the hier rows only")
     ap.add_argument("--variance", action="store_true",
                     help="centroids with per-channel variances (SqueezeConfig.cluster_variance)")
     args = ap.parse_args()
     VARIANCE["on"] = args.variance
-    if not torch.cuda.is_available():
-        sys.exit("bench_attention needs a CUDA GPU")
+    if args.tiny:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--tiny runs the kernels on CPU: set TRITON_INTERPRET=1")
+        global HQ, H, D, G, W, SCALE
+        HQ, H, D, W = 4, 2, 16, 8
+        G, SCALE = HQ // H, D ** -0.5
+        DEVICE["dev"] = "cpu"
+        args.only, args.hier_contexts = "hier", "1500,3001"
+    elif not torch.cuda.is_available():
+        sys.exit("bench_attention needs a CUDA GPU (or --tiny on CPU)")
     os.makedirs(args.out, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
     import triton
 
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    info = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "lookup_centroids": str(DT).replace("torch.", ""), "cluster_variance": args.variance}
-    bw = copy_bandwidth()
+    bw = copy_bandwidth() if not args.tiny else None
     info["copy_bandwidth_GBps"] = bw
+    info["gpu"] = info["gpu"] if not args.tiny else "cpu (TRITON_INTERPRET=1, --tiny)"
     print(json.dumps(info), flush=True)
     _SAVE.update(path=os.path.join(args.out, "bench_attention.json"), info=info)
     results: list = []
@@ -487,18 +607,22 @@ def main() -> None:
             run_attention(kind, n, args.keep, copies, results, bw)
     if "lookup" in only:
         run_lookup_scaling([int(x) for x in args.lookup_contexts.split(",")], 3, results)
+    if "hier" in only:
+        run_hier([int(x) for x in args.hier_contexts.split(",")], 1 if args.tiny else 2, results,
+                 bw, decode=True)
     info["seconds"] = time.time() - t0
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
         json.dump({"info": info, "results": results}, f, indent=1)
     try:
-        plot(results, os.path.join(args.out, "bench_attention.png"))
+        if not args.tiny:
+            plot(results, os.path.join(args.out, "bench_attention.png"))
     except Exception as e:  # the numbers matter more than the picture
         print("plot failed:", e)
-    print(f"\ncopy bandwidth {bw:.0f} GB/s  ({info['gpu']}, torch {info['torch']}, triton {info['triton']})")
+    print(f"\ncopy bandwidth {bw or 0:.0f} GB/s  ({info['gpu']}, torch {info['torch']}, triton {info['triton']})")
     print(f"{'kind':8} {'ctx':>7} {'kept':>6} {'sqz ms':>8} {'lookup':>8} {'cudnn':>8} {'flash':>8} "
           f"{'flex':>8} {'x dense':>8} {'x flex':>7} {'%copyBW':>8}")
     for r in results:
-        if r["kind"] == "lookup":
+        if r["kind"] not in ("decode", "prefill"):
             continue
 
         def fmt(x, p=3):
@@ -507,6 +631,18 @@ def main() -> None:
               f"{fmt(r['sqz_lookup_ms']):>8} {fmt(r.get('sdpa_cudnn_ms')):>8} {fmt(r.get('sdpa_flash_ms')):>8} "
               f"{fmt(r.get('flex_ms')):>8} {fmt(r.get('speedup_vs_best_dense'), 2):>8} "
               f"{fmt(r.get('speedup_vs_flex'), 2):>7} {fmt(100 * r['sqz_frac_of_copy_bw'], 1):>8}")
+    hrows = [r for r in results if r["kind"] == "hier_lookup"]
+    if hrows:
+        dec = {r["context"]: r for r in results if r["kind"] == "hier_decode"}
+        print(f"\n{'hier ctx':>9} {'flat us':>9} {'hier us':>9} {'floor f/h':>11} {'listed':>7} "
+              f"{'recall':>7} {'dec flat':>9} {'dec hier':>9} {'x dense':>8}")
+        for r in hrows:
+            d = dec.get(r["context"], {})
+            sp = d.get("speedup_vs_best_dense")
+            print(f"{r['context']:>9} {r['flat_us']:>9.1f} {r['hier_us']:>9.1f} "
+                  f"{r['flat_floor_us']:>5.1f}/{r['hier_floor_us']:<5.1f} {r['hier_listed_fraction']:>7.3f} "
+                  f"{r['hier_recall_vs_flat']:>7.3f} {d.get('flat_ms', float('nan')) * 1e3:>9.1f} "
+                  f"{d.get('hier_ms', float('nan')) * 1e3:>9.1f} {sp if sp is None else round(sp, 2)!s:>8}")
     rows = [r for r in results if r["kind"] == "lookup"]
     if rows:
         print(f"\n{'lookup ctx':>10} {'flat us':>9} {'hier us':>9} {'flat kept':>9} {'hier kept':>9}")

@@ -135,6 +135,34 @@ def threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tensor:
     return torch.quantile(fin, 1.0 - keep).to(cs.q.device)
 
 
+def between(values: torch.Tensor, keep: float) -> float:
+    """A threshold halfway between two neighbouring distinct finite values, about `keep` of them
+    above it: no value sits near it for float32 (or bf16) rounding to flip."""
+    v = torch.unique(values.double()).cpu()
+    v = v[torch.isfinite(v)]
+    assert len(v) >= 2, "fewer than two finite shares"
+    i = min(max(int(len(v) * (1.0 - keep)), 1), len(v) - 1)
+    return float(v[i - 1] + v[i]) / 2
+
+
+def coarse_threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tensor:
+    """A coarse log threshold keeping about `keep` of the coarse level's distinct block-max log
+    shares (float64, as the reference computes them; between two of them), so a hierarchical test
+    prunes some coarse clusters and keeps some."""
+    from sqz_compile.kernels.lookup.reference import block_max, cluster_of, cluster_sizes, log_share, lookup_queries
+
+    q = lookup_queries(cs.q.double(), cs.coarse_centroids.shape[-1], cs.scale)
+    b, hq, m, d = q.shape
+    h, c = cs.centroids.shape[:2]
+    parent = cluster_of(cs.coarse_offsets.long(), c)
+    cn = torch.zeros(h, cs.coarse_centroids.shape[1], dtype=torch.float64, device=q.device)
+    cn.scatter_add_(1, parent, cluster_sizes(cs.offsets).double())
+    sc = torch.einsum("bhgmd,hkd->bhgmk", q.reshape(b, h, hq // h, m, d),
+                      cs.coarse_centroids.double()) * cs.scale
+    best = block_max(log_share(sc, cn.log()[None, :, None, None, :]), block_q)
+    return torch.tensor(between(best, keep), dtype=torch.float32, device=cs.q.device)
+
+
 def assert_same_positions(fused, plain, n: int) -> None:
     """The fused decode lookup's kept-key positions equal the cluster list of `plain` expanded
     (same kept-key count per row, same positions up to it)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import (assert_same_positions, make_case, reference_with_selection, rel_err,
+from cases import (assert_same_positions, coarse_threshold_for_keep, make_case, reference_with_selection, rel_err,
                           threshold_for_keep)
 
 pytestmark = pytest.mark.gpu
@@ -65,7 +65,7 @@ def test_random_shapes(shape, mode):
     cs = make_case(b=b, h=h, g=g, m=m, s=s, d=d, n=n, c=c, w=w, mask=mask, dtype=dtype,
                    coarse=max(2, c // 5) if hier else 0, device=DEV, seed=n + m)
     thr = threshold_for_keep(cs, 0.1, block_q)
-    cthr = torch.tensor(-6.0, device=DEV) if hier else None
+    cthr = coarse_threshold_for_keep(cs, 0.5, block_q) if hier else None
     budget = n // 10 if mode == "budget" else 0
     _poison_allocator()
     sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
@@ -107,14 +107,28 @@ def test_fused_decode_positions_match_cluster_list(b, h, g, m, n, c, mode):
     cs = make_case(b=b, h=h, g=g, m=m, s=1, d=128, n=n, c=c, w=8, dtype=torch.bfloat16,
                    coarse=max(2, c // 20) if mode == "hier" else 0, device=DEV, seed=n)
     thr = threshold_for_keep(cs, 0.1, 64)
-    cthr = torch.tensor(-6.0, device=DEV) if mode == "hier" else None
+    cthr = coarse_threshold_for_keep(cs, 0.5, 64) if mode == "hier" else None
     args = (cs.q, cs.centroids.to(cs.q.dtype), cs.offsets, thr, cs.coarse_centroids,
             cs.coarse_offsets, cthr, cs.scale, 64, 0)
     _poison_allocator()
     fused = lookup_launch.lookup(*args, positions=n)
-    plain = lookup_launch.lookup(*args)
+    listing = {}
+    plain = lookup_launch.lookup(*args, listing=listing)
     assert fused.idx is None
     assert_same_positions(fused, plain, n)
+    if mode == "hier":  # the device list = children of the reference's kept coarse clusters
+        from sqz_compile.kernels.lookup.reference import listed_children_reference
+
+        want = listed_children_reference(cs.q, cs.centroids, cs.offsets, cs.coarse_centroids,
+                                         cs.coarse_offsets, cthr, cs.scale, 64).reshape(-1, c)
+        lst, listed = listing["list"].long(), listing["listed"].long()
+        assert torch.equal(listed, want.sum(1))
+        assert 0 < int(listed.sum()) < listed.numel() * c  # the coarse level prunes
+        live = torch.arange(c, device=DEV)[None, :] < listed[:, None]
+        got = torch.zeros(lst.shape[0], c + 1, dtype=torch.bool, device=DEV)
+        got.scatter_(1, torch.where(live, lst, c), True)
+        assert torch.equal(got[:, :c], want)
+        assert bool(((lst[:, 1:] > lst[:, :-1]) | ~live[:, 1:]).all())  # ascending
 
 
 @pytest.mark.parametrize("keep", [0.0, 1.0])

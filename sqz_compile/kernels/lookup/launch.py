@@ -19,7 +19,7 @@ import torch
 
 from ..triton_common import HAS_TRITON, cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
 from . import triton as _lk
-from .reference import cluster_of, lookup_queries, pick_threshold
+from .reference import lookup_queries, pick_threshold
 
 if not HAS_TRITON:  # pragma: no cover
     raise ImportError("sqz_compile.kernels (launch) needs triton: pip install triton "
@@ -57,19 +57,19 @@ def lookup_config(qrows: int, half_centroids: bool = False) -> LookupConfig:
     return LookupConfig(64, bc, False, 4)
 
 
-def _lse(q, cent, off, co, par, flags, nflag, scale, dims, split, chunk, qt, bc, two_level,
-         filt, scores, store, load, ieee, nw, sync=None):
+def _lse(q, cent, off, co, lst, listed, scale, dims, split, chunk, qt, bc, two_level, listing,
+         scores, store, load, ieee, nw, sync=None):
     b, h, nb, g, bq, m, block_q, d = dims
     rows = b * h * nb
     nqt = cdiv(g * bq, qt)
     part = torch.empty((rows, split, nqt * qt), device=q.device, dtype=torch.float32)
     c = cent.shape[1]
     launch(_lk._lse_kernel, (rows, split),
-            q, cent, off, co, par, flags, part, scores, part if sync is None else sync,
+            q, cent, off, co, lst, listed, part, scores, part if sync is None else sync,
             q.stride(0), q.stride(1), q.stride(2), cent.stride(0), cent.stride(1),
-            off.stride(0), co.stride(0), par.stride(0),
-            h, nb, g, bq, m, block_q, c, nflag, d, split, chunk, nqt, float(scale),
-            QT=qt, BC=bc, BLOCK_D=pow2(d), TWO_LEVEL=two_level, FILTER=filt,
+            off.stride(0), co.stride(0),
+            h, nb, g, bq, m, block_q, c, d, split, chunk, nqt, float(scale),
+            QT=qt, BC=bc, BLOCK_D=pow2(d), TWO_LEVEL=two_level, LIST=listing,
             STORE_SCORES=store, LOAD_SCORES=load, DOT=ieee, ZERO_SYNC=sync is not None,
             num_warps=nw)
     return part
@@ -86,13 +86,18 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
            coarse_offsets: Optional[torch.Tensor], coarse_log_threshold: Optional[torch.Tensor],
            scale: float, block_q: int, budget: int,
            tiles: Optional[tuple[int, int]] = None,
-           config: Optional[LookupConfig] = None, positions: int = 0) -> Selection:
+           config: Optional[LookupConfig] = None, positions: int = 0,
+           listing: Optional[dict] = None) -> Selection:
     """Centroid lookup on the GPU (flat or hierarchical; threshold or budget mode).
     tiles=(query tile, cluster tile) overrides the heuristic (tests use it to force splits);
     config overrides it whole (benchmarks sweep it). Centroids may be float32 or q's dtype.
     positions=N (the context length) also returns the kept keys' positions (Selection.pos);
     decode in threshold mode then writes them from the scores in one fused kernel
-    (`_select_kernel`) and skips the cluster list (idx, count, cum, delta are None)."""
+    (`_select_kernel`) and skips the cluster list (idx, count, cum, delta are None).
+    Hierarchical: the fine passes walk only the children of the kept coarse clusters, listed on
+    the device with capacity C (all fine clusters: the list cannot overflow); a `listing` dict
+    receives that list ("list" [rows, C] int32, valid up to "listed" [rows] int32) for tests and
+    benchmarks."""
     check_device(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                   coarse_log_threshold)
     q = lookup_queries(q, centroids.shape[-1], scale)  # [q, s/2 q^2] for [mean, variance] centroids
@@ -149,38 +154,39 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     scores = torch.empty((rows, qt, c), device=dev, dtype=torch.float32) if store else dummy_f
     hier = coarse_centroids is not None
     if hier:
+        # coarse level (threshold mode): keep flags, the pruned clusters' lse and the list of
+        # the kept clusters' children; the fine passes walk only the list (capacity c: all fine
+        # clusters, so it never overflows)
         cc_cent = coarse_centroids.contiguous()
         co = coarse_offsets.to(torch.int32).contiguous()
         cc = cc_cent.shape[1]
         csplit, cchunk = _splits(hint(rows), cc, bc, sms)
         cscores = torch.empty((rows, qt, cc), device=dev, dtype=torch.float32) if store else dummy_f
-        # coarse level: lse, best -> keep flags (always threshold mode)
-        cpart = _lse(q, cc_cent, offsets, co, dummy_i, dummy_i, 1, scale, dims, csplit, cchunk,
-                     qt, bc, True, 0, cscores, store, False, ieee, nw)
-        cbest = torch.empty((rows, cc), device=dev, dtype=torch.float32)
-        ckeep = torch.empty((rows, cc), device=dev, dtype=torch.int8)
-        ccnt = torch.empty((rows, csplit), **i32)
+        csync = torch.empty((rows, csplit), device=dev, dtype=torch.int64)
+        cpart = _lse(q, cc_cent, offsets, co, dummy_i, dummy_i, scale, dims, csplit, cchunk,
+                     qt, bc, True, False, cscores, store, False, ieee, nw, csync)
+        part2 = torch.empty((rows, csplit, nqt * qt), device=dev, dtype=torch.float32)
+        lst = torch.empty((rows, c), **i32)
+        listed = torch.empty(rows, **i32)
         launch(_lk._best_kernel, (rows, csplit),
-                q, cc_cent, offsets, co, dummy_i, dummy_i, cpart, dummy_f, cscores, cbest,
-                coarse_log_threshold.to(torch.float32), ccnt, torch.empty_like(ccnt), ckeep,
+                q, cc_cent, offsets, co, lst, listed, cpart, dummy_f, cscores,
+                torch.empty((rows, cc), device=dev, dtype=torch.float32),
+                coarse_log_threshold.to(torch.float32), dummy_i, dummy_i,
+                torch.empty((rows, cc), device=dev, dtype=torch.int8), part2, csync,
                 q.stride(0), q.stride(1), q.stride(2), cc_cent.stride(0), cc_cent.stride(1),
-                offsets.stride(0), co.stride(0), 0,
-                h, nb, g, bq, m, block_q, cc, 1, d, csplit, cchunk, nqt, csplit, 1, float(scale),
-                QT=qt, BC=bc, BLOCK_D=pow2(d), TWO_LEVEL=True, FILTER=0, HAS_L2=False,
+                offsets.stride(0), co.stride(0),
+                h, nb, g, bq, m, block_q, cc, d, csplit, cchunk, nqt, csplit, 1, c, float(scale),
+                QT=qt, BC=bc, BLOCK_D=pow2(d), TWO_LEVEL=True, LIST=False, HAS_L2=False,
                 LOAD_SCORES=store, DOT=ieee, THRESH=True, KEEP_FLAGS=True,
                 SP1=pow2(csplit), SP2=1, num_warps=nw)
-        # fine denominator: pruned coarse clusters stand for their children
-        ppart = _lse(q, cc_cent, offsets, co, dummy_i, ckeep, cc, scale, dims, csplit, cchunk,
-                     qt, bc, True, 2, cscores, False, store, ieee, nw)
-        par = cluster_of(co, c).to(torch.int32)
-        fpart = _lse(q, centroids, offsets, dummy_i, par, ckeep, cc, scale, dims, split, chunk,
-                     qt, bc, False, 1, scores, store, False, ieee, nw, sync)
-        part2, split2, filt = ppart, csplit, 1
-        flags, nflag = ckeep, cc
+        split2 = csplit
+        if listing is not None:
+            listing.update(list=lst, listed=listed)
     else:
-        fpart = _lse(q, centroids, offsets, dummy_i, dummy_i, dummy_i, 1, scale, dims, split,
-                     chunk, qt, bc, False, 0, scores, store, False, ieee, nw, sync)
-        part2, split2, filt, par, flags, nflag = dummy_f, 1, 0, dummy_i, dummy_i, 1
+        lst = listed = part2 = dummy_i
+        split2 = 1
+    fpart = _lse(q, centroids, offsets, dummy_i, lst, listed, scale, dims, split, chunk,
+                 qt, bc, False, hier, scores, store, False, ieee, nw, sync)
 
     thr = log_threshold.to(torch.float32)
     if fused:
@@ -191,40 +197,41 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
         delta = torch.empty((rows, c), **i32)
         keep = torch.empty((rows, c), device=dev, dtype=torch.int8) if chunk > bc else dummy_i
         launch(_lk._select_kernel, (rows, split),
-                offsets, par, flags, fpart, part2, scores, keep, thr, sync, cum, delta, pos, nkeys,
-                offsets.stride(0), par.stride(0) if par.dim() == 2 else 0,
-                h, nb, g, bq, m, block_q, c, nflag, split, chunk, split2, positions,
-                QT=qt, BC=bc, FILTER=filt, HAS_L2=hier, SP1=pow2(split), SP2=pow2(split2),
+                offsets, lst, listed, fpart, part2, scores, keep, thr, sync, cum, delta, pos,
+                nkeys, offsets.stride(0),
+                h, nb, g, bq, m, block_q, c, split, chunk, split2, positions,
+                QT=qt, BC=bc, LIST=hier, HAS_L2=hier, SP1=pow2(split), SP2=pow2(split2),
                 ONE_TILE=chunk <= bc, SB=8, KB=128, num_warps=4)
         return Selection(None, None, None, None, nkeys, pos)
     best = torch.empty((rows, c), device=dev, dtype=torch.float32)
     cnt_s = torch.empty((rows, split), **i32)
     sum_s = torch.empty((rows, split), **i32)
     launch(_lk._best_kernel, (rows, split),
-            q, centroids, offsets, dummy_i, par, flags, fpart, part2, scores, best, thr,
-            cnt_s, sum_s, dummy_i,
+            q, centroids, offsets, dummy_i, lst, listed, fpart, part2, scores, best, thr,
+            cnt_s, sum_s, dummy_i, dummy_f, dummy_i,
             q.stride(0), q.stride(1), q.stride(2), centroids.stride(0), centroids.stride(1),
-            offsets.stride(0), 0, par.stride(0) if par.dim() == 2 else 0,
-            h, nb, g, bq, m, block_q, c, nflag, d, split, chunk, nqt, split, split2, float(scale),
-            QT=qt, BC=bc, BLOCK_D=pow2(d), TWO_LEVEL=False, FILTER=filt, HAS_L2=hier,
+            offsets.stride(0), 0,
+            h, nb, g, bq, m, block_q, c, d, split, chunk, nqt, split, split2, c, float(scale),
+            QT=qt, BC=bc, BLOCK_D=pow2(d), TWO_LEVEL=False, LIST=hier, HAS_L2=hier,
             LOAD_SCORES=store, DOT=ieee, THRESH=budget <= 0, KEEP_FLAGS=False,
             SP1=pow2(split), SP2=pow2(split2), num_warps=nw)
     tkey = torch.empty(rows, device=dev, dtype=torch.int64)
     cstar = torch.empty(rows, **i32)
     if budget > 0:
         launch(_lk._budget_kernel, (rows,),
-                best, offsets, cnt_s, sum_s, tkey, cstar, budget, h, nb, c, offsets.stride(0),
-                split, chunk, BLOCK=min(4096, pow2(c)), num_warps=8)
+                best, offsets, lst, listed, cnt_s, sum_s, tkey, cstar, budget, h, nb, c,
+                offsets.stride(0), split, chunk, bc, LIST=hier, BLOCK=min(4096, pow2(c)),
+                num_warps=8)
     idx = torch.empty((bsz, h, nb, c), **i32)
     count = torch.empty((bsz, h, nb), **i32)
     cum = torch.empty((rows, c + 1), **i32)
     delta = torch.empty((rows, c), **i32)
     nkeys = torch.empty(rows, **i32)
     launch(_lk._compact_kernel, (rows, split),
-            best, offsets, thr, tkey, cstar, cnt_s, sum_s, idx, count, cum, delta, nkeys,
-            h, nb, c, offsets.stride(0), split, chunk,
-            BUDGET=budget > 0, BLOCK=min(1024, max(16, pow2(chunk))), SPLIT_P=max(2, pow2(split)),
-            num_warps=4)
+            best, offsets, lst, listed, thr, tkey, cstar, cnt_s, sum_s, idx, count, cum, delta,
+            nkeys, h, nb, c, offsets.stride(0), split, chunk, bc,
+            BUDGET=budget > 0, LIST=hier, BLOCK=min(1024, max(16, pow2(chunk))),
+            SPLIT_P=max(2, pow2(split)), num_warps=4)
     sel = Selection(idx, count, cum, delta, nkeys)
     return sel._replace(pos=expand_positions(sel, positions)) if positions > 0 else sel
 

@@ -12,9 +12,13 @@ the cluster's keys; the lookup then scores  s q.mu_c + s^2/2 sum_d q_d^2 var_cd 
 of exp(s q.k) over a Gaussian cluster) by scoring the augmented query [q, s/2 q^2] (see
 lookup_queries); every rule below is unchanged.
 
-Hierarchical: the coarse level is scored first with the same rule (coarse sizes = keys under each
-coarse cluster); only fine children of kept coarse clusters are scored; pruned coarse clusters
-stand for their children in the fine denominator.
+Hierarchical: the coarse level is scored first with the same rule, always by threshold (coarse
+sizes = keys under each coarse cluster; fine clusters are stored grouped by coarse parent, so a
+coarse cluster's children are a contiguous range). Only the children of kept coarse clusters are
+scored and can be kept; pruned coarse clusters stand for their children in the fine denominator
+by their coarse term s q.mu_k + log n_k. A coarse threshold of +inf keeps nothing (only the
+always-attended keys remain), -inf keeps every non-empty coarse cluster (then the rule is the
+flat one).
 
 Error-bounded mode (max_dropped_mass = eps > 0; HSR-style certified reporting): per query, every
 key of cluster c has logit <= U_c = s (q.mu_c + |q| r_c) (r_c: the cluster's radius), and the
@@ -108,9 +112,19 @@ def selection_mask_reference(
     """Plain-torch lookup as a bool mask [B, H, NB, C] of kept clusters. q [B, Hq, M, D];
     centroids [H, C, D] (or [H, C, 2D] with variances); offsets [H, C+1]; log_threshold [decode, prefill] (or one value for
     both; see pick_threshold); budget 0 = threshold mode."""
+    best = best_log_shares(q, centroids, offsets, scale, block_q, coarse_centroids,
+                           coarse_offsets, coarse_log_threshold)
+    if budget > 0:
+        return _fit_budget(best, cluster_sizes(offsets).to(best.dtype), budget)
+    return best > pick_threshold(log_threshold, q.shape[2]).reshape(()).to(best.dtype)
+
+
+def best_log_shares(q, centroids, offsets, scale, block_q, coarse_centroids=None,
+                    coarse_offsets=None, coarse_log_threshold=None) -> torch.Tensor:
+    """[B, H, NB, C] the block-max log share of each cluster (-inf: empty, or not a child of a
+    kept coarse cluster), which the threshold and budget rules compare."""
     q = lookup_queries(q, centroids.shape[-1], scale)
     b, hq, m, d = q.shape
-    log_threshold = pick_threshold(log_threshold, m).reshape(())
     if coarse_log_threshold is not None:
         coarse_log_threshold = pick_threshold(coarse_log_threshold, m).reshape(())
     h, c, _ = centroids.shape
@@ -123,11 +137,8 @@ def selection_mask_reference(
 
     if coarse_centroids is not None:
         parent = _parent_of_fine(coarse_offsets, c)  # [H, C]
-        coarse_n = torch.zeros(h, coarse_centroids.shape[1], dtype=work, device=q.device)
-        coarse_n.scatter_add_(1, parent.long(), sizes)
-        log_cn = coarse_n.log()[None, :, None, None, :]
-        cscores = torch.einsum("bhgmd,hkd->bhgmk", qg, coarse_centroids.to(work)) * scale
-        ckeep = block_max(log_share(cscores, log_cn), block_q) > coarse_log_threshold.to(work)
+        ckeep, cscores, log_cn = _coarse_keep(qg, coarse_centroids.to(work), parent, sizes,
+                                              coarse_log_threshold.to(work), scale, block_q)
         # Expand the per-block coarse decision to each query row and to fine children.
         ckeep_q = ckeep.repeat_interleave(block_q, dim=2)[:, :, :m]  # [B, H, M, Cc]
         kept_child = torch.gather(
@@ -143,10 +154,35 @@ def selection_mask_reference(
     else:
         shares = log_share(scores, log_n)
 
-    best = block_max(shares, block_q)  # [B, H, NB, C]
-    if budget > 0:
-        return _fit_budget(best, sizes, budget)
-    return best > log_threshold.to(work)
+    return block_max(shares, block_q)
+
+
+def _coarse_keep(qg, coarse_centroids, parent, sizes, thr, scale, block_q):
+    """The coarse level's decision: (keep [B, H, NB, Cc], scores [B, H, G, M, Cc], log sizes
+    [1, H, 1, 1, Cc]); a coarse cluster's size is the keys under its fine children."""
+    h = coarse_centroids.shape[0]
+    coarse_n = torch.zeros(h, coarse_centroids.shape[1], dtype=sizes.dtype, device=sizes.device)
+    coarse_n.scatter_add_(1, parent.long(), sizes)
+    log_cn = coarse_n.log()[None, :, None, None, :]
+    cscores = torch.einsum("bhgmd,hkd->bhgmk", qg, coarse_centroids) * scale
+    return block_max(log_share(cscores, log_cn), block_q) > thr, cscores, log_cn
+
+
+def listed_children_reference(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
+                              coarse_centroids: torch.Tensor, coarse_offsets: torch.Tensor,
+                              coarse_log_threshold: torch.Tensor, scale: float,
+                              block_q: int) -> torch.Tensor:
+    """Bool [B, H, NB, C]: the fine clusters the hierarchical lookup scores (children of the
+    kept coarse clusters), for the listing tests and the benchmark's listed fraction."""
+    q = lookup_queries(q, centroids.shape[-1], scale)
+    b, hq, m, d = q.shape
+    h, c, _ = centroids.shape
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    thr = pick_threshold(coarse_log_threshold, m).reshape(()).to(work)
+    parent = _parent_of_fine(coarse_offsets, c)
+    ckeep, _, _ = _coarse_keep(q.to(work).reshape(b, h, hq // h, m, d), coarse_centroids.to(work),
+                               parent, cluster_sizes(offsets).to(work), thr, scale, block_q)
+    return torch.gather(ckeep, 3, parent.long()[None, :, None, :].expand(b, h, ckeep.shape[2], c))
 
 
 def logit_bounds(q: torch.Tensor, centroids: torch.Tensor, radii: torch.Tensor, scale: float) -> torch.Tensor:

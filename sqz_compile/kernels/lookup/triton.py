@@ -21,9 +21,14 @@ from ..triton_common import HAS_TRITON
 #   _expand_kernel   the attention's position list: sorted position of each kept key
 # Decode in threshold mode (scores stored by _lse_kernel) replaces _best, _compact and _expand by
 # one _select_kernel whose splits hand their counts on by decoupled look-back.
-# Hierarchical: _lse/_best on the coarse level (threshold -> keep flags), _lse over the pruned
-# coarse clusters, _lse over children of kept coarse clusters, then _best/_compact on the fine
-# level with the two partial-lse sets merged.
+# Hierarchical: _lse on the coarse level; _best on the coarse level writes keep flags, the
+# per-split child counts of the kept coarse clusters and the partial lse over the PRUNED coarse
+# clusters (they stand for their children in the fine denominator) and each row's ascending list
+# of the kept coarse clusters' children (contiguous fine ranges, placed by a look-back prefix sum
+# over the splits' child counts); the fine passes (_lse, _best/_compact or _select) then walk
+# only the listed slots [0, listed) (LIST: slot j holds fine cluster List[row, j]), each split
+# taking an equal share of the row's listed slots, with the pruned lse merged as a second set.
+# The list's capacity is C (all fine clusters), so it never overflows.
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
     import triton
@@ -52,10 +57,10 @@ if HAS_TRITON:
         return q, r, valid
 
     @triton.jit
-    def _log_sizes(Off, CO, Par, Flags, row, h, c, cvalid, soh, scoh, sph, NFLAG,
+    def _log_sizes(Off, CO, Flags, row, h, c, cvalid, soh, scoh, NFLAG,
                    TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr):
         """Sizes n_c and log n_c (-inf for empty, out-of-range or filtered-out clusters).
-        FILTER 1: keep children of kept coarse clusters; 2: keep pruned (unkept) clusters."""
+        FILTER 2: keep only pruned (unflagged) clusters (the coarse level's pruned lse)."""
         if TWO_LEVEL:
             lo = tl.load(CO + h * scoh + c, mask=cvalid, other=0)
             hi = tl.load(CO + h * scoh + c + 1, mask=cvalid, other=0)
@@ -65,13 +70,33 @@ if HAS_TRITON:
             n = (tl.load(Off + h * soh + c + 1, mask=cvalid, other=0)
                  - tl.load(Off + h * soh + c, mask=cvalid, other=0))
         ok = cvalid & (n > 0)
-        if FILTER == 1:
-            par = tl.load(Par + h * sph + c, mask=cvalid, other=0)
-            ok = ok & (tl.load(Flags + row * NFLAG + par, mask=cvalid, other=0) != 0)
         if FILTER == 2:
             ok = ok & (tl.load(Flags + row * NFLAG + c, mask=cvalid, other=1) == 0)
         logn = tl.where(ok, tl.log(tl.maximum(n, 1).to(tl.float32)), float("-inf"))
         return n, logn, ok
+
+    @triton.jit
+    def _ids(List, row, j, jvalid, CAP, LIST: tl.constexpr):
+        """Fine cluster of each slot j: List[row, j] (LIST), else j itself."""
+        if LIST:
+            cid = tl.load(List + row * CAP + j, mask=jvalid, other=0)
+        else:
+            cid = j
+        return cid
+
+    @triton.jit
+    def _span(Listed, row, split, SPLIT, chunk, C, UNIT, LIST: tl.constexpr):
+        """This split's slots [lo, hi): a static chunk of [0, C), or (LIST) an equal share,
+        rounded to UNIT, of the row's listed slots [0, Listed[row])."""
+        if LIST:
+            n = tl.load(Listed + row)
+            ch = tl.cdiv(tl.cdiv(n, SPLIT), UNIT) * UNIT
+            lo = split * ch
+            hi = tl.minimum(n, lo + ch)
+        else:
+            lo = split * chunk
+            hi = tl.minimum(C, lo + chunk)
+        return lo, hi
 
     @triton.jit
     def _load_mu(Cent, h, c, cvalid, sch, scc, D, BLOCK_D: tl.constexpr):
@@ -98,33 +123,32 @@ if HAS_TRITON:
         return _dot_mu(q, _load_mu(Cent, h, c, cvalid, sch, scc, D, BLOCK_D), scale, DOT)
 
     @triton.jit
-    def _lse_kernel(Q, Cent, Off, CO, Par, Flags, PartL, Scores, Sync,
-                    sqb, sqh, sqm, sch, scc, soh, scoh, sph,
-                    H, NB, G, BQ, M, block_q, C, NFLAG, D, SPLIT, chunk, NQT, scale,
-                    QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
-                    TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr,
-                    STORE_SCORES: tl.constexpr, LOAD_SCORES: tl.constexpr, DOT: tl.constexpr,
-                    ZERO_SYNC: tl.constexpr):
-        """PartL[row, split, r] = logsumexp over this split's clusters of s q_r.mu_c + log n_c.
-        Decode stores the scores of the valid query rows (STORE_SCORES) for later passes to load
-        instead of recompute. ZERO_SYNC: clear the flags `_select_kernel` publishes into."""
-        row = tl.program_id(0)
-        split = tl.program_id(1)
-        h = (row // NB) % H
-        c_lo = split * chunk
-        c_hi = tl.minimum(C, c_lo + chunk)
-        if ZERO_SYNC:
-            tl.store(Sync + row * SPLIT + split, tl.zeros([], tl.int64))
+    def _extent(Off, List, row, h, j, jm, soh, C, LIST: tl.constexpr):
+        """(cluster, first sorted key, size) of the slots j."""
+        c = _ids(List, row, j, jm, C, LIST)
+        start = tl.load(Off + h * soh + c, mask=jm, other=0)
+        return c, start, tl.load(Off + h * soh + c + 1, mask=jm, other=0) - start
+
+    @triton.jit
+    def _lse_rows(Q, Cent, Off, CO, Flags, List, PartL, Scores, row, split, h, c_lo, c_hi,
+                  sqb, sqh, sqm, sch, scc, soh, scoh, H, NB, G, BQ, M, block_q, C, NFLAG, D,
+                  SPLIT, NQT, scale,
+                  QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
+                  TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr, LIST: tl.constexpr,
+                  STORE_SCORES: tl.constexpr, LOAD_SCORES: tl.constexpr, DOT: tl.constexpr):
+        """PartL[row, split, r] = logsumexp over the slots [c_lo, c_hi) of s q_r.mu_c + log n_c.
+        Scores are stored / loaded per slot."""
         for qt in range(0, NQT):
             q, r, qvalid = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M, block_q, D,
                                         QT, BLOCK_D)
             mx = tl.full([QT], float("-inf"), tl.float32)
             sm = tl.zeros([QT], tl.float32)
             for c0 in range(c_lo, c_hi, BC):
-                c = c0 + tl.arange(0, BC)
-                cvalid = c < c_hi
-                n, logn, ok = _log_sizes(Off, CO, Par, Flags, row, h, c, cvalid, soh, scoh, sph,
-                                         NFLAG, TWO_LEVEL, FILTER)
+                j = c0 + tl.arange(0, BC)
+                jvalid = j < c_hi
+                c = _ids(List, row, j, jvalid, C, LIST)
+                n, logn, ok = _log_sizes(Off, CO, Flags, row, h, c, jvalid, soh, scoh, NFLAG,
+                                         TWO_LEVEL, FILTER)
                 # skip tiles with nothing to score only when a filter can empty them: a dynamic
                 # branch around the loads stops Triton from pipelining the loop
                 if FILTER != 0:
@@ -133,12 +157,12 @@ if HAS_TRITON:
                     live = True
                 if live:
                     if LOAD_SCORES:
-                        s = tl.load(Scores + (row * QT + r[:, None]) * C + c[None, :],
+                        s = tl.load(Scores + (row * QT + r[:, None]) * C + j[None, :],
                                     mask=qvalid[:, None] & ok[None, :], other=0.0)
                     else:
                         s = _scores(q, Cent, h, c, ok, sch, scc, D, scale, BLOCK_D, DOT)
                     if STORE_SCORES:
-                        tl.store(Scores + (row * QT + r[:, None]) * C + c[None, :], s,
+                        tl.store(Scores + (row * QT + r[:, None]) * C + j[None, :], s,
                                  mask=qvalid[:, None] & ok[None, :])
                     t = s + logn[None, :]
                     new = tl.maximum(mx, tl.max(t, axis=1))
@@ -147,6 +171,29 @@ if HAS_TRITON:
                     mx = new
             lse = tl.where(sm > 0, mx + tl.log(tl.where(sm > 0, sm, 1.0)), float("-inf"))
             tl.store(PartL + (row * SPLIT + split) * (NQT * QT) + r, lse)
+
+    @triton.jit
+    def _lse_kernel(Q, Cent, Off, CO, List, Listed, PartL, Scores, Sync,
+                    sqb, sqh, sqm, sch, scc, soh, scoh,
+                    H, NB, G, BQ, M, block_q, C, D, SPLIT, chunk, NQT, scale,
+                    QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
+                    TWO_LEVEL: tl.constexpr, LIST: tl.constexpr,
+                    STORE_SCORES: tl.constexpr, LOAD_SCORES: tl.constexpr, DOT: tl.constexpr,
+                    ZERO_SYNC: tl.constexpr):
+        """PartL[row, split, r] = logsumexp over this split's clusters (LIST: listed slots) of
+        s q_r.mu_c + log n_c. Decode stores the scores of the valid query rows (STORE_SCORES) for
+        later passes to load instead of recompute. ZERO_SYNC: clear the flags `_select_kernel`
+        publishes into."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        h = (row // NB) % H
+        c_lo, c_hi = _span(Listed, row, split, SPLIT, chunk, C, BC, LIST)
+        if ZERO_SYNC:
+            tl.store(Sync + row * SPLIT + split, tl.zeros([], tl.int64))
+        _lse_rows(Q, Cent, Off, CO, Off, List, PartL, Scores, row, split, h, c_lo, c_hi,
+                  sqb, sqh, sqm, sch, scc, soh, scoh, H, NB, G, BQ, M, block_q, C, 1, D,
+                  SPLIT, NQT, scale, QT, BC, BLOCK_D, TWO_LEVEL, 0, LIST,
+                  STORE_SCORES, LOAD_SCORES, DOT)
 
     @triton.jit
     def _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT: tl.constexpr,
@@ -168,22 +215,25 @@ if HAS_TRITON:
         return tl.where(sm > 0, mx + tl.log(tl.where(sm > 0, sm, 1.0)), float("-inf"))
 
     @triton.jit
-    def _best_kernel(Q, Cent, Off, CO, Par, Flags, PartL, PartL2, Scores, Best, Thr,
-                     CntS, SumS, KeepOut,
-                     sqb, sqh, sqm, sch, scc, soh, scoh, sph,
-                     H, NB, G, BQ, M, block_q, C, NFLAG, D, SPLIT, chunk, NQT, SPLIT_L, SPLIT_L2,
-                     scale,
+    def _best_kernel(Q, Cent, Off, CO, List, Listed, PartL, PartL2, Scores, Best, Thr,
+                     CntS, SumS, KeepOut, PrunedL, Sync,
+                     sqb, sqh, sqm, sch, scc, soh, scoh,
+                     H, NB, G, BQ, M, block_q, C, D, SPLIT, chunk, NQT, SPLIT_L, SPLIT_L2,
+                     CAP, scale,
                      QT: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
-                     TWO_LEVEL: tl.constexpr, FILTER: tl.constexpr, HAS_L2: tl.constexpr,
+                     TWO_LEVEL: tl.constexpr, LIST: tl.constexpr, HAS_L2: tl.constexpr,
                      LOAD_SCORES: tl.constexpr, DOT: tl.constexpr, THRESH: tl.constexpr,
                      KEEP_FLAGS: tl.constexpr, SP1: tl.constexpr, SP2: tl.constexpr):
-        """Best[row, c] = max_r (s q_r.mu_c - lse_r) (-inf for empty/filtered clusters).
-        THRESH: also count kept clusters / keys per split (and KEEP_FLAGS: write 0/1 flags)."""
+        """Best[row, j] = max_r (s q_r.mu_c - lse_r) for the cluster c of slot j (-inf if empty).
+        THRESH: also count kept clusters / keys per split (CntS, SumS). KEEP_FLAGS (coarse level,
+        threshold mode): write 0/1 flags, PrunedL[row, split, r] = the partial lse of the split's
+        pruned clusters (s q_r.mu_k + log n_k), and the fine list: List[row, :Listed[row]] = the
+        kept clusters' children, ascending (slots placed by a look-back prefix sum of the child
+        counts over the splits; capacity CAP = all fine clusters)."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         h = (row // NB) % H
-        c_lo = split * chunk
-        c_hi = tl.minimum(C, c_lo + chunk)
+        c_lo, c_hi = _span(Listed, row, split, SPLIT, chunk, C, BC, LIST)
         QRP = NQT * QT
         if THRESH:
             thr = tl.load(Thr)
@@ -194,60 +244,100 @@ if HAS_TRITON:
                                            block_q, D, QT, BLOCK_D)
             lse0 = _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r0, QRP, QT, HAS_L2, SP1, SP2)
         for c0 in range(c_lo, c_hi, BC):
-            c = c0 + tl.arange(0, BC)
-            cvalid = c < c_hi
-            n, logn, ok = _log_sizes(Off, CO, Par, Flags, row, h, c, cvalid, soh, scoh, sph,
-                                     NFLAG, TWO_LEVEL, FILTER)
-            best = tl.full([BC], float("-inf"), tl.float32)
-            if FILTER != 0:
-                live = tl.max(ok.to(tl.int32), axis=0) > 0
+            j = c0 + tl.arange(0, BC)
+            jvalid = j < c_hi
+            c = _ids(List, row, j, jvalid, C, LIST)
+            n, logn, ok = _log_sizes(Off, CO, Off, row, h, c, jvalid, soh, scoh, 1, TWO_LEVEL, 0)
+            if LOAD_SCORES:
+                s = tl.load(Scores + (row * QT + r0[:, None]) * C + j[None, :],
+                            mask=rvalid0[:, None] & ok[None, :], other=0.0)
+                ls = tl.where(rvalid0[:, None] & ok[None, :], s - lse0[:, None], float("-inf"))
+                best = tl.max(ls, axis=0)
             else:
-                live = True
-            if live:
-                if LOAD_SCORES:
-                    s = tl.load(Scores + (row * QT + r0[:, None]) * C + c[None, :],
-                                mask=rvalid0[:, None] & ok[None, :], other=0.0)
-                    ls = tl.where(rvalid0[:, None] & ok[None, :], s - lse0[:, None], float("-inf"))
-                    best = tl.max(ls, axis=0)
-                else:
-                    mu = _load_mu(Cent, h, c, ok, sch, scc, D, BLOCK_D)  # once for all q tiles
-                    # elementwise max over the query tiles, then one (cross-warp) reduction
-                    # over the rows per cluster tile instead of one per query tile
-                    acc = tl.full([QT, BC], float("-inf"), tl.float32)
-                    for qt in range(0, NQT):
-                        q, r, rvalid = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M,
-                                                    block_q, D, QT, BLOCK_D)
-                        lse = _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT,
-                                          HAS_L2, SP1, SP2)
-                        s = _dot_mu(q, mu, scale, DOT)
-                        acc = tl.maximum(acc, tl.where(rvalid[:, None], s - lse[:, None],
-                                                       float("-inf")))
-                    best = tl.where(ok, tl.max(acc, axis=0), float("-inf"))
-            tl.store(Best + row * C + c, best, mask=cvalid)
+                mu = _load_mu(Cent, h, c, ok, sch, scc, D, BLOCK_D)  # once for all q tiles
+                # elementwise max over the query tiles, then one (cross-warp) reduction
+                # over the rows per cluster tile instead of one per query tile
+                acc = tl.full([QT, BC], float("-inf"), tl.float32)
+                for qt in range(0, NQT):
+                    q, r, rvalid = _row_queries(Q, row, qt, sqb, sqh, sqm, H, NB, G, BQ, M,
+                                                block_q, D, QT, BLOCK_D)
+                    lse = _merged_lse(PartL, SPLIT_L, PartL2, SPLIT_L2, row, r, QRP, QT,
+                                      HAS_L2, SP1, SP2)
+                    s = _dot_mu(q, mu, scale, DOT)
+                    acc = tl.maximum(acc, tl.where(rvalid[:, None], s - lse[:, None],
+                                                   float("-inf")))
+                best = tl.where(ok, tl.max(acc, axis=0), float("-inf"))
+            tl.store(Best + row * C + j, best, mask=jvalid)
             if THRESH:
-                keep = cvalid & (best > thr)
+                keep = jvalid & (best > thr)
                 cnt += tl.sum(keep.to(tl.int32), axis=0)
-                ssum += tl.sum(tl.where(keep, n, 0), axis=0)
                 if KEEP_FLAGS:
-                    tl.store(KeepOut + row * C + c, keep.to(tl.int8), mask=cvalid)
-        if THRESH:
+                    nch = (tl.load(CO + h * scoh + c + 1, mask=keep, other=0)
+                           - tl.load(CO + h * scoh + c, mask=keep, other=0))
+                    ssum += tl.sum(tl.where(keep, nch, 0), axis=0)
+                    tl.store(KeepOut + row * C + j, keep.to(tl.int8), mask=jvalid)
+                else:
+                    ssum += tl.sum(tl.where(keep, n, 0), axis=0)
+        if KEEP_FLAGS:
+            # publish (flag bit 62 | kept children) for the splits after this one (Sync zeroed
+            # by the coarse _lse_kernel), compute the pruned lse meanwhile, then wait for the
+            # splits before (decoupled look-back, as in _select_kernel) and list the children
+            tl.atomic_xchg(Sync + row * SPLIT + split,
+                           tl.full([], 1 << 62, tl.int64) | ssum.to(tl.int64))
+            tl.debug_barrier()  # the flags are re-read by other threads than those that stored them
+            _lse_rows(Q, Cent, Off, CO, KeepOut, List, PrunedL, Scores, row, split, h, c_lo, c_hi,
+                      sqb, sqh, sqm, sch, scc, soh, scoh, H, NB, G, BQ, M, block_q, C, C, D,
+                      SPLIT, NQT, scale, QT, BC, BLOCK_D, TWO_LEVEL, 2, False,
+                      False, LOAD_SCORES, DOT)
+            sp = tl.arange(0, SP1)
+            pred = sp < split
+            word = tl.load(Sync + row * SPLIT + sp, mask=pred, other=1 << 62, volatile=True)
+            while tl.min(word >> 62, axis=0) == 0:
+                word = tl.load(Sync + row * SPLIT + sp, mask=pred, other=1 << 62, volatile=True)
+            base = tl.sum(tl.where(pred, word & 0xFFFFFFFF, 0), axis=0).to(tl.int32)
+            _list_children(CO, KeepOut, List, row, h, c_lo, c_hi, base, scoh, C, CAP, BC, 16)
+            if split == SPLIT - 1:
+                tl.store(Listed + row, base + ssum)
+        elif THRESH:
             tl.store(CntS + row * SPLIT + split, cnt)
             tl.store(SumS + row * SPLIT + split, ssum)
 
     @triton.jit
-    def _budget_kernel(Best, Off, CntS, SumS, TKey, CStar, budget, H, NB, C, soh, SPLIT, chunk,
-                       BLOCK: tl.constexpr):
+    def _list_children(CO, Keep, List, row, h, c_lo, c_hi, base, scoh, CC, CAP,
+                       BLOCK: tl.constexpr, KB: tl.constexpr):
+        """Writes the children of the kept coarse clusters of [c_lo, c_hi) to List[row] from slot
+        base on (children of coarse cluster k: the fine range [CO[k], CO[k+1]))."""
+        kb = tl.arange(0, KB)
+        for c0 in range(c_lo, c_hi, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            keep = tl.load(Keep + row * CC + c, mask=c < c_hi, other=0) != 0
+            lo = tl.load(CO + h * scoh + c, mask=keep, other=0)
+            nch = tl.where(keep, tl.load(CO + h * scoh + c + 1, mask=keep, other=0) - lo, 0)
+            slot = base + tl.cumsum(nch, axis=0) - nch
+            for k0 in range(0, tl.max(nch, axis=0), KB):
+                k = k0 + kb
+                tl.store(List + row * CAP + slot[:, None] + k[None, :], lo[:, None] + k[None, :],
+                         mask=k[None, :] < nch[:, None])
+            base += tl.sum(nch, axis=0)
+
+    @triton.jit
+    def _budget_kernel(Best, Off, List, Listed, CntS, SumS, TKey, CStar, budget, H, NB, C, soh,
+                       SPLIT, chunk, UNIT, LIST: tl.constexpr, BLOCK: tl.constexpr):
         """Per row: smallest key T whose clusters (best >= T) fit the budget; the clusters tied at
-        the next key down are then kept in ascending index order while they still fit (the
-        reference's stable descending sort). Writes T, the tie cut-off and per-split counts."""
+        the next key down are then kept in ascending slot (= cluster) order while they still fit
+        (the reference's stable descending sort). Writes T, the tie cut-off and per-split counts."""
         row = tl.program_id(0)
         h = (row // NB) % H
+        if LIST:
+            L = tl.load(Listed + row)
+        else:
+            L = C
         big = 2147483647
         kmin = tl.full([], big, tl.int32)
         kmax = tl.full([], -big, tl.int32)
-        for c0 in range(0, C, BLOCK):
-            c = c0 + tl.arange(0, BLOCK)
-            x = tl.load(Best + row * C + c, mask=c < C, other=float("-inf"))
+        for c0 in range(0, L, BLOCK):
+            j = c0 + tl.arange(0, BLOCK)
+            x = tl.load(Best + row * C + j, mask=j < L, other=float("-inf"))
             fin = x > float("-inf")
             k = _fkey(x)
             kmin = tl.minimum(kmin, tl.min(tl.where(fin, k, big), axis=0))
@@ -257,11 +347,11 @@ if HAS_TRITON:
         while lo < hi:
             mid = lo + (hi - lo) // 2
             tot = tl.zeros([], tl.int64)
-            for c0 in range(0, C, BLOCK):
-                c = c0 + tl.arange(0, BLOCK)
-                cm = c < C
-                x = tl.load(Best + row * C + c, mask=cm, other=float("-inf"))
-                n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - tl.load(Off + h * soh + c, mask=cm, other=0)
+            for c0 in range(0, L, BLOCK):
+                j = c0 + tl.arange(0, BLOCK)
+                jm = j < L
+                x = tl.load(Best + row * C + j, mask=jm, other=float("-inf"))
+                c, start, n = _extent(Off, List, row, h, j, jm, soh, C, LIST)
                 sel = (x > float("-inf")) & (_fkey(x).to(tl.int64) >= mid)
                 tot += tl.sum(tl.where(sel, n, 0).to(tl.int64), axis=0)
             fits = tot <= budget
@@ -269,39 +359,40 @@ if HAS_TRITON:
             lo = tl.where(fits, lo, mid + 1)
         t = lo
         base = tl.zeros([], tl.int64)
-        for c0 in range(0, C, BLOCK):
-            c = c0 + tl.arange(0, BLOCK)
-            cm = c < C
-            x = tl.load(Best + row * C + c, mask=cm, other=float("-inf"))
-            n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - tl.load(Off + h * soh + c, mask=cm, other=0)
+        for c0 in range(0, L, BLOCK):
+            j = c0 + tl.arange(0, BLOCK)
+            jm = j < L
+            x = tl.load(Best + row * C + j, mask=jm, other=float("-inf"))
+            c, start, n = _extent(Off, List, row, h, j, jm, soh, C, LIST)
             sel = (x > float("-inf")) & (_fkey(x).to(tl.int64) >= t)
             base += tl.sum(tl.where(sel, n, 0).to(tl.int64), axis=0)
         cstar = tl.full([], -1, tl.int32)
         if t > kmin.to(tl.int64):
             run = base
-            for c0 in range(0, C, BLOCK):
-                c = c0 + tl.arange(0, BLOCK)
-                cm = c < C
-                x = tl.load(Best + row * C + c, mask=cm, other=float("-inf"))
-                n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - tl.load(Off + h * soh + c, mask=cm, other=0)
+            for c0 in range(0, L, BLOCK):
+                j = c0 + tl.arange(0, BLOCK)
+                jm = j < L
+                x = tl.load(Best + row * C + j, mask=jm, other=float("-inf"))
+                c, start, n = _extent(Off, List, row, h, j, jm, soh, C, LIST)
                 tie = (x > float("-inf")) & (_fkey(x).to(tl.int64) == t - 1)
                 nt = tl.where(tie, n, 0).to(tl.int64)
                 inc = tl.cumsum(nt, axis=0) + run
                 ok = tie & (inc <= budget)
-                cstar = tl.maximum(cstar, tl.max(tl.where(ok, c, -1), axis=0))
+                cstar = tl.maximum(cstar, tl.max(tl.where(ok, j, -1), axis=0))
                 run += tl.sum(nt, axis=0)
         tl.store(TKey + row, t)
         tl.store(CStar + row, cstar)
         for sp in range(0, SPLIT):
+            s_lo, s_hi = _span(Listed, row, sp, SPLIT, chunk, C, UNIT, LIST)
             cnt = tl.zeros([], tl.int32)
             ssum = tl.zeros([], tl.int32)
-            for c0 in range(sp * chunk, tl.minimum(C, sp * chunk + chunk), BLOCK):
-                c = c0 + tl.arange(0, BLOCK)
-                cm = (c < C) & (c < sp * chunk + chunk)
-                x = tl.load(Best + row * C + c, mask=cm, other=float("-inf"))
-                n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - tl.load(Off + h * soh + c, mask=cm, other=0)
+            for c0 in range(s_lo, s_hi, BLOCK):
+                j = c0 + tl.arange(0, BLOCK)
+                jm = j < s_hi
+                x = tl.load(Best + row * C + j, mask=jm, other=float("-inf"))
+                c, start, n = _extent(Off, List, row, h, j, jm, soh, C, LIST)
                 k = _fkey(x).to(tl.int64)
-                keep = cm & (x > float("-inf")) & ((k >= t) | ((k == t - 1) & (c <= cstar)))
+                keep = jm & (x > float("-inf")) & ((k >= t) | ((k == t - 1) & (j <= cstar)))
                 cnt += tl.sum(keep.to(tl.int32), axis=0)
                 ssum += tl.sum(tl.where(keep, n, 0), axis=0)
             tl.store(CntS + row * SPLIT + sp, cnt)
@@ -324,10 +415,12 @@ if HAS_TRITON:
         return j + tl.sum(ki, axis=0), kbase + tl.sum(nk, axis=0)
 
     @triton.jit
-    def _compact_kernel(Best, Off, Thr, TKey, CStar, CntS, SumS, Idx, Count, Cum, Delta, NKeys,
-                        H, NB, C, soh, SPLIT, chunk,
-                        BUDGET: tl.constexpr, BLOCK: tl.constexpr, SPLIT_P: tl.constexpr):
-        """Writes this split's share of the ascending kept list (Idx, Cum, Delta) and padding."""
+    def _compact_kernel(Best, Off, List, Listed, Thr, TKey, CStar, CntS, SumS, Idx, Count, Cum,
+                        Delta, NKeys, H, NB, C, soh, SPLIT, chunk, UNIT,
+                        BUDGET: tl.constexpr, LIST: tl.constexpr, BLOCK: tl.constexpr,
+                        SPLIT_P: tl.constexpr):
+        """Writes this split's share of the ascending kept list (Idx, Cum, Delta) and its static
+        chunk of the padding."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         h = (row // NB) % H
@@ -344,24 +437,24 @@ if HAS_TRITON:
             cstar = tl.load(CStar + row)
         else:
             thr = tl.load(Thr)
-        c_lo = split * chunk
-        c_hi = tl.minimum(C, c_lo + chunk)
+        c_lo, c_hi = _span(Listed, row, split, SPLIT, chunk, C, UNIT, LIST)
         for c0 in range(c_lo, c_hi, BLOCK):
-            c = c0 + tl.arange(0, BLOCK)
-            cm = c < c_hi
-            x = tl.load(Best + row * C + c, mask=cm, other=float("-inf"))
-            start = tl.load(Off + h * soh + c, mask=cm, other=0)
-            n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - start
+            j = c0 + tl.arange(0, BLOCK)
+            jm = j < c_hi
+            x = tl.load(Best + row * C + j, mask=jm, other=float("-inf"))
+            c, start, n = _extent(Off, List, row, h, j, jm, soh, C, LIST)
             if BUDGET:
                 k = _fkey(x).to(tl.int64)
-                keep = cm & (x > float("-inf")) & ((k >= t) | ((k == t - 1) & (c <= cstar)))
+                keep = jm & (x > float("-inf")) & ((k >= t) | ((k == t - 1) & (j <= cstar)))
             else:
-                keep = cm & (x > thr)
+                keep = jm & (x > thr)
             base, cbase = _append_slots(Cum, Delta, Idx, row, C, keep, n, start, c, base, cbase,
                                         True)
-        for p0 in range(c_lo, c_hi, BLOCK):
+        p_lo = split * chunk
+        p_hi = tl.minimum(C, p_lo + chunk)
+        for p0 in range(p_lo, p_hi, BLOCK):
             p = p0 + tl.arange(0, BLOCK)
-            pm = (p < c_hi) & (p >= total)
+            pm = (p < p_hi) & (p >= total)
             tl.store(Idx + row * C + p, tl.full([BLOCK], -1, tl.int32), mask=pm)
             tl.store(Cum + row * (C + 1) + p, tl.zeros([BLOCK], tl.int32) + tkeys, mask=pm)
             tl.store(Delta + row * C + p, tl.zeros([BLOCK], tl.int32), mask=pm)
@@ -424,27 +517,27 @@ if HAS_TRITON:
                          mask=k[None, :] < n[:, None])
 
     @triton.jit
-    def _select_tile(Off, Par, Flags, Scores, row, h, c, cvalid, r, rvalid, lse, thr, soh, sph, C,
-                     NFLAG, QT: tl.constexpr, FILTER: tl.constexpr):
-        """Threshold decision for a tile of clusters from the stored scores: (keep, sizes)."""
-        n, logn, ok = _log_sizes(Off, Off, Par, Flags, row, h, c, cvalid, soh, 0, sph, NFLAG,
-                                 False, FILTER)
-        s = tl.load(Scores + (row * QT + r[:, None]) * C + c[None, :],
+    def _select_tile(Off, List, Scores, row, h, j, jvalid, r, rvalid, lse, thr, soh, C,
+                     QT: tl.constexpr, LIST: tl.constexpr):
+        """Threshold decision for a tile of slots from the stored scores: (keep, sizes, clusters)."""
+        c = _ids(List, row, j, jvalid, C, LIST)
+        n, logn, ok = _log_sizes(Off, Off, Off, row, h, c, jvalid, soh, 0, 1, False, 0)
+        s = tl.load(Scores + (row * QT + r[:, None]) * C + j[None, :],
                     mask=rvalid[:, None] & ok[None, :], other=0.0)
         best = tl.max(tl.where(rvalid[:, None] & ok[None, :], s - lse[:, None], float("-inf")),
                       axis=0)
-        return cvalid & (best > thr), n
+        return jvalid & (best > thr), n, c
 
     @triton.jit
-    def _select_kernel(Off, Par, Flags, PartL, PartL2, Scores, Keep, Thr, Sync, Cum, Delta,
+    def _select_kernel(Off, List, Listed, PartL, PartL2, Scores, Keep, Thr, Sync, Cum, Delta,
                        Pos, NKeys,
-                       soh, sph, H, NB, G, BQ, M, block_q, C, NFLAG, SPLIT, chunk,
+                       soh, H, NB, G, BQ, M, block_q, C, SPLIT, chunk,
                        SPLIT_L2, NPOS,
-                       QT: tl.constexpr, BC: tl.constexpr, FILTER: tl.constexpr,
+                       QT: tl.constexpr, BC: tl.constexpr, LIST: tl.constexpr,
                        HAS_L2: tl.constexpr, SP1: tl.constexpr, SP2: tl.constexpr,
                        ONE_TILE: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr):
         """Decode, threshold mode: _best_kernel, _compact_kernel and the attention's position
-        list in one launch. Each program scores its chunk of clusters from the stored scores,
+        list in one launch. Each program scores its chunk of slots from the stored scores,
         publishes (kept clusters, kept keys) into Sync[row, split] (zeroed by _lse_kernel) and
         waits for the splits before it (decoupled look-back: they have lower block ids, so they
         are already resident or done). Then it writes its slots of Cum/Delta and Pos[row, v],
@@ -458,22 +551,21 @@ if HAS_TRITON:
         rvalid = (r // BQ < G) & (r % BQ < tl.minimum(BQ, M - nb * block_q))
         lse = _merged_lse(PartL, SPLIT, PartL2, SPLIT_L2, row, r, QT, QT, HAS_L2, SP1, SP2)
         thr = tl.load(Thr)
-        c_lo = split * chunk
-        c_hi = tl.minimum(C, c_lo + chunk)
+        c_lo, c_hi = _span(Listed, row, split, SPLIT, chunk, C, BC, LIST)
         if ONE_TILE:  # the whole chunk in one tile, kept in registers for the writes below
-            c = c_lo + tl.arange(0, BC)
-            keep, n = _select_tile(Off, Par, Flags, Scores, row, h, c, c < c_hi, r, rvalid, lse,
-                                   thr, soh, sph, C, NFLAG, QT, FILTER)
+            j = c_lo + tl.arange(0, BC)
+            keep, n, c = _select_tile(Off, List, Scores, row, h, j, j < c_hi, r, rvalid, lse, thr,
+                                      soh, C, QT, LIST)
             cnt = tl.sum(keep.to(tl.int64), axis=0)
             ssum = tl.sum(tl.where(keep, n, 0).to(tl.int64), axis=0)
         else:
             cnt = tl.zeros([], tl.int64)
             ssum = tl.zeros([], tl.int64)
             for c0 in range(c_lo, c_hi, BC):
-                c = c0 + tl.arange(0, BC)
-                keep, n = _select_tile(Off, Par, Flags, Scores, row, h, c, c < c_hi, r, rvalid,
-                                       lse, thr, soh, sph, C, NFLAG, QT, FILTER)
-                tl.store(Keep + row * C + c, keep.to(tl.int8), mask=c < c_hi)
+                j = c0 + tl.arange(0, BC)
+                keep, n, c = _select_tile(Off, List, Scores, row, h, j, j < c_hi, r, rvalid, lse,
+                                          thr, soh, C, QT, LIST)
+                tl.store(Keep + row * C + j, keep.to(tl.int8), mask=j < c_hi)
                 cnt += tl.sum(keep.to(tl.int64), axis=0)
                 ssum += tl.sum(tl.where(keep, n, 0).to(tl.int64), axis=0)
         # publish (flag bit 62 | clusters << 32 | keys) in one atomic word, then sum the
@@ -489,21 +581,21 @@ if HAS_TRITON:
         jbase = tl.sum(tl.where(pred, (word >> 32) & 0x3FFFFFFF, 0), axis=0).to(tl.int32)
         kbase = tl.sum(tl.where(pred, word & 0xFFFFFFFF, 0), axis=0).to(tl.int32)
         # this split's slots of the cluster list (Cum, Delta; not padded), then its keys
-        j = jbase
+        js = jbase
         cbase = kbase
         if ONE_TILE:  # the chunk is the tile scored above: still in registers
             start = tl.load(Off + h * soh + c, mask=keep, other=0)
-            j, cbase = _append_slots(Cum, Delta, Cum, row, C, keep, n, start, c, j, cbase, False)
+            js, cbase = _append_slots(Cum, Delta, Cum, row, C, keep, n, start, c, js, cbase,
+                                      False)
         else:
             tl.debug_barrier()  # the flags are re-read by other threads than those that stored them
             for c0 in range(c_lo, c_hi, BC):
-                c = c0 + tl.arange(0, BC)
-                keep = tl.load(Keep + row * C + c, mask=c < c_hi, other=0) != 0
-                start = tl.load(Off + h * soh + c, mask=keep, other=0)
-                n = tl.load(Off + h * soh + c + 1, mask=keep, other=0) - start
-                j, cbase = _append_slots(Cum, Delta, Cum, row, C, keep, n, start, c, j, cbase,
-                                         False)
+                j = c0 + tl.arange(0, BC)
+                keep = tl.load(Keep + row * C + j, mask=j < c_hi, other=0) != 0
+                c, start, n = _extent(Off, List, row, h, j, keep, soh, C, LIST)
+                js, cbase = _append_slots(Cum, Delta, Cum, row, C, keep, n, start, c, js, cbase,
+                                          False)
         tl.debug_barrier()  # the slots are read back by other threads
-        _positions_by_slot(Pos, Cum, Delta, row, C, NPOS, jbase, j, cbase, SB, KB)
+        _positions_by_slot(Pos, Cum, Delta, row, C, NPOS, jbase, js, cbase, SB, KB)
         if split == SPLIT - 1:
             tl.store(NKeys + row, cbase.to(tl.int32))
