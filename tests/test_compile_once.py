@@ -40,7 +40,13 @@ def test_generate_compiles_prefill_and_decode_once(cache, lengths, other):
     assert graphs() == 2, "a second question (other length, other max_new_tokens) compiled again"
 
 
-@pytest.mark.parametrize("inductor", [False, True])
+_OLD_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
+@pytest.mark.parametrize("inductor", [False, pytest.param(True, marks=pytest.mark.xfail(
+    _OLD_TORCH, strict=True, reason="torch 2.11's Inductor C++ codegen fails the dynamic recompile for the second "
+    "context (CppCompileError: 'tmp2' was not declared, in an indirect-index bounds check; H200 image, "
+    "2026-12-04); torch 2.13 compiles it"))])
 def test_a_second_context_of_another_length_compiles_nothing(inductor):
     model = tiny_model("llama", "sdpa", 2)
     _, ctx = tiny_context(model, keep=0.3)
