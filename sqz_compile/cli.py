@@ -308,7 +308,7 @@ def cmd_squeeze(args: argparse.Namespace) -> int:
     finally:
         steps.close()
     selection = f"budget {config.budget} keys" if config.budget is not None else f"keep {config.keep:g}"
-    print(f"wrote {out}: {_mib(os.path.getsize(out))} ({str(ctx.keys.dtype).removeprefix('torch.')} K/V, "
+    print(f"wrote {out}: {_mib(os.path.getsize(out))} ({str(ctx.kv_dtype).removeprefix('torch.') if not ctx.quantized else f'{ctx.kv_bits}-bit {ctx.config.kv_datatype}'} K/V, "
           f"{ctx.num_layers} layers x {ctx.context_length:,} tokens); {ctx.num_clusters} clusters per head, "
           f"{selection}")
     return 0
