@@ -240,7 +240,7 @@ class SqueezedContext:
         tensors at 16 bits, a dequantized copy of a low-bit context (for evaluation, not the op)."""
         if not self.quantized:
             return (self.keys, self.values) if i is None else (self.keys[i], self.values[i])
-        from .squeeze.quantize import dequantize_context
+        from .kernels.quant.reference import dequantize_context
 
         sl = slice(None) if i is None else i
         opt = lambda t: None if t is None else t[sl]  # noqa: E731

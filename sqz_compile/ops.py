@@ -124,7 +124,7 @@ def _squeezed_attention_impl(
     def dense_kv():
         if not low_bit:
             return ctx_keys, ctx_values
-        from .squeeze.quantize import dequantize_context
+        from .kernels.quant.reference import dequantize_context
 
         return dequantize_context(ctx_keys, ctx_values, *quant, q.shape[3])
 

@@ -29,20 +29,13 @@ from typing import Any
 
 import torch
 
+from ..kernels.quant.reference import (apply_rope, dequantize_context, dequantize_rows,  # noqa: F401
+                                      packed_words, per_word, rotate_half, unpack)
+
 KV_BITS = (16, 4, 3, 2)
 KV_DATATYPES = ("nuq", "int")
 # entries of one normalised dimension sampled for the nuq codebook fit (per layer)
 _FIT_SAMPLES = 1 << 20
-
-
-def per_word(bits: int) -> int:
-    """Codes per int32 word."""
-    return 32 // int(bits)
-
-
-def packed_words(d: int, bits: int) -> int:
-    """int32 words per row of d codes."""
-    return -(-int(d) // per_word(bits))
 
 
 def outliers_per_row(d: int, fraction: float) -> int:
@@ -61,14 +54,6 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     w = (padded.reshape(*codes.shape[:-1], words, vpw) << shifts).sum(-1)
     return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)  # the same 32 bits as int32
 
-
-def unpack(words: torch.Tensor, bits: int, d: int) -> torch.Tensor:
-    """int32 words [..., W] -> codes [..., d] int64 (inverse of `pack`)."""
-    vpw = per_word(bits)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(vpw, device=words.device, dtype=torch.int64) * bits
-    codes = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*words.shape[:-1], -1)[..., :d]
 
 
 # --------------------------------------------------------------------------- RoPE
@@ -94,15 +79,6 @@ class RopeTable:
         `rope` argument: a key at context position p gets angle (p - L) * inv_freq)."""
         f = self.inv_freq.float().cpu()
         return torch.cat([f, f, torch.tensor([float(self.attention_scaling), float(context_length)])])
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
 
 
 def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -241,25 +217,6 @@ def quantize_rows(x: torch.Tensor, weights: torch.Tensor, bits: int, datatype: s
     return QuantizedKV(packed, cbs, norm, oidx, oval)
 
 
-def dequantize_rows(q: QuantizedKV | tuple, bits: int, d: int, per_channel: bool) -> torch.Tensor:
-    """float64 [.., N, D] from (packed, codebook, norm, outlier_idx, outlier_val) of any leading
-    dims (a layer, or all layers): codebook[code] * scale + offset, outliers put back."""
-    packed, cb, norm, oidx, oval = (q.packed, q.codebook, q.norm, q.outlier_idx, q.outlier_val) \
-        if isinstance(q, QuantizedKV) else q
-    codes = unpack(packed, bits, d)
-    lead = packed.dim() - 3  # leading dims before [H, N, words]
-    cbv = cb.double().reshape(*cb.shape[:lead], 1, 1, cb.shape[-1])
-    y = torch.gather(cbv.expand(*codes.shape[:-1], cb.shape[-1]), -1, codes)
-    n = norm.double()
-    if per_channel:
-        x = y * n[..., 0:1, :] + n[..., 1:2, :]
-    else:
-        x = y * n[..., 0:1] + n[..., 1:2]
-    if oidx is not None and oidx.shape[-1]:
-        x = x.scatter(-1, oidx.long(), oval.double())
-    return x
-
-
 def low_bit_fields(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
                    context_length: int, rope: RopeTable, config) -> dict[str, torch.Tensor | None]:
     """The SqueezedContext fields of a low-bit context from its sorted post-RoPE keys and values
@@ -282,26 +239,6 @@ def low_bit_fields(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
         "outlier_idx": torch.stack([qk.outlier_idx, qv.outlier_idx], dim=3) if e else None,
         "outlier_val": torch.stack([qk.outlier_val, qv.outlier_val], dim=3) if e else None,
     }
-
-
-def dequantize_context(keys: torch.Tensor, values: torch.Tensor, perm: torch.Tensor, rope: torch.Tensor,
-                       codebooks: torch.Tensor, key_norm: torch.Tensor, value_norm: torch.Tensor,
-                       outlier_idx: torch.Tensor | None, outlier_val: torch.Tensor | None,
-                       head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 post-RoPE keys and values [.., H, N, D] of a low-bit context (one layer's op
-    arguments, or all layers stacked): the kernels' arithmetic, as the reference."""
-    bits = int(codebooks.shape[-1]).bit_length() - 1
-    d = int(head_dim)
-    oi = [None, None] if outlier_idx is None else [outlier_idx[..., 0, :], outlier_idx[..., 1, :]]
-    ov = [None, None] if outlier_val is None else [outlier_val[..., 0, :], outlier_val[..., 1, :]]
-    k = dequantize_rows((keys, codebooks[..., 0, :], key_norm, oi[0], ov[0]), bits, d, True)
-    v = dequantize_rows((values, codebooks[..., 1, :], value_norm, oi[1], ov[1]), bits, d, False)
-    r = rope.double()
-    inv, mscale, length = r[..., :d].float(), r[..., d:d + 1], r[..., d + 1:d + 2]
-    rel = (perm.to(torch.float64) - length.unsqueeze(-1)).float()        # [.., H, N]
-    ang = (rel.unsqueeze(-1) * inv.reshape(*inv.shape[:-1], 1, 1, d)).double()
-    ms = mscale.reshape(*mscale.shape[:-1], 1, 1, 1)
-    return apply_rope(k, ang.cos() * ms, ang.sin() * ms), v
 
 
 def token_weights(keys: torch.Tensor, window_queries: torch.Tensor, scaling: float,
