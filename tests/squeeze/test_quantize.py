@@ -196,3 +196,29 @@ def test_size_table():
     out = subprocess.run([sys.executable, "-m", "sqz_compile.squeeze.quantize"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert "kv_bits" in out and f"{rows[4]['MB']:,}" in out
+
+
+def test_low_bit_context_through_compile_export_and_onnx_refusal(tiny):
+    """The low-bit tensors travel as graph inputs of the compiled forward (a structure of their
+    own) and as buffers of torch.export; both give the same logits, close to the 16-bit
+    context's; ONNX export refuses with the fix."""
+    import sqz_compile
+    from sqz_compile import CompileConfig
+    from sqz_compile.compiled_forward import structure_key
+    from sqz_compile.export.program import export
+
+    from fixtures import user_ids
+
+    model, dense, low = tiny
+    assert structure_key(low) != structure_key(dense)
+    ids = user_ids(2, 5)
+    with torch.no_grad():
+        exported = export(model, low, (ids,)).module()(ids)
+        compiled = sqz_compile.compile(model, low, config=CompileConfig(inductor=False))(input_ids=ids).logits
+        full = sqz_compile.compile(model, dense, config=CompileConfig(inductor=False))(input_ids=ids).logits
+    exported = exported.logits if hasattr(exported, "logits") else exported
+    torch.testing.assert_close(compiled, exported, atol=1e-4, rtol=1e-4)
+    assert float((compiled - full).norm() / full.norm()) < 0.1
+    assert not torch.allclose(compiled, full, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="kv_bits=16"):
+        sqz_compile.export_onnx(model, low, (ids,), "unused.onnx")
