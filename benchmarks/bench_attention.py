@@ -218,7 +218,7 @@ def sparse_step(ctx, q, kn, vn, thr, causal, hier=False, cthr=None):
         ctx["lookup_centroids"], ctx["offsets"],
         ctx["window_keys"], ctx["window_values"], thr,
         ctx.get("lookup_coarse_centroids") if hier else None, ctx.get("coarse_offsets") if hier else None,
-        cthr if hier else None, None, SCALE, causal, 0, BLOCK_Q, quant=low["quant"] if low else None)
+        cthr if hier else None, None, *(low["quant"] if low else (None,) * 7), SCALE, causal, 0, BLOCK_Q)
 
 
 def quantize_context(ctx: dict, bits: int, outliers: float = 0.01) -> None:

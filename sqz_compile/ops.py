@@ -141,7 +141,7 @@ def _squeezed_attention_impl(
         return cuda_squeezed_attention(
             q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets, window_keys,
             window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold, radii,
-            scale, is_causal, budget, block_q, quant=quant if low_bit else None)
+            *quant, scale, is_causal, budget, block_q)
     ctx_keys, ctx_values = dense_kv()
     sel = selection_mask_reference(
         q, centroids, offsets, log_threshold, scale, block_q, budget,

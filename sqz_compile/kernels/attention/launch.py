@@ -190,8 +190,11 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                        log_threshold: torch.Tensor, coarse_centroids: Optional[torch.Tensor],
                        coarse_offsets: Optional[torch.Tensor],
                        coarse_log_threshold: Optional[torch.Tensor], radii: Optional[torch.Tensor],
-                       scale: float, is_causal: bool, budget: int, block_q: int,
-                       quant: Optional[tuple] = None) -> torch.Tensor:
+                       perm: Optional[torch.Tensor], rope: Optional[torch.Tensor],
+                       codebooks: Optional[torch.Tensor], key_norm: Optional[torch.Tensor],
+                       value_norm: Optional[torch.Tensor], outlier_idx: Optional[torch.Tensor],
+                       outlier_val: Optional[torch.Tensor],
+                       scale: float, is_causal: bool, budget: int, block_q: int) -> torch.Tensor:
     """CUDA implementation of torch.ops.sqz.squeezed_attention: lookup, then sparse attention
     (decode: the lookup writes the kept keys' positions for the attention loop). radii serve only
     the error-bounded mode, which the op runs in torch ops before reaching this launcher."""
@@ -203,4 +206,6 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                  coarse_log_threshold, scale, block_q, budget,
                  positions=n_ctx if cfg.pos_list else 0)
     return sparse_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, sel, window_keys,
-                            window_values, scale, is_causal, block_q, config=cfg, quant=quant)
+                            window_values, scale, is_causal, block_q, config=cfg,
+                            quant=None if codebooks is None else
+                            (perm, rope, codebooks, key_norm, value_norm, outlier_idx, outlier_val))
