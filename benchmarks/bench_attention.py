@@ -222,11 +222,34 @@ def copy_bandwidth() -> float:
 
 # ----------------------------------------------------------------------------- methods
 def sparse_step(ctx, q, kn, vn, thr, causal, hier=False, cthr=None):
+    low = ctx.get("low_bit")  # --kv-bits < 16: packed K/V read by the kernel (quantize_context)
     return lambda: sqz_attn.squeezed_attention(
-        q, kn, vn, None, ctx["keys"], ctx["values"], ctx["lookup_centroids"], ctx["offsets"],
+        q, kn, vn, None, low["keys"] if low else ctx["keys"], low["values"] if low else ctx["values"],
+        ctx["lookup_centroids"], ctx["offsets"],
         ctx["window_keys"], ctx["window_values"], thr,
         ctx.get("lookup_coarse_centroids") if hier else None, ctx.get("coarse_offsets") if hier else None,
-        cthr if hier else None, None, SCALE, causal, 0, BLOCK_Q)
+        cthr if hier else None, None, *(low["quant"] if low else (None,) * 7), SCALE, causal, 0, BLOCK_Q)
+
+
+def quantize_context(ctx: dict, bits: int, outliers: float = 0.01) -> None:
+    """Add ctx["low_bit"]: the synthetic keys (taken as post-RoPE at random context positions)
+    and values in `bits` bits, as squeeze stores them (squeeze/quantize.py); the 16-bit K/V stay
+    for the dense baselines."""
+    from sqz_compile.config import SqueezeConfig
+    from sqz_compile.squeeze.quantize import RopeTable, low_bit_fields
+
+    n = ctx["n"]
+    g = torch.Generator(device="cuda").manual_seed(n + bits)
+    perm = torch.stack([torch.randperm(n + W, device="cuda", generator=g)[:n] for _ in range(H)]).to(torch.int32)
+    rope = RopeTable(1.0 / (500000.0 ** (torch.arange(0, D, 2).float() / D)))
+    f = low_bit_fields(ctx["keys"][None], ctx["values"][None], perm[None], torch.ones(1, H, n, device="cuda"),
+                       n + W, rope, SqueezeConfig(kv_bits=bits, kv_outliers=outliers))
+    one = lambda t: None if t is None else t[0].contiguous()  # noqa: E731
+    quant = (perm, one(f["rope"]), one(f["codebooks"]), one(f["key_norm"]), one(f["value_norm"]),
+             one(f["outlier_idx"]), one(f["outlier_val"]))
+    ctx["low_bit"] = {"keys": one(f["keys"]), "values": one(f["values"]), "quant": quant,
+                      "bytes_per_key": (2 * f["keys"].shape[-1] * 4 + 4 + 4
+                                        + (0 if quant[5] is None else 2 * quant[5].shape[-1] * 4))}
 
 
 def dense_inputs(ctx, kn, vn):
@@ -311,16 +334,18 @@ def flex_step(ctx, q, k, v, thr, m, s):
 
 
 # ----------------------------------------------------------------------------- experiments
-def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float) -> None:
+def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int = 16) -> None:
     m, s = (1, 256) if kind == "decode" else (1024, 1024)
     causal = kind == "prefill"
     ctxs = [make_context(n, seed=i) for i in range(copies)]
+    for c in ctxs if kv_bits < 16 else ():
+        quantize_context(c, kv_bits)
     qs = [make_queries(c, m, 100 + i) for i, c in enumerate(ctxs)]
     kns = [torch.randn(1, H, s, D, device="cuda").to(DT) for _ in ctxs]
     vns = [torch.randn(1, H, s, D, device="cuda").to(DT) for _ in ctxs]
     thrs = [calibrate(best_scores(q, c["centroids"], c["sizes"], BLOCK_Q), c["sizes"], keep)
             for q, c in zip(qs, ctxs)]
-    row = {"kind": kind, "context": n, "new_tokens": m, "new_keys": s, "copies": copies}
+    row = {"kind": kind, "context": n, "kv_bits": kv_bits, "new_tokens": m, "new_keys": s, "copies": copies}
 
     # the sparse path, checked once against the float64 reference on its own selection
     sel = sqz_lookup.lookup(qs[0], ctxs[0]["lookup_centroids"], ctxs[0]["offsets"], thrs[0], None,
@@ -333,9 +358,13 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
         from sqz_compile.kernels.attention.reference import selection_from_compact, squeezed_attention_reference
 
         c0 = ctxs[0]
+        k64, v64 = c0["keys"].double(), c0["values"].double()
+        if kv_bits < 16:
+            from sqz_compile.kernels.quant.reference import dequantize_context
+
+            k64, v64 = dequantize_context(c0["low_bit"]["keys"], c0["low_bit"]["values"], *c0["low_bit"]["quant"], D)
         ref = squeezed_attention_reference(
-            qs[0].double(), kns[0].double(), vns[0].double(), None, c0["keys"].double(),
-            c0["values"].double(), c0["offsets"], selection_from_compact(sel.idx, c0["c"]),
+            qs[0].double(), kns[0].double(), vns[0].double(), None, k64, v64, c0["offsets"], selection_from_compact(sel.idx, c0["c"]),
             c0["window_keys"].double(), c0["window_values"].double(), SCALE, causal, BLOCK_Q)
         row["rel_err_vs_f64"] = float((out.double() - ref).norm() / ref.norm())
 
@@ -347,7 +376,8 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
                                                   None, SCALE, BLOCK_Q, 0)) for c, q, t in zip(ctxs, qs, thrs)]
     row["sqz_lookup_ms"] = graph_time(lk)
     # bytes the sparse path must read: centroids + offsets, kept K/V, window and new K/V, q
-    byt = (H * ctxs[0]["c"] * ctxs[0]["centroids"].shape[-1] * 2 + kept * H * D * 2 * 2 + (W + s) * H * D * 2 * 2
+    per_key = ctxs[0]["low_bit"]["bytes_per_key"] if kv_bits < 16 else D * 2 * 2  # K + V (+ scales, outliers)
+    byt = (H * ctxs[0]["c"] * ctxs[0]["centroids"].shape[-1] * 2 + kept * H * per_key + (W + s) * H * D * 2 * 2
            + HQ * m * D * 2 * 2)
     row["sqz_bytes"] = byt
     row["sqz_GBps"] = byt / row["sqz_ms"] / 1e6
@@ -568,6 +598,8 @@ def main() -> None:
     ap.add_argument("--hier-contexts", default="32768,131072,524288,1048576")
     ap.add_argument("--tiny", action="store_true",
                     help="CPU smoke test under TRITON_INTERPRET=1: toy shapes, the hier rows only")
+    ap.add_argument("--kv-bits", default="16",
+                    help="comma-separated context K/V bits for decode/prefill rows, e.g. 16,4,3,2 (field kv_bits)")
     ap.add_argument("--variance", action="store_true",
                     help="centroids with per-channel variances (SqueezeConfig.cluster_variance)")
     args = ap.parse_args()
@@ -604,7 +636,8 @@ def main() -> None:
             # sparse bytes per copy ~ 15% of the KV bytes: rotate copies past ~2x the L2
             per_copy = 0.15 * n * H * D * 2 * 2
             copies = max(2, min(4, math.ceil(2 * L2_BYTES / per_copy)))
-            run_attention(kind, n, args.keep, copies, results, bw)
+            for bits in [int(b) for b in args.kv_bits.split(",")]:
+                run_attention(kind, n, args.keep, copies, results, bw, kv_bits=bits)
     if "lookup" in only:
         run_lookup_scaling([int(x) for x in args.lookup_contexts.split(",")], 3, results)
     if "hier" in only:
@@ -627,7 +660,7 @@ def main() -> None:
 
         def fmt(x, p=3):
             return f"{x:.{p}f}" if isinstance(x, (int, float)) else "-"
-        print(f"{r['kind']:8} {r['context']:>7} {fmt(r.get('kept_fraction'), 3):>6} {fmt(r['sqz_ms']):>8} "
+        print(f"{r['kind'] + '/' + str(r.get('kv_bits', 16)) + 'b':8} {r['context']:>7} {fmt(r.get('kept_fraction'), 3):>6} {fmt(r['sqz_ms']):>8} "
               f"{fmt(r['sqz_lookup_ms']):>8} {fmt(r.get('sdpa_cudnn_ms')):>8} {fmt(r.get('sdpa_flash_ms')):>8} "
               f"{fmt(r.get('flex_ms')):>8} {fmt(r.get('speedup_vs_best_dense'), 2):>8} "
               f"{fmt(r.get('speedup_vs_flex'), 2):>7} {fmt(100 * r['sqz_frac_of_copy_bw'], 1):>8}")

@@ -62,13 +62,11 @@ def _eval_attention(module, query, key, value, attention_mask, dropout: float = 
     lc = ctx.layer(layer)
     if st.method == "oracle":
         out = squeezed_attention_reference(
-            query, key, value, attention_mask, lc.keys, lc.values, per_key_offsets(ctx, layer),
+            query, key, value, attention_mask, *ctx.dense_kv(layer), per_key_offsets(ctx, layer),
             analysis.oracle, lc.window_keys, lc.window_values, scale, causal, bq)
     else:
         out = torch.ops.sqz.squeezed_attention(
-            query.contiguous(), key.contiguous(), value.contiguous(), attention_mask, lc.keys, lc.values,
-            lc.centroids, lc.offsets, lc.window_keys, lc.window_values, lc.log_threshold,
-            lc.coarse_centroids, lc.coarse_offsets, lc.coarse_log_threshold, lc.radii, scale, causal,
+            query.contiguous(), key.contiguous(), value.contiguous(), attention_mask, *lc, scale, causal,
             ctx.layer_budget(layer), bq, ctx.layer_max_dropped_mass(layer))
     return out.transpose(1, 2).contiguous(), None
 

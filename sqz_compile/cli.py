@@ -273,6 +273,13 @@ def _squeeze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"random seed of the K-means clustering: the same seed gives the same context file "
                         f"(default {d.seed})")
+    p.add_argument("--kv-bits", type=int, choices=(16, 4, 3, 2), default=d.kv_bits,
+                   help="bits per stored context key/value entry: 16 (model dtype) or 4, 3, 2 (KVQuant-style "
+                        f"low-bit; default {d.kv_bits})")
+    p.add_argument("--kv-datatype", choices=("nuq", "int"), default=d.kv_datatype,
+                   help=f"low-bit levels: nuq (fitted codebook) or int (uniform) (default {d.kv_datatype})")
+    p.add_argument("--kv-outliers", type=float, default=d.kv_outliers,
+                   help=f"low-bit: fraction of K/V entries kept in float16 (default {d.kv_outliers})")
 
 
 def cmd_squeeze(args: argparse.Namespace) -> int:
@@ -283,7 +290,8 @@ def cmd_squeeze(args: argparse.Namespace) -> int:
                                hierarchical=args.hierarchical, coarse_ratio=args.coarse_ratio,
                                observation_window=args.window, sink_tokens=args.sink_tokens,
                                per_layer_threshold=args.per_layer_threshold,
-                               seed=args.seed)
+                               seed=args.seed, kv_bits=args.kv_bits, kv_datatype=args.kv_datatype,
+                               kv_outliers=args.kv_outliers)
     text = _read_text(args.text, "the text to squeeze")
     out = args.output or os.path.splitext(args.text)[0] + ".sqz"
     _check_writable(out)
@@ -308,7 +316,7 @@ def cmd_squeeze(args: argparse.Namespace) -> int:
     finally:
         steps.close()
     selection = f"budget {config.budget} keys" if config.budget is not None else f"keep {config.keep:g}"
-    print(f"wrote {out}: {_mib(os.path.getsize(out))} ({str(ctx.keys.dtype).removeprefix('torch.')} K/V, "
+    print(f"wrote {out}: {_mib(os.path.getsize(out))} ({str(ctx.kv_dtype).removeprefix('torch.') if not ctx.quantized else f'{ctx.kv_bits}-bit {ctx.config.kv_datatype}'} K/V, "
           f"{ctx.num_layers} layers x {ctx.context_length:,} tokens); {ctx.num_clusters} clusters per head, "
           f"{selection}")
     return 0

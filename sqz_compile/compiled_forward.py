@@ -32,16 +32,16 @@ _inputs: "weakref.WeakKeyDictionary[SqueezedContext, list]" = weakref.WeakKeyDic
 
 def structure_key(ctx: SqueezedContext) -> tuple:
     """What compiled code depends on besides sizes: which tensors exist, their dtypes, device and
-    fixed dims (layers, heads, head dim or centroid width), each layer's op budget and dropped-mass
+    fixed dims (layers, heads, head dim, centroid width, packed words), the K/V bits, each layer's op budget and dropped-mass
     bound (constants of the op), the shard."""
     fixed = tuple((n, t.dtype, t.shape[:2], t.shape[3:]) if t is not None else (n, None)
                   for n, t in zip(CONTEXT_ARGS, _stacked(ctx)))
     per_layer = tuple((ctx.layer_budget(i), ctx.layer_max_dropped_mass(i)) for i in range(ctx.num_layers))
-    return (fixed, ctx.keys.device, per_layer, ctx.shard)
+    return (fixed, ctx.keys.device, per_layer, ctx.shard, ctx.kv_bits)
 
 
 def _stacked(ctx: SqueezedContext) -> list[torch.Tensor | None]:
-    return [getattr(ctx, n) for n in CONTEXT_ARGS]
+    return ctx.op_tensors()
 
 
 def graph_inputs(ctx: SqueezedContext) -> list[torch.Tensor | None]:
@@ -50,7 +50,7 @@ def graph_inputs(ctx: SqueezedContext) -> list[torch.Tensor | None]:
     centroid at each step: half the bytes), and static addresses (CUDA graphs read them in place;
     a new context re-records a graph rather than recompiling it)."""
     if ctx not in _inputs:
-        half = ctx.keys.dtype if ctx.keys.dtype in _HALF else None
+        half = ctx.kv_dtype if ctx.kv_dtype in _HALF else None
         out = []
         for name, t in zip(CONTEXT_ARGS, _stacked(ctx)):
             if t is not None and half is not None and name in CENTROID_ARGS:

@@ -60,6 +60,14 @@ class SqueezeConfig:
         layer (squeeze/selfcheck.py), else squeeze refuses naming the layer. Costs one more
         prefill of the context; False skips it (only for models already proven, e.g. when
         re-squeezing many contexts for one model).
+    kv_bits: storage of the clustered context K/V: 16 (the model's dtype) or 4, 3, 2 bits
+        (KVQuant-style, squeeze/quantize.py: pre-RoPE per-channel keys, per-token values, packed
+        int32 words read and dequantized by the attention kernel). The always-attended keys
+        (window, sinks, dense tokens) stay in the model's dtype.
+    kv_datatype: low-bit levels: "nuq" (a per-layer codebook fitted to the attention-weighted
+        data) or "int" (uniform). Ignored at 16 bits.
+    kv_outliers: fraction of entries per K/V row kept in float16 beside the low-bit codes
+        (dense-and-sparse; 0 keeps none). Ignored at 16 bits.
     """
 
     keep: float = 0.125
@@ -78,6 +86,9 @@ class SqueezeConfig:
     dense_layers: int = 0
     max_dropped_mass: float | None = None
     self_check: bool = True
+    kv_bits: int = 16
+    kv_datatype: str = "nuq"
+    kv_outliers: float = 0.01
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -108,6 +119,12 @@ class SqueezeConfig:
                 bad("max_dropped_mass", "and budget are two selection modes: set one of them")
         if int(self.dense_layers) < 0:
             bad("dense_layers", "must be >= 0 (leading layers that attend to the whole context)")
+        if int(self.kv_bits) not in (16, 4, 3, 2):
+            bad("kv_bits", "must be 16 (model dtype), 4, 3 or 2 (low-bit context K/V)")
+        if self.kv_datatype not in ("nuq", "int"):
+            bad("kv_datatype", 'must be "nuq" (fitted codebook) or "int" (uniform levels)')
+        if not 0.0 <= float(self.kv_outliers) < 0.5:
+            bad("kv_outliers", "must lie in [0, 0.5) (fraction of K/V entries kept in float16)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -32,6 +32,17 @@ tensor is stacked over layers on dim 0):
                                          (the certified logit bound of config.max_dropped_mass;
                                          absent in format-2 files)
 
+Low-bit contexts (config.kv_bits < 16, format 4; squeeze/quantize.py), G = 2**kv_bits, P =
+packed_words(D, kv_bits), E = outliers per row:
+  keys, values        [layers, H, N, P]  int32: packed codes, same sorted layout (keys pre-RoPE)
+  rope                [layers, D + 2]    float32: inv_freq per channel, attention scaling, L
+                                         (a key at context position p is rotated by (p - L))
+  codebooks           [layers, 2, G]     float32 levels in [-1, 1] (keys, values)
+  key_norm            [layers, H, 2, D]  float32 per-channel (scale, offset): k = level*scale+offset
+  value_norm          [layers, H, N, 2]  float16 per-token (scale, offset)
+  outlier_idx/_val    [layers, H, N, 2, E] int16 channel / float16 value (keys, values): entries
+                                         kept exactly (absent when E = 0)
+
 Positions: keys are rotated for positions p - L (relative to the end of the context), so the
 user's tokens keep their natural positions 0, 1, ... RoPE depends only on relative position, so
 this is the same as giving the user's tokens absolute positions L + i, and the model needs no
@@ -55,12 +66,12 @@ from .config import SqueezeConfig
 if TYPE_CHECKING:
     from .distributed import KVShard
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # what each older format lacks, for the message that refuses it
 _OLDER_FORMATS = {1: "format 1 has no data-chosen dense tokens and one threshold for decode and prefill"}
 # older formats read by filling in config fields they predate (format 2: no cluster variances, no
 # dense layers; its tensors are those of format 3 with those off)
-_UPGRADES = {2: {"cluster_variance": False, "dense_layers": 0}}
+_UPGRADES = {2: {"cluster_variance": False, "dense_layers": 0}, 3: {"kv_bits": 16}}
 FORMAT_NAME = "sqz_compile.SqueezedContext"
 _REMAKE = "re-create it with sqz_compile.squeeze(model, context_ids).save(path)"
 
@@ -95,12 +106,22 @@ class LayerContext(NamedTuple):
     coarse_offsets: torch.Tensor | None
     coarse_log_threshold: torch.Tensor | None  # [2]
     radii: torch.Tensor | None  # [H, C]
+    # low-bit contexts only (None at 16 bits): keys/values are then packed int32 codes
+    perm: torch.Tensor | None  # [H, N] context position of each sorted key (its RoPE angle)
+    rope: torch.Tensor | None  # [D + 2]
+    codebooks: torch.Tensor | None  # [2, 2**bits]
+    key_norm: torch.Tensor | None  # [H, 2, D]
+    value_norm: torch.Tensor | None  # [H, N, 2]
+    outlier_idx: torch.Tensor | None  # [H, N, 2, E]
+    outlier_val: torch.Tensor | None  # [H, N, 2, E]
 
 
 # THE schema of the op's per-layer context arguments: their order in
 # torch.ops.sqz.squeezed_attention / select_clusters, the rewrite's buffers, the CUDA glue and the
 # ONNX translation all read it from here. A new per-layer field is added to LayerContext only.
 CONTEXT_ARGS: tuple[str, ...] = LayerContext._fields
+# the low-bit fields (None in a 16-bit context)
+QUANT_ARGS: tuple[str, ...] = ("perm", "rope", "codebooks", "key_norm", "value_norm", "outlier_idx", "outlier_val")
 # the fields that hold centroids (cast to the keys' half dtype for the lookup)
 CENTROID_ARGS: tuple[str, ...] = ("centroids", "coarse_centroids")
 # what threshold calibration reads (gathered over ranks for a tensor-parallel context)
@@ -141,6 +162,12 @@ class SqueezedContext:
     coarse_offsets: torch.Tensor | None = None
     coarse_log_threshold: torch.Tensor | None = None
     radii: torch.Tensor | None = None
+    rope: torch.Tensor | None = None
+    codebooks: torch.Tensor | None = None
+    key_norm: torch.Tensor | None = None
+    value_norm: torch.Tensor | None = None
+    outlier_idx: torch.Tensor | None = None
+    outlier_val: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # tensor parallelism: this rank's piece of the KV heads (distributed.py); None = all heads
     shard: KVShard | None = None
@@ -155,7 +182,26 @@ class SqueezedContext:
 
     @property
     def head_dim(self) -> int:
-        return self.keys.shape[3]
+        return self.window_keys.shape[3]
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The model's dtype the context was made in (packed low-bit keys are int32)."""
+        return self.window_keys.dtype
+
+    @property
+    def kv_bits(self) -> int:
+        """Bits per stored context K/V entry: 16 (model dtype) or 4, 3, 2 (packed)."""
+        return int(self.config.kv_bits)
+
+    @property
+    def quantized(self) -> bool:
+        return self.kv_bits < 16
+
+    def op_tensors(self) -> list[torch.Tensor | None]:
+        """The stacked tensors the op's context arguments come from, in CONTEXT_ARGS order (the
+        low-bit fields None in a 16-bit context, perm among them)."""
+        return [None if n in QUANT_ARGS and not self.quantized else getattr(self, n) for n in CONTEXT_ARGS]
 
     @property
     def num_clusters(self) -> int:
@@ -189,6 +235,20 @@ class SqueezedContext:
         thresholds keep every cluster, else `budget`."""
         return 0 if i < self.dense_layers else self.budget
 
+    def dense_kv(self, i: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clustered keys/values (layer i, or all layers) in the model's dtype, post-RoPE: the stored
+        tensors at 16 bits, a dequantized copy of a low-bit context (for evaluation, not the op)."""
+        if not self.quantized:
+            return (self.keys, self.values) if i is None else (self.keys[i], self.values[i])
+        from .kernels.quant.reference import dequantize_context
+
+        sl = slice(None) if i is None else i
+        opt = lambda t: None if t is None else t[sl]  # noqa: E731
+        k, v = dequantize_context(self.keys[sl], self.values[sl], self.perm[sl], self.rope[sl], self.codebooks[sl],
+                                  self.key_norm[sl], self.value_norm[sl], opt(self.outlier_idx),
+                                  opt(self.outlier_val), self.head_dim)
+        return k.to(self.kv_dtype), v.to(self.kv_dtype)
+
     def layer(self, i: int, *, centroid_dtype: torch.dtype | None = None) -> LayerContext:
         """Layer i's views, in CONTEXT_ARGS order: every per-layer tensor indexed (thresholds are
         [layers, 2] -> the [decode, prefill] pair); absent (None) fields stay None.
@@ -200,7 +260,7 @@ class SqueezedContext:
         the lookup reads every centroid at each step, and half the bytes is its speed."""
         def pick(name: str) -> torch.Tensor | None:
             t = getattr(self, name)
-            if t is None:
+            if t is None or (name in QUANT_ARGS and not self.quantized):
                 return None
             if centroid_dtype is not None and name in CENTROID_ARGS and t.dtype != centroid_dtype:
                 t = _cast_once(t, centroid_dtype)
@@ -212,7 +272,7 @@ class SqueezedContext:
         """All tensors by field name (None fields left out)."""
         names = ("keys", "values", "perm", "centroids", "offsets", "window_keys", "window_values",
                  "window_positions", "window_queries", "log_threshold", "coarse_centroids", "coarse_offsets",
-                 "coarse_log_threshold", "radii")
+                 "coarse_log_threshold", "radii") + QUANT_ARGS[1:]
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def to(self, device: torch.device | str) -> "SqueezedContext":
@@ -220,7 +280,7 @@ class SqueezedContext:
         context implicitly: compile, export and the rewrite refuse a context on another device
         than the model, naming both and this fix."""
         moved = {n: t.to(device) for n, t in self.tensors().items()}
-        return SqueezedContext(self.config, dict(self.fingerprint), self.context_length,
+        return type(self)(self.config, dict(self.fingerprint), self.context_length,
                                self.token_hash, **moved, extra=dict(self.extra), shard=self.shard)
 
     # ------------------------------------------------------------------ recalibration
@@ -269,11 +329,19 @@ class SqueezedContext:
 
         if self.keys.dim() != 4:
             bad(f"keys must be [layers, H, N, D], got shape {tuple(self.keys.shape)}")
-        layers, H, N, D = self.keys.shape
+        layers, H, N, P = self.keys.shape
+        D = self.window_keys.shape[3] if self.window_keys.dim() == 4 else P
         C, W = self.centroids.shape[2], self.window_keys.shape[2]
         hq, wq = self.window_queries.shape[1], self.window_queries.shape[2]
-        kd = self.keys.dtype
-        want("values", (layers, H, N, D), kd)
+        kd = self.window_keys.dtype
+        if self.quantized:
+            self._validate_low_bit(layers, H, N, D, bad, want)
+        else:
+            want("keys", (layers, H, N, D), kd)
+            for n in QUANT_ARGS[1:]:
+                if getattr(self, n) is not None:
+                    bad(f"{n} is set but config.kv_bits is 16 (a low-bit field in a 16-bit context)")
+        want("values", tuple(self.keys.shape), self.keys.dtype)
         want("perm", (layers, H, N), torch.int32)
         cw = 2 * D if self.config.cluster_variance else D
         want("centroids", (layers, H, C, cw), torch.float32)
@@ -321,6 +389,34 @@ class SqueezedContext:
                 bad(f"fingerprint says {key}={fp[key]} but the tensors have {n}")
         if model is not None:
             self.check_model(model)
+
+    def _validate_low_bit(self, layers: int, H: int, N: int, D: int, bad, want) -> None:
+        from .squeeze.quantize import outliers_per_row, packed_words
+
+        bits = self.kv_bits
+        if self.config.kv_datatype not in ("nuq", "int"):
+            bad(f"unknown kv_datatype {self.config.kv_datatype!r}")
+        want("keys", (layers, H, N, packed_words(D, bits)), torch.int32)
+        want("rope", (layers, D + 2), torch.float32)
+        want("codebooks", (layers, 2, 1 << bits), torch.float32)
+        want("key_norm", (layers, H, 2, D), torch.float32)
+        want("value_norm", (layers, H, N, 2), torch.float16)
+        cb = self.codebooks
+        if not bool(torch.isfinite(cb).all()) or bool((cb.abs() > 1).any()) or bool((cb[..., 1:] < cb[..., :-1]).any()):
+            bad("codebooks must hold ascending finite levels in [-1, 1]")
+        if not bool(torch.isfinite(self.key_norm).all()) or not bool(torch.isfinite(self.value_norm).all()):
+            bad("key_norm/value_norm hold non-finite scales")
+        if int(self.rope[0, -1]) != self.context_length:
+            bad(f"rope row says context length {int(self.rope[0, -1])}, the context has {self.context_length}")
+        e = outliers_per_row(D, float(self.config.kv_outliers))
+        if (self.outlier_idx is None) != (e == 0) or (self.outlier_val is None) != (e == 0):
+            bad(f"config.kv_outliers={self.config.kv_outliers} means {e} outliers per row, but the outlier "
+                f"tables are {'absent' if self.outlier_idx is None else 'present'}")
+        if e:
+            idx = want("outlier_idx", (layers, H, N, 2, e), torch.int16)
+            want("outlier_val", (layers, H, N, 2, e), torch.float16)
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= D):
+                bad(f"outlier_idx holds channels outside 0..{D - 1}")
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise SqueezedContextError unless this context was squeezed for `model`."""
@@ -490,8 +586,8 @@ def check_fits(ctx: SqueezedContext, who: str, *, error: type[Exception] = Squee
     if q_heads is not None and q_heads % ctx.num_kv_heads:
         raise error(f"{who} has {q_heads} query heads, not a multiple of the context's {ctx.num_kv_heads} "
                     f"KV heads; {fix}")
-    if dtype is not None and dtype != ctx.keys.dtype:
-        raise error(f"{who} runs in {dtype} but the context keys are {ctx.keys.dtype}: squeeze the context "
+    if dtype is not None and dtype != ctx.kv_dtype:
+        raise error(f"{who} runs in {dtype} but the context keys are {ctx.kv_dtype}: squeeze the context "
                     f"with the model in {dtype} (sqz_compile does not cast contexts implicitly)")
     here = ctx.keys.device
     if device is not None and (device.type != here.type or (

@@ -87,6 +87,13 @@ def _squeezed_attention_impl(
     coarse_offsets: Optional[torch.Tensor],
     coarse_log_threshold: Optional[torch.Tensor],
     radii: Optional[torch.Tensor],
+    perm: Optional[torch.Tensor],
+    rope: Optional[torch.Tensor],
+    codebooks: Optional[torch.Tensor],
+    key_norm: Optional[torch.Tensor],
+    value_norm: Optional[torch.Tensor],
+    outlier_idx: Optional[torch.Tensor],
+    outlier_val: Optional[torch.Tensor],
     scale: float,
     is_causal: bool,
     budget: int,
@@ -99,10 +106,31 @@ def _squeezed_attention_impl(
     [B,Hq,M,D] in q's dtype. budget 0 selects by log_threshold; budget > 0 keeps the best
     clusters up to that many keys. block_q: queries that share one selection in prefill.
     max_dropped_mass > 0: error-bounded selection with the clusters' radii (lookup/reference.py),
-    in plain torch ops on every device (no fused kernel yet)."""
+    in plain torch ops on every device (no fused kernel yet).
+    Low-bit context (ctx_keys/ctx_values packed int32, squeeze/quantize.py): perm, rope,
+    codebooks, key_norm, value_norm and (optional) outlier_idx/outlier_val describe them; the CUDA
+    kernel dequantizes the selected clusters in registers, the CPU branch dequantizes in float64."""
     _check_inputs(q, centroids, offsets)
+    quant = (perm, rope, codebooks, key_norm, value_norm, outlier_idx, outlier_val)
+    low_bit = ctx_keys.dtype == torch.int32
+    if low_bit:
+        torch._check(all(t is not None for t in quant[:5]) and ctx_values.dtype == torch.int32,
+                     lambda: "sqz: packed int32 context K/V need perm, rope, codebooks, key_norm and value_norm "
+                             "(pass every field of SqueezedContext.layer(i))")
+    else:
+        torch._check(all(t is None for t in quant),
+                     lambda: f"sqz: low-bit context arguments given but ctx_keys are {ctx_keys.dtype}, not packed int32")
+
+    def dense_kv():
+        if not low_bit:
+            return ctx_keys, ctx_values
+        from .kernels.quant.reference import dequantize_context
+
+        return dequantize_context(ctx_keys, ctx_values, *quant, q.shape[3])
+
     if max_dropped_mass > 0:
         torch._check(radii is not None, lambda: "sqz: max_dropped_mass needs the clusters' radii (context format 3)")
+        ctx_keys, ctx_values = dense_kv()
         log_rest = log_partition_rest(q, k_new, attn_mask, is_causal, window_keys, scale)
         sel = certified_selection(q, centroids, offsets, radii, scale, block_q, max_dropped_mass, log_rest)
         return squeezed_attention_reference(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, offsets, sel,
@@ -113,7 +141,8 @@ def _squeezed_attention_impl(
         return cuda_squeezed_attention(
             q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets, window_keys,
             window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold, radii,
-            scale, is_causal, budget, block_q)
+            *quant, scale, is_causal, budget, block_q)
+    ctx_keys, ctx_values = dense_kv()
     sel = selection_mask_reference(
         q, centroids, offsets, log_threshold, scale, block_q, budget,
         coarse_centroids, coarse_offsets, coarse_log_threshold)
@@ -151,6 +180,7 @@ if context_params(_squeezed_attention_impl) != CONTEXT_ARGS:  # pragma: no cover
 @squeezed_attention.register_fake
 def _(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets, window_keys,
       window_values, log_threshold, coarse_centroids, coarse_offsets, coarse_log_threshold, radii,
+      perm, rope, codebooks, key_norm, value_norm, outlier_idx, outlier_val,
       scale, is_causal, budget, block_q, max_dropped_mass=0.0):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 

@@ -33,10 +33,25 @@ def _args(t, thr, mask=None, causal=True, budget=0, block_q=2, max_dropped_mass=
     return (t["q"], t["k_new"], t["v_new"], mask, t["ctx_keys"], t["ctx_values"], t["centroids"],
             t["offsets"], t["window_keys"], t["window_values"], torch.tensor(thr),
             t["coarse_centroids"], t["coarse_offsets"], t["coarse_log_threshold"], radii,
-            t["q"].shape[-1] ** -0.5, causal, budget, block_q, max_dropped_mass)
+            *(None,) * 7, t["q"].shape[-1] ** -0.5, causal, budget, block_q, max_dropped_mass)
 
 
-@pytest.mark.parametrize("variant", ["threshold", "budget", "hierarchical", "bool_mask", "float_mask", "error_bounded"])
+def _low_bit(t, args, bits=4):
+    """args with the context K/V packed in `bits` bits (taken as post-RoPE at positions 0..N-1)."""
+    from sqz_compile.config import SqueezeConfig
+    from sqz_compile.squeeze.quantize import RopeTable, low_bit_fields
+
+    h, n, d = t["ctx_keys"].shape
+    perm = torch.arange(n, dtype=torch.int32).expand(h, n).contiguous()
+    f = low_bit_fields(t["ctx_keys"][None], t["ctx_values"][None], perm[None], torch.ones(1, h, n), n + 3,
+                       RopeTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))),
+                       SqueezeConfig(kv_bits=bits, kv_outliers=0.1))
+    quant = [perm] + [f[k][0] for k in ("rope", "codebooks", "key_norm", "value_norm", "outlier_idx", "outlier_val")]
+    return (*args[:4], f["keys"][0], f["values"][0], *args[6:15], *quant, *args[22:])
+
+
+@pytest.mark.parametrize("variant", ["threshold", "budget", "hierarchical", "bool_mask", "float_mask", "error_bounded",
+                                     "low_bit"])
 def test_opcheck_squeezed_attention(variant):
     t = _case(0, coarse=variant == "hierarchical")
     mask, causal = None, True
@@ -46,6 +61,8 @@ def test_opcheck_squeezed_attention(variant):
         mask, causal = torch.randn(1, 4, 5, 5), False
     args = _args(t, -3.0, mask, causal, budget=12 if variant == "budget" else 0,
                  max_dropped_mass=0.05 if variant == "error_bounded" else 0.0)
+    if variant == "low_bit":
+        args = _low_bit(t, args)
     torch.library.opcheck(torch.ops.sqz.squeezed_attention.default, args)
 
 

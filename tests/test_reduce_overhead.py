@@ -31,7 +31,7 @@ class SqzAttention(torch.nn.Module):
             q, k, v, None, self.keys, self.values, self.centroids, self.offsets, self.window_keys,
             self.window_values, self.thr, self.coarse_centroids if self.hier else None,
             self.coarse_offsets if self.hier else None, self.coarse_thr if self.hier else None, None,
-            self.scale, True, self.budget, self.block_q)
+            *(None,) * 7, self.scale, True, self.budget, self.block_q)
         return out + 0.0
 
 

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-layers", type=int, default=d.dense_layers,
                    help=f"SqueezeConfig.dense_layers: leading layers attending to the whole context "
                         f"(default {d.dense_layers})")
+    p.add_argument("--kv-bits", type=int, choices=(16, 4, 3, 2), default=d.kv_bits,
+                   help=f"SqueezeConfig.kv_bits: bits per stored context K/V entry (default {d.kv_bits})")
+    p.add_argument("--kv-datatype", choices=("nuq", "int"), default=d.kv_datatype,
+                   help=f"SqueezeConfig.kv_datatype for --kv-bits < 16 (default {d.kv_datatype})")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model dtype (default float32)")
@@ -98,7 +102,7 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
                         tasks=tuple(a.tasks), max_new_tokens=a.max_new_tokens, prime=not a.no_prime, block_q=a.block_q,
                         cluster_ratio=a.cluster_ratio, observation_window=a.observation_window,
                         sink_tokens=a.sink_tokens, dense_tokens=a.dense_tokens,
-                        cluster_variance=a.cluster_variance == "on", dense_layers=a.dense_layers,
+                        cluster_variance=a.cluster_variance == "on", dense_layers=a.dense_layers, kv_bits=a.kv_bits, kv_datatype=a.kv_datatype,
                         max_dropped_mass=a.max_dropped_mass)
 
 

@@ -72,11 +72,12 @@ def analyse_selection(q: torch.Tensor, k_new: torch.Tensor, attn_mask: torch.Ten
     """Dense probabilities of the clustered keys, the lookup's key selection (the reference rule,
     as the op applies it) and the oracle selection of the same size, for one layer's call."""
     lc = ctx.layer(layer)
+    keys = ctx.dense_kv(layer)[0]
     b, hq, m, d = q.shape
-    h, n, _ = lc.keys.shape
+    h, n, _ = keys.shape
     g = hq // h
     qg = q.float().reshape(b, h, g, m, d)
-    sc_ctx = torch.einsum("bhgmd,hnd->bhgmn", qg, lc.keys.float()) * scale
+    sc_ctx = torch.einsum("bhgmd,hnd->bhgmn", qg, keys.float()) * scale
     sc_win, sc_new = rest_logits(q, k_new, attn_mask, is_causal, lc.window_keys, scale)
     lse = torch.logsumexp(torch.cat([sc_ctx, sc_win, sc_new], dim=-1), dim=-1, keepdim=True)
     p_ctx = torch.exp(sc_ctx - lse)

@@ -59,8 +59,9 @@ def context_kv(ctx: SqueezedContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Full context K/V [layers, H, L, D] in context order (un-permuted clusters + window)."""
     pos = torch.cat([ctx.perm, ctx.window_positions], dim=2).long()
     idx = pos.unsqueeze(-1).expand(*pos.shape, ctx.head_dim)
-    keys = torch.cat([ctx.keys, ctx.window_keys], dim=2)
-    values = torch.cat([ctx.values, ctx.window_values], dim=2)
+    k, v = ctx.dense_kv()
+    keys = torch.cat([k, ctx.window_keys], dim=2)
+    values = torch.cat([v, ctx.window_values], dim=2)
     return torch.empty_like(keys).scatter_(2, idx, keys), torch.empty_like(values).scatter_(2, idx, values)
 
 

@@ -51,6 +51,8 @@ class EvalSettings:
     dense_tokens: int = SqueezeConfig.dense_tokens
     cluster_variance: bool = SqueezeConfig.cluster_variance
     dense_layers: int = SqueezeConfig.dense_layers
+    kv_bits: int = SqueezeConfig.kv_bits
+    kv_datatype: str = SqueezeConfig.kv_datatype
     essay_seed: int = 0
     ppl_seed: int = 1
 
@@ -66,4 +68,5 @@ class EvalSettings:
                              hierarchical="hier" in self.lookups,
                              observation_window=self.observation_window, sink_tokens=self.sink_tokens,
                              dense_tokens=self.dense_tokens, cluster_variance=self.cluster_variance,
-                             dense_layers=self.dense_layers)
+                             dense_layers=self.dense_layers, kv_bits=self.kv_bits,
+                             kv_datatype=self.kv_datatype)

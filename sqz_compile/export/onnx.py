@@ -176,10 +176,15 @@ def _group_queries(op, q, centroids):
 
 def sqz_squeezed_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, centroids, offsets,
                            window_keys, window_values, log_threshold, coarse_centroids=None,
-                           coarse_offsets=None, coarse_log_threshold=None, radii=None, scale: float = 1.0,
+                           coarse_offsets=None, coarse_log_threshold=None, radii=None, perm=None, rope=None,
+                           codebooks=None, key_norm=None, value_norm=None, outlier_idx=None, outlier_val=None,
+                           scale: float = 1.0,
                            is_causal: bool = False, budget: int = 0, block_q: int = DEFAULT_BLOCK_Q,
                            max_dropped_mass: float = 0.0):
     """ONNX translation of torch.ops.sqz.squeezed_attention (same arguments and semantics)."""
+    if codebooks is not None:
+        raise NotImplementedError("export_onnx: low-bit context K/V (SqueezeConfig.kv_bits < 16) have no ONNX "
+                                  "translation; squeeze the context with kv_bits=16 to export it to ONNX")
     if max_dropped_mass > 0:
         raise NotImplementedError(
             "export_onnx: the error-bounded selection (SqueezeConfig.max_dropped_mass) has no ONNX "
@@ -351,6 +356,11 @@ def export_onnx(model: torch.nn.Module, ctx: SqueezedContext, example_inputs: An
     from .program import export
 
     config = resolve_compile_config(config, deprecated, "sqz_compile.export_onnx")
+    if isinstance(ctx, SqueezedContext) and ctx.quantized:
+        raise NotImplementedError(
+            f"export_onnx: this context stores its K/V in {ctx.kv_bits} bits (SqueezeConfig.kv_bits), which has "
+            f"no ONNX translation (packed int32 codes dequantized in the kernels): squeeze the context with "
+            f"kv_bits=16 to export it to ONNX, or use sqz_compile.export / package for the low-bit one")
     _require_onnx()
     program = export(model, ctx, example_inputs, dynamic_shapes, config=config)
     return export_program_onnx(program, path, optimize=optimize)

@@ -246,7 +246,7 @@ def _layer_buffers(gm: GraphModule, ctx: SqueezedContext, layer: int, anchor_gra
         return cache[layer]
     # the lookup reads every centroid at each step: a half-precision context's graph holds them in
     # the keys' dtype (half the bytes; the products stay exact on tensor cores), one shared copy
-    half = ctx.keys.dtype if ctx.keys.dtype in _HALF else None
+    half = ctx.kv_dtype if ctx.kv_dtype in _HALF else None
     lc = ctx.layer(layer, centroid_dtype=half)
     nodes: list[Node | None] = []
     with gm.graph.inserting_before(anchor_graph_start):

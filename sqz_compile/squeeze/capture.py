@@ -255,19 +255,20 @@ def _sort_by(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 def squeeze_kv(keys: torch.Tensor, values: torch.Tensor, window_queries: torch.Tensor, scaling: float,
                config: SqueezeConfig | None = None, *, fingerprint: dict | None = None,
-               context_hash: str = "", progress: bool | None = None) -> SqueezedContext:
+               context_hash: str = "", progress: bool | None = None, rope=None) -> SqueezedContext:
     """Cluster captured K/V into a SqueezedContext (the model-free half of `squeeze`).
 
     keys, values [layers, H, L, D] post-RoPE (positions p - L); window_queries [layers, Hq, W, D]:
     the queries of the last W context tokens (W < L); scaling: the attention's softmax scale.
+    rope: the model's quantize.RopeTable, needed when config.kv_bits < 16 (keys are stored pre-RoPE).
     """
     return _squeeze_owned([keys, values], window_queries, scaling, config or SqueezeConfig(),
-                          fingerprint=fingerprint, context_hash=context_hash, progress=progress)
+                          fingerprint=fingerprint, context_hash=context_hash, progress=progress, rope=rope)
 
 
 def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling: float,
                    config: SqueezeConfig, *, fingerprint: dict | None, context_hash: str,
-                   progress: bool | None, shard: KVShard | None = None) -> SqueezedContext:
+                   progress: bool | None, shard: KVShard | None = None, rope=None) -> SqueezedContext:
     """squeeze_kv taking ownership of kv = [keys, values]: emptied as soon as they are copied, so a
     128K context does not hold two full copies of its K/V while clustering. `shard`: the KV
     heads are this rank's piece (tensor parallelism; calibration then spans every rank)."""
@@ -279,6 +280,11 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
         raise ValueError(f"observation window of {W} tokens needs a context longer than that, got {L}")
     if window_queries.shape[1] % H:
         raise ValueError(f"{window_queries.shape[1]} query heads is not a multiple of {H} KV heads")
+    low_bit = int(config.kv_bits) < 16
+    if low_bit and rope is None:
+        raise ValueError(f"SqueezeConfig(kv_bits={config.kv_bits}) stores keys pre-RoPE: pass the model's "
+                         f"rotary table (rope=sqz_compile.squeeze.quantize.RopeTable(inv_freq, scaling)), or "
+                         f"use squeeze(model, ...), which reads it from the model")
     S = max(0, min(int(config.sink_tokens), L - W - 1))  # sinks never empty the clustered part
     T = max(0, min(int(config.dense_tokens), L - W - S - 1))
     N = L - W - S - T
@@ -298,6 +304,12 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
     window_pos = torch.cat([lead, dense.sort(dim=2).values, tail], dim=2)
     window_keys = _gather_tokens(keys, window_pos)
     window_values = _gather_tokens(values, window_pos)
+    weights = None
+    if low_bit:  # attention the window gives each token: the nuq codebook fit's weights
+        from .quantize import token_weights
+
+        weights = token_weights(keys, window_queries, scaling,
+                                torch.arange(L, device=device).expand(layers, H, L))
     ck = _gather_tokens(keys, clustered).reshape(B, N, D)
     cv = _gather_tokens(values, clustered).reshape(B, N, D)
     del keys, values
@@ -346,6 +358,13 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
     sorted_values = _sort_by(cv, perm)
     del cv
     shape4 = lambda t: t.reshape(layers, H, *t.shape[1:])  # noqa: E731
+    low = {}
+    if low_bit:
+        from .quantize import low_bit_fields
+
+        low = low_bit_fields(shape4(sorted_keys), shape4(sorted_values), shape4(positions),
+                             weights.gather(2, shape4(positions)), L, rope, config)
+        sorted_keys, sorted_values = low.pop("keys").flatten(0, 1), low.pop("values").flatten(0, 1)
     ctx = SqueezedContext(
         config=config,
         fingerprint=dict(fingerprint or {}),
@@ -366,6 +385,7 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
         coarse_log_threshold=(torch.full((layers, 2), float("-inf"), device=device)
                               if config.hierarchical else None),
         radii=shape4(radii),
+        **low,
         extra={"scaling": float(scaling), "clusters": C, "coarse_clusters": Cc if config.hierarchical else 0,
                "window": W, "sink_tokens": S, "dense_tokens": T, "kmeans_iterations": iterations},
         shard=shard,
@@ -424,8 +444,13 @@ def squeeze(model: torch.nn.Module, context_ids: torch.Tensor, config: SqueezeCo
     check = check_capture(model, cap, reference) if reference is not None else None
     kv = [cap.keys, cap.values]
     cap.keys = cap.values = None
+    rope = None
+    if int(config.kv_bits) < 16:
+        from .quantize import rope_from_model
+
+        rope = rope_from_model(model, L, kv[0].shape[3])
     ctx = _squeeze_owned(kv, cap.queries, cap.scaling, config, fingerprint=model_fingerprint(model),
-                         context_hash=token_hash(ids), progress=progress, shard=shard)
+                         context_hash=token_hash(ids), progress=progress, shard=shard, rope=rope)
     ctx.extra["seconds"]["prefill"] = round(t2 - t1, 3)
     if check is not None:
         ctx.extra["seconds"]["self_check"] = round(t1 - t0 + check.seconds, 3)

@@ -142,7 +142,8 @@ def test_op_keep_extremes_equal_cpu_reference(keep, m):
                    dtype=torch.bfloat16, device=DEV, seed=5)
     thr = torch.tensor(float("inf") if keep == 0 else float("-inf"), device=DEV)
     args = (cs.q, cs.k_new, cs.v_new, None, cs.keys, cs.values, cs.centroids, cs.offsets,
-            cs.window_keys, cs.window_values, thr, None, None, None, None, cs.scale, True, 0, 64)
+            cs.window_keys, cs.window_values, thr, None, None, None, None, *(None,) * 7,
+            cs.scale, True, 0, 64)
     out = torch.ops.sqz.squeezed_attention(*args)
     ref = torch.ops.sqz.squeezed_attention(*[a.cpu().double() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() > 0
                                              else (a.cpu() if isinstance(a, torch.Tensor) else a) for a in args])

@@ -156,7 +156,7 @@ def test_keep_zero_and_one(keep):
     thr = torch.tensor(float("inf") if keep == 0 else float("-inf"), device=DEV)
     out = attention_launch.squeezed_attention(cs.q, cs.k_new, cs.v_new, None, cs.keys, cs.values, cs.centroids,
                                   cs.offsets, cs.window_keys, cs.window_values, thr, None, None,
-                                  None, None, cs.scale, True, 0, 4)
+                                  None, None, *(None,) * 7, cs.scale, True, 0, 4)
     q, k, v = cs.q.double(), cs.k_new.double(), cs.v_new.double()
     hq, h = q.shape[1], k.shape[1]
     ctx_k = cs.keys.double() if keep else cs.keys.double()[:, :0]
@@ -183,7 +183,7 @@ def test_full_op_path_matches_cpu_reference_bf16():
     sel = _lookup(cs, thr, block_q, 30, cthr)
     out = attention_launch.squeezed_attention(cs.q, cs.k_new, cs.v_new, None, cs.keys, cs.values, cs.centroids,
                                   cs.offsets, cs.window_keys, cs.window_values, thr,
-                                  cs.coarse_centroids, cs.coarse_offsets, cthr, None, cs.scale, True, 30,
+                                  cs.coarse_centroids, cs.coarse_offsets, cthr, None, *(None,) * 7, cs.scale, True, 30,
                                   block_q)
     ref = reference_with_selection(cs, sel.idx, block_q)
     assert out.dtype == torch.bfloat16

@@ -131,7 +131,7 @@ def test_error_bounded_mode_drops_at_most_eps(eps, seed):
     assert bool(sel.any()) or eps >= 0.3  # the mode keeps clusters when it must
     out = torch.ops.sqz.squeezed_attention(q, f64["k_new"], f64["v_new"], None, f64["keys"], f64["values"], mu,
                                            cs.offsets, f64["window_keys"], f64["window_values"],
-                                           torch.tensor([0.0]), None, None, None, radii, cs.scale, True, 0,
+                                           torch.tensor([0.0]), None, None, None, radii, *(None,) * 7, cs.scale, True, 0,
                                            block_q, eps)
     assert torch.isfinite(out).all()
 

@@ -71,9 +71,11 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      ctx_values: torch.Tensor, sel: Selection, window_keys: torch.Tensor,
                      window_values: torch.Tensor, scale: float, is_causal: bool, block_q: int,
                      config: Optional[AttnConfig] = None,
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, quant: Optional[tuple] = None) -> torch.Tensor:
     """Exact attention over the lookup's selection + window + new tokens (Triton). `out`: a
-    contiguous [B, Hq, M, D] tensor of q's dtype to write into (tests poison it first)."""
+    contiguous [B, Hq, M, D] tensor of q's dtype to write into (tests poison it first). `quant`:
+    a low-bit context's (perm, rope, codebooks, key_norm, value_norm, outlier_idx, outlier_val)
+    of this layer; ctx_keys/ctx_values are then its packed int32 codes."""
     check_device(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, window_keys, window_values)
 
     def lastdim(t):
@@ -83,8 +85,9 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     ctx_keys, ctx_values = lastdim(ctx_keys), lastdim(ctx_values)
     window_keys, window_values = lastdim(window_keys), lastdim(window_values)
     bsz, hq, m, d = q.shape
-    h, n_ctx, _ = ctx_keys.shape
+    h, n_ctx, words = ctx_keys.shape
     g = hq // h
+    qargs, qbits, nout = _quant_args(quant, ctx_keys, ctx_values, d)
     s = k_new.shape[2]
     w = window_keys.shape[1]
     c = sel.delta.shape[1] if sel.delta is not None else 1
@@ -134,7 +137,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     grid = (bsz * h * nb * tpb, cfg.split)
     launch(_sa._sparse_attn_kernel, grid,
             q, k_new, v_new, mask, ctx_keys, ctx_values, window_keys, window_values,
-            cum, delta, sel.nkeys, pos, out, part_o, part_l,
+            cum, delta, sel.nkeys, pos, out, part_o, part_l, *qargs, words, qargs[2].shape[-1],
             q.stride(0), q.stride(1), q.stride(2),
             k_new.stride(0), k_new.stride(1), k_new.stride(2),
             v_new.stride(0), v_new.stride(1), v_new.stride(2),
@@ -146,7 +149,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=pow2(d),
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
             IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
-            POS_LIST=use_pos,
+            POS_LIST=use_pos, QBITS=qbits, NOUT=nout,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         rows = bsz * hq * m
@@ -156,6 +159,30 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     return out
 
 
+def _quant_args(quant: Optional[tuple], ctx_keys: torch.Tensor, ctx_values: torch.Tensor,
+                d: int) -> tuple[list[torch.Tensor], int, int]:
+    """The attention kernel's low-bit arguments (contiguous), QBITS and NOUT; placeholders
+    (never read) and QBITS = 0 for a 16-bit context."""
+    if quant is None:
+        dummy = ctx_keys.new_zeros(1, dtype=torch.float32)
+        return [dummy.int(), dummy, dummy, dummy, dummy.half(), dummy.short(), dummy.half()], 0, 0
+    perm, rope, codebooks, key_norm, value_norm, oidx, oval = quant
+    if ctx_keys.dtype != torch.int32 or ctx_values.dtype != torch.int32:
+        raise ValueError("sqz: a low-bit context's keys/values must be packed int32 codes")
+    if int(d) % 2:
+        raise ValueError(f"sqz: low-bit keys are re-rotated with RoPE, which needs an even head dim, got {d}")
+    qbits = int(codebooks.shape[-1]).bit_length() - 1
+    if qbits not in (2, 3, 4):
+        raise ValueError(f"sqz: codebooks of {codebooks.shape[-1]} levels: expected 2**bits for 2, 3 or 4 bits")
+    nout = 0
+    if oidx is None:
+        oidx, oval = perm.new_zeros(1, dtype=torch.int16), perm.new_zeros(1, dtype=torch.float16)
+    else:
+        nout = int(oidx.shape[-1])
+    args = [perm, rope, codebooks, key_norm, value_norm, oidx, oval]
+    return [t.contiguous() for t in args], qbits, nout
+
+
 def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                        attn_mask: Optional[torch.Tensor], ctx_keys: torch.Tensor,
                        ctx_values: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
@@ -163,15 +190,22 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                        log_threshold: torch.Tensor, coarse_centroids: Optional[torch.Tensor],
                        coarse_offsets: Optional[torch.Tensor],
                        coarse_log_threshold: Optional[torch.Tensor], radii: Optional[torch.Tensor],
+                       perm: Optional[torch.Tensor], rope: Optional[torch.Tensor],
+                       codebooks: Optional[torch.Tensor], key_norm: Optional[torch.Tensor],
+                       value_norm: Optional[torch.Tensor], outlier_idx: Optional[torch.Tensor],
+                       outlier_val: Optional[torch.Tensor],
                        scale: float, is_causal: bool, budget: int, block_q: int) -> torch.Tensor:
     """CUDA implementation of torch.ops.sqz.squeezed_attention: lookup, then sparse attention
     (decode: the lookup writes the kept keys' positions for the attention loop). radii serve only
     the error-bounded mode, which the op runs in torch ops before reaching this launcher."""
-    h, n_ctx, d = ctx_keys.shape
+    h, n_ctx = ctx_keys.shape[:2]
+    d = q.shape[3]
     cfg = attention_config(q.shape[0], h, q.shape[1] // h, q.shape[2], int(block_q), n_ctx,
                            window_keys.shape[1], k_new.shape[2], d, sm_count(q))
     sel = lookup(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                  coarse_log_threshold, scale, block_q, budget,
                  positions=n_ctx if cfg.pos_list else 0)
     return sparse_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, sel, window_keys,
-                            window_values, scale, is_causal, block_q, config=cfg)
+                            window_values, scale, is_causal, block_q, config=cfg,
+                            quant=None if codebooks is None else
+                            (perm, rope, codebooks, key_norm, value_norm, outlier_idx, outlier_val))

@@ -17,12 +17,19 @@ One kernel serves prefill and decode (the reference is `attention/reference.py`,
 - Split-K: each program takes a share of the context tiles, the window tiles and the new-token
   tiles; with SPLIT > 1 it writes a normalised partial output and its log-sum-exp (base 2), and
   `_merge_kernel` combines the splits (decode: many splits per row to fill the GPU).
+- Low-bit context (QBITS > 0): Kc/Vc hold packed int32 codes in the same sorted layout; each
+  tile's rows are read packed and dequantized in registers (kernels/quant/triton.py: codebook
+  level * scale + offset, outliers folded in, RoPE applied to the key at its context position),
+  so only the selected clusters' packed bytes are read and no dense copy is made.
 - The new tokens follow the model's mask with SDPA semantics: none, upper-left causal, bool
   (True attends) or additive float, loaded with broadcast strides (0 for broadcast dims).
 """
 from __future__ import annotations
 
 from ..triton_common import HAS_TRITON
+
+if HAS_TRITON:
+    from ..quant.triton import dequant_key, dequant_value
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
@@ -54,6 +61,24 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def _ctx_tile(Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
+                  Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, NPOS, P, G, D,
+                  QBITS: tl.constexpr, NOUT: tl.constexpr, DT: tl.constexpr):
+        """K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] of the context keys at sorted positions
+        `pos` (stored, or packed low-bit dequantized in registers to dtype DT)."""
+        if QBITS == 0:
+            kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
+                         mask=vvalid[None, :] & dmask[:, None], other=0.0)
+            vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
+                         mask=vvalid[:, None] & dmask[None, :], other=0.0)
+        else:
+            kT = dequant_key(Kc, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos[None, :], vvalid[None, :],
+                             d[:, None], dmask[:, None], NPOS, P, D, QBITS, NOUT).to(DT)
+            vt = dequant_value(Vc, CB, VNorm, OIdx, OVal, h, pos[:, None], vvalid[:, None], d[None, :],
+                               dmask[None, :], NPOS, P, G, QBITS, NOUT).to(DT)
+        return kT, vt
+
+    @triton.jit
     def _start_slot(cum_row, v0, C, SEARCH: tl.constexpr):
         """Slot holding virtual key v0: #{i >= 1 : cum[i] <= v0} (cum is non-decreasing), counted
         on a strided sample, then inside the one stride that holds the boundary: two vector loads."""
@@ -68,6 +93,7 @@ if HAS_TRITON:
     @triton.jit
     def _sparse_attn_kernel(
         Q, Kn, Vn, Mask, Kc, Vc, Kw, Vw, Cum, Delta, NKeys, Pos, Out, PartO, PartL,
+        Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, P, NLEV,
         sqb, sqh, sqm, skb, skh, sks, svb, svh, svs,
         smb, smh, smm, sms,
         skch, skcn, svch, svcn, swkh, swkn, swvh, swvn,
@@ -76,6 +102,7 @@ if HAS_TRITON:
         BQ: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
         IEEE: tl.constexpr, SEARCH: tl.constexpr, POS_LIST: tl.constexpr,
+        QBITS: tl.constexpr = 0, NOUT: tl.constexpr = 0,
     ):
         BLOCK_M: tl.constexpr = GP * BQ
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -125,10 +152,9 @@ if HAS_TRITON:
                 v = t * BLOCK_N + kk
                 vvalid = v < v_end
                 pos = tl.load(Pos + row * NPOS + v, mask=vvalid, other=0)
-                kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
-                             mask=vvalid[None, :] & dmask[:, None], other=0.0)
-                vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
-                             mask=vvalid[:, None] & dmask[None, :], other=0.0)
+                kT, vt = _ctx_tile(Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
+                                   Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, NPOS, P, NLEV, D,
+                                   QBITS, NOUT, Q.dtype.element_ty)
                 m_i, l_i, acc = _online_update(q, kT, vt, vvalid[None, :], zero_add, m_i, l_i,
                                                acc, qk_scale, False, IEEE)
         elif t0 < t1:
@@ -144,10 +170,9 @@ if HAS_TRITON:
             vvalid = v < v_end
             pos = v + tl.load(Delta + row * C + slot, mask=vvalid, other=0)
             for t in range(t0, t1):
-                kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
-                             mask=vvalid[None, :] & dmask[:, None], other=0.0)
-                vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
-                             mask=vvalid[:, None] & dmask[None, :], other=0.0)
+                kT, vt = _ctx_tile(Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
+                                   Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, NPOS, P, NLEV, D,
+                                   QBITS, NOUT, Q.dtype.element_ty)
                 j = j + tl.sum((bnd <= (t + 1) * BLOCK_N).to(tl.int32), axis=0)
                 v_n = (t + 1) * BLOCK_N + kk
                 jb = j + 1 + kk

@@ -1,0 +1,1 @@
+"""Low-bit context K/V: dequantization reference (reference.py) and Triton helpers (triton.py)."""

@@ -1,0 +1,312 @@
+"""Low-bit storage of the clustered context K/V (KVQuant, arXiv 2401.18079).
+
+The fixed context is known offline, so its clustered K/V can be stored in 4, 3 or 2 bits:
+
+- keys are quantized **pre-RoPE** (RoPE mixes channel pairs and smears the per-channel outlier
+  structure) **per channel** (a scale and offset per (layer, KV head, channel) over the tokens);
+  the kernels re-apply RoPE at each key's position after dequantizing;
+- values are quantized **per token** (a float16 scale and offset per (layer, KV head, token));
+- each quantity is first normalised to [-1, 1] by its (max + min) / 2 offset and (max - min) / 2
+  scale, then rounded to the nearest entry of a 2**bits codebook in [-1, 1]: "int" is the uniform
+  grid, "nuq" a per-layer codebook fitted by 1-D k-means over the normalised entries, each weighted
+  by the attention the observation window gives its token (plus a uniform floor of 1/L, since later
+  queries look elsewhere);
+- dense-and-sparse: per key/value row the E = round(kv_outliers * D) entries farthest from their
+  channel (keys) or row (values) statistics stay in float16 in a side table (channel index, value),
+  and do not stretch the normalisation range. A fixed count per row keeps the side table in the
+  cluster-sorted layout, so a selected cluster's outliers are one contiguous range too.
+
+Packing: the codes of one row go into int32 words, 32 // bits codes per word (4 bits: 8, 3 bits:
+10 with 2 bits unused, 2 bits: 16), code d at bits (d % per_word) * bits of word d // per_word.
+
+`python -m sqz_compile.squeeze.quantize` prints the context size at Llama-3-8B shapes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..kernels.quant.reference import (apply_rope, dequantize_context, dequantize_rows,  # noqa: F401
+                                      packed_words, per_word, rotate_half, unpack)
+
+KV_BITS = (16, 4, 3, 2)
+KV_DATATYPES = ("nuq", "int")
+# entries of one normalised dimension sampled for the nuq codebook fit (per layer)
+_FIT_SAMPLES = 1 << 20
+
+
+def outliers_per_row(d: int, fraction: float) -> int:
+    """E: float16 entries kept per row of d (0 when fraction is 0)."""
+    return 0 if fraction <= 0 else max(1, round(fraction * d))
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [..., D] in [0, 2**bits) -> int32 words [..., packed_words(D, bits)]."""
+    vpw = per_word(bits)
+    d = codes.shape[-1]
+    words = packed_words(d, bits)
+    padded = torch.zeros((*codes.shape[:-1], words * vpw), dtype=torch.int64, device=codes.device)
+    padded[..., :d] = codes.to(torch.int64)
+    shifts = torch.arange(vpw, device=codes.device, dtype=torch.int64) * bits
+    w = (padded.reshape(*codes.shape[:-1], words, vpw) << shifts).sum(-1)
+    return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)  # the same 32 bits as int32
+
+
+
+# --------------------------------------------------------------------------- RoPE
+
+@dataclass(frozen=True)
+class RopeTable:
+    """The model's rotary embedding as the kernels recompute it: angle(p, d) = float32(p) *
+    inv_freq[d % (D/2)] in float32 (as transformers does), cos/sin of it times attention_scaling,
+    rotate_half pairing (d, d + D/2)."""
+
+    inv_freq: torch.Tensor  # [D/2] float32
+    attention_scaling: float = 1.0
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] (int) -> cos, sin [..., D] float64."""
+        f = self.inv_freq.to(positions.device, torch.float32)
+        ang = (positions.to(torch.float32)[..., None] * torch.cat([f, f]))  # float32 product, as the model
+        ang = ang.double()
+        return ang.cos() * self.attention_scaling, ang.sin() * self.attention_scaling
+
+    def as_row(self, context_length: int) -> torch.Tensor:
+        """[D + 2] float32: inv_freq for each channel, attention_scaling, context length (the op's
+        `rope` argument: a key at context position p gets angle (p - L) * inv_freq)."""
+        f = self.inv_freq.float().cpu()
+        return torch.cat([f, f, torch.tensor([float(self.attention_scaling), float(context_length)])])
+
+
+def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE keys from post-RoPE x (float64): the inverse rotation, divided by the squared
+    attention scaling that cos and sin carry."""
+    m2 = cos * cos + sin * sin
+    return (x.double() * cos - rotate_half(x.double()) * sin) / m2
+
+
+def rope_from_model(model: torch.nn.Module, context_length: int, head_dim: int) -> RopeTable:
+    """The model's rotary embedding as a RopeTable, checked against the cos/sin the model itself
+    computes at the context's positions (-L .. -1). Raises UnsupportedModelError when it cannot
+    be read or does not match (partial rotary, interleaved pairs, position-dependent scaling)."""
+    from ..transformers_compat import UnsupportedModelError
+
+    mod = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
+    inv = getattr(mod, "inv_freq", None)
+    fix = "squeeze it with SqueezeConfig(kv_bits=16)"
+    if not isinstance(inv, torch.Tensor) or inv.dim() != 1 or 2 * inv.numel() != head_dim:
+        raise UnsupportedModelError(
+            f"low-bit keys are stored pre-RoPE, but the model's rotary embedding (inv_freq of "
+            f"{None if inv is None else tuple(inv.shape)}, head dim {head_dim}) is not a plain "
+            f"rotate_half RoPE over the whole head: {fix}")
+    table = RopeTable(inv.detach().float().cpu(), float(getattr(mod, "attention_scaling", 1.0)))
+    L = int(context_length)
+    pos = torch.unique(torch.cat([torch.arange(-min(L, 64), 0), torch.linspace(-L, -1, 64).long()]))
+    dev = inv.device
+    with torch.no_grad():
+        cos, sin = mod(torch.zeros(1, dtype=torch.float32, device=dev), pos[None].to(dev))
+    want_cos, want_sin = table.cos_sin(pos)
+    err = max(float((cos[0].double().cpu() - want_cos).abs().max()),
+              float((sin[0].double().cpu() - want_sin).abs().max()))
+    if cos.shape[-1] != head_dim or err > 1e-4:
+        raise UnsupportedModelError(
+            f"low-bit keys are stored pre-RoPE and re-rotated in the kernels, but the model's rotary "
+            f"embedding differs from the table read from it (max |cos/sin| difference {err:.2g}): {fix}")
+    return table
+
+
+# --------------------------------------------------------------------------- quantization
+
+@dataclass
+class QuantizedKV:
+    """One (K or V) quantized tensor set, stacked over layers (see context.py for the shapes)."""
+
+    packed: torch.Tensor        # [layers, H, N, words] int32
+    codebook: torch.Tensor      # [layers, 2**bits] float32, in [-1, 1]
+    norm: torch.Tensor          # keys: [layers, H, 2, D] float32 (scale, offset per channel);
+                                # values: [layers, H, N, 2] float16 (scale, offset per token)
+    outlier_idx: torch.Tensor   # [layers, H, N, E] int16 channel
+    outlier_val: torch.Tensor   # [layers, H, N, E] float16
+
+
+def _outliers(x: torch.Tensor, dim: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x [.., N, D], the e entries farthest (in standard deviations) from their
+    channel's (dim=-2) or row's (dim=-1) mean: (idx [.., N, e] int64, mask [.., N, D] bool)."""
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    if e == 0:
+        return torch.zeros((*x.shape[:-1], 0), dtype=torch.long, device=x.device), mask
+    z = (x - x.mean(dim, keepdim=True)).abs() / x.std(dim, keepdim=True).clamp_min(1e-12)
+    idx = z.topk(e, dim=-1).indices.sort(-1).values
+    return idx, mask.scatter_(-1, idx, True)
+
+
+def _normalise(x: torch.Tensor, keep: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) over dim from the entries of x where keep: x -> (x - offset) / scale in [-1, 1]."""
+    hi = torch.where(keep, x, torch.full_like(x, -math.inf)).amax(dim, keepdim=True)
+    lo = torch.where(keep, x, torch.full_like(x, math.inf)).amin(dim, keepdim=True)
+    none = ~torch.isfinite(hi)
+    hi, lo = torch.where(none, 0.0, hi), torch.where(none, 0.0, lo)
+    return ((hi - lo) / 2).clamp_min(1e-8), (hi + lo) / 2
+
+
+def fit_codebook(y: torch.Tensor, w: torch.Tensor, bits: int, datatype: str, iters: int = 30,
+                 seed: int = 0) -> torch.Tensor:
+    """2**bits sorted levels in [-1, 1] float32: the uniform grid ("int") or the weighted 1-D
+    k-means of normalised entries y with weights w ("nuq", on a sample of at most 2**20)."""
+    k = 1 << bits
+    grid = torch.linspace(-1, 1, k, dtype=torch.float64, device=y.device)
+    if datatype == "int":
+        return grid.float()
+    y, w = y.reshape(-1).double(), w.reshape(-1).double()
+    if y.numel() > _FIT_SAMPLES:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        pick = torch.randint(0, y.numel(), (_FIT_SAMPLES,), generator=gen).to(y.device)
+        y, w = y[pick], w[pick]
+    cb = grid.clone()
+    for _ in range(iters):
+        a = assign(y, cb)
+        num = torch.zeros(k, dtype=torch.float64, device=y.device).index_add_(0, a, w * y)
+        den = torch.zeros(k, dtype=torch.float64, device=y.device).index_add_(0, a, w)
+        new = torch.where(den > 0, num / den.clamp_min(1e-300), cb).clamp(-1, 1).sort().values
+        if torch.equal(new, cb):
+            break
+        cb = new
+    return cb.float()
+
+
+def assign(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level (codebook sorted ascending) for every entry of y."""
+    cb = codebook.to(y.device, torch.float64)
+    mid = (cb[1:] + cb[:-1]) / 2
+    return torch.bucketize(y.double().contiguous(), mid.contiguous())
+
+
+def quantize_rows(x: torch.Tensor, weights: torch.Tensor, bits: int, datatype: str, outliers: float,
+                  per_channel: bool, seed: int = 0) -> QuantizedKV:
+    """Quantize x [layers, H, N, D] (keys already pre-RoPE): per channel (over N) when
+    per_channel, else per token; weights [layers, H, N] weigh each token in the nuq fit."""
+    layers, H, N, D = x.shape
+    e = outliers_per_row(D, outliers)
+    dim = -2 if per_channel else -1
+    packed = torch.empty(layers, H, N, packed_words(D, bits), dtype=torch.int32, device=x.device)
+    cbs = torch.empty(layers, 1 << bits, dtype=torch.float32, device=x.device)
+    norm_shape = (layers, H, 2, D) if per_channel else (layers, H, N, 2)
+    norm = torch.empty(norm_shape, dtype=torch.float32 if per_channel else torch.float16, device=x.device)
+    oidx = torch.empty(layers, H, N, e, dtype=torch.int16, device=x.device)
+    oval = torch.empty(layers, H, N, e, dtype=torch.float16, device=x.device)
+    for i in range(layers):  # one layer at a time: float64 scratch of one layer only
+        xi = x[i].double()
+        idx, mask = _outliers(xi, dim, e)
+        scale, offset = _normalise(xi, ~mask, dim)
+        if not per_channel:  # stored in float16: normalise with the rounded numbers
+            scale, offset = scale.half().double(), offset.half().double()
+        y = ((xi - offset) / scale).clamp(-1, 1)
+        wi = weights[i].double()[..., None].expand_as(y)
+        cb = fit_codebook(y[~mask], wi[~mask], bits, datatype, seed=seed + i)
+        packed[i] = pack(assign(y, cb), bits)
+        cbs[i] = cb
+        if per_channel:
+            norm[i] = torch.cat([scale, offset], dim=-2).float()
+        else:
+            norm[i] = torch.cat([scale, offset], dim=-1).half()
+        oidx[i] = idx.to(torch.int16)
+        oval[i] = xi.gather(-1, idx).half()
+    return QuantizedKV(packed, cbs, norm, oidx, oval)
+
+
+def low_bit_fields(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
+                   context_length: int, rope: RopeTable, config) -> dict[str, torch.Tensor | None]:
+    """The SqueezedContext fields of a low-bit context from its sorted post-RoPE keys and values
+    [layers, H, N, D], their context positions [layers, H, N] and token weights."""
+    bits, dt, frac = int(config.kv_bits), config.kv_datatype, float(config.kv_outliers)
+    layers, H, N, D = keys.shape
+    pre = torch.empty(keys.shape, dtype=torch.float64, device=keys.device)
+    for i in range(layers):  # pre-RoPE keys: undo the rotation at each key's position p - L
+        cos, sin = rope.cos_sin(positions[i].long() - context_length)
+        pre[i] = invert_rope(keys[i], cos, sin)
+    qk = quantize_rows(pre, weights, bits, dt, frac, per_channel=True, seed=config.seed)
+    del pre
+    qv = quantize_rows(values, weights, bits, dt, frac, per_channel=False, seed=config.seed + 1)
+    e = qk.outlier_idx.shape[-1]
+    return {
+        "keys": qk.packed, "values": qv.packed,
+        "rope": rope.as_row(context_length).to(keys.device).expand(layers, D + 2).contiguous(),
+        "codebooks": torch.stack([qk.codebook, qv.codebook], dim=1),
+        "key_norm": qk.norm, "value_norm": qv.norm,
+        "outlier_idx": torch.stack([qk.outlier_idx, qv.outlier_idx], dim=3) if e else None,
+        "outlier_val": torch.stack([qk.outlier_val, qv.outlier_val], dim=3) if e else None,
+    }
+
+
+def token_weights(keys: torch.Tensor, window_queries: torch.Tensor, scaling: float,
+                  positions: torch.Tensor) -> torch.Tensor:
+    """[layers, H, n] float32: mean attention probability the observation window's queries (all
+    heads of the group) give the tokens at `positions` [layers, H, n], plus 1/L."""
+    from .capture import window_probs
+
+    layers, H, L, _ = keys.shape
+    g = window_queries.shape[1] // H
+    out = torch.empty(positions.shape, dtype=torch.float32, device=keys.device)
+    for i in range(layers):
+        for h in range(H):
+            p = window_probs(window_queries[i, h * g:(h + 1) * g], keys[i, h], scaling).mean((0, 1))
+            out[i, h] = p[positions[i, h].long()] + 1.0 / L
+    return out
+
+
+# --------------------------------------------------------------------------- sizes
+
+def context_bytes(context_length: int, layers: int, kv_heads: int, head_dim: int, q_heads: int, kv_bits: int = 16,
+                  outliers: float = 0.01, cluster_ratio: float = 0.05, cluster_variance: bool = True,
+                  window: int = 100, dense_tokens: int = 16, dtype_bytes: int = 2) -> dict[str, int]:
+    """Bytes of a SqueezedContext file's tensors by part (default SqueezeConfig otherwise)."""
+    L, H, D = int(context_length), int(kv_heads), int(head_dim)
+    a = min(L - 1, window + dense_tokens)
+    n = L - a
+    c = min(max(round(cluster_ratio * n), 1), n)
+    lh = layers * H
+    parts = {
+        "window": 2 * lh * a * D * dtype_bytes + lh * a * 4 + layers * q_heads * window * D * 4,
+        "clusters": lh * c * D * 4 * (2 if cluster_variance else 1) + lh * (c + 1) * 4 + lh * c * 4,
+        "perm": lh * n * 4,
+    }
+    if kv_bits >= 16:
+        parts["kv"] = 2 * lh * n * D * dtype_bytes
+    else:
+        e = outliers_per_row(D, outliers)
+        parts["kv"] = 2 * lh * n * packed_words(D, kv_bits) * 4
+        parts["scales"] = lh * 2 * D * 4 + lh * n * 2 * 2 + layers * 2 * (1 << kv_bits) * 4 + layers * (D + 2) * 4
+        parts["outliers"] = 2 * lh * n * e * (2 + 2)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+LLAMA3_8B = dict(layers=32, kv_heads=8, head_dim=128, q_heads=32)
+
+
+def size_table(context_length: int = 131072, shape: dict[str, Any] | None = None,
+               outliers: float = 0.01) -> list[dict[str, Any]]:
+    """Rows {kv_bits, MB, kv_MB, vs_16}: the context file size at `shape` (Llama-3-8B by default)."""
+    shape = shape or LLAMA3_8B
+    base = context_bytes(context_length, **shape)["total"]
+    rows = []
+    for bits in KV_BITS:
+        p = context_bytes(context_length, **shape, kv_bits=bits, outliers=outliers)
+        rows.append({"kv_bits": bits, "MB": round(p["total"] / 1e6), "kv_MB": round(p["kv"] / 1e6),
+                     "vs_16": round(p["total"] / base, 3)})
+    return rows
+
+
+def main() -> None:
+    print("SqueezedContext size, 131072-token context at Llama-3-8B shapes "
+          "(32 layers, 8 KV heads, head dim 128), 1% outliers, default SqueezeConfig:")
+    print(f"{'kv_bits':>7} {'MB':>8} {'K/V MB':>8} {'vs 16':>6}")
+    for r in size_table():
+        print(f"{r['kv_bits']:>7} {r['MB']:>8,} {r['kv_MB']:>8,} {r['vs_16']:>6}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Low-bit context K/V in the kernels: the Triton dequant helpers and the sparse attention
+kernel's QBITS path equal the float64 reference (kernels/quant/reference.py) over odd sizes, head
+dims 64/80/96/128, 4/3/2 bits, outliers present and absent, decode and prefill, into poisoned
+outputs. Interpreter on CPU (TRITON_INTERPRET=1), or CUDA."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sqz_compile.config import SqueezeConfig  # noqa: E402
+from sqz_compile.kernels.attention import launch as attention_launch  # noqa: E402
+from sqz_compile.kernels.attention.reference import selection_from_compact, squeezed_attention_reference  # noqa: E402
+from sqz_compile.kernels.lookup import launch as lookup_launch  # noqa: E402
+from sqz_compile.kernels.quant.reference import dequantize_context  # noqa: E402
+from sqz_compile.kernels.quant.triton import dequantize_layer  # noqa: E402
+from sqz_compile.squeeze.quantize import RopeTable, low_bit_fields  # noqa: E402
+
+from cases import make_case, rel_err, threshold_for_keep  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+def low_bit_case(cs, bits: int, outliers: float, datatype: str = "nuq", seed: int = 0):
+    """The case's context K/V (taken as post-RoPE keys at random context positions) quantized as
+    squeeze does: (packed keys, packed values, perm, rope, codebooks, key_norm, value_norm,
+    outlier_idx, outlier_val) of one layer."""
+    gen = torch.Generator().manual_seed(seed)
+    h, n, d = cs.keys.shape
+    length = n + 7
+    perm = torch.stack([torch.randperm(length, generator=gen)[:n] for _ in range(h)]).to(torch.int32)
+    rope = RopeTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), 1.07)
+    w = torch.rand(1, h, n, generator=gen)
+    # scale a few entries up so that outliers matter
+    keys, values = cs.keys.float().cpu().clone(), cs.values.float().cpu().clone()
+    keys[:, ::5, 3] *= 8
+    values[:, 2::7, -1] *= 8
+    f = low_bit_fields(keys[None], values[None], perm[None], w, length, rope,
+                       SqueezeConfig(kv_bits=bits, kv_datatype=datatype, kv_outliers=outliers))
+    one = lambda t: None if t is None else t[0].to(DEV)  # noqa: E731
+    return (one(f["keys"]), one(f["values"]), perm.to(DEV), one(f["rope"]), one(f["codebooks"]),
+            one(f["key_norm"]), one(f["value_norm"]), one(f["outlier_idx"]), one(f["outlier_val"]))
+
+
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
+@pytest.mark.parametrize("bits,outliers", [(4, 0.01), (3, 0.0), (2, 0.03)])
+def test_dequant_helpers_match_reference(d, bits, outliers):
+    cs = make_case(h=2, n=37, c=5, d=d, device="cpu", seed=d + bits)
+    lb = low_bit_case(cs, bits, outliers, "int" if bits == 3 else "nuq")
+    k_ref, v_ref = dequantize_context(*lb, d)
+    k, v = dequantize_layer(*lb, d)
+    assert rel_err(k, k_ref) < 1e-6 and rel_err(v, v_ref) < 1e-6
+
+
+ATTN = [
+    dict(kw=dict(mask="causal", b=2, h=2, g=2, m=7, d=64, n=45, c=6), bits=4, out=0.01),
+    dict(kw=dict(mask="bool", b=1, h=2, g=3, m=5, s=6, d=80, n=33, c=5), bits=3, out=0.0),
+    dict(kw=dict(mask="causal", b=2, h=1, g=4, m=1, s=1, d=96, n=29, c=7), bits=2, out=0.02),  # decode
+    dict(kw=dict(mask="none", b=1, h=2, g=2, m=1, s=3, d=128, n=41, c=5), bits=4, out=0.0),   # decode
+    dict(kw=dict(mask="float", b=1, h=2, g=1, m=9, d=128, n=23, c=4), bits=3, out=0.02),
+]
+
+
+@pytest.mark.parametrize("case", ATTN, ids=lambda c: f"d{c['kw']['d']}-m{c['kw']['m']}-b{c['bits']}-o{c['out']}")
+@pytest.mark.parametrize("split,pos_list", [(1, False), (3, True)], ids=["search", "pos_list-split3"])
+def test_low_bit_attention_matches_reference(case, split, pos_list):
+    block_q = 4
+    cs = make_case(**case["kw"], device=DEV, seed=split + case["bits"])
+    lb = low_bit_case(cs, case["bits"], case["out"], seed=split)
+    keys64, values64 = dequantize_context(*[None if t is None else t.cpu() for t in lb], cs.q.shape[3])
+    cs.keys, cs.values = keys64.float().to(DEV), values64.float().to(DEV)  # centroids stay: selection only
+    thr = threshold_for_keep(cs, 0.5, block_q)
+    sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, None, None, None, cs.scale, block_q, 0)
+    b, hq, m, d = cs.q.shape
+    h, n = lb[0].shape[:2]
+    cfg = attention_launch.attention_config(b, h, hq // h, m, block_q, n, cs.window_keys.shape[1],
+                                            cs.k_new.shape[2], d, 4)._replace(split=split, block_n=16,
+                                                                             pos_list=pos_list)
+    out = torch.full_like(cs.q, float("nan"))
+    attention_launch.sparse_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, lb[0], lb[1], sel, cs.window_keys,
+                                      cs.window_values, cs.scale, cs.is_causal, block_q, config=cfg, out=out,
+                                      quant=lb[2:])
+    am = cs.attn_mask
+    am = am.double() if am is not None and am.dtype != torch.bool else am
+    ref = squeezed_attention_reference(
+        cs.q.double(), cs.k_new.double(), cs.v_new.double(), am, keys64.to(DEV), values64.to(DEV), cs.offsets,
+        selection_from_compact(sel.idx, cs.centroids.shape[1]), cs.window_keys.double(),
+        cs.window_values.double(), cs.scale, cs.is_causal, block_q)
+    assert int(sel.nkeys.sum()) > 0
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_low_bit_op_cpu_matches_dense_over_dequantized():
+    """torch.ops.sqz.squeezed_attention with packed K/V (CPU branch) equals the op over the
+    dequantized dense K/V, and a 16-bit tensor with low-bit arguments is refused."""
+    import sqz_compile  # noqa: F401  (registers the ops)
+
+    cs = make_case(b=1, h=2, g=2, m=3, d=64, n=31, c=4, device="cpu", seed=5)
+    lb = low_bit_case(cs, 4, 0.01)
+    lb = tuple(None if t is None else t.cpu() for t in lb)
+    k64, v64 = dequantize_context(*lb, 64)
+    thr = torch.tensor([-3.0, -3.0])
+    rest = (cs.centroids, cs.offsets, cs.window_keys, cs.window_values, thr, None, None, None, None)
+    got = torch.ops.sqz.squeezed_attention(cs.q, cs.k_new, cs.v_new, None, lb[0], lb[1], *rest, *lb[2:],
+                                           cs.scale, True, 0, 4)
+    want = torch.ops.sqz.squeezed_attention(cs.q, cs.k_new, cs.v_new, None, k64.float(), v64.float(), *rest,
+                                            *([None] * 7), cs.scale, True, 0, 4)
+    assert rel_err(got, want) < 1e-5
+    with pytest.raises(RuntimeError, match="not packed int32"):
+        torch.ops.sqz.squeezed_attention(cs.q, cs.k_new, cs.v_new, None, k64.float(), v64.float(), *rest,
+                                         *lb[2:], cs.scale, True, 0, 4)

@@ -1,0 +1,224 @@
+"""Low-bit contexts (squeeze/quantize.py): packing, per-datatype error bounds, outliers, RoPE
+inversion checked against the model, squeeze of a tiny model, file round-trip and refusals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sqz_compile.config import SqueezeConfig
+from sqz_compile.context import SqueezedContext, SqueezedContextError
+from sqz_compile.kernels.quant.reference import dequantize_rows, unpack
+from sqz_compile.squeeze.quantize import (RopeTable, apply_rope, context_bytes, invert_rope, pack, quantize_rows,
+                                          rope_from_model, size_table)
+
+
+def _heavy(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    return x * torch.rand(*shape, generator=g).pow(4) * 3 + x  # heavier tails than a Gaussian
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("d", [7, 64, 80, 96, 128])
+def test_pack_roundtrip(bits, d):
+    codes = torch.randint(0, 1 << bits, (3, 5, d))
+    words = pack(codes, bits)
+    assert words.dtype == torch.int32 and words.shape[-1] == -(-d // (32 // bits))
+    assert torch.equal(unpack(words, bits, d), codes)
+
+
+def _bound(codebook):
+    """Largest distance from a point of [-1, 1] to its nearest level."""
+    cb = codebook.double()
+    gaps = (cb[1:] - cb[:-1]) / 2
+    return max(float(cb[0] + 1), float(1 - cb[-1]), float(gaps.max()))
+
+
+@pytest.mark.parametrize("datatype", ["nuq", "int"])
+@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("per_channel", [True, False], ids=["keys", "values"])
+def test_quantize_dequantize_within_bound(datatype, bits, per_channel):
+    """Every entry is within scale * (half the widest gap of the codebook) of its value (plus
+    float16 rounding of the per-token scales); outliers come back to float16 precision."""
+    x = _heavy((2, 3, 41, 64))
+    w = torch.rand(2, 3, 41)
+    q = quantize_rows(x, w, bits, datatype, 0.03, per_channel)
+    y = dequantize_rows((q.packed, q.codebook, q.norm, q.outlier_idx, q.outlier_val), bits, 64, per_channel)
+    err = (y - x.double()).abs()
+    for i in range(2):
+        scale = q.norm[i].double()[..., 0:1, :] if per_channel else q.norm[i].double()[..., 0:1]
+        limit = scale * _bound(q.codebook[i]) * (1 + 1e-3) + 1e-3 * x[i].abs().double() + 1e-6
+        is_out = torch.zeros_like(x[i], dtype=torch.bool).scatter_(-1, q.outlier_idx[i].long(), True)
+        assert bool((err[i] <= limit)[~is_out].all())
+        assert bool((err[i][is_out] <= 1e-3 * x[i][is_out].abs().double() + 1e-6).all())
+    assert q.outlier_idx.shape[-1] == 2  # round(0.03 * 64)
+    if datatype == "int":
+        assert torch.allclose(q.codebook[0], torch.linspace(-1, 1, 1 << bits))
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_nuq_lowers_weighted_error_against_int(bits):
+    """The nuq codebook is Lloyd's iteration from the uniform grid on the same weighted entries:
+    its weighted squared error cannot exceed the uniform grid's."""
+    x = _heavy((1, 2, 300, 32), seed=3)
+    w = torch.rand(1, 2, 300) ** 3
+    errs = {}
+    for dt in ("nuq", "int"):
+        q = quantize_rows(x, w, bits, dt, 0.0, True)
+        y = dequantize_rows((q.packed, q.codebook, q.norm, None, None), bits, 32, True)
+        errs[dt] = float(((y - x.double()) ** 2 * w[..., None].double()).sum())
+    assert errs["nuq"] < errs["int"]
+
+
+def test_outliers_shrink_the_range():
+    """A single huge entry per row would stretch a channel's range; kept aside it does not."""
+    x = _heavy((1, 1, 50, 16))
+    x[0, 0, 7, 3] = 100.0
+    w = torch.ones(1, 1, 50)
+    errs = []
+    for frac in (0.0, 0.07):
+        q = quantize_rows(x, w, 4, "int", frac, True)
+        y = dequantize_rows((q.packed, q.codebook, q.norm, q.outlier_idx if frac else None,
+                             q.outlier_val if frac else None), 4, 16, True)
+        errs.append(float((y - x.double())[..., 3].abs().max()))
+    assert errs[1] < errs[0] / 10
+
+
+def test_rope_inversion_and_model_table():
+    from fixtures import tiny_model
+
+    model = tiny_model()
+    table = rope_from_model(model, 300, 16)
+    pos = torch.arange(-300, 0)
+    cos, sin = table.cos_sin(pos)
+    x = torch.randn(2, 300, 16, dtype=torch.float64)
+    assert torch.allclose(invert_rope(apply_rope(x, cos, sin), cos, sin), x, atol=1e-10)
+    from sqz_compile.transformers_compat import UnsupportedModelError
+
+    mod = next(m for n, m in model.named_modules() if n.endswith("rotary_emb"))
+    mod.inv_freq = mod.inv_freq[:4].clone()
+    with pytest.raises(UnsupportedModelError, match="kv_bits=16"):
+        rope_from_model(model, 300, 16)
+
+
+def test_squeeze_kv_low_bit_needs_rope():
+    k = torch.randn(1, 1, 40, 8)
+    with pytest.raises(ValueError, match="rope="):
+        from sqz_compile.squeeze.capture import squeeze_kv
+
+        squeeze_kv(k, k.clone(), torch.randn(1, 1, 5, 8), 0.3, SqueezeConfig(kv_bits=4))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from fixtures import tiny_context, tiny_model
+
+    model = tiny_model()
+    _, dense = tiny_context(model, length=80, keep=0.5)
+    _, low = tiny_context(model, length=80, keep=0.5, kv_bits=4, kv_outliers=0.07)
+    return model, dense, low
+
+
+def test_squeeze_low_bit_close_to_16_bit(tiny):
+    model, dense, low = tiny
+    low.validate(model)
+    assert low.keys.dtype == torch.int32 and low.quantized and low.head_dim == dense.head_dim
+    assert torch.equal(low.perm, dense.perm) and torch.equal(low.window_keys, dense.window_keys)
+    k, v = low.dense_kv()
+    for a, b in ((k, dense.keys), (v, dense.values)):
+        assert float((a - b).norm() / b.norm()) < 0.12
+    lc = low.layer(1)
+    assert lc.keys.dtype == torch.int32 and lc.codebooks.shape == (2, 16) and lc.perm is not None
+    assert dense.layer(1).perm is None and dense.layer(1).codebooks is None
+
+
+def test_low_bit_file_roundtrip_and_refusals(tmp_path, tiny):
+    from test_context_io import _rewrite
+
+    model, dense, low = tiny
+    p = tmp_path / "low.safetensors"
+    low.save(p)
+    back = SqueezedContext.load(p, model)
+    for n, t in low.tensors().items():
+        assert torch.equal(getattr(back, n), t), n
+    assert back.config.kv_bits == 4 and back.config.kv_datatype == "nuq"
+
+    raw = bytearray(p.read_bytes())
+    raw[-5] ^= 0xFF
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(SqueezedContextError, match="sha256|corrupted"):
+        SqueezedContext.load(bad)
+
+    cases = {
+        "bits": (None, lambda m: m["config"].update(kv_bits=2), "keys has shape"),
+        "outlier_range": (lambda t: t["outlier_idx"].__setitem__((0, 0, 0, 0, 0), 99), None, "outlier_idx holds"),
+        "codebook": (lambda t: t["codebooks"].__setitem__((0, 0, 0), 3.0), None, "codebooks must hold"),
+        "no_outliers": (lambda t: (t.pop("outlier_idx"), t.pop("outlier_val")), None, "outlier tables"),
+        "rope_length": (lambda t: t["rope"].__setitem__((0, -1), 5.0), None, "context length"),
+    }
+    for name, (et, em, match) in cases.items():
+        q = tmp_path / f"{name}.safetensors"
+        low.save(q)
+        _rewrite(q, et, em)
+        with pytest.raises(SqueezedContextError, match=match):
+            SqueezedContext.load(q)
+
+
+def test_format_3_file_loads_as_16_bit(tmp_path, tiny):
+    from test_context_io import _rewrite
+
+    _, dense, _ = tiny
+    p = tmp_path / "old.safetensors"
+    dense.save(p)
+
+    def old(m):
+        m["format_version"] = 3
+        for k in ("kv_bits", "kv_datatype", "kv_outliers"):
+            m["config"].pop(k)
+
+    _rewrite(p, None, old)
+    assert json.loads(__import__("safetensors").safe_open(str(p), "pt").metadata()["sqz_meta"])["format_version"] == 3
+    back = SqueezedContext.load(p)
+    assert back.kv_bits == 16 and not back.quantized and torch.equal(back.keys, dense.keys)
+
+
+def test_size_table():
+    rows = {r["kv_bits"]: r for r in size_table()}
+    assert rows[16]["MB"] > rows[4]["MB"] > rows[3]["MB"] > rows[2]["MB"]
+    kv16 = context_bytes(131072, 32, 8, 128, 32)["kv"]
+    assert abs(kv16 - 2 * 32 * 8 * (131072 - 116) * 128 * 2) == 0
+    assert context_bytes(131072, 32, 8, 128, 32, kv_bits=4)["kv"] * 4 == kv16
+    out = subprocess.run([sys.executable, "-m", "sqz_compile.squeeze.quantize"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "kv_bits" in out and f"{rows[4]['MB']:,}" in out
+
+
+def test_low_bit_context_through_compile_export_and_onnx_refusal(tiny):
+    """The low-bit tensors travel as graph inputs of the compiled forward (a structure of their
+    own) and as buffers of torch.export; both give the same logits, close to the 16-bit
+    context's; ONNX export refuses with the fix."""
+    import sqz_compile
+    from sqz_compile import CompileConfig
+    from sqz_compile.compiled_forward import structure_key
+    from sqz_compile.export.program import export
+
+    from fixtures import user_ids
+
+    model, dense, low = tiny
+    assert structure_key(low) != structure_key(dense)
+    ids = user_ids(2, 5)
+    with torch.no_grad():
+        exported = export(model, low, (ids,)).module()(ids)
+        compiled = sqz_compile.compile(model, low, config=CompileConfig(inductor=False))(input_ids=ids).logits
+        full = sqz_compile.compile(model, dense, config=CompileConfig(inductor=False))(input_ids=ids).logits
+    exported = exported.logits if hasattr(exported, "logits") else exported
+    torch.testing.assert_close(compiled, exported, atol=1e-4, rtol=1e-4)
+    assert float((compiled - full).norm() / full.norm()) < 0.1
+    assert not torch.allclose(compiled, full, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="kv_bits=16"):
+        sqz_compile.export_onnx(model, low, (ids,), "unused.onnx")
