@@ -31,13 +31,18 @@ _EXPORTS = {
     "package": ".export",
     "save_exported": ".export",
     "squeeze": ".squeeze",
+    "save_compile_cache": ".compile_cache",
+    "load_compile_cache": ".compile_cache",
+    "CompileCacheMismatchError": ".compile_cache",
 }
 
 __all__ = ["SqueezeConfig", "CompileConfig", "SqueezedContext", "SqueezedModel", "squeeze", "compile", "export",
-           "export_onnx", "load_exported", "package", "save_exported", "ops"]
+           "export_onnx", "load_exported", "package", "save_exported", "ops", "save_compile_cache", "load_compile_cache",
+           "CompileCacheMismatchError"]
 
 if TYPE_CHECKING:
     from . import ops
+    from .compile_cache import CompileCacheMismatchError, load_compile_cache, save_compile_cache
     from .config import CompileConfig, SqueezeConfig
     from .context import SqueezedContext
     from .export import export, export_onnx, load_exported, package, save_exported

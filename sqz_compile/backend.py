@@ -11,7 +11,8 @@ Options:
   context    SqueezedContext (required)
   config     CompileConfig: block_q, strict, inductor (False: run the rewritten graph eagerly),
              mode (for callers that must pass it in options: torch.compile refuses mode and
-             options together), inductor_options. Default CompileConfig(): strict, so a layer the
+             options together), inductor_options, cache_dir (warm start across processes:
+             compile_cache.py). Default CompileConfig(): strict, so a layer the
              pass cannot rewrite is an error (SqueezeDenseError) naming it.
   model      the module being compiled, when Dynamo's frame does not show it (it is found
              automatically for torch.compile(model) and torch.compile(model.forward)); without
@@ -34,6 +35,7 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule
 
+from . import compile_cache
 from .config import resolve_compile_config
 from .context import SqueezedContext
 from .distributed import local_context
@@ -127,16 +129,21 @@ def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str
         on_report(report)
     inductor_options = dict(config.inductor_options)
     if not config.inductor:
-        if mode not in (None, "default") or inductor_options:
-            warnings.warn(f"sqz: inductor=False runs the graph eagerly; ignoring mode={mode!r} and Inductor "
-                          f"options {sorted(inductor_options)}", stacklevel=2)
+        if mode not in (None, "default") or inductor_options or config.cache_dir is not None:
+            warnings.warn(f"sqz: inductor=False runs the graph eagerly; ignoring mode={mode!r}, Inductor "
+                          f"options {sorted(inductor_options)} and cache_dir={config.cache_dir!r}", stacklevel=2)
         return gm
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**(list_mode_options(mode) if mode not in (None, "default") else {}), **inductor_options}
+    if config.cache_dir is not None:
+        compile_cache.load_once(config.cache_dir)
     with _opaque_ops() if is_skeleton(ctx) else contextlib.nullcontext():
-        return compile_fx(gm, example_inputs, config_patches=patches or None)
+        compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
+    if config.cache_dir is not None:
+        compile_cache.save_to(config.cache_dir)
+    return compiled
 
 
 def _opaque_ops() -> contextlib.AbstractContextManager:

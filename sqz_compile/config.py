@@ -3,6 +3,7 @@ package, export_onnx and the "sqz" backend), each one frozen dataclass holding e
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
@@ -155,6 +156,11 @@ class CompileConfig:
     dynamic, fullgraph: torch.compile's (compile).
     inductor_options: Inductor config options: torch.compile's `options` (compile, backend) or
         AOTInductor's `inductor_configs` (package), e.g. {"cpp.cxx": (None, "/usr/bin/g++")}.
+    cache_dir: warm start across processes (compile, backend; with inductor): a directory holding
+        the compiled code in one file per sqz_compile/torch/triton version
+        (`compile-<tag>.sqzcache`, see compile_cache.py), loaded before the first graph is
+        compiled and rewritten after each new one. Files of other versions are ignored, never
+        deleted. None (the default): Inductor's own caches only.
     """
 
     block_q: int = DEFAULT_BLOCK_Q
@@ -164,10 +170,18 @@ class CompileConfig:
     dynamic: bool | None = None
     fullgraph: bool = False
     inductor_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if int(self.block_q) < 1:
             raise ValueError(f"CompileConfig.block_q={self.block_q!r}: must be >= 1 query token")
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
+                raise ValueError(f"CompileConfig.cache_dir={self.cache_dir!r}: must be a directory path or None")
+            path = os.path.expanduser(os.fspath(self.cache_dir))
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ValueError(f"CompileConfig.cache_dir={self.cache_dir!r}: exists and is not a directory")
+            object.__setattr__(self, "cache_dir", path)
         # a private copy: changing the caller's dict later does not change a compiled model's config
         object.__setattr__(self, "inductor_options", dict(self.inductor_options))
 
