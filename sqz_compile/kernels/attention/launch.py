@@ -157,7 +157,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=pow2(d),
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
             IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
-            POS_LIST=use_pos, QBITS=qbits, NOUT=nout,
+            POS_LIST=use_pos, QBITS=qbits, NOUT=nout, EVEN_D=bool(qbits) and d == pow2(d),
             num_warps=cfg.num_warps, num_stages=_stages(cfg, qbits))
     if partial:
         rows = bsz * hq * m
