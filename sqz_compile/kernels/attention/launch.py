@@ -58,6 +58,14 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     return AttnConfig(bq, gp, block_n, split, warps, stages, pos_list)
 
 
+def _stages(cfg: AttnConfig, qbits: int) -> int:
+    """Software-pipeline depth of the attention launch: the config's for a 16-bit context; 1 for a
+    low-bit one, whose dependent gathers (packed words -> codebook) cp.async does not pipeline
+    anyway, and whose multi-stage buffers overflowed shared memory (prefill, 8 warps, 3 stages:
+    262400 B > 232448 B on H200)."""
+    return 1 if qbits else cfg.num_stages
+
+
 def _search_width(c: int) -> int:
     """Vector width of the two-level start-slot search: width**2 must cover C+1 slots."""
     w = 16
@@ -149,8 +157,8 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=pow2(d),
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
             IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
-            POS_LIST=use_pos, QBITS=qbits, NOUT=nout,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            POS_LIST=use_pos, QBITS=qbits, NOUT=nout, EVEN_D=bool(qbits) and d == pow2(d),
+            num_warps=cfg.num_warps, num_stages=_stages(cfg, qbits))
     if partial:
         rows = bsz * hq * m
         launch(_sa._merge_kernel, (rows,),

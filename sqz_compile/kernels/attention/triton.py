@@ -29,7 +29,7 @@ from __future__ import annotations
 from ..triton_common import HAS_TRITON
 
 if HAS_TRITON:
-    from ..quant.triton import dequant_key, dequant_value
+    from ..quant.triton import dequant_key_rows, dequant_value_rows
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
@@ -63,19 +63,22 @@ if HAS_TRITON:
     @triton.jit
     def _ctx_tile(Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
                   Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, NPOS, P, G, D,
-                  QBITS: tl.constexpr, NOUT: tl.constexpr, DT: tl.constexpr):
+                  QBITS: tl.constexpr, NOUT: tl.constexpr, DT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
         """K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] of the context keys at sorted positions
-        `pos` (stored, or packed low-bit dequantized in registers to dtype DT)."""
+        `pos` (stored, or packed low-bit dequantized in registers to dtype DT: rows of words
+        unpacked by shifts, keys rotated as [N, D] and transposed)."""
         if QBITS == 0:
             kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
                          mask=vvalid[None, :] & dmask[:, None], other=0.0)
             vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
                          mask=vvalid[:, None] & dmask[None, :], other=0.0)
         else:
-            kT = dequant_key(Kc, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos[None, :], vvalid[None, :],
-                             d[:, None], dmask[:, None], NPOS, P, D, QBITS, NOUT).to(DT)
-            vt = dequant_value(Vc, CB, VNorm, OIdx, OVal, h, pos[:, None], vvalid[:, None], d[None, :],
-                               dmask[None, :], NPOS, P, G, QBITS, NOUT).to(DT)
+            k = dequant_key_rows(Kc, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, vvalid, NPOS, P, D,
+                                 BLOCK_N, BLOCK_D, EVEN_D, QBITS, NOUT)
+            kT = tl.trans(k.to(DT))
+            vt = dequant_value_rows(Vc, CB, VNorm, OIdx, OVal, h, pos, vvalid, NPOS, P, G, D,
+                                    BLOCK_N, BLOCK_D, QBITS, NOUT).to(DT)
         return kT, vt
 
     @triton.jit
@@ -102,7 +105,7 @@ if HAS_TRITON:
         BQ: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
         IEEE: tl.constexpr, SEARCH: tl.constexpr, POS_LIST: tl.constexpr,
-        QBITS: tl.constexpr = 0, NOUT: tl.constexpr = 0,
+        QBITS: tl.constexpr = 0, NOUT: tl.constexpr = 0, EVEN_D: tl.constexpr = False,
     ):
         BLOCK_M: tl.constexpr = GP * BQ
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -154,7 +157,8 @@ if HAS_TRITON:
                 pos = tl.load(Pos + row * NPOS + v, mask=vvalid, other=0)
                 kT, vt = _ctx_tile(Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
                                    Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, NPOS, P, NLEV, D,
-                                   QBITS, NOUT, Q.dtype.element_ty)
+                                   QBITS, NOUT, Q.dtype.element_ty,
+                                   BLOCK_N, BLOCK_D, EVEN_D)
                 m_i, l_i, acc = _online_update(q, kT, vt, vvalid[None, :], zero_add, m_i, l_i,
                                                acc, qk_scale, False, IEEE)
         elif t0 < t1:
@@ -172,7 +176,8 @@ if HAS_TRITON:
             for t in range(t0, t1):
                 kT, vt = _ctx_tile(Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
                                    Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, NPOS, P, NLEV, D,
-                                   QBITS, NOUT, Q.dtype.element_ty)
+                                   QBITS, NOUT, Q.dtype.element_ty,
+                                   BLOCK_N, BLOCK_D, EVEN_D)
                 j = j + tl.sum((bnd <= (t + 1) * BLOCK_N).to(tl.int32), axis=0)
                 v_n = (t + 1) * BLOCK_N + kk
                 jb = j + 1 + kk

@@ -71,19 +71,88 @@ if HAS_TRITON:
         return tl.where(pok & cok, v, 0.0)
 
     @triton.jit
+    def _levels_rows(Pk, CB, h, pos, pok, N, P, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     QBITS: tl.constexpr):
+        """codebook[code] [BLOCK_N, BLOCK_D] of the packed rows (h, pos) (keys along rows). When
+        32 % QBITS == 0: one [BLOCK_N, BLOCK_D // VPW] word load, unpacked by shifts in registers
+        (code d at bits (d % VPW) * QBITS of word d // VPW: the reshape's row-major order);
+        3 bits: one word gather per entry."""
+        VPW: tl.constexpr = 32 // QBITS
+        d = tl.arange(0, BLOCK_D)
+        if (32 % QBITS == 0) and (BLOCK_D >= VPW):
+            NW: tl.constexpr = BLOCK_D // VPW
+            wi = tl.arange(0, NW)
+            w = tl.load(Pk + (h * N + pos)[:, None] * P + wi[None, :],
+                        mask=pok[:, None] & (wi[None, :] < P), other=0)
+            sh = tl.arange(0, VPW) * QBITS
+            code = (w[:, :, None] >> sh[None, None, :]) & ((1 << QBITS) - 1)
+            code = tl.reshape(code, [BLOCK_N, BLOCK_D])
+            return tl.load(CB + code)  # code < 2**QBITS: always in bounds (tiny, L1-resident)
+        else:
+            return _levels(Pk, CB, h, pos[:, None], pok[:, None], d[None, :], (d < D)[None, :],
+                           N, P, QBITS)
+
+    @triton.jit
+    def dequant_key_rows(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, pok, N, P, D,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                         QBITS: tl.constexpr, NOUT: tl.constexpr):
+        """float32 post-RoPE keys [BLOCK_N, BLOCK_D] (rows = keys at sorted positions `pos`).
+        EVEN_D (D == BLOCK_D): each entry dequantized once, the rotate_half halves split in
+        registers ([N, 2, D/2] -> two [N, D/2]) and rotated with cos/sin of [N, D/2] angles
+        (inv_freq repeats per half). Padded head dims pair channel j with j + D/2, not
+        j + BLOCK_D/2: they take `dequant_key` (partner dequantized by a second gather)."""
+        d = tl.arange(0, BLOCK_D)
+        cok = d < D
+        if EVEN_D:
+            HALF: tl.constexpr = BLOCK_D // 2
+            lev = _levels_rows(Pk, CB, h, pos, pok, N, P, D, BLOCK_N, BLOCK_D, QBITS)
+            sc = tl.load(KNorm + h * 2 * D + d)
+            off = tl.load(KNorm + h * 2 * D + D + d)
+            x = _fold_outliers(lev * sc[None, :] + off[None, :], OIdx, OVal, 0, h, pos[:, None],
+                               pok[:, None], d[None, :], N, NOUT)
+            x1, x2 = tl.split(tl.permute(tl.reshape(x, [BLOCK_N, 2, HALF]), (0, 2, 1)))
+            length = tl.load(Rope + D + 1).to(tl.int32)
+            mscale = tl.load(Rope + D)
+            rel = (tl.load(Perm + h * N + pos, mask=pok, other=0) - length).to(tl.float32)
+            ang = rel[:, None] * tl.load(Rope + tl.arange(0, HALF))[None, :]
+            c = tl.cos(ang)
+            s = tl.sin(ang)
+            y1 = (x1 * c - x2 * s) * mscale
+            y2 = (x2 * c + x1 * s) * mscale
+            k = tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), [BLOCK_N, BLOCK_D])
+            return tl.where(pok[:, None], k, 0.0)
+        else:
+            return dequant_key(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos[:, None], pok[:, None],
+                               d[None, :], cok[None, :], N, P, D, QBITS, NOUT)
+
+    @triton.jit
+    def dequant_value_rows(Pv, CB, VNorm, OIdx, OVal, h, pos, pok, N, P, G, D,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           QBITS: tl.constexpr, NOUT: tl.constexpr):
+        """float32 values [BLOCK_N, BLOCK_D]: per-token scale/offset loaded once per row."""
+        d = tl.arange(0, BLOCK_D)
+        lev = _levels_rows(Pv, CB + G, h, pos, pok, N, P, D, BLOCK_N, BLOCK_D, QBITS)
+        sc = tl.load(VNorm + (h * N + pos) * 2, mask=pok, other=0.0).to(tl.float32)
+        off = tl.load(VNorm + (h * N + pos) * 2 + 1, mask=pok, other=0.0).to(tl.float32)
+        v = _fold_outliers(lev * sc[:, None] + off[:, None], OIdx, OVal, 1, h, pos[:, None],
+                           pok[:, None], d[None, :], N, NOUT)
+        return tl.where(pok[:, None] & (d < D)[None, :], v, 0.0)
+
+    @triton.jit
     def _dequant_kernel(Pk, Pv, CB, KNorm, VNorm, OIdx, OVal, Perm, Rope, Kout, Vout, N, P, D, G,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                         QBITS: tl.constexpr, NOUT: tl.constexpr):
-        """Dense float32 K, V [H, N, D] of one layer (tests only: the hot path never writes them)."""
+        """Dense float32 K, V [H, N, D] of one layer through the row helpers the attention kernel
+        uses (tests only: the hot path never writes them)."""
         h = tl.program_id(1)
         pos = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         pok = pos < N
         cok = d < D
-        k = dequant_key(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos[:, None], pok[:, None], d[None, :],
-                        cok[None, :], N, P, D, QBITS, NOUT)
-        v = dequant_value(Pv, CB, VNorm, OIdx, OVal, h, pos[:, None], pok[:, None], d[None, :], cok[None, :],
-                          N, P, G, QBITS, NOUT)
+        k = dequant_key_rows(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, pok, N, P, D,
+                             BLOCK_N, BLOCK_D, EVEN_D, QBITS, NOUT)
+        v = dequant_value_rows(Pv, CB, VNorm, OIdx, OVal, h, pos, pok, N, P, G, D,
+                               BLOCK_N, BLOCK_D, QBITS, NOUT)
         o = (h * N + pos[:, None]) * D + d[None, :]
         tl.store(Kout + o, k, mask=pok[:, None] & cok[None, :])
         tl.store(Vout + o, v, mask=pok[:, None] & cok[None, :])
@@ -110,5 +179,5 @@ def dequantize_layer(keys, values, perm, rope, codebooks, key_norm, value_norm, 
            dummy if outlier_idx is None else outlier_idx.contiguous(),
            dummy.half() if outlier_val is None else outlier_val.contiguous(),
            perm.contiguous(), rope.contiguous(), kout, vout, n, p, d, g,
-           BLOCK_N=block_n, BLOCK_D=pow2(d), QBITS=g.bit_length() - 1, NOUT=nout)
+           BLOCK_N=block_n, BLOCK_D=pow2(d), EVEN_D=d == pow2(d), QBITS=g.bit_length() - 1, NOUT=nout)
     return kout, vout
