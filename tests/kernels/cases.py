@@ -145,10 +145,9 @@ def between(values: torch.Tensor, keep: float) -> float:
     return float(v[i - 1] + v[i]) / 2
 
 
-def coarse_threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tensor:
-    """A coarse log threshold keeping about `keep` of the coarse level's distinct block-max log
-    shares (float64, as the reference computes them; between two of them), so a hierarchical test
-    prunes some coarse clusters and keeps some."""
+def coarse_block_shares(cs: Case, block_q: int) -> torch.Tensor:
+    """float64 [B, H, NB, K]: each coarse cluster's block-max log share, as the reference computes
+    it (the coarse level keeps a cluster when this exceeds its threshold)."""
     from sqz_compile.kernels.lookup.reference import block_max, cluster_of, cluster_sizes, log_share, lookup_queries
 
     q = lookup_queries(cs.q.double(), cs.coarse_centroids.shape[-1], cs.scale)
@@ -159,8 +158,14 @@ def coarse_threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tens
     cn.scatter_add_(1, parent, cluster_sizes(cs.offsets).double())
     sc = torch.einsum("bhgmd,hkd->bhgmk", q.reshape(b, h, hq // h, m, d),
                       cs.coarse_centroids.double()) * cs.scale
-    best = block_max(log_share(sc, cn.log()[None, :, None, None, :]), block_q)
-    return torch.tensor(between(best, keep), dtype=torch.float32, device=cs.q.device)
+    return block_max(log_share(sc, cn.log()[None, :, None, None, :]), block_q)
+
+
+def coarse_threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tensor:
+    """A coarse log threshold keeping about `keep` of the coarse level's distinct block-max log
+    shares (float64, as the reference computes them; between two of them), so a hierarchical test
+    prunes some coarse clusters and keeps some."""
+    return torch.tensor(between(coarse_block_shares(cs, block_q), keep), dtype=torch.float32, device=cs.q.device)
 
 
 def assert_same_positions(fused, plain, n: int) -> None:
