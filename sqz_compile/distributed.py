@@ -31,7 +31,8 @@ import torch
 from .transformers_compat import UnsupportedModelError
 
 # context fields indexed by layer only: the same on every rank
-REPLICATED = ("log_threshold", "coarse_log_threshold")
+# per layer, not per KV head: every rank holds them whole (low-bit context: RoPE table, codebooks)
+REPLICATED = ("log_threshold", "coarse_log_threshold", "rope", "codebooks")
 
 
 class ShardMismatchError(ValueError):

@@ -148,3 +148,14 @@ def test_shard_rules_in_process():
     assert local_context(ctx, model) is ctx
     with pytest.raises(ShardMismatchError, match="2 KV heads, the tensor-parallel model 4"):
         shard_context(tiny_context(_model(kv_heads=2), **CONFIG)[1], KVShard(0, 2, 4))
+
+
+def test_low_bit_context_shards_per_head_fields_and_keeps_per_layer_ones_whole():
+    model = _model()
+    _, ctx = tiny_context(model, **CONFIG, kv_bits=4)
+    pieces = [shard_context(ctx, KVShard(r, 2, 4)) for r in range(2)]
+    for r, piece in enumerate(pieces):
+        piece.validate()
+        assert torch.equal(piece.rope, ctx.rope) and torch.equal(piece.codebooks, ctx.codebooks)
+        for name in ("keys", "perm", "key_norm", "value_norm"):
+            assert torch.equal(getattr(piece, name), getattr(ctx, name)[:, 2 * r:2 * r + 2]), name
