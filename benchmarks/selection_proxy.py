@@ -44,12 +44,12 @@ End-to-end check (--generate RULE ...): the greedy NIAH answer with a rule appli
 to every query row (prompt and answer, decode-style: each row its own selection of exactly K
 clustered keys, plus the always-attended and new keys; eager attention), hits per rule.
 
-    nice python benchmarks/selection_proxy.py                      # 9 cases at 2K (~5 min, 1 thread)
+    nice python benchmarks/selection_proxy.py --out /tmp/p.json    # 9 cases at 2K (~5 min, 1 thread)
     nice python benchmarks/selection_proxy.py --needles 0 --depths 0.5 --out /tmp/p.json  # smoke
-    nice python benchmarks/selection_proxy.py --needles 0 1 2 3 4 --generate variance key_oracle kbit2
+    nice python benchmarks/selection_proxy.py --needles 0 1 2 3 4 --generate variance key_oracle kbit2 --out /tmp/g.json
 
-Writes benchmarks/results/v10/selection_proxy.json (rewritten after every case), or with
---generate selection_proxy_generate.json.
+Writes --out (rewritten after every case); the published runs are results/v10/selection_proxy.json
+and selection_proxy_generate*.json.
 """
 from __future__ import annotations
 
@@ -484,16 +484,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--generate", nargs="+", default=None, metavar="RULE",
                     help="instead of the proxy: greedy NIAH answers with these rules applied in every layer "
-                         "(writes selection_proxy_generate.json unless --out is given)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "v10", "selection_proxy.json"))
+                         "(written to --out)")
+    ap.add_argument("--out", required=True,
+                    help="JSON to write (rewritten after every case; the published runs are "
+                         "results/v10/selection_proxy*.json: give another path to keep them)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     ratios_extra = sorted({int(r.split("_cr")[1]) / 100 for r in args.rules if "_cr" in r})
     model, tok = load_smollm2()
     if args.generate:
-        out = args.out if "--out" in (argv or sys.argv) else args.out.replace(".json", "_generate.json")
+        out = args.out
         recs = []
         for i in args.needles:
             for dep in args.depths:

@@ -37,6 +37,7 @@ _lock = threading.Lock()
 # files this process loaded through a cache_dir (loaded once)
 _earlier: dict[str, list[bytes]] = {}
 _loaded_dirs: set[str] = set()
+_saved_at: dict[str, int] = {}  # per cache file: fresh compiles counted at its last save (or load)
 
 
 class CompileCacheMismatchError(ValueError):
@@ -179,6 +180,7 @@ def load_once(cache_dir: PathLike) -> CompileCacheInfo | None:
         if str(p) in _loaded_dirs:
             return None
         _loaded_dirs.add(str(p))
+        _saved_at[str(p)] = _misses()  # nothing to save until this process compiles a graph itself
     if not p.is_file():
         return None
     try:
@@ -188,10 +190,24 @@ def load_once(cache_dir: PathLike) -> CompileCacheInfo | None:
         return None
 
 
+def _misses() -> int:
+    """Graphs this process compiled fresh so far (Inductor FX-graph and AOTAutograd cache misses)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_miss"]) + int(counters["aot_autograd"]["autograd_cache_miss"])
+
+
 def save_to(cache_dir: PathLike) -> None:
-    """CompileConfig(cache_dir=...) after compiling a graph: save this key's file. A failure to
-    write is a warning, not an error (the compiled model works)."""
+    """CompileConfig(cache_dir=...) after compiling a graph: save this key's file when the process
+    compiled something fresh since the last save (torch records again what a compile took from the
+    cache: saving after a hit would append a second copy of it). A failure to write is a warning,
+    not an error (the compiled model works)."""
     p = cache_file(cache_dir)
+    with _lock:
+        misses = _misses()
+        if _saved_at.get(str(p)) == misses:
+            return
+        _saved_at[str(p)] = misses
     try:
         save_compile_cache(p)
     except (ValueError, OSError) as e:

@@ -120,12 +120,15 @@ class SqueezeConfig:
                 bad("max_dropped_mass", "and budget are two selection modes: set one of them")
         if int(self.dense_layers) < 0:
             bad("dense_layers", "must be >= 0 (leading layers that attend to the whole context)")
-        if int(self.kv_bits) not in (16, 4, 3, 2):
+        if isinstance(self.kv_bits, bool) or not isinstance(self.kv_bits, int) or self.kv_bits not in (16, 4, 3, 2):
             bad("kv_bits", "must be 16 (model dtype), 4, 3 or 2 (low-bit context K/V)")
         if self.kv_datatype not in ("nuq", "int"):
             bad("kv_datatype", 'must be "nuq" (fitted codebook) or "int" (uniform levels)')
         if not 0.0 <= float(self.kv_outliers) < 0.5:
             bad("kv_outliers", "must lie in [0, 0.5) (fraction of K/V entries kept in float16)")
+        if self.kv_bits != 16 and self.max_dropped_mass is not None:
+            bad("max_dropped_mass", "needs kv_bits=16: its certificate bounds the stored keys, and low-bit "
+                "keys differ from them by the quantization error")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -41,7 +41,7 @@ packed_words(D, kv_bits), E = outliers per row:
   key_norm            [layers, H, 2, D]  float32 per-channel (scale, offset): k = level*scale+offset
   value_norm          [layers, H, N, 2]  float16 per-token (scale, offset)
   outlier_idx/_val    [layers, H, N, 2, E] int16 channel / float16 value (keys, values): entries
-                                         kept exactly (absent when E = 0)
+                                         kept in float16 (absent when E = 0)
 
 Positions: keys are rotated for positions p - L (relative to the end of the context), so the
 user's tokens keep their natural positions 0, 1, ... RoPE depends only on relative position, so

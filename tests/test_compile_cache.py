@@ -52,6 +52,7 @@ def test_second_process_loads_the_cache_and_compiles_nothing(tmp_path):
     assert cold["inductor"].get("fxgraph_cache_miss", 0) >= 1 and not cold["inductor"].get("fxgraph_cache_hit")
     files = os.listdir(cache)
     assert files == [compile_cache.cache_file(cache).name]
+    size = compile_cache.cache_file(cache).stat().st_size
     # another process with an empty Inductor cache directory: only the saved file can answer
     warm = ask(cache, str(tmp_path / "inductor_b"))
     assert warm["inductor"].get("fxgraph_cache_miss", 0) == 0, warm
@@ -59,6 +60,10 @@ def test_second_process_loads_the_cache_and_compiles_nothing(tmp_path):
     assert warm["aot"].get("autograd_cache_miss", 0) == 0 and warm["aot"]["autograd_cache_hit"] >= 1
     assert warm["tokens"] == cold["tokens"]
     assert os.listdir(cache) == files
+    # the warm process compiled nothing new: the file is not rewritten with a second copy
+    assert compile_cache.cache_file(cache).stat().st_size == size
+    ask(cache, str(tmp_path / "inductor_c"))
+    assert compile_cache.cache_file(cache).stat().st_size == size
 
 
 def fake_cache(path, **key_changes) -> None:

@@ -149,7 +149,9 @@ def _normalise(x: torch.Tensor, keep: torch.Tensor, dim: int) -> tuple[torch.Ten
     lo = torch.where(keep, x, torch.full_like(x, math.inf)).amin(dim, keepdim=True)
     none = ~torch.isfinite(hi)
     hi, lo = torch.where(none, 0.0, hi), torch.where(none, 0.0, lo)
-    return ((hi - lo) / 2).clamp_min(1e-8), (hi + lo) / 2
+    # at least float16's smallest normal: value scales are stored in float16, and a constant row
+    # (hi == lo) must dequantize to its offset, not divide by a scale rounded to 0
+    return ((hi - lo) / 2).clamp_min(2.0 ** -14), (hi + lo) / 2
 
 
 def fit_codebook(y: torch.Tensor, w: torch.Tensor, bits: int, datatype: str, iters: int = 30,
@@ -223,7 +225,9 @@ def low_bit_fields(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
     [layers, H, N, D], their context positions [layers, H, N] and token weights."""
     bits, dt, frac = int(config.kv_bits), config.kv_datatype, float(config.kv_outliers)
     layers, H, N, D = keys.shape
-    pre = torch.empty(keys.shape, dtype=torch.float64, device=keys.device)
+    # float32 scratch (quantize_rows works in float64 one layer at a time): 17 GB, not 34, at 128K
+    # tokens of Llama-3-8B shapes
+    pre = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
     for i in range(layers):  # pre-RoPE keys: undo the rotation at each key's position p - L
         cos, sin = rope.cos_sin(positions[i].long() - context_length)
         pre[i] = invert_rope(keys[i], cos, sin)

@@ -60,6 +60,31 @@ def test_quantize_dequantize_within_bound(datatype, bits, per_channel):
         assert torch.allclose(q.codebook[0], torch.linspace(-1, 1, 1 << bits))
 
 
+@pytest.mark.parametrize("per_channel", [True, False], ids=["keys", "values"])
+def test_constant_rows_and_channels_dequantize_to_themselves(per_channel):
+    """A constant value row (or key channel) has zero range: it must come back as its value, and
+    not turn the layer's fitted codebook into NaN (a scale rounded to 0 in float16)."""
+    x = _heavy((1, 2, 33, 16))
+    if per_channel:
+        x[..., 5] = 0.37
+    else:
+        x[:, :, 7] = -1.25
+    q = quantize_rows(x, torch.rand(1, 2, 33), 4, "nuq", 0.0, per_channel)
+    assert bool(torch.isfinite(q.codebook).all())
+    y = dequantize_rows((q.packed, q.codebook, q.norm, q.outlier_idx, q.outlier_val), 4, 16, per_channel)
+    assert bool(torch.isfinite(y).all())
+    const = y[..., 5] if per_channel else y[:, :, 7]
+    torch.testing.assert_close(const, x[..., 5].double() if per_channel else x[:, :, 7].double(),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_config_refuses_fractional_bits_and_bounded_low_bit():
+    with pytest.raises(ValueError, match="kv_bits"):
+        SqueezeConfig(kv_bits=4.7)
+    with pytest.raises(ValueError, match="max_dropped_mass.*kv_bits=16"):
+        SqueezeConfig(kv_bits=4, max_dropped_mass=0.05)
+
+
 @pytest.mark.parametrize("bits", [3, 2])
 def test_nuq_lowers_weighted_error_against_int(bits):
     """The nuq codebook is Lloyd's iteration from the uniform grid on the same weighted entries:

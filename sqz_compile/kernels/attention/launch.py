@@ -96,6 +96,8 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     h, n_ctx, words = ctx_keys.shape
     g = hq // h
     qargs, qbits, nout = _quant_args(quant, ctx_keys, ctx_values, d)
+    if qbits:  # the dequant helpers address packed rows as (h * N + pos) * words: no strides
+        ctx_keys, ctx_values = ctx_keys.contiguous(), ctx_values.contiguous()
     s = k_new.shape[2]
     w = window_keys.shape[1]
     c = sel.delta.shape[1] if sel.delta is not None else 1
