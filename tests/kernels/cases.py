@@ -148,17 +148,10 @@ def between(values: torch.Tensor, keep: float) -> float:
 def coarse_block_shares(cs: Case, block_q: int) -> torch.Tensor:
     """float64 [B, H, NB, K]: each coarse cluster's block-max log share, as the reference computes
     it (the coarse level keeps a cluster when this exceeds its threshold)."""
-    from sqz_compile.kernels.lookup.reference import block_max, cluster_of, cluster_sizes, log_share, lookup_queries
+    from sqz_compile.kernels.lookup.reference import coarse_log_shares
 
-    q = lookup_queries(cs.q.double(), cs.coarse_centroids.shape[-1], cs.scale)
-    b, hq, m, d = q.shape
-    h, c = cs.centroids.shape[:2]
-    parent = cluster_of(cs.coarse_offsets.long(), c)
-    cn = torch.zeros(h, cs.coarse_centroids.shape[1], dtype=torch.float64, device=q.device)
-    cn.scatter_add_(1, parent, cluster_sizes(cs.offsets).double())
-    sc = torch.einsum("bhgmd,hkd->bhgmk", q.reshape(b, h, hq // h, m, d),
-                      cs.coarse_centroids.double()) * cs.scale
-    return block_max(log_share(sc, cn.log()[None, :, None, None, :]), block_q)
+    return coarse_log_shares(cs.q.double(), cs.centroids, cs.offsets, cs.coarse_centroids, cs.coarse_offsets,
+                             cs.scale, block_q)
 
 
 def coarse_threshold_for_keep(cs: Case, keep: float, block_q: int) -> torch.Tensor:

@@ -137,8 +137,8 @@ def best_log_shares(q, centroids, offsets, scale, block_q, coarse_centroids=None
 
     if coarse_centroids is not None:
         parent = _parent_of_fine(coarse_offsets, c)  # [H, C]
-        ckeep, cscores, log_cn = _coarse_keep(qg, coarse_centroids.to(work), parent, sizes,
-                                              coarse_log_threshold.to(work), scale, block_q)
+        cbest, cscores, log_cn = _coarse_terms(qg, coarse_centroids.to(work), parent, sizes, scale, block_q)
+        ckeep = cbest > coarse_log_threshold.to(work)
         # Expand the per-block coarse decision to each query row and to fine children.
         ckeep_q = ckeep.repeat_interleave(block_q, dim=2)[:, :, :m]  # [B, H, M, Cc]
         kept_child = torch.gather(
@@ -157,15 +157,30 @@ def best_log_shares(q, centroids, offsets, scale, block_q, coarse_centroids=None
     return block_max(shares, block_q)
 
 
-def _coarse_keep(qg, coarse_centroids, parent, sizes, thr, scale, block_q):
-    """The coarse level's decision: (keep [B, H, NB, Cc], scores [B, H, G, M, Cc], log sizes
-    [1, H, 1, 1, Cc]); a coarse cluster's size is the keys under its fine children."""
+def _coarse_terms(qg, coarse_centroids, parent, sizes, scale, block_q):
+    """The coarse level: (block-max log shares [B, H, NB, Cc], which its threshold compares;
+    scores [B, H, G, M, Cc]; log sizes [1, H, 1, 1, Cc]); a coarse cluster's size is the keys
+    under its fine children."""
     h = coarse_centroids.shape[0]
     coarse_n = torch.zeros(h, coarse_centroids.shape[1], dtype=sizes.dtype, device=sizes.device)
     coarse_n.scatter_add_(1, parent.long(), sizes)
     log_cn = coarse_n.log()[None, :, None, None, :]
     cscores = torch.einsum("bhgmd,hkd->bhgmk", qg, coarse_centroids) * scale
-    return block_max(log_share(cscores, log_cn), block_q) > thr, cscores, log_cn
+    return block_max(log_share(cscores, log_cn), block_q), cscores, log_cn
+
+
+def coarse_log_shares(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
+                      coarse_centroids: torch.Tensor, coarse_offsets: torch.Tensor, scale: float,
+                      block_q: int) -> torch.Tensor:
+    """[B, H, NB, Cc]: each coarse cluster's block-max log share (float64 for float64 q); the
+    coarse level keeps the clusters above its threshold."""
+    q = lookup_queries(q, centroids.shape[-1], scale)
+    b, hq, m, d = q.shape
+    h, c, _ = centroids.shape
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    best, _, _ = _coarse_terms(q.to(work).reshape(b, h, hq // h, m, d), coarse_centroids.to(work),
+                               _parent_of_fine(coarse_offsets, c), cluster_sizes(offsets).to(work), scale, block_q)
+    return best
 
 
 def listed_children_reference(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
@@ -174,15 +189,12 @@ def listed_children_reference(q: torch.Tensor, centroids: torch.Tensor, offsets:
                               block_q: int) -> torch.Tensor:
     """Bool [B, H, NB, C]: the fine clusters the hierarchical lookup scores (children of the
     kept coarse clusters), for the listing tests and the benchmark's listed fraction."""
-    q = lookup_queries(q, centroids.shape[-1], scale)
-    b, hq, m, d = q.shape
-    h, c, _ = centroids.shape
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    thr = pick_threshold(coarse_log_threshold, m).reshape(()).to(work)
+    best = coarse_log_shares(q, centroids, offsets, coarse_centroids, coarse_offsets, scale, block_q)
+    thr = pick_threshold(coarse_log_threshold, q.shape[2]).reshape(()).to(best.dtype)
+    b, h, nb, _ = best.shape
+    c = centroids.shape[1]
     parent = _parent_of_fine(coarse_offsets, c)
-    ckeep, _, _ = _coarse_keep(q.to(work).reshape(b, h, hq // h, m, d), coarse_centroids.to(work),
-                               parent, cluster_sizes(offsets).to(work), thr, scale, block_q)
-    return torch.gather(ckeep, 3, parent.long()[None, :, None, :].expand(b, h, ckeep.shape[2], c))
+    return torch.gather(best > thr, 3, parent.long()[None, :, None, :].expand(b, h, nb, c))
 
 
 def logit_bounds(q: torch.Tensor, centroids: torch.Tensor, radii: torch.Tensor, scale: float) -> torch.Tensor:
