@@ -248,7 +248,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_hint: str) -> None:
 
 
 def _squeeze_args(p: argparse.ArgumentParser) -> None:
-    from .config import SqueezeConfig
+    from .config import KV_BITS, KV_DATATYPES, SqueezeConfig
 
     d = SqueezeConfig()
     p.add_argument("text", help="text file holding the fixed context (UTF-8)")
@@ -275,10 +275,10 @@ def _squeeze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"random seed of the K-means clustering: the same seed gives the same context file "
                         f"(default {d.seed})")
-    p.add_argument("--kv-bits", type=int, choices=(16, 4, 3, 2), default=d.kv_bits,
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=d.kv_bits,
                    help="bits per stored context key/value entry: 16 (model dtype) or 4, 3, 2 (KVQuant-style "
                         f"low-bit; default {d.kv_bits})")
-    p.add_argument("--kv-datatype", choices=("nuq", "int"), default=d.kv_datatype,
+    p.add_argument("--kv-datatype", choices=KV_DATATYPES, default=d.kv_datatype,
                    help=f"low-bit levels: nuq (fitted codebook) or int (uniform) (default {d.kv_datatype})")
     p.add_argument("--kv-outliers", type=float, default=d.kv_outliers,
                    help=f"low-bit: fraction of K/V entries kept in float16 (default {d.kv_outliers})")

@@ -12,6 +12,11 @@ from typing import Any, Mapping
 DEFAULT_BLOCK_Q = 64
 
 
+# the low-bit context choices (squeeze/quantize.py): bits per stored K/V entry, 16 = model dtype
+KV_BITS = (16, 4, 3, 2)
+KV_DATATYPES = ("nuq", "int")
+
+
 @dataclass(frozen=True)
 class SqueezeConfig:
     """How a fixed context is squeezed.
@@ -120,9 +125,9 @@ class SqueezeConfig:
                 bad("max_dropped_mass", "and budget are two selection modes: set one of them")
         if int(self.dense_layers) < 0:
             bad("dense_layers", "must be >= 0 (leading layers that attend to the whole context)")
-        if isinstance(self.kv_bits, bool) or not isinstance(self.kv_bits, int) or self.kv_bits not in (16, 4, 3, 2):
+        if isinstance(self.kv_bits, bool) or not isinstance(self.kv_bits, int) or self.kv_bits not in KV_BITS:
             bad("kv_bits", "must be 16 (model dtype), 4, 3 or 2 (low-bit context K/V)")
-        if self.kv_datatype not in ("nuq", "int"):
+        if self.kv_datatype not in KV_DATATYPES:
             bad("kv_datatype", 'must be "nuq" (fitted codebook) or "int" (uniform levels)')
         if not 0.0 <= float(self.kv_outliers) < 0.5:
             bad("kv_outliers", "must lie in [0, 0.5) (fraction of K/V entries kept in float16)")

@@ -394,8 +394,6 @@ class SqueezedContext:
         from .squeeze.quantize import outliers_per_row, packed_words
 
         bits = self.kv_bits
-        if self.config.kv_datatype not in ("nuq", "int"):
-            bad(f"unknown kv_datatype {self.config.kv_datatype!r}")
         want("keys", (layers, H, N, packed_words(D, bits)), torch.int32)
         want("rope", (layers, D + 2), torch.float32)
         want("codebooks", (layers, 2, 1 << bits), torch.float32)

@@ -11,6 +11,7 @@ import time
 from typing import Any, Sequence
 
 from .needles import NEEDLES
+from ..config import KV_BITS, KV_DATATYPES
 from .settings import LOOKUPS, MODES, EvalSettings
 
 
@@ -68,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-layers", type=int, default=d.dense_layers,
                    help=f"SqueezeConfig.dense_layers: leading layers attending to the whole context "
                         f"(default {d.dense_layers})")
-    p.add_argument("--kv-bits", type=int, choices=(16, 4, 3, 2), default=d.kv_bits,
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=d.kv_bits,
                    help=f"SqueezeConfig.kv_bits: bits per stored context K/V entry (default {d.kv_bits})")
-    p.add_argument("--kv-datatype", choices=("nuq", "int"), default=d.kv_datatype,
+    p.add_argument("--kv-datatype", choices=KV_DATATYPES, default=d.kv_datatype,
                    help=f"SqueezeConfig.kv_datatype for --kv-bits < 16 (default {d.kv_datatype})")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",

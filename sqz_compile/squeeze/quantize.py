@@ -32,8 +32,8 @@ import torch
 from ..kernels.quant.reference import (apply_rope, dequantize_context, dequantize_rows,  # noqa: F401
                                       packed_words, per_word, rotate_half, unpack)
 
-KV_BITS = (16, 4, 3, 2)
-KV_DATATYPES = ("nuq", "int")
+from ..config import KV_BITS
+
 # entries of one normalised dimension sampled for the nuq codebook fit (per layer)
 _FIT_SAMPLES = 1 << 20
 

@@ -1,9 +1,11 @@
 """Triton dequantization of a low-bit context's K/V in registers (reference: quant/reference.py).
 
-The attention kernel (attention/triton.py, QBITS > 0) calls `dequant_key` / `dequant_value` on a
-tile of sorted key positions; `_dequant_kernel` runs the same helpers alone, for the tests.
-Arguments are 2-D broadcastable index tensors: `pos`/`pok` (sorted key rows, valid) and
-`chan`/`cok` (channels, valid), so one helper serves the K^T [D, N] and V [N, D] tile orientations.
+The attention kernel (attention/triton.py, QBITS > 0) calls `dequant_key_rows` /
+`dequant_value_rows` on a tile of BLOCK_N keys at sorted positions `pos` (rows = keys);
+`_dequant_kernel` runs the same helpers alone, for the tests. The per-entry helpers (`_levels`,
+`dequant_key`) serve what the row fast path does not: 3-bit words (32 % 3 != 0) and padded head
+dims (rotate_half pairs j with j + D/2, not j + BLOCK_D/2); their index arguments are 2-D
+broadcastable (`pos`/`pok` rows and validity, `chan`/`cok` channels and validity).
 Per-layer tensors are contiguous: packed codes [H, N, P] int32, codebooks [2, G] float32,
 key_norm [H, 2, D] float32, value_norm [H, N, 2] float16, outliers [H, N, 2, E], perm [H, N]
 int32, rope [D + 2] float32 (inv_freq per channel, attention scaling, context length).
@@ -59,16 +61,6 @@ if HAS_TRITON:
         sgn = tl.where(chan < half, -1.0, 1.0)
         k = (x * tl.cos(ang) + sgn * xp * tl.sin(ang)) * mscale
         return tl.where(pok & cok, k, 0.0)
-
-    @triton.jit
-    def dequant_value(Pv, CB, VNorm, OIdx, OVal, h, pos, pok, chan, cok, N, P, G,
-                      QBITS: tl.constexpr, NOUT: tl.constexpr):
-        """float32 value entries: codebook level * per-token scale + offset, outliers folded in."""
-        lev = _levels(Pv, CB + G, h, pos, pok, chan, cok, N, P, QBITS)
-        sc = tl.load(VNorm + (h * N + pos) * 2, mask=pok, other=0.0).to(tl.float32)
-        off = tl.load(VNorm + (h * N + pos) * 2 + 1, mask=pok, other=0.0).to(tl.float32)
-        v = _fold_outliers(lev * sc + off, OIdx, OVal, 1, h, pos, pok, chan, N, NOUT)
-        return tl.where(pok & cok, v, 0.0)
 
     @triton.jit
     def _levels_rows(Pk, CB, h, pos, pok, N, P, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
