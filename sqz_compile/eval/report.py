@@ -110,6 +110,11 @@ def write_markdown(result: dict, path: str) -> None:
              "64 query tokens / per decoded token (the always-attended window, sinks and dense tokens "
              "come on top); "
              "mass recall = Σp(lookup keys)/Σp(oracle keys); key recall = |lookup ∩ oracle|/|oracle|.",
+             *([f"The context K/V are stored in {bits} bits here: the dense NIAH row (and the answer "
+                "agreement/KL measured against it) is dense attention over the dequantized context K/V, "
+                "the reference point for the quantization alone; dense PPL is the model's own forward "
+                "over the full text. Compare with a kv_bits=16 run for dense attention itself."]
+               if (bits := int(meta.get("settings", {}).get("kv_bits", 16))) < 16 else []),
              "",
              *(["## Findings", "", meta["notes"].strip(), "", "## Results", ""] if meta.get("notes") else []),
              "| context | method | keep | lookup | mode | NIAH hits | answer agree | answer KL | PPL | ΔPPL | "
