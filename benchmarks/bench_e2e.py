@@ -160,6 +160,20 @@ def inductor_cache_counts() -> dict[str, int]:
     return {k: int(counters["inductor"][k]) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
 
 
+def compile_seconds() -> dict[str, float]:
+    """Dynamo's compile-time metrics so far (seconds per stage: bytecode_tracing,
+    OutputGraph.call_user_compiler = the backend with Inductor, build_guards, ...)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {k: sum(v) for k, v in compilation_time_metrics.items()}
+
+
+def since(before: dict[str, float]) -> dict[str, float]:
+    """compile_seconds() minus `before`, the stages that took at least 10 ms."""
+    now = compile_seconds()
+    return {k: round(v - before.get(k, 0.0), 2) for k, v in now.items() if v - before.get(k, 0.0) >= 0.01}
+
+
 def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) -> dict[str, Any]:
     """Compile to first token (cold unless this model was compiled before; then warm), then the
     timed generates; the graphs compiled at each stage."""
@@ -185,18 +199,20 @@ def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) ->
         out["compile_to_first_token_inductor"] = {k: v - c0[k] for k, v in inductor_cache_counts().items()}
         stage(f"sqz: first token after {out['compile_to_first_token_s']:.1f} s "
               f"({out['compile_to_first_token_inductor']})")
-    g0 = graphs()
+    g0, t0 = graphs(), compile_seconds()
     stage("sqz: first generate (compiles unless compiled before)")
-    # prefill, the first decode step and the next (Inductor compiles the decode once more when the
-    # cache's layout first changes: tests/test_compile_once.py counts 2-3 graphs)
+    # prefill, the first decode step and the next (two graphs: tests/test_compile_once.py)
     first, _ = timed(lambda: gen(3), dev)
-    out.update(first_generate_s=first, first_generate_graphs=graphs() - g0)
+    out.update(first_generate_s=first, first_generate_graphs=graphs() - g0, first_generate_compile=since(t0))
+    stage(f"sqz: first generate {first:.1f} s, {out['first_generate_graphs']} graphs, where: "
+          f"{ {k: v for k, v in out['first_generate_compile'].items() if v >= 1.0} }")
     if not compiled_before and not args.warm_cache:  # --warm-cache: the second process is the warm run
         torch._dynamo.reset()  # a new process with warm on-disk caches, as far as one process can tell
         stage(f"sqz: cold {first:.1f} s; warm compile")
-        g0 = graphs()
+        g0, t0 = graphs(), compile_seconds()
         out["compile_warm_s"] = timed(lambda: gen(3), dev)[0]
         out["compile_warm_graphs"] = graphs() - g0
+        out["compile_warm_compile"] = since(t0)
     g0 = graphs()
     stage("sqz: timing")
     with Peak(dev) as peak:

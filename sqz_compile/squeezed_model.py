@@ -28,7 +28,7 @@ from .context import SqueezedContext, check_for_model
 from .distributed import local_context
 from .passes.rewrite import (ContextMismatchError, DenseNotice, RewriteReport, SqueezeDenseError, model_reasons,
                              refuse_or_warn, uncovered)
-from .transformers_compat import check_positions, model_config, num_layers, passed_cache
+from .transformers_compat import check_positions, make_cache_contiguous, model_config, num_layers, passed_cache
 
 
 class SqueezedModel:
@@ -54,7 +54,7 @@ class SqueezedModel:
                                   True if config.dynamic is None else config.dynamic, config.fullgraph)
         self.reports: list[RewriteReport] = compiled.reports  # every graph of that compiled forward
         self._checked = len(self.reports)
-        self._forward = functools.partial(compiled, graph_inputs(ctx))
+        self._forward = functools.partial(_forward_with_cache_layout, compiled, graph_inputs(ctx))
 
     # ------------------------------------------------------------------ calls
 
@@ -142,6 +142,14 @@ class SqueezedModel:
         self._checked = len(self.reports)
         missing = uncovered(self.report, num_layers(model_config(self.model)))
         refuse_or_warn(missing, strict=self.compile_config.strict, notice=self._notice)
+
+
+def _forward_with_cache_layout(compiled: Any, context: list, *args: Any, **kwargs: Any) -> Any:
+    """The compiled forward, then the cache it filled stored contiguously (one decode graph, not two:
+    transformers_compat.make_cache_contiguous)."""
+    out = compiled(context, *args, **kwargs)
+    make_cache_contiguous(passed_cache(kwargs))
+    return out
 
 
 def compile(model: torch.nn.Module, ctx: SqueezedContext, config: CompileConfig | None = None,

@@ -399,6 +399,19 @@ def cache_layer(cache: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache[i][0], cache[i][1]
 
 
+def make_cache_contiguous(cache: Any) -> None:
+    """Store a dynamic cache's K/V contiguously. A prefill leaves each layer holding its keys in
+    the projection's transposed layout; the first decode step's concatenation makes them
+    contiguous, and Inductor, which guards on the strides it compiled for, would compile the
+    decode graph a second time. Copies only the user's tokens' K/V, once after a prefill."""
+    for layer in getattr(cache, "layers", ()):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if isinstance(keys, torch.Tensor) and not keys.is_contiguous():
+            layer.keys = keys.contiguous()
+        if isinstance(values, torch.Tensor) and not values.is_contiguous():
+            layer.values = values.contiguous()
+
+
 def drop_cache_layer(cache: Any, i: int) -> None:
     """Free layer i of the cache as soon as it has been copied out (long contexts are big)."""
     if hasattr(cache, "layers"):
