@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct and essay text instead of the 8B shape")
     p.add_argument("--skip-dense", action="store_true", help="skip transformers' default generate (slow at 128K)")
     p.add_argument("--sqz-only", action="store_true", help="skip both dense peers")
+    p.add_argument("--dense-max-batch", type=int,
+                   help="run transformers' default generate only up to this batch (it prefills the whole "
+                        "context again for every row: minutes at 128K x 8)")
     p.add_argument("--warm-cache", metavar="DIR",
                    help="CompileConfig(cache_dir=DIR): run twice, the second process starts warm (see above)")
     p.add_argument("--seed", type=int, default=0)
@@ -413,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             compiled = True
             skipped = {"error": "skipped"}
             row["dense_prefix"] = skipped if args.sqz_only else run_dense_prefix(model, ctx_ids, questions, args)
-            row["dense"] = skipped if args.skip_dense or args.sqz_only else run_dense(model, ctx_ids, questions, args)
+            skip_dense = args.skip_dense or args.sqz_only or (args.dense_max_batch is not None and b > args.dense_max_batch)
+            row["dense"] = skipped if skip_dense else run_dense(model, ctx_ids, questions, args)
             rows.append(row)
             write(rows, args, dtype, out_dir)  # after every row: a run cut short keeps what it measured
             print(json.dumps({k: row[k] for k in ("context", "batch")} | {"sqz": row["sqz"]}), flush=True)
