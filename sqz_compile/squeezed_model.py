@@ -28,7 +28,8 @@ from .context import SqueezedContext, check_for_model
 from .distributed import local_context
 from .passes.rewrite import (ContextMismatchError, DenseNotice, RewriteReport, SqueezeDenseError, model_reasons,
                              refuse_or_warn, uncovered)
-from .transformers_compat import check_positions, make_cache_contiguous, model_config, num_layers, passed_cache
+from .transformers_compat import (cache_kwargs, check_positions, make_cache_contiguous, mark_static_cache, model_config,
+                                  num_layers, passed_cache, reusable_static_cache)
 
 
 class SqueezedModel:
@@ -82,6 +83,11 @@ class SqueezedModel:
         total = n + int(new) if new is not None else int(kwargs.get("max_length", gc.max_length))
         self._check_length(total, "prompt + new tokens")
         kwargs.setdefault("disable_compile", True)  # our compiled forward, not transformers' auto-compile
+        if kwargs.get("cache_implementation") == "static" and passed_cache(kwargs) is None and input_ids is not None:
+            cache = reusable_static_cache(self.model, input_ids.shape[0], total)
+            if cache is not None:
+                del kwargs["cache_implementation"]
+                kwargs.update(cache_kwargs(self.model, cache))
         with self._installed():
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -145,10 +151,13 @@ class SqueezedModel:
 
 
 def _forward_with_cache_layout(compiled: Any, context: list, *args: Any, **kwargs: Any) -> Any:
-    """The compiled forward, then the cache it filled stored contiguously (one decode graph, not two:
-    transformers_compat.make_cache_contiguous)."""
+    """The compiled forward, then the cache it filled made ready for the decode graph: a dynamic
+    cache stored contiguously (one decode graph, not two), a static one's tensors tagged as fixed
+    addresses (CUDA graphs not skipped). See transformers_compat."""
     out = compiled(context, *args, **kwargs)
-    make_cache_contiguous(passed_cache(kwargs))
+    cache = passed_cache(kwargs)
+    make_cache_contiguous(cache)
+    mark_static_cache(cache)
     return out
 
 

@@ -412,6 +412,47 @@ def make_cache_contiguous(cache: Any) -> None:
             layer.values = values.contiguous()
 
 
+def mark_static_cache(cache: Any) -> None:
+    """Tag a static cache's tensors as fixed addresses, unguarded: CUDA graphs may mutate them in
+    place, and another cache (another batch size) re-records the graph instead of recompiling it.
+    transformers tags them (guarded) only when it allocates them outside a compiled region; a cache
+    first filled inside the compiled prefill is not tagged, and CUDA graphs then skip the decode."""
+    for layer in getattr(cache, "layers", ()):
+        if not hasattr(layer, "max_cache_len") or not getattr(layer, "is_initialized", True):
+            continue
+        for name in ("keys", "values", "cumulative_length"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and getattr(t, "_dynamo_static_input_type", None) != "unguarded":
+                torch._dynamo.mark_static_address(t, guard=False)
+
+
+def reusable_static_cache(model: torch.nn.Module, batch: int, total: int, keep: int = 4) -> Any:
+    """A StaticCache for `batch` rows of up to `total` tokens, allocated once per (batch, length
+    bucket: a power of two >= 256) on the model and reset when reused, so CUDA graphs replay at the
+    same addresses question after question (transformers' generate allocates a new one per call).
+    It holds only the user's tokens. None when transformers cannot allocate it up front."""
+    init_shape = getattr(model, "_get_static_cache_init_shape", None)
+    shape = init_shape() if init_shape is not None else None
+    if shape is None:
+        return None
+    from transformers import StaticCache
+
+    key = (batch, max(256, 1 << (total - 1).bit_length()))
+    caches = model.__dict__.setdefault("_sqz_static_caches", {})
+    cache = caches.pop(key, None)
+    if cache is None:
+        cache = StaticCache(config=model.config, max_cache_len=key[1])
+        cache.early_initialization(batch_size=batch, num_heads=shape[0], head_dim=shape[1], dtype=model.dtype,
+                                   device=model.device)
+    else:
+        cache.reset()
+    caches[key] = cache  # most recently used last
+    while len(caches) > keep:
+        caches.pop(next(iter(caches)))
+    mark_static_cache(cache)
+    return cache
+
+
 def drop_cache_layer(cache: Any, i: int) -> None:
     """Free layer i of the cache as soon as it has been copied out (long contexts are big)."""
     if hasattr(cache, "layers"):

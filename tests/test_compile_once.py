@@ -52,6 +52,26 @@ def test_inductor_compiles_the_decode_once():
     assert graphs() == 2 == len(sm.reports)
 
 
+def test_static_cache_is_reused_at_fixed_addresses():
+    """generate(cache_implementation="static") keeps one cache per (batch, length bucket) on the
+    model, tagged as unguarded static addresses (CUDA graphs replay in place; tagged inside the
+    compiled prefill it would not be), and reuses it: same tokens as a dynamic cache, no recompile."""
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=0.3)
+    fresh()
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False))
+    ids, am, _ = left_padded([9, 6])
+    static = sm.generate(ids, attention_mask=am, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, sm.generate(ids, attention_mask=am, max_new_tokens=5, do_sample=False))
+    (cache,) = model._sqz_static_caches.values()
+    layer = cache.layers[0]
+    assert all(getattr(layer, n)._dynamo_static_input_type == "unguarded" for n in ("keys", "values", "cumulative_length"))
+    keys, n = layer.keys, graphs()
+    ids, am, _ = left_padded([7, 11], seed=4)
+    sm.generate(ids, attention_mask=am, max_new_tokens=9, do_sample=False, cache_implementation="static")
+    assert model._sqz_static_caches[(2, 256)] is cache and cache.layers[0].keys is keys and graphs() == n
+
+
 _OLD_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 
 
@@ -138,6 +158,8 @@ def test_counts_on_cuda_with_inductor(mode, cache):
     sm.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False, cache_implementation=cache)
     n = graphs()
     assert n == 2  # prefill, decode
+    if mode == "reduce-overhead":
+        assert counters["inductor"]["cudagraph_skips"] == 0, "CUDA graphs skipped the decode"
     ids2, am2, _ = (t.cuda() for t in left_padded([7, 11], seed=4))
     sm.generate(ids2, attention_mask=am2, max_new_tokens=9, do_sample=False, cache_implementation=cache)
     assert graphs() == n, "a second question compiled again"
