@@ -1,10 +1,10 @@
 """Squeezed attention (Triton lookup + sparse attention) vs dense SDPA and FlexAttention.
 
-Llama-3-8B attention shapes (32 query heads, 8 KV heads, d=128, bf16, batch 1), keep ~10% of
-the context keys, clusters = 5% of the context. Sparse times INCLUDE the centroid lookup.
-Synthetic but clustered data: keys drawn around cluster directions, cluster sizes random
-(empty and one-key clusters included), centroids = cluster means, queries built from a few
-cluster directions so the selection is meaningful. No K-means runs here.
+Llama-3-8B attention shapes (32 query heads, 8 KV heads, d=128, bf16, batch 1 except the batch
+rows), keep ~10% of the context keys, clusters = 5% of the context. Sparse times INCLUDE the
+centroid lookup. Synthetic but clustered data: keys drawn around cluster directions, cluster
+sizes random (empty and one-key clusters included), centroids = cluster means, queries built
+from a few cluster directions so the selection is meaningful. No K-means runs here.
 
   decode   1 query over N context keys + 128-token window + 256 new tokens
   prefill  1024 new tokens (causal among themselves) over N + window
@@ -13,8 +13,19 @@ cluster directions so the selection is meaningful. No K-means runs here.
            rows (kind hier_lookup) and decode rows (kind hier_decode, vs dense SDPA), with the
            fraction of fine clusters the coarse level lists, the recall of the hierarchical
            selection vs the flat one (kept keys), both levels' centroid bytes and byte floors
+  batch    many users, one context (--batches, default 8,32; contexts from --contexts): kinds
+           batch_decode (each row 1 query + its own 256 new keys) and batch_prefill (each row
+           1024 new tokens, causal among themselves). Sparse: one step over the batch, each row its
+           own queries, new K/V and selection. Dense peers: sdpa_per_row (one SDPA call over
+           per-row caches [context | own keys], as a batched generate holds them) and
+           shared_prefix (per KV head the batch's queries folded into one sequence over ONE read of
+           the context K/V, each row's own keys apart, merged by log-sum-exp; the LSE comes from
+           aten's flash / cuDNN kernels, flash-for-CPU under --tiny), checked against float64
+           before timing. Rows record selection batch-invariance, kept and union fractions (keys
+           some row keeps) and each variant's bytes; latency vs batch in bench_attention_batch.png
 
-`--tiny` smoke-tests the script on CPU under TRITON_INTERPRET=1 (toy shapes, eager timing):
+`--tiny` smoke-tests the script on CPU under TRITON_INTERPRET=1 (toy shapes, eager timing; hier
+and batch rows):
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py --tiny --out /tmp/bench_tiny
 
 The lookup reads the centroids in bf16, as a compiled bf16 model's graph holds them (the
@@ -23,7 +34,8 @@ thresholds are calibrated on the float32 centroids, as `squeeze` does).
 Timing: CUDA graphs whose body runs the step once per input copy (copies rotate so L2 cannot
 hold the working set between runs); median of triton.testing.do_bench over replays, divided
 by the number of copies. Copy bandwidth is measured in the same run (device-to-device copy,
-bytes read + written). Writes <out>/bench_attention.json and <out>/bench_attention.png.
+bytes read + written). Writes <out>/bench_attention.json, <out>/bench_attention.png and, with
+batch rows, <out>/bench_attention_batch.png.
 
     python benchmarks/bench_attention.py --out benchmarks/results
 """
