@@ -1,10 +1,10 @@
 """Squeezed attention (Triton lookup + sparse attention) vs dense SDPA and FlexAttention.
 
-Llama-3-8B attention shapes (32 query heads, 8 KV heads, d=128, bf16, batch 1), keep ~10% of
-the context keys, clusters = 5% of the context. Sparse times INCLUDE the centroid lookup.
-Synthetic but clustered data: keys drawn around cluster directions, cluster sizes random
-(empty and one-key clusters included), centroids = cluster means, queries built from a few
-cluster directions so the selection is meaningful. No K-means runs here.
+Llama-3-8B attention shapes (32 query heads, 8 KV heads, d=128, bf16, batch 1 except the batch
+rows), keep ~10% of the context keys, clusters = 5% of the context. Sparse times INCLUDE the
+centroid lookup. Synthetic but clustered data: keys drawn around cluster directions, cluster
+sizes random (empty and one-key clusters included), centroids = cluster means, queries built
+from a few cluster directions so the selection is meaningful. No K-means runs here.
 
   decode   1 query over N context keys + 128-token window + 256 new tokens
   prefill  1024 new tokens (causal among themselves) over N + window
@@ -13,8 +13,19 @@ cluster directions so the selection is meaningful. No K-means runs here.
            rows (kind hier_lookup) and decode rows (kind hier_decode, vs dense SDPA), with the
            fraction of fine clusters the coarse level lists, the recall of the hierarchical
            selection vs the flat one (kept keys), both levels' centroid bytes and byte floors
+  batch    many users, one context (--batches, default 8,32; contexts from --contexts): kinds
+           batch_decode (each row 1 query + its own 256 new keys) and batch_prefill (each row
+           1024 new tokens, causal among themselves). Sparse: one step over the batch, each row its
+           own queries, new K/V and selection. Dense peers: sdpa_per_row (one SDPA call over
+           per-row caches [context | own keys], as a batched generate holds them) and
+           shared_prefix (per KV head the batch's queries folded into one sequence over ONE read of
+           the context K/V, each row's own keys apart, merged by log-sum-exp; the LSE comes from
+           aten's flash / cuDNN kernels, flash-for-CPU under --tiny), checked against float64
+           before timing. Rows record selection batch-invariance, kept and union fractions (keys
+           some row keeps) and each variant's bytes; latency vs batch in bench_attention_batch.png
 
-`--tiny` smoke-tests the script on CPU under TRITON_INTERPRET=1 (toy shapes, eager timing):
+`--tiny` smoke-tests the script on CPU under TRITON_INTERPRET=1 (toy shapes, eager timing; hier
+and batch rows):
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py --tiny --out /tmp/bench_tiny
 
 The lookup reads the centroids in bf16, as a compiled bf16 model's graph holds them (the
@@ -23,7 +34,8 @@ thresholds are calibrated on the float32 centroids, as `squeeze` does).
 Timing: CUDA graphs whose body runs the step once per input copy (copies rotate so L2 cannot
 hold the working set between runs); median of triton.testing.do_bench over replays, divided
 by the number of copies. Copy bandwidth is measured in the same run (device-to-device copy,
-bytes read + written). Writes <out>/bench_attention.json and <out>/bench_attention.png.
+bytes read + written). Writes <out>/bench_attention.json, <out>/bench_attention.png and, with
+batch rows, <out>/bench_attention_batch.png.
 
     python benchmarks/bench_attention.py --out benchmarks/results
 """
@@ -58,6 +70,8 @@ L2_BYTES = 50 << 20
 VARIANCE = {"on": False}
 DEVICE = {"dev": "cuda"}  # --tiny: "cpu" (kernels under the Triton interpreter)
 NOMINAL_BW_GBPS = 4200.0  # H200 HBM3e datasheet; floors use the measured copy bandwidth on a GPU
+# (new query tokens, new keys) per row; --tiny shrinks them
+NEW_TOKENS = {"decode": (1, 256), "prefill": (1024, 1024)}
 
 
 # ----------------------------------------------------------------------------- data
@@ -335,7 +349,7 @@ def flex_step(ctx, q, k, v, thr, m, s):
 
 # ----------------------------------------------------------------------------- experiments
 def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int = 16) -> None:
-    m, s = (1, 256) if kind == "decode" else (1024, 1024)
+    m, s = NEW_TOKENS[kind]
     causal = kind == "prefill"
     ctxs = [make_context(n, seed=i) for i in range(copies)]
     for c in ctxs if kv_bits < 16 else ():
@@ -509,7 +523,7 @@ def run_hier(ns: list, copies: int, results: list, bw: float, decode: bool) -> N
         print(json.dumps(row), flush=True)
         _save(results)
         if decode:
-            s = 256
+            s = NEW_TOKENS["decode"][1]
             kns = [torch.randn(1, H, s, D, device=dev).to(DT) for _ in ctxs]
             vns = [torch.randn(1, H, s, D, device=dev).to(DT) for _ in ctxs]
             drow = {"kind": "hier_decode", "context": n, "new_tokens": 1, "new_keys": s,
@@ -542,6 +556,213 @@ def run_hier(ns: list, copies: int, results: list, bw: float, decode: bool) -> N
         del ctxs
         if dev == "cuda":
             torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- batch rows
+def lse_attention(q, k, v, causal: bool, backend: str):
+    """Attention with its natural-log log-sum-exp: (out [B, Hq, M, D], lse [B, Hq, M] float32),
+    from the aten kernel behind SDPA's `backend` (cuDNN, flash, or flash-for-CPU on CPU). Flash
+    takes grouped K/V heads as they are; causal is top-left (M == S where it is used here)."""
+    if backend == "flash":
+        r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=SCALE)
+    elif backend == "cudnn":
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                               scale=SCALE)
+    elif backend == "cpu":
+        r = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=SCALE)
+    else:
+        raise ValueError(backend)
+    b, h, m = q.shape[:3]
+    # cuDNN may hand back [B, H, M, 1]; drop any padding past M
+    return r[0], r[1].reshape(b, h, -1)[..., :m]
+
+
+def shared_prefix_step(prefix_k, prefix_v, q, kn, vn, causal: bool, backend: str):
+    """The dense peer for a shared prefix: per KV head, the batch's B*G*M queries as one query
+    sequence over ONE read of the prefix K/V [1, H, P, D] (no mask), then each row's queries over
+    its own new keys (causal in prefill; flash on a GPU, which takes the grouped heads), the two
+    partial results merged by their log-sum-exps."""
+    b, _, m, d = q.shape
+    own = "cpu" if q.device.type == "cpu" else "flash"
+
+    def f():
+        qf = q.view(b, H, G, m, d).transpose(0, 1).reshape(1, H, b * G * m, d)
+        o1, l1 = lse_attention(qf, prefix_k, prefix_v, False, backend)
+        o2, l2 = lse_attention(q, kn, vn, causal, own)
+        # views in the rows' [B, H, G, M] order (the kernels may return transposed layouts)
+        o1 = o1.reshape(H, b, G, m, d).transpose(0, 1)
+        l1 = l1.reshape(H, b, G, m).transpose(0, 1)
+        w = torch.sigmoid(l1 - l2.reshape(b, H, G, m))  # exp(l1) / (exp(l1) + exp(l2))
+        o = torch.lerp(o2.reshape(b, H, G, m, d).float(), o1.float(), w[..., None])
+        return o.to(q.dtype).reshape(b, HQ, m, d)
+    return f
+
+
+def dense_reference(ctx, q, kn, vn, causal: bool, qpos: torch.Tensor) -> torch.Tensor:
+    """float64 attention of one row's queries at positions qpos (q [HQ, M, D] -> [HQ, len(qpos), D])
+    over [context | window | own new keys]; in prefill new query i sees new keys j <= i + S - M."""
+    m, s = q.shape[1], kn.shape[1]
+    p = ctx["n"] + W
+    out = []
+    for h in range(H):  # one KV head at a time bounds the float64 scores
+        k = torch.cat([ctx["keys"][h], ctx["window_keys"][h], kn[h]]).double()
+        v = torch.cat([ctx["values"][h], ctx["window_values"][h], vn[h]]).double()
+        sc = q[h * G:(h + 1) * G, qpos].double() @ k.T * SCALE  # [G, len(qpos), P + S]
+        if causal:
+            hidden = torch.arange(s, device=q.device)[None] > qpos[:, None] + (s - m)
+            sc[..., p:] = sc[..., p:].masked_fill(hidden, float("-inf"))
+        out.append(torch.softmax(sc, -1) @ v)
+    return torch.cat(out)
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref).norm() / ref.norm())
+
+
+def run_batch(kind: str, n: int, bsz: int, keep: float, results: list, bw) -> None:
+    """B users sharing one context (kinds batch_decode / batch_prefill): the sparse step over the
+    batch (lookup included; each row its own queries, new K/V and selection) vs SDPA over per-row
+    caches [context | own keys] and vs the shared-prefix dense peer; correctness of both checked
+    before timing."""
+    from sqz_compile.kernels.attention.reference import squeezed_attention_reference
+
+    dev = DEVICE["dev"]
+    m, s = NEW_TOKENS[kind]
+    causal = kind == "prefill"
+    kv_row = H * D * 2 * 2  # K + V bytes per key position
+    if dev == "cuda":  # rotate copies past ~2x the L2, counting every row's kept keys
+        copies = max(2, min(4, math.ceil(2 * L2_BYTES / (bsz * 0.15 * n * kv_row))))
+    else:
+        copies = 1
+    ctxs = [make_context(n, seed=i) for i in range(copies)]
+    qs = [torch.cat([make_queries(c, m, 1000 * i + b) for b in range(bsz)]) for i, c in enumerate(ctxs)]
+    kns = [torch.randn(bsz, H, s, D, device=dev).to(DT) for _ in ctxs]
+    vns = [torch.randn(bsz, H, s, D, device=dev).to(DT) for _ in ctxs]
+    # one threshold per context (a property of the context, not of a row), calibrated on row 0
+    thrs = [calibrate(best_scores(q[:1], c["centroids"], c["sizes"], BLOCK_Q), c["sizes"], keep)
+            for q, c in zip(qs, ctxs)]
+    row = {"kind": f"batch_{kind}", "context": n, "batch": bsz, "new_tokens": m, "new_keys": s, "copies": copies}
+    c0, q0, kn0, vn0, t0 = ctxs[0], qs[0], kns[0], vns[0], thrs[0]
+    nc = c0["c"]
+
+    def lk(q):
+        return sqz_lookup.lookup(q, c0["lookup_centroids"], c0["offsets"], t0, None, None, None, SCALE, BLOCK_Q, 0)
+
+    # selection: batch-invariant (each row's clusters as if it ran alone), kept and union fractions
+    sel = _kept_mask(lk(q0), nc)  # [B, H, NB, C]
+    alone = torch.cat([_kept_mask(lk(q0[b:b + 1]), nc) for b in range(bsz)])
+    row["selection_match_fraction"] = float((sel == alone).all(-1).float().mean())
+    sizes = c0["sizes"][None, :, None, :].float()
+    row["kept_fraction"] = float((sel * sizes).sum(-1).mean()) / n  # per (row, head, query block)
+    # context keys that some query block of the row keeps (prefill: more than one block's share)
+    row_kept = (sel.any(2) * sizes[:, :, 0]).sum(-1) / n  # [B, H]
+    row["row_kept_fraction"] = float(row_kept.mean())
+    # context keys that some row keeps: what a kernel reading each kept cluster once for all
+    # the rows that keep it would read (not implemented; measured here)
+    row["union_kept_fraction"] = float((sel.any(2).any(0) * sizes[0, :, 0]).sum(-1).mean()) / n
+
+    out = sparse_step(c0, q0, kn0, vn0, t0, causal)()
+    per_row = torch.cat([sparse_step(c0, q0[b:b + 1], kn0[b:b + 1], vn0[b:b + 1], t0, causal)()
+                         for b in range(bsz)])
+    row["sqz_batch_vs_per_row_rel_diff"] = _rel(out, per_row.double())
+    if m <= 64:
+        ref = squeezed_attention_reference(
+            q0[:1].double(), kn0[:1].double(), vn0[:1].double(), None, c0["keys"].double(), c0["values"].double(),
+            c0["offsets"], sel[:1], c0["window_keys"].double(), c0["window_values"].double(), SCALE, causal, BLOCK_Q)
+        row["rel_err_vs_f64"] = _rel(out[:1], ref)
+
+    steps = [sparse_step(c, q, kn, vn, t, causal) for c, q, kn, vn, t in zip(ctxs, qs, kns, vns, thrs)]
+    if dev == "cuda":
+        row["kernel_us"] = kernel_times(steps)
+    row["sqz_ms"] = timed(steps)
+    row["sqz_lookup_ms"] = timed([(lambda c=c, q=q, t=t: sqz_lookup.lookup(
+        q, c["lookup_centroids"], c["offsets"], t, None, None, None, SCALE, BLOCK_Q, 0))
+        for c, q, t in zip(ctxs, qs, thrs)])
+
+    # bytes each variant must read from DRAM (q read + out written by all; sqz: centroids and
+    # window once, every row's kept keys and own new K/V; union: each kept key once)
+    qo = 2 * bsz * HQ * m * D * 2
+    cent = H * nc * c0["lookup_centroids"].shape[-1] * c0["lookup_centroids"].element_size()
+    own = bsz * s * kv_row
+    byts = {"sqz": cent + float(row_kept.sum(0).mean()) * n * kv_row + W * kv_row + own + qo,
+            "union": cent + row["union_kept_fraction"] * n * kv_row + W * kv_row + own + qo,
+            "sdpa_per_row": bsz * (n + W + s) * kv_row + qo,
+            "shared_prefix": (n + W) * kv_row + own + qo}
+    gbps = bw or NOMINAL_BW_GBPS
+    for k, v in byts.items():
+        row[f"{k}_bytes"] = v
+        row[f"{k}_floor_us"] = v / gbps / 1e3
+
+    # peer (b), checked against float64 on the first and last row before it is timed
+    qpos = torch.arange(m, device=dev)
+    if m > 128:  # both ends of the causal range bound the float64 work
+        qpos = torch.cat([qpos[:64], qpos[-64:]])
+    refs = {b: dense_reference(c0, q0[b], kn0[b], vn0[b], causal, qpos) for b in sorted({0, bsz - 1})}
+    prefixes = [(torch.cat([c["keys"], c["window_keys"]], 1)[None].contiguous(),
+                 torch.cat([c["values"], c["window_values"]], 1)[None].contiguous()) for c in ctxs]
+    sp = {}
+    for be in (("cudnn", "flash") if dev == "cuda" else ("cpu",)):
+        try:
+            o = shared_prefix_step(*prefixes[0], q0, kn0, vn0, causal, be)()
+            err = max(_rel(o[b][:, qpos], r) for b, r in refs.items())
+            row[f"shared_prefix_{be}_rel_err_vs_f64"] = err
+            if not err < 2e-2:
+                row[f"shared_prefix_{be}_error"] = "wrong result (see rel_err_vs_f64): not timed"
+                continue
+            sp[be] = timed([shared_prefix_step(*pk, q, kn, vn, causal, be)
+                            for pk, q, kn, vn in zip(prefixes, qs, kns, vns)])
+            row[f"shared_prefix_{be}_ms"] = sp[be]
+        except Exception as e:
+            row[f"shared_prefix_{be}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if sp:
+        be = min(sp, key=sp.get)
+        row["shared_prefix_backend"] = be
+        row["shared_prefix_ms"] = sp[be]
+        row["shared_prefix_rel_err_vs_f64"] = row[f"shared_prefix_{be}_rel_err_vs_f64"]
+
+    # peer (a): per-row caches [context | window | own keys], one batched SDPA call (prefill
+    # without a mask, as the prefill row); its bytes exceed the L2 many times: fewer copies
+    dcopies = max(1, min(copies, math.ceil(2 * L2_BYTES / byts["sdpa_per_row"])))
+    pr = {}
+    try:
+        dense = [(torch.cat([pk.expand(bsz, -1, -1, -1), kn], 2), torch.cat([pv.expand(bsz, -1, -1, -1), vn], 2))
+                 for (pk, pv), kn, vn in zip(prefixes[:dcopies], kns, vns)]
+        if m == 1:
+            o = F.scaled_dot_product_attention(q0, *dense[0], scale=SCALE, enable_gqa=True)
+            row["sdpa_per_row_rel_err_vs_f64"] = max(_rel(o[b], r) for b, r in refs.items())
+        for be in (("cudnn", "flash") if dev == "cuda" else ("math",)):
+            try:
+                if be == "math":
+                    fns = [(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True))
+                           for q, (k, v) in zip(qs, dense)]
+                else:
+                    fns = [sdpa_step(q, k, v, be, s) for q, (k, v) in zip(qs, dense)]
+                pr[be] = row[f"sdpa_per_row_{be}_ms"] = timed(fns)
+            except Exception as e:
+                row[f"sdpa_per_row_{be}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        del dense
+    except torch.OutOfMemoryError as e:
+        row["sdpa_per_row_error"] = f"OutOfMemoryError: {str(e)[:200]}"
+    del prefixes
+    if pr:
+        row["sdpa_per_row_ms"] = min(pr.values())
+
+    dens = {k: row[f"{k}_ms"] for k in ("sdpa_per_row", "shared_prefix") if row.get(f"{k}_ms")}
+    for k, v in dens.items():
+        row[f"speedup_vs_{k}"] = v / row["sqz_ms"]
+    if dens:
+        row["best_dense_ms"] = min(dens.values())
+        row["speedup_vs_best_dense"] = row["best_dense_ms"] / row["sqz_ms"]
+    for k in ("sqz", "sdpa_per_row", "shared_prefix"):
+        if row.get(f"{k}_ms"):
+            row[f"{k}_GBps"] = byts[k] / row[f"{k}_ms"] / 1e6
+            row[f"{k}_frac_of_copy_bw"] = row[f"{k}_GBps"] / bw if bw else None
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    _save(results)
+    del ctxs, qs, kns, vns, steps
+    if dev == "cuda":
+        torch.cuda.empty_cache()
 
 
 _SAVE = {}
@@ -588,16 +809,47 @@ def plot(results: list, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_batch(results: list, path: str) -> None:
+    """Latency vs batch size of the batch rows: sqz, SDPA over per-row caches, shared prefix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, kind in zip(axes, ("batch_decode", "batch_prefill")):
+        rows = [r for r in results if r["kind"] == kind]
+        for i, n in enumerate(sorted({r["context"] for r in rows})):
+            rs = sorted((r for r in rows if r["context"] == n), key=lambda r: r["batch"])
+            for key, style, lab in (("sqz_ms", "o-", "squeezed"), ("sdpa_per_row_ms", "s--", "SDPA per row"),
+                                    ("shared_prefix_ms", "^:", "shared prefix (LSE merge)")):
+                pts = [(r["batch"], r[key]) for r in rs if r.get(key)]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{lab}, {n // 1024}K" if n % 1024 == 0
+                            else f"{lab}, {n}")
+        ax.set_xscale("log", base=2)
+        bs = sorted({r["batch"] for r in rows})
+        ax.set_xticks(bs, [str(b) for b in bs])
+        ax.set_yscale("log")
+        ax.set_xlabel("batch (rows sharing one context)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{kind} (32q/8kv heads, d=128, bf16)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--contexts", default=None, help="decode/prefill/batch contexts (default 32768,131072)")
     ap.add_argument("--lookup-contexts", default="32768,65536,131072,262144,524288")
     ap.add_argument("--keep", type=float, default=0.10)
-    ap.add_argument("--only", default="decode,prefill,lookup,hier")
+    ap.add_argument("--only", default=None, help="comma-separated kinds (default decode,prefill,lookup,hier,batch)")
+    ap.add_argument("--batches", default=None, help="batch sizes of the batch rows (default 8,32)")
     ap.add_argument("--hier-contexts", default="32768,131072,524288,1048576")
     ap.add_argument("--tiny", action="store_true",
-                    help="CPU smoke test under TRITON_INTERPRET=1: toy shapes, the hier rows only")
+                    help="CPU smoke test under TRITON_INTERPRET=1: toy shapes, the hier and batch rows only")
     ap.add_argument("--kv-bits", default="16",
                     help="comma-separated context K/V bits for decode/prefill rows, e.g. 16,4,3,2 (field kv_bits)")
     ap.add_argument("--variance", action="store_true",
@@ -610,10 +862,19 @@ def main() -> None:
         global HQ, H, D, G, W, SCALE
         HQ, H, D, W = 4, 2, 16, 8
         G, SCALE = HQ // H, D ** -0.5
+        NEW_TOKENS.update(decode=(1, 16), prefill=(80, 80))  # prefill: two query blocks, the second partial
         DEVICE["dev"] = "cpu"
-        args.only, args.hier_contexts = "hier", "1500,3001"
+        args.hier_contexts = "1500,3001"
+        args.only = args.only or "hier,batch"
+        args.contexts = args.contexts or "1500"
+        args.batches = args.batches or "2,3"
+        if set(args.only.split(",")) - {"hier", "batch"}:
+            sys.exit("--tiny runs the hier and batch rows only")
     elif not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU (or --tiny on CPU)")
+    args.only = args.only or "decode,prefill,lookup,hier,batch"
+    args.contexts = args.contexts or "32768,131072"
+    args.batches = args.batches or "8,32"
     os.makedirs(args.out, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
     import triton
@@ -643,17 +904,25 @@ def main() -> None:
     if "hier" in only:
         run_hier([int(x) for x in args.hier_contexts.split(",")], 1 if args.tiny else 2, results,
                  bw, decode=True)
+    if "batch" in only:
+        for kind in ("decode", "prefill"):
+            for n in [int(x) for x in args.contexts.split(",")]:
+                for b in [int(x) for x in args.batches.split(",")]:
+                    run_batch(kind, n, b, args.keep, results, bw)
     info["seconds"] = time.time() - t0
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
         json.dump({"info": info, "results": results}, f, indent=1)
     try:
-        if not args.tiny:
+        if not args.tiny and only & {"decode", "prefill", "lookup"}:
             plot(results, os.path.join(args.out, "bench_attention.png"))
+        if "batch" in only:
+            plot_batch(results, os.path.join(args.out, "bench_attention_batch.png"))
     except Exception as e:  # the numbers matter more than the picture
         print("plot failed:", e)
     print(f"\ncopy bandwidth {bw or 0:.0f} GB/s  ({info['gpu']}, torch {info['torch']}, triton {info['triton']})")
-    print(f"{'kind':8} {'ctx':>7} {'kept':>6} {'sqz ms':>8} {'lookup':>8} {'cudnn':>8} {'flash':>8} "
-          f"{'flex':>8} {'x dense':>8} {'x flex':>7} {'%copyBW':>8}")
+    if any(r["kind"] in ("decode", "prefill") for r in results):
+        print(f"{'kind':8} {'ctx':>7} {'kept':>6} {'sqz ms':>8} {'lookup':>8} {'cudnn':>8} {'flash':>8} "
+              f"{'flex':>8} {'x dense':>8} {'x flex':>7} {'%copyBW':>8}")
     for r in results:
         if r["kind"] not in ("decode", "prefill"):
             continue
@@ -676,6 +945,18 @@ def main() -> None:
                   f"{r['flat_floor_us']:>5.1f}/{r['hier_floor_us']:<5.1f} {r['hier_listed_fraction']:>7.3f} "
                   f"{r['hier_recall_vs_flat']:>7.3f} {d.get('flat_ms', float('nan')) * 1e3:>9.1f} "
                   f"{d.get('hier_ms', float('nan')) * 1e3:>9.1f} {sp if sp is None else round(sp, 2)!s:>8}")
+    brows = [r for r in results if r["kind"].startswith("batch_")]
+    if brows:
+        def ms(x):
+            return f"{x:.3f}" if isinstance(x, float) else "-"
+        print(f"\n{'batch kind':14} {'ctx':>7} {'B':>3} {'kept':>6} {'union':>6} {'sqz ms':>8} {'per-row':>8} "
+              f"{'shared':>8} {'x row':>6} {'x shared':>8} {'sel same':>8} {'sp err':>8}")
+        for r in brows:
+            print(f"{r['kind']:14} {r['context']:>7} {r['batch']:>3} {r['row_kept_fraction']:>6.3f} "
+                  f"{r['union_kept_fraction']:>6.3f} {ms(r['sqz_ms']):>8} {ms(r.get('sdpa_per_row_ms')):>8} "
+                  f"{ms(r.get('shared_prefix_ms')):>8} {ms(r.get('speedup_vs_sdpa_per_row')):>6} "
+                  f"{ms(r.get('speedup_vs_shared_prefix')):>8} {r['selection_match_fraction']:>8.3f} "
+                  f"{ms(r.get('shared_prefix_rel_err_vs_f64')):>8}")
     rows = [r for r in results if r["kind"] == "lookup"]
     if rows:
         print(f"\n{'lookup ctx':>10} {'flat us':>9} {'hier us':>9} {'flat kept':>9} {'hier kept':>9}")
