@@ -219,6 +219,9 @@ def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) ->
         out.update(latency(gen, args.new_tokens, args.reps, dev))
     out["graphs_while_timing"] = graphs() - g0
     out["peak_bytes"] = peak.bytes
+    from torch._dynamo.utils import counters
+
+    out["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])  # so far in this process
     return out
 
 

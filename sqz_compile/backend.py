@@ -48,9 +48,16 @@ NOTICE_KEY = "_sqz_dense_notice"
 
 def copy_graph_module(gm: GraphModule) -> GraphModule:
     """A GraphModule with its own copy of `gm`'s graph (nodes, meta and codegen), sharing its
-    parameters and submodules. Dynamo keeps using its own graph module, so the pass edits a copy."""
+    parameters and submodules. Dynamo keeps using its own graph module, so the pass edits a copy.
+    Placeholders keep Dynamo's `_dynamo_source`: AOTAutograd reads it to find the static inputs
+    (the context, a static cache); without it CUDA graphs copied the context on every replay and
+    skipped any graph that writes a static cache."""
     graph = torch.fx.Graph()
-    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    copies: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(gm.graph, copies, return_output_node=True)
+    for old in gm.graph.find_nodes(op="placeholder"):
+        if hasattr(old, "_dynamo_source"):
+            copies[old]._dynamo_source = old._dynamo_source
     value, old_output = out if isinstance(out, tuple) else (out, None)
     new_out = graph.output(value)
     if old_output is not None:
@@ -58,7 +65,22 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     new = GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
+    if hasattr(gm, "_param_name_to_source"):  # with the sources above: AOTAutograd sees a Dynamo graph
+        new._param_name_to_source = dict(gm._param_name_to_source)
     return new
+
+
+def _name_new_buffers(gm: GraphModule) -> None:
+    """Give the buffers the rewrite added (a context held by the graph) a source of their own, as
+    AOTAutograd expects one for every parameter and buffer of a Dynamo graph; it then treats them
+    as static inputs, as it does the model's own."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:
+        return
+    from torch._dynamo.source import ConstantSource
+
+    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        sources.setdefault(name, ConstantSource(f"sqz_graph_{name}"))
 
 
 def _dynamo_root_module() -> torch.nn.Module | None:
@@ -124,6 +146,7 @@ def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str
     gm = copy_graph_module(gm)
     report = rewrite_attention(gm, ctx, block_q=config.block_q, strict=config.strict, model=model,
                                notice=_notice(options))
+    _name_new_buffers(gm)
     on_report = own.get("on_report")
     if on_report is not None:
         on_report(report)
