@@ -1,5 +1,6 @@
-"""End to end on CUDA: models compiled with the "sqz" backend run the sqz Triton kernels inside
-Inductor's code, under CUDA graphs too, and match dense attention at keep = 1."""
+"""End to end on CUDA: models compiled with sqz_compile.compile call the sqz ops from Inductor's
+code (opaque: the context is a graph input, backend.py `_opaque_ops`; tests/test_reduce_overhead.py
+covers the kernels inlined), under CUDA graphs too, and match dense attention at keep = 1."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,6 @@ import torch
 from fixtures import tiny_context, tiny_model
 
 pytestmark = pytest.mark.gpu
-
-KERNELS = ("_sparse_attn_kernel", "_lse_kernel", "_best_kernel", "_compact_kernel")
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
@@ -26,8 +25,7 @@ def test_backend_on_cuda_runs_sqz_kernels(mode):
     ids = torch.randint(3, 128, (2, 37), device="cuda")
     out, codes = run_and_get_code(lambda: sm(ids).logits.clone())  # clone: CUDA-graph outputs are reused
     code = "\n".join(codes)
-    for name in KERNELS:
-        assert name in code, f"{name} missing from Inductor's generated code"
+    assert "torch.ops.sqz.squeezed_attention.default" in code, "Inductor's code does not call the sqz op"
     with torch.no_grad():
         for r in range(ids.shape[0]):
             full = torch.cat([ctx_ids.cuda()[0], ids[r]])[None]
