@@ -220,3 +220,32 @@ def test_two_models_with_two_contexts_in_one_process():
     assert_rows_close(real_rows(la, am), dense_full_rows(a, ids_a, ids, am))
     assert_rows_close(real_rows(lb, am), dense_full_rows(b, ids_b, ids, am))
     torch.testing.assert_close(la, la2)
+
+
+def test_the_rewritten_copy_keeps_what_aot_needs_to_find_static_inputs():
+    """AOTAutograd finds a Dynamo graph's static inputs (parameters, the context, a static cache:
+    tensors CUDA graphs must neither copy per replay nor refuse to mutate) through the placeholders'
+    `_dynamo_source` and the module's `_param_name_to_source`; the pass edits a copy that must keep
+    both, and the buffers the rewrite adds need sources of their own."""
+    from sqz_compile.backend import _name_new_buffers, copy_graph_module
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        new = copy_graph_module(gm)
+        new.register_buffer("sqz_added", torch.zeros(2))
+        _name_new_buffers(new)
+        seen.update(old=gm, new=new)
+        return gm
+
+    class Cache:
+        keys = torch.zeros(4, 8)
+
+    lin = torch.nn.Linear(8, 8)
+    torch._dynamo.mark_static_address(Cache.keys, guard=False)
+    torch.compile(lambda x, cache: lin(x) + cache.keys.sum(), backend=backend, fullgraph=True)(torch.ones(1, 8), Cache)
+    old = [n for n in seen["old"].graph.nodes if n.op == "placeholder"]
+    new = [n for n in seen["new"].graph.nodes if n.op == "placeholder"]
+    assert [n._dynamo_source for n in new] == [n._dynamo_source for n in old] and new
+    names = [n for n, _ in [*seen["new"].named_parameters(), *seen["new"].named_buffers()]]
+    assert "sqz_added" in names and set(names) <= set(seen["new"]._param_name_to_source)
