@@ -10,6 +10,7 @@ import torch
 
 from ..lookup.launch import Selection, expand_positions, lookup
 from ..triton_common import cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
+from ..quant import triton as _qt
 from . import triton as _sa
 
 
@@ -159,7 +160,8 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=pow2(d),
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
             IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
-            POS_LIST=use_pos, QBITS=qbits, NOUT=nout, EVEN_D=bool(qbits) and d == pow2(d),
+            POS_LIST=use_pos, QBITS=qbits, NOUT=nout, HALVES=bool(qbits) and _qt.halves(d, qbits),
+            FAST=bool(qbits) and _qt.fast_math(dev),
             num_warps=cfg.num_warps, num_stages=_stages(cfg, qbits))
     if partial:
         rows = bsz * hq * m
