@@ -16,7 +16,7 @@ from sqz_compile.kernels.attention import launch as attention_launch  # noqa: E4
 from sqz_compile.kernels.attention.reference import selection_from_compact, squeezed_attention_reference  # noqa: E402
 from sqz_compile.kernels.lookup import launch as lookup_launch  # noqa: E402
 from sqz_compile.kernels.quant.reference import dequantize_context  # noqa: E402
-from sqz_compile.kernels.quant.triton import dequantize_layer  # noqa: E402
+from sqz_compile.kernels.quant.triton import dequantize_layer, sincos  # noqa: E402
 from sqz_compile.squeeze.quantize import RopeTable, low_bit_fields  # noqa: E402
 
 from cases import make_case, rel_err, threshold_for_keep  # noqa: E402
@@ -26,13 +26,16 @@ if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
-def low_bit_case(cs, bits: int, outliers: float, datatype: str = "nuq", seed: int = 0):
-    """The case's context K/V (taken as post-RoPE keys at random context positions) quantized as
-    squeeze does: (packed keys, packed values, perm, rope, codebooks, key_norm, value_norm,
-    outlier_idx, outlier_val) of one layer."""
+FAST = [False, True] if DEV == "cuda" else [False]  # PTX sin/cos.approx and gather: CUDA only
+
+
+def low_bit_case(cs, bits: int, outliers: float, datatype: str = "nuq", seed: int = 0, length: int = 0):
+    """The case's context K/V (taken as post-RoPE keys at random positions of a context of
+    `length` tokens, default n + 7) quantized as squeeze does: (packed keys, packed values, perm,
+    rope, codebooks, key_norm, value_norm, outlier_idx, outlier_val) of one layer."""
     gen = torch.Generator().manual_seed(seed)
     h, n, d = cs.keys.shape
-    length = n + 7
+    length = length or n + 7
     perm = torch.stack([torch.randperm(length, generator=gen)[:n] for _ in range(h)]).to(torch.int32)
     rope = RopeTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), 1.07)
     w = torch.rand(1, h, n, generator=gen)
@@ -47,14 +50,42 @@ def low_bit_case(cs, bits: int, outliers: float, datatype: str = "nuq", seed: in
             one(f["key_norm"]), one(f["value_norm"]), one(f["outlier_idx"]), one(f["outlier_val"]))
 
 
+@pytest.mark.parametrize("fast", FAST, ids=lambda f: "fast" if f else "libm")
 @pytest.mark.parametrize("d", [64, 80, 96, 128])
 @pytest.mark.parametrize("bits,outliers", [(4, 0.01), (3, 0.0), (2, 0.03)])
-def test_dequant_helpers_match_reference(d, bits, outliers):
+def test_dequant_helpers_match_reference(d, bits, outliers, fast):
     cs = make_case(h=2, n=37, c=5, d=d, device="cpu", seed=d + bits)
     lb = low_bit_case(cs, bits, outliers, "int" if bits == 3 else "nuq")
     k_ref, v_ref = dequantize_context(*lb, d)
-    k, v = dequantize_layer(*lb, d)
+    k, v = dequantize_layer(*lb, d, fast=fast)
     assert rel_err(k, k_ref) < 1e-6 and rel_err(v, v_ref) < 1e-6
+
+
+@pytest.mark.parametrize("fast", FAST, ids=lambda f: "fast" if f else "libm")
+@pytest.mark.parametrize("d,bits", [(128, 4), (64, 2), (96, 4)])
+def test_dequant_helpers_at_long_context_positions(d, bits, fast):
+    """Keys at positions of a 128K-token context: RoPE angles up to ~1.3e5 rad, reduced in the
+    kernel (`_sincos`), still equal the float64 rotation of the same float32 angles."""
+    cs = make_case(h=2, n=40, c=5, d=d, device="cpu", seed=bits)
+    lb = low_bit_case(cs, bits, 0.01, length=131072 + 100)
+    assert int(lb[2].max()) > 100000
+    k_ref, v_ref = dequantize_context(*lb, d)
+    k, v = dequantize_layer(*lb, d, fast=fast)
+    assert rel_err(k, k_ref) < 1e-6 and rel_err(v, v_ref) < 1e-6
+
+
+@pytest.mark.parametrize("fast", FAST, ids=lambda f: "fast" if f else "libm")
+def test_sincos_reduction_matches_float64(fast):
+    """`_sincos` of float32 angles up to 1e6 rad (a 1M-token context at inv_freq 1) against
+    float64 cos/sin of the same float32 values: the two-FMA reduction loses ~1e-7 rad, the fast
+    hardware approximations ~7e-7 more; both far below a bf16 key's rounding (~4e-3)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.cat([torch.linspace(-1e6, 1e6, 4001), (torch.rand(4000, generator=gen) - 0.5) * 2.7e5,
+                   torch.tensor([0.0, 3.1415925, -3.1415927, 6.2831855, 131071.0, -131072.0])]).float()
+    c, s = sincos(a.to(DEV), fast=fast)
+    ad = a.double()
+    err = max(float((c.double().cpu() - ad.cos()).abs().max()), float((s.double().cpu() - ad.sin()).abs().max()))
+    assert err < (1e-6 if fast else 3e-7)
 
 
 ATTN = [

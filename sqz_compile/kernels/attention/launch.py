@@ -10,6 +10,7 @@ import torch
 
 from ..lookup.launch import Selection, expand_positions, lookup
 from ..triton_common import cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
+from ..quant import triton as _qt
 from . import triton as _sa
 
 
@@ -58,12 +59,23 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     return AttnConfig(bq, gp, block_n, split, warps, stages, pos_list)
 
 
-def _stages(cfg: AttnConfig, qbits: int) -> int:
-    """Software-pipeline depth of the attention launch: the config's for a 16-bit context; 1 for a
-    low-bit one, whose dependent gathers (packed words -> codebook) cp.async does not pipeline
-    anyway, and whose multi-stage buffers overflowed shared memory (prefill, 8 warps, 3 stages:
-    262400 B > 232448 B on H200)."""
-    return 1 if qbits else cfg.num_stages
+def _stages(cfg: AttnConfig, qbits: int, halves: bool) -> int:
+    """Software-pipeline depth of the attention launch: the config's for a 16-bit context. Low-bit
+    with HALVES: at most 2 (decode's 2; the next tile's packed words and positions load by
+    cp.async while this tile dequantizes; sm_90: 36.9 KB of shared memory at decode, 64 KB at
+    prefill). Other low-bit layouts: 1 (their per-entry gathers do not pipeline, and 3-bit
+    prefill took 147 KB at 2 stages)."""
+    if not qbits:
+        return cfg.num_stages
+    return min(cfg.num_stages, 2) if halves else 1
+
+
+def _warps(cfg: AttnConfig, halves: bool) -> int:
+    """Warps of the attention launch: the config's, except 8 for low-bit HALVES 16-row (decode)
+    tiles: each thread then dequantizes 64 of the tile's 2 x 64 x 128 entries, not 128, and
+    the sm_90 offline compile spills nothing (4 warps: 280 B of stack, ~60 reloads per tile)
+    for 6% fewer instructions per tile, at the same 8 warps per SM (255 registers either way)."""
+    return 8 if halves and cfg.gp * cfg.bq <= 16 else cfg.num_warps
 
 
 def _search_width(c: int) -> int:
@@ -98,6 +110,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     qargs, qbits, nout = _quant_args(quant, ctx_keys, ctx_values, d)
     if qbits:  # the dequant helpers address packed rows as (h * N + pos) * words: no strides
         ctx_keys, ctx_values = ctx_keys.contiguous(), ctx_values.contiguous()
+    halves = bool(qbits) and _qt.halves(d, qbits)
     s = k_new.shape[2]
     w = window_keys.shape[1]
     c = sel.delta.shape[1] if sel.delta is not None else 1
@@ -159,8 +172,8 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=pow2(d),
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
             IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
-            POS_LIST=use_pos, QBITS=qbits, NOUT=nout, EVEN_D=bool(qbits) and d == pow2(d),
-            num_warps=cfg.num_warps, num_stages=_stages(cfg, qbits))
+            POS_LIST=use_pos, QBITS=qbits, NOUT=nout, HALVES=halves, FAST=bool(qbits) and _qt.fast_math(dev),
+            num_warps=_warps(cfg, halves), num_stages=_stages(cfg, qbits, halves))
     if partial:
         rows = bsz * hq * m
         launch(_sa._merge_kernel, (rows,),

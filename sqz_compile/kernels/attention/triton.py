@@ -20,7 +20,10 @@ One kernel serves prefill and decode (the reference is `attention/reference.py`,
 - Low-bit context (QBITS > 0): Kc/Vc hold packed int32 codes in the same sorted layout; each
   tile's rows are read packed and dequantized in registers (kernels/quant/triton.py: codebook
   level * scale + offset, outliers folded in, RoPE applied to the key at its context position),
-  so only the selected clusters' packed bytes are read and no dense copy is made.
+  so only the selected clusters' packed bytes are read and no dense copy is made. HALVES (2/4
+  bits, head dim 64/128): keys come as their two rotate_half halves and are scored as
+  q[:, :D/2] @ k1^T + q[:, D/2:] @ k2^T; RoPE's attention scaling multiplies the context's
+  score scale instead of every key entry.
 - The new tokens follow the model's mask with SDPA semantics: none, upper-left causal, bool
   (True attends) or additive float, loaded with broadcast strides (0 for broadcast dims).
 """
@@ -29,7 +32,7 @@ from __future__ import annotations
 from ..triton_common import HAS_TRITON
 
 if HAS_TRITON:
-    from ..quant.triton import dequant_key_rows, dequant_value_rows
+    from ..quant.triton import dequant_key, key_halves, value_rows
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
@@ -38,14 +41,17 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _online_update(q, kT, v, bias_ok, s_add, m_i, l_i, acc, qk_scale,
-                       HAS_ADD: tl.constexpr, IEEE: tl.constexpr):
-        """One flash step over a key tile (base-2 exponentials; bias_ok False = masked out)."""
+    def _dot(a, b, IEEE: tl.constexpr):
         if IEEE:
-            s = tl.dot(q, kT.to(tl.float32), input_precision="ieee")
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
-            s = tl.dot(q, kT)
-        s = (s * qk_scale).to(tl.float32)  # Inductor may pass the scale as float64
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _online_update(s, v, bias_ok, s_add, m_i, l_i, acc,
+                       HAS_ADD: tl.constexpr, IEEE: tl.constexpr):
+        """One flash step over a key tile of scaled scores s (base-2 exponentials; bias_ok False =
+        masked out)."""
         if HAS_ADD:
             s = s + s_add
         s = tl.where(bias_ok, s, float("-inf"))
@@ -61,25 +67,34 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
-    def _ctx_tile(Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
-                  Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, NPOS, P, G, D,
+    def _ctx_tile(qa, qb, Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask, scale,
+                  Perm, CB, VNorm, OIdx, OVal, NPOS, P, G, D, KNorm, Rope, length,
                   QBITS: tl.constexpr, NOUT: tl.constexpr, DT: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-        """K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] of the context keys at sorted positions
-        `pos` (stored, or packed low-bit dequantized in registers to dtype DT: rows of words
-        unpacked by shifts, keys rotated as [N, D] and transposed)."""
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALVES: tl.constexpr,
+                  FAST: tl.constexpr, IEEE: tl.constexpr):
+        """Scaled scores [BLOCK_M, BLOCK_N] and V [BLOCK_N, BLOCK_D] of the context keys at
+        sorted positions `pos`: stored, or packed low-bit dequantized in registers to dtype DT.
+        HALVES: the keys as their two rotate_half halves, scored against the query's halves
+        (qa, qb); otherwise qa is the query. `scale` includes RoPE's attention scaling."""
         if QBITS == 0:
             kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
                          mask=vvalid[None, :] & dmask[:, None], other=0.0)
             vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
                          mask=vvalid[:, None] & dmask[None, :], other=0.0)
+            s = _dot(qa, kT, IEEE)
         else:
-            k = dequant_key_rows(Kc, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, vvalid, NPOS, P, D,
-                                 BLOCK_N, BLOCK_D, EVEN_D, QBITS, NOUT)
-            kT = tl.trans(k.to(DT))
-            vt = dequant_value_rows(Vc, CB, VNorm, OIdx, OVal, h, pos, vvalid, NPOS, P, G, D,
-                                    BLOCK_N, BLOCK_D, QBITS, NOUT).to(DT)
-        return kT, vt
+            if HALVES:
+                y1, y2 = key_halves(Kc, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, vvalid, NPOS, length,
+                                    BLOCK_N, BLOCK_D // 2, QBITS, NOUT, FAST)
+                s = _dot(qa, tl.trans(y1.to(DT)), IEEE) + _dot(qb, tl.trans(y2.to(DT)), IEEE)
+            else:
+                k = dequant_key(Kc, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos[:, None],
+                                vvalid[:, None], d[None, :], dmask[None, :], NPOS, P, D, QBITS, NOUT,
+                                FAST)
+                s = _dot(qa, tl.trans(k.to(DT)), IEEE)
+            vt = value_rows(Vc, CB + G, VNorm, OIdx, OVal, h, pos, vvalid, NPOS, P, D,
+                            BLOCK_N, BLOCK_D, QBITS, NOUT, FAST).to(DT)
+        return (s * scale).to(tl.float32), vt  # Inductor may pass the scale as float64
 
     @triton.jit
     def _start_slot(cum_row, v0, C, SEARCH: tl.constexpr):
@@ -105,7 +120,8 @@ if HAS_TRITON:
         BQ: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
         IEEE: tl.constexpr, SEARCH: tl.constexpr, POS_LIST: tl.constexpr,
-        QBITS: tl.constexpr = 0, NOUT: tl.constexpr = 0, EVEN_D: tl.constexpr = False,
+        QBITS: tl.constexpr = 0, NOUT: tl.constexpr = 0, HALVES: tl.constexpr = False,
+        FAST: tl.constexpr = False,
     ):
         BLOCK_M: tl.constexpr = GP * BQ
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -127,16 +143,28 @@ if HAS_TRITON:
         hq = h * G + g
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
-        q = tl.load(Q + b * sqb + hq[:, None] * sqh + m[:, None] * sqm + d[None, :],
-                    mask=rvalid[:, None] & dmask[None, :], other=0.0)
-        if IEEE:
-            q = q.to(tl.float32)
+        qrow = Q + b * sqb + hq[:, None] * sqh + m[:, None] * sqm
+        HALF: tl.constexpr = BLOCK_D // 2
+        if HALVES:  # the context keys come as rotate_half halves: score them against q's halves
+            dh = tl.arange(0, HALF)
+            qa = tl.load(qrow + dh[None, :], mask=rvalid[:, None], other=0.0)
+            qb = tl.load(qrow + HALF + dh[None, :], mask=rvalid[:, None], other=0.0)
+        else:
+            qa = tl.load(qrow + d[None, :], mask=rvalid[:, None] & dmask[None, :], other=0.0)
+            qb = qa
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         kk = tl.arange(0, BLOCK_N)
         zero_add = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+
+        # low-bit context: RoPE's attention scaling goes into the context's score scale
+        ctx_scale = qk_scale
+        length = 0
+        if QBITS > 0:
+            ctx_scale = qk_scale * tl.load(Rope + D)
+            length = tl.load(Rope + D + 1).to(tl.int32)
 
         # --- selected context clusters -------------------------------------------------------
         total = tl.load(NKeys + row)
@@ -155,12 +183,12 @@ if HAS_TRITON:
                 v = t * BLOCK_N + kk
                 vvalid = v < v_end
                 pos = tl.load(Pos + row * NPOS + v, mask=vvalid, other=0)
-                kT, vt = _ctx_tile(Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
-                                   Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, NPOS, P, NLEV, D,
-                                   QBITS, NOUT, Q.dtype.element_ty,
-                                   BLOCK_N, BLOCK_D, EVEN_D)
-                m_i, l_i, acc = _online_update(q, kT, vt, vvalid[None, :], zero_add, m_i, l_i,
-                                               acc, qk_scale, False, IEEE)
+                s, vt = _ctx_tile(qa, qb, Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
+                                  ctx_scale, Perm, CB, VNorm, OIdx, OVal, NPOS, P, NLEV, D, KNorm, Rope,
+                                  length, QBITS, NOUT, Q.dtype.element_ty,
+                                  BLOCK_N, BLOCK_D, HALVES, FAST, IEEE)
+                m_i, l_i, acc = _online_update(s, vt, vvalid[None, :], zero_add, m_i, l_i, acc,
+                                               False, IEEE)
         elif t0 < t1:
             v0 = t0 * BLOCK_N
             j = _start_slot(cum_row, v0, C, SEARCH)
@@ -174,10 +202,10 @@ if HAS_TRITON:
             vvalid = v < v_end
             pos = v + tl.load(Delta + row * C + slot, mask=vvalid, other=0)
             for t in range(t0, t1):
-                kT, vt = _ctx_tile(Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
-                                   Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, NPOS, P, NLEV, D,
-                                   QBITS, NOUT, Q.dtype.element_ty,
-                                   BLOCK_N, BLOCK_D, EVEN_D)
+                s, vt = _ctx_tile(qa, qb, Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
+                                  ctx_scale, Perm, CB, VNorm, OIdx, OVal, NPOS, P, NLEV, D, KNorm, Rope,
+                                  length, QBITS, NOUT, Q.dtype.element_ty,
+                                  BLOCK_N, BLOCK_D, HALVES, FAST, IEEE)
                 j = j + tl.sum((bnd <= (t + 1) * BLOCK_N).to(tl.int32), axis=0)
                 v_n = (t + 1) * BLOCK_N + kk
                 jb = j + 1 + kk
@@ -185,12 +213,15 @@ if HAS_TRITON:
                 slot = j + tl.sum((bnd[None, :] <= v_n[:, None]).to(tl.int32), axis=1)
                 vvalid_n = v_n < v_end
                 pos_n = v_n + tl.load(Delta + row * C + slot, mask=vvalid_n, other=0)
-                m_i, l_i, acc = _online_update(q, kT, vt, vvalid[None, :], zero_add, m_i, l_i,
-                                               acc, qk_scale, False, IEEE)
+                m_i, l_i, acc = _online_update(s, vt, vvalid[None, :], zero_add, m_i, l_i, acc,
+                                               False, IEEE)
                 pos = pos_n
                 vvalid = vvalid_n
 
         # --- observation window ----------------------------------------------------------------
+        q = qa
+        if HALVES:
+            q = tl.load(qrow + d[None, :], mask=rvalid[:, None] & dmask[None, :], other=0.0)
         nwt = tl.cdiv(W, BLOCK_N)
         per = tl.cdiv(nwt, SPLIT)
         for t in range(rsplit * per, tl.minimum(nwt, rsplit * per + per)):
@@ -200,8 +231,9 @@ if HAS_TRITON:
                          mask=nvalid[None, :] & dmask[:, None], other=0.0)
             vt = tl.load(Vw + h * swvh + n[:, None] * swvn + d[None, :],
                          mask=nvalid[:, None] & dmask[None, :], other=0.0)
-            m_i, l_i, acc = _online_update(q, kT, vt, nvalid[None, :], zero_add, m_i, l_i, acc,
-                                           qk_scale, False, IEEE)
+            s = (_dot(q, kT, IEEE) * qk_scale).to(tl.float32)
+            m_i, l_i, acc = _online_update(s, vt, nvalid[None, :], zero_add, m_i, l_i, acc,
+                                           False, IEEE)
 
         # --- new tokens under the model's mask -------------------------------------------------
         s_hi = S
@@ -225,8 +257,8 @@ if HAS_TRITON:
                 ok = ok & (tl.load(mptr, mask=ok, other=0) != 0)
             if MASK_KIND == 2:
                 add = tl.load(mptr, mask=ok, other=0.0).to(tl.float32) * LOG2E
-            m_i, l_i, acc = _online_update(q, kT, vt, ok, add, m_i, l_i, acc, qk_scale,
-                                           MASK_KIND == 2, IEEE)
+            s = (_dot(q, kT, IEEE) * qk_scale).to(tl.float32)
+            m_i, l_i, acc = _online_update(s, vt, ok, add, m_i, l_i, acc, MASK_KIND == 2, IEEE)
 
         # --- epilogue ------------------------------------------------------------------------------
         if PARTIAL:

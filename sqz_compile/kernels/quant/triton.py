@@ -1,22 +1,80 @@
 """Triton dequantization of a low-bit context's K/V in registers (reference: quant/reference.py).
 
-The attention kernel (attention/triton.py, QBITS > 0) calls `dequant_key_rows` /
-`dequant_value_rows` on a tile of BLOCK_N keys at sorted positions `pos` (rows = keys);
-`_dequant_kernel` runs the same helpers alone, for the tests. The per-entry helpers (`_levels`,
-`dequant_key`) serve what the row fast path does not: 3-bit words (32 % 3 != 0) and padded head
-dims (rotate_half pairs j with j + D/2, not j + BLOCK_D/2); their index arguments are 2-D
-broadcastable (`pos`/`pok` rows and validity, `chan`/`cok` channels and validity).
+The attention kernel (attention/triton.py, QBITS > 0) dequantizes a tile of BLOCK_N keys at
+sorted positions `pos` (rows = keys); `_dequant_kernel` runs the same helpers alone, for the tests.
+
+- HALVES (2 or 4 bits, D a power of two whose half is a whole number of words: head dims 64 and
+  128): `key_halves` loads the words of each rotate_half half of a row as their own tile and
+  unpacks them by shifts, so channels j and j + D/2 land in the same thread and RoPE rotates them
+  without moving data, with one angle per (key, pair); `value_rows` unpacks [BLOCK_N, D] the same
+  way (`_word_levels`: each thread unpacks whole words; codebook levels by a select tree, or on
+  CUDA at 4 bits an inline-PTX L1 gather that, unlike a tl.load, imposes no layout).
+- Otherwise (3-bit words straddle channels; padded head dims pair j with j + D/2, not
+  j + BLOCK_D/2): the per-entry helpers `dequant_key` and `_levels` (a word and a codebook gather
+  per entry); their index arguments are 2-D broadcastable (`pos`/`pok` rows and validity,
+  `chan`/`cok` channels and validity).
+
+Keys come back rotated but not multiplied by the attention scaling (the attention kernel folds it
+into the score scale; `_dequant_kernel` multiplies). Angles are the reference's float32 product
+float32(p - L) * inv_freq; `_sincos` reduces them to [-pi, pi] before the sine and cosine.
 Per-layer tensors are contiguous: packed codes [H, N, P] int32, codebooks [2, G] float32,
 key_norm [H, 2, D] float32, value_norm [H, N, 2] float16, outliers [H, N, 2, E], perm [H, N]
 int32, rope [D + 2] float32 (inv_freq per channel, attention scaling, context length).
 """
 from __future__ import annotations
 
+import math
+import struct
+
 from ..triton_common import HAS_TRITON
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+# 2 pi split in float32: hi = float32(2 pi) (24 significant bits, so k * hi is exact in an FMA and
+# a - k * hi is exact for |a| < 2**24), lo = float32(2 pi - hi)
+TWO_PI_HI = _f32(2 * math.pi)
+TWO_PI_LO = _f32(2 * math.pi - TWO_PI_HI)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    _HI = tl.constexpr(TWO_PI_HI)
+    _LO = tl.constexpr(TWO_PI_LO)
+    _INV_2PI = tl.constexpr(1 / (2 * math.pi))
+
+    @triton.jit
+    def _sincos(a, FAST: tl.constexpr):
+        """cos(a), sin(a) of float32 angles |a| < 2**24 (a context of 1M tokens reaches ~1e6 rad).
+        r = a - k * 2pi, k = round(a / 2pi), by two FMAs against 2pi = hi + lo: the first is exact,
+        the second rounds once, so |r| <= pi is a's float64 remainder to ~1.2e-7 rad. Then FAST
+        (CUDA): the hardware approximations sin/cos.approx.f32 (MUFU, ~2**-20.5 absolute error on
+        [-pi, pi]), where libdevice's sinf/cosf reduce the raw angle themselves (Payne-Hanek past
+        ~1e5 rad); else tl.cos/tl.sin (the interpreter cannot run PTX)."""
+        k = tl.floor(a * _INV_2PI + 0.5)
+        r = tl.fma(-k, _HI, a)
+        r = tl.fma(-k, _LO, r)
+        if FAST:
+            c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+            s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        else:
+            c = tl.cos(r)
+            s = tl.sin(r)
+        return c, s
+
+    @triton.jit
+    def _sincos_kernel(A, C, S, n, FAST: tl.constexpr, BLOCK: tl.constexpr):
+        """cos/sin of float32 angles through `_sincos` (tests: its reduction against float64)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        a = tl.load(A + i, mask=i < n, other=0.0)
+        c, s = _sincos(a, FAST)
+        tl.store(C + i, c, mask=i < n)
+        tl.store(S + i, s, mask=i < n)
 
     @triton.jit
     def _levels(Pk, CB, h, pos, pok, chan, cok, N, P, QBITS: tl.constexpr):
@@ -47,113 +105,163 @@ if HAS_TRITON:
 
     @triton.jit
     def dequant_key(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, pok, chan, cok, N, P, D,
-                    QBITS: tl.constexpr, NOUT: tl.constexpr):
-        """float32 post-RoPE key entries: dequantized pre-RoPE channel and its rotate_half partner,
-        rotated by angle float32(p - L) * inv_freq (p: the key's context position)."""
+                    QBITS: tl.constexpr, NOUT: tl.constexpr, FAST: tl.constexpr):
+        """float32 post-RoPE key entries (without the attention scaling): dequantized pre-RoPE
+        channel and its rotate_half partner, rotated by angle float32(p - L) * inv_freq (p: the
+        key's context position); 0 outside the valid rows and channels."""
         half = D // 2
         partner = tl.where(chan < half, chan + half, chan - half)
         x = _prerope_key(Pk, CB, KNorm, OIdx, OVal, h, pos, pok, chan, cok, N, P, D, QBITS, NOUT)
         xp = _prerope_key(Pk, CB, KNorm, OIdx, OVal, h, pos, pok, partner, cok, N, P, D, QBITS, NOUT)
         length = tl.load(Rope + D + 1).to(tl.int32)
-        mscale = tl.load(Rope + D)
         rel = (tl.load(Perm + h * N + pos, mask=pok, other=0) - length).to(tl.float32)
-        ang = rel * tl.load(Rope + chan, mask=cok, other=0.0)
+        c, s = _sincos(rel * tl.load(Rope + chan, mask=cok, other=0.0), FAST)
         sgn = tl.where(chan < half, -1.0, 1.0)
-        k = (x * tl.cos(ang) + sgn * xp * tl.sin(ang)) * mscale
-        return tl.where(pok & cok, k, 0.0)
+        return tl.where(pok & cok, x * c + sgn * xp * s, 0.0)
 
     @triton.jit
-    def _levels_rows(Pk, CB, h, pos, pok, N, P, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     QBITS: tl.constexpr):
-        """codebook[code] [BLOCK_N, BLOCK_D] of the packed rows (h, pos) (keys along rows). When
-        32 % QBITS == 0: one [BLOCK_N, BLOCK_D // VPW] word load, unpacked by shifts in registers
-        (code d at bits (d % VPW) * QBITS of word d // VPW: the reshape's row-major order);
-        3 bits: one word gather per entry."""
+    def _select_level(code, CB, BASE: tl.constexpr, BITS: tl.constexpr):
+        """CB[BASE + (code mod 2**BITS)]: a binary tree of selects on the code's bits, from the
+        2**BITS levels as scalars. Registers only: a gather from memory would be a load whose
+        coalesced layout (one channel per thread, every row) Triton then imposes on the tile."""
+        if BITS == 0:
+            return tl.load(CB + BASE)
+        else:
+            BIT: tl.constexpr = 1 << (BITS - 1)
+            lo = _select_level(code, CB, BASE, BITS - 1)
+            hi = _select_level(code, CB, BASE + BIT, BITS - 1)
+            return tl.where((code & BIT) != 0, hi, lo)
+
+    @triton.jit
+    def _word_levels(wp, wok, CB, BLOCK_N: tl.constexpr, NW: tl.constexpr, QBITS: tl.constexpr,
+                     FAST: tl.constexpr):
+        """codebook[code] [BLOCK_N, NW * 32 // QBITS] of the words at wp [BLOCK_N, NW] (0 where
+        not wok): code c of a row at bits (c % VPW) * QBITS of its word c // VPW. The words load
+        as [BLOCK_N, NW, 1] and broadcast along the codes, so each thread unpacks its own words
+        and holds whole runs of channels (a 2-D load made Triton move each word to VPW lanes).
+        Levels: FAST at 4 bits, an L1 gather by inline PTX (one multiply-add and one load per
+        entry; as a tl.load Triton would give the tile that load's one-channel-per-thread layout);
+        otherwise the select tree (2 bits: 2 bit tests and 3 selects)."""
+        VPW: tl.constexpr = 32 // QBITS
+        w = tl.load(wp[:, :, None], mask=wok[:, :, None], other=0)
+        sh = tl.arange(0, VPW) * QBITS
+        code = (w >> sh[None, None, :]) & ((1 << QBITS) - 1)
+        if FAST and QBITS > 2:
+            lev = tl.inline_asm_elementwise(
+                "{ .reg .u64 a; mad.wide.u32 a, $1, 4, $2; ld.global.nc.f32 $0, [a]; }", "=f,r,l",
+                [code, CB.to(tl.int64, bitcast=True)], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            lev = _select_level(code, CB, 0, QBITS)
+        return tl.reshape(lev, [BLOCK_N, NW * VPW])
+
+    @triton.jit
+    def key_halves(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, pok, N, length,
+                   BLOCK_N: tl.constexpr, HALF: tl.constexpr, QBITS: tl.constexpr,
+                   NOUT: tl.constexpr, FAST: tl.constexpr):
+        """float32 post-RoPE keys (without the attention scaling) as their two rotate_half halves
+        y1 = channels [0, D/2), y2 = [D/2, D), each [BLOCK_N, D/2] (HALVES: D = 2 * HALF is a
+        whole number of words); finite on invalid rows (the caller masks their scores). The
+        per-channel scale, offset and inv_freq are re-read per tile (L1 hits): kept across the
+        attention loop they only spill."""
+        NWH: tl.constexpr = HALF * QBITS // 32
+        j = tl.arange(0, HALF)
+        kn = KNorm + h * 4 * HALF + j
+        sc1 = tl.load(kn)
+        sc2 = tl.load(kn + HALF)
+        off1 = tl.load(kn + 2 * HALF)
+        off2 = tl.load(kn + 3 * HALF)
+        wi = tl.arange(0, NWH)
+        # row stride 2 * NWH (== P here) as a constant: the compiler then vectorizes the loads
+        wp = Pk + (h * N + pos)[:, None] * (2 * NWH) + wi[None, :]
+        wok = tl.broadcast_to(pok[:, None], [BLOCK_N, NWH])
+        x1 = _word_levels(wp, wok, CB, BLOCK_N, NWH, QBITS, FAST)
+        x2 = _word_levels(wp + NWH, wok, CB, BLOCK_N, NWH, QBITS, FAST)
+        x1 = x1 * sc1[None, :] + off1[None, :]
+        x2 = x2 * sc2[None, :] + off2[None, :]
+        for e in tl.static_range(NOUT):
+            o = (h * N + pos) * 2 * NOUT + e
+            oi = tl.load(OIdx + o, mask=pok, other=-1).to(tl.int32)
+            ov = tl.load(OVal + o, mask=pok, other=0.0).to(tl.float32)
+            x1 = tl.where(j[None, :] == oi[:, None], ov[:, None], x1)
+            x2 = tl.where(j[None, :] == (oi - HALF)[:, None], ov[:, None], x2)
+        rel = (tl.load(Perm + h * N + pos, mask=pok, other=0) - length).to(tl.float32)
+        c, s = _sincos(rel[:, None] * tl.load(Rope + j)[None, :], FAST)
+        return x1 * c - x2 * s, x2 * c + x1 * s
+
+    @triton.jit
+    def value_rows(Pv, CB, VNorm, OIdx, OVal, h, pos, pok, N, P, D, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, QBITS: tl.constexpr, NOUT: tl.constexpr, FAST: tl.constexpr):
+        """float32 values [BLOCK_N, BLOCK_D], per-token scale/offset loaded once per row; finite on
+        invalid rows and padded channels (the attention masks or drops them). When
+        32 % QBITS == 0: one [BLOCK_N, BLOCK_D // VPW] word load unpacked in registers; 3 bits:
+        a word and a codebook gather per entry."""
         VPW: tl.constexpr = 32 // QBITS
         d = tl.arange(0, BLOCK_D)
         if (32 % QBITS == 0) and (BLOCK_D >= VPW):
             NW: tl.constexpr = BLOCK_D // VPW
             wi = tl.arange(0, NW)
-            w = tl.load(Pk + (h * N + pos)[:, None] * P + wi[None, :],
-                        mask=pok[:, None] & (wi[None, :] < P), other=0)
-            sh = tl.arange(0, VPW) * QBITS
-            code = (w[:, :, None] >> sh[None, None, :]) & ((1 << QBITS) - 1)
-            code = tl.reshape(code, [BLOCK_N, BLOCK_D])
-            return tl.load(CB + code)  # code < 2**QBITS: always in bounds (tiny, L1-resident)
+            lev = _word_levels(Pv + (h * N + pos)[:, None] * P + wi[None, :],
+                               pok[:, None] & (wi[None, :] < P), CB, BLOCK_N, NW, QBITS, FAST)
         else:
-            return _levels(Pk, CB, h, pos[:, None], pok[:, None], d[None, :], (d < D)[None, :],
-                           N, P, QBITS)
-
-    @triton.jit
-    def dequant_key_rows(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, pok, N, P, D,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                         QBITS: tl.constexpr, NOUT: tl.constexpr):
-        """float32 post-RoPE keys [BLOCK_N, BLOCK_D] (rows = keys at sorted positions `pos`).
-        EVEN_D (D == BLOCK_D): each entry dequantized once, the rotate_half halves split in
-        registers ([N, 2, D/2] -> two [N, D/2]) and rotated with cos/sin of [N, D/2] angles
-        (inv_freq repeats per half). Padded head dims pair channel j with j + D/2, not
-        j + BLOCK_D/2: they take `dequant_key` (partner dequantized by a second gather)."""
-        d = tl.arange(0, BLOCK_D)
-        cok = d < D
-        if EVEN_D:
-            HALF: tl.constexpr = BLOCK_D // 2
-            lev = _levels_rows(Pk, CB, h, pos, pok, N, P, D, BLOCK_N, BLOCK_D, QBITS)
-            sc = tl.load(KNorm + h * 2 * D + d)
-            off = tl.load(KNorm + h * 2 * D + D + d)
-            x = _fold_outliers(lev * sc[None, :] + off[None, :], OIdx, OVal, 0, h, pos[:, None],
-                               pok[:, None], d[None, :], N, NOUT)
-            x1, x2 = tl.split(tl.permute(tl.reshape(x, [BLOCK_N, 2, HALF]), (0, 2, 1)))
-            length = tl.load(Rope + D + 1).to(tl.int32)
-            mscale = tl.load(Rope + D)
-            rel = (tl.load(Perm + h * N + pos, mask=pok, other=0) - length).to(tl.float32)
-            ang = rel[:, None] * tl.load(Rope + tl.arange(0, HALF))[None, :]
-            c = tl.cos(ang)
-            s = tl.sin(ang)
-            y1 = (x1 * c - x2 * s) * mscale
-            y2 = (x2 * c + x1 * s) * mscale
-            k = tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), [BLOCK_N, BLOCK_D])
-            return tl.where(pok[:, None], k, 0.0)
-        else:
-            return dequant_key(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos[:, None], pok[:, None],
-                               d[None, :], cok[None, :], N, P, D, QBITS, NOUT)
-
-    @triton.jit
-    def dequant_value_rows(Pv, CB, VNorm, OIdx, OVal, h, pos, pok, N, P, G, D,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           QBITS: tl.constexpr, NOUT: tl.constexpr):
-        """float32 values [BLOCK_N, BLOCK_D]: per-token scale/offset loaded once per row."""
-        d = tl.arange(0, BLOCK_D)
-        lev = _levels_rows(Pv, CB + G, h, pos, pok, N, P, D, BLOCK_N, BLOCK_D, QBITS)
+            lev = _levels(Pv, CB, h, pos[:, None], pok[:, None], d[None, :], (d < D)[None, :],
+                          N, P, QBITS)
         sc = tl.load(VNorm + (h * N + pos) * 2, mask=pok, other=0.0).to(tl.float32)
         off = tl.load(VNorm + (h * N + pos) * 2 + 1, mask=pok, other=0.0).to(tl.float32)
-        v = _fold_outliers(lev * sc[:, None] + off[:, None], OIdx, OVal, 1, h, pos[:, None],
-                           pok[:, None], d[None, :], N, NOUT)
-        return tl.where(pok[:, None] & (d < D)[None, :], v, 0.0)
+        return _fold_outliers(lev * sc[:, None] + off[:, None], OIdx, OVal, 1, h, pos[:, None],
+                              pok[:, None], d[None, :], N, NOUT)
 
     @triton.jit
     def _dequant_kernel(Pk, Pv, CB, KNorm, VNorm, OIdx, OVal, Perm, Rope, Kout, Vout, N, P, D, G,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                        QBITS: tl.constexpr, NOUT: tl.constexpr):
-        """Dense float32 K, V [H, N, D] of one layer through the row helpers the attention kernel
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALVES: tl.constexpr,
+                        QBITS: tl.constexpr, NOUT: tl.constexpr, FAST: tl.constexpr):
+        """Dense float32 K, V [H, N, D] of one layer through the helpers the attention kernel
         uses (tests only: the hot path never writes them)."""
         h = tl.program_id(1)
         pos = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         pok = pos < N
         cok = d < D
-        k = dequant_key_rows(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, pok, N, P, D,
-                             BLOCK_N, BLOCK_D, EVEN_D, QBITS, NOUT)
-        v = dequant_value_rows(Pv, CB, VNorm, OIdx, OVal, h, pos, pok, N, P, G, D,
-                               BLOCK_N, BLOCK_D, QBITS, NOUT)
-        o = (h * N + pos[:, None]) * D + d[None, :]
-        tl.store(Kout + o, k, mask=pok[:, None] & cok[None, :])
-        tl.store(Vout + o, v, mask=pok[:, None] & cok[None, :])
+        mscale = tl.load(Rope + D)
+        length = tl.load(Rope + D + 1).to(tl.int32)
+        if HALVES:
+            HALF: tl.constexpr = BLOCK_D // 2
+            y1, y2 = key_halves(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, pok, N, length,
+                                BLOCK_N, HALF, QBITS, NOUT, FAST)
+            j = tl.arange(0, HALF)
+            o = (h * N + pos[:, None]) * D + j[None, :]
+            tl.store(Kout + o, y1 * mscale, mask=pok[:, None])
+            tl.store(Kout + o + HALF, y2 * mscale, mask=pok[:, None])
+        else:
+            k = dequant_key(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos[:, None], pok[:, None],
+                            d[None, :], cok[None, :], N, P, D, QBITS, NOUT, FAST)
+            tl.store(Kout + (h * N + pos[:, None]) * D + d[None, :], k * mscale,
+                     mask=pok[:, None] & cok[None, :])
+        v = value_rows(Pv, CB + G, VNorm, OIdx, OVal, h, pos, pok, N, P, D, BLOCK_N, BLOCK_D, QBITS, NOUT,
+                       FAST)
+        tl.store(Vout + (h * N + pos[:, None]) * D + d[None, :], v, mask=pok[:, None] & cok[None, :])
+
+
+def halves(d: int, bits: int) -> bool:
+    """Whether keys of head dim d in `bits` bits take the HALVES path (see the module docstring)."""
+    d, bits = int(d), int(bits)
+    return bits in (2, 4) and d & (d - 1) == 0 and (d // 2) % (32 // bits) == 0
+
+
+def fast_math(device) -> bool:
+    """FAST: the inline PTX (sin/cos.approx in `_sincos`, the 4-bit codebook gather in
+    `_word_levels`) on NVIDIA GPUs; not under the interpreter, which cannot run PTX, or on ROCm."""
+    import torch
+
+    from ..triton_common import interpreting
+
+    return device.type == "cuda" and not interpreting() and torch.version.hip is None
 
 
 def dequantize_layer(keys, values, perm, rope, codebooks, key_norm, value_norm, outlier_idx, outlier_val,
-                     head_dim: int):
+                     head_dim: int, fast: bool | None = None):
     """float32 post-RoPE K, V [H, N, D] of one layer's op arguments through the Triton helpers
-    (CUDA, or CPU under TRITON_INTERPRET=1): the test of quant/triton.py against reference.py."""
+    (CUDA, or CPU under TRITON_INTERPRET=1): the test of quant/triton.py against reference.py.
+    `fast`: `_sincos`'s FAST (default: as the attention launch picks it)."""
     import torch
 
     from ..triton_common import launch, pow2
@@ -161,6 +269,7 @@ def dequantize_layer(keys, values, perm, rope, codebooks, key_norm, value_norm, 
     h, n, p = keys.shape
     d = int(head_dim)
     g = codebooks.shape[-1]
+    bits = g.bit_length() - 1
     nout = 0 if outlier_idx is None else outlier_idx.shape[-1]
     dummy = torch.zeros(1, dtype=torch.int16, device=keys.device)
     kout = torch.full((h, n, d), float("nan"), dtype=torch.float32, device=keys.device)
@@ -171,5 +280,19 @@ def dequantize_layer(keys, values, perm, rope, codebooks, key_norm, value_norm, 
            dummy if outlier_idx is None else outlier_idx.contiguous(),
            dummy.half() if outlier_val is None else outlier_val.contiguous(),
            perm.contiguous(), rope.contiguous(), kout, vout, n, p, d, g,
-           BLOCK_N=block_n, BLOCK_D=pow2(d), EVEN_D=d == pow2(d), QBITS=g.bit_length() - 1, NOUT=nout)
+           BLOCK_N=block_n, BLOCK_D=pow2(d), HALVES=halves(d, bits), QBITS=bits, NOUT=nout,
+           FAST=fast_math(keys.device) if fast is None else bool(fast))
     return kout, vout
+
+
+def sincos(a, fast: bool | None = None):
+    """cos, sin of a float32 tensor through `_sincos` (tests)."""
+    import torch
+
+    from ..triton_common import launch
+
+    a = a.contiguous()
+    c, s = torch.empty_like(a), torch.empty_like(a)
+    launch(_sincos_kernel, (-(-a.numel() // 1024),), a, c, s, a.numel(),
+           FAST=fast_math(a.device) if fast is None else bool(fast), BLOCK=1024)
+    return c, s
