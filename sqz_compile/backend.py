@@ -151,6 +151,8 @@ def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str
     if on_report is not None:
         on_report(report)
     inductor_options = dict(config.inductor_options)
+    if config.inductor and not config.prefill_inductor and _query_tokens(gm, example_inputs) != 1:
+        return gm  # the prompt's graph runs eagerly; decode graphs go through Inductor
     if not config.inductor:
         if mode not in (None, "default") or inductor_options or config.cache_dir is not None:
             warnings.warn(f"sqz: inductor=False runs the graph eagerly; ignoring mode={mode!r}, Inductor "
@@ -167,6 +169,18 @@ def sqz_backend(gm: GraphModule, example_inputs: list[Any], *, options: dict[str
     if config.cache_dir is not None:
         compile_cache.save_to(config.cache_dir)
     return compiled
+
+
+def _query_tokens(gm: GraphModule, example_inputs: list[Any]) -> Any:
+    """Tokens per row of the graph's input_ids / inputs_embeds (an int, a symbol when dynamic, None
+    when the graph has neither): 1 for a decode step."""
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        source = getattr(node, "_dynamo_source", None)
+        name = getattr(source, "name", "")
+        name = name() if callable(name) else str(name)
+        if ("'input_ids'" in name or "'inputs_embeds'" in name) and isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[1]
+    return None
 
 
 def _opaque_ops() -> contextlib.AbstractContextManager:

@@ -160,6 +160,11 @@ class CompileConfig:
         it attends only to the user's tokens and ignores the context, and a SqueezeDenseWarning
         says so once per compiled model.
     inductor: compile the rewritten graph with Inductor; False runs it eagerly (compile, backend).
+    prefill_inductor: with inductor, also compile the prompt's graph (several query tokens per
+        row); False compiles only the decode graph (one token per row) and runs the prompt's
+        rewritten graph eagerly (compile, backend). Inductor's compile of a whole model is the
+        larger part of the time to the first answer (NOTES "v11 outcomes": ~45 s of a 32-layer
+        8B-shaped model's prefill graph), while a prompt's prefill runs once per question.
     mode: Inductor mode, e.g. "reduce-overhead" (compile, backend).
     dynamic, fullgraph: torch.compile's (compile).
     inductor_options: Inductor config options: torch.compile's `options` (compile, backend) or
@@ -174,6 +179,7 @@ class CompileConfig:
     block_q: int = DEFAULT_BLOCK_Q
     strict: bool = True
     inductor: bool = True
+    prefill_inductor: bool = True
     mode: str | None = None
     dynamic: bool | None = None
     fullgraph: bool = False

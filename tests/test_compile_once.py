@@ -52,6 +52,22 @@ def test_inductor_compiles_the_decode_once():
     assert graphs() == 2 == len(sm.reports)
 
 
+def test_prefill_inductor_false_compiles_only_the_decode_graph():
+    """CompileConfig(prefill_inductor=False): the prompt's graph runs eagerly, the decode graph
+    through Inductor (one Inductor compile, not two), with the tokens of the eager path."""
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=0.3)
+    ids, am, _ = left_padded([9, 6])
+    fresh()
+    want = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False)).generate(
+        ids, attention_mask=am, max_new_tokens=4, do_sample=False)
+    fresh()
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(prefill_inductor=False))
+    got = sm.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False)
+    inductor = counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"]
+    assert torch.equal(got, want) and graphs() == 2 and inductor == 1
+
+
 def test_static_cache_is_reused_at_fixed_addresses():
     """generate(cache_implementation="static") keeps one cache per (batch, length bucket) on the
     model, tagged as unguarded static addresses (CUDA graphs replay in place; tagged inside the
