@@ -48,9 +48,7 @@ def graph_inputs(ctx: SqueezedContext) -> list[torch.Tensor | None]:
     """`ctx`'s stacked tensors in CONTEXT_ARGS order as the compiled graph takes them, made once per
     context: centroids in the keys' dtype when that is half precision (the lookup reads every
     centroid at each step: half the bytes), and static addresses (CUDA graphs read them in place;
-    a new context re-records a graph rather than recompiling it). Every dim but dim 2 (keys,
-    clusters, window) is marked static: `structure_key` fixes them already, and symbolic sizes
-    there only made tracing and the pass slower (each symbol is guarded and reasoned about)."""
+    a new context re-records a graph rather than recompiling it)."""
     if ctx not in _inputs:
         half = ctx.kv_dtype if ctx.kv_dtype in _HALF else None
         out = []
@@ -59,8 +57,6 @@ def graph_inputs(ctx: SqueezedContext) -> list[torch.Tensor | None]:
                 t = t.to(half)
             if t is not None:
                 torch._dynamo.mark_static_address(t, guard=False)
-                for d in (d for d in range(t.dim()) if d != 2):
-                    torch._dynamo.mark_static(t, d)
             out.append(t)
         _inputs[ctx] = out
     return _inputs[ctx]
