@@ -27,8 +27,8 @@ def is_skeleton(ctx: SqueezedContext) -> bool:
 def _layer_meta(val: torch.Tensor, i: int) -> torch.Tensor:
     """A fake tensor with the sizes, strides, dtype and device of `val.select(0, i)`, for a node's
     metadata. Not a view of `val`: a view's fake kernel checks its bounds against `val`'s symbolic
-    storage size, which costs ~7 ms per call in a many-layer graph (the shape environment's
-    axioms), and only the pass reads this metadata (the sqz op's fake output)."""
+    storage size, ~15 ms per view in a 32-layer graph (7 s of the backend's 8 s), and only the
+    pass reads this metadata (the sqz op's fake output)."""
     mode = getattr(val, "fake_mode", None)
     if mode is None:
         return val.select(0, i)
