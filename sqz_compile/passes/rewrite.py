@@ -350,7 +350,7 @@ def rewrite_attention(gm: GraphModule, ctx: SqueezedContext, *, block_q: int = D
         _erase_dead(gm, m.pattern)
         report.rewritten.append(m.layer)
 
-    if plans:
+    if plans or (bound is not None and bound.stacked is not None):  # the graph changed: one recompile
         gm.graph.lint()
         gm.recompile()
     refuse_or_warn(report, strict=False, notice=notice)
