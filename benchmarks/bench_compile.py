@@ -152,7 +152,7 @@ def measure(layers: int, args: argparse.Namespace) -> dict[str, Any]:
     if profiler is not None:
         profiler.dump_stats(args.profile)
     graphs = [{k: getattr(m, k, None) for k in ("guard_count", "shape_env_guard_count", "graph_input_count",
-                                                 "graph_node_count", "graph_op_count", "num_graph_breaks")}
+                                                 "graph_node_count", "graph_op_count", "num_graph_breaks", "gc_time_us")}
               for m in get_compilation_metrics()]
     return {"layers": layers, "inductor": args.inductor, "squeeze_s": squeeze_s, "first_generate_s": first,
             "first_generate_cpu_s": first_cpu,
