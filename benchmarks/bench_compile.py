@@ -41,6 +41,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench_e2e import random_llama  # noqa: E402  (this script's folder is on sys.path)
+
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
              vocab_size=512)
 
@@ -108,18 +110,6 @@ def instrument() -> PartTimer:
     return t
 
 
-def random_llama(layers: int, attn: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**SHAPE, num_hidden_layers=layers, max_position_embeddings=1024, pad_token_id=0)
-    cfg._attn_implementation = attn
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
 def measure(layers: int, args: argparse.Namespace) -> dict[str, Any]:
     """One cold first generate in this process."""
     import sqz_compile
@@ -127,7 +117,8 @@ def measure(layers: int, args: argparse.Namespace) -> dict[str, Any]:
     from torch._dynamo.utils import compilation_time_metrics, counters, get_compilation_metrics
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    model = random_llama(layers, args.attn)
+    torch.manual_seed(0)
+    model = random_llama(SHAPE, layers, 1024, torch.float32, "cpu", args.attn)
     g = torch.Generator().manual_seed(1)
     ctx_ids = torch.randint(3, SHAPE["vocab_size"], (1, args.context), generator=g)
     t = time.perf_counter()

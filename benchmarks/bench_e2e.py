@@ -60,12 +60,13 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_ke
 # --------------------------------------------------------------------------- setup
 
 def random_llama(shape: dict[str, int], layers: int, max_positions: int, dtype: torch.dtype,
-                 device: str) -> torch.nn.Module:
-    """A LlamaForCausalLM with random weights, built directly on `device` in `dtype`."""
+                 device: str, attn: str = "sdpa") -> torch.nn.Module:
+    """A LlamaForCausalLM with random weights, built directly on `device` in `dtype`, attention
+    implementation `attn`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=max_positions)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attn
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
