@@ -26,7 +26,6 @@ import torch.fx.experimental._config  # noqa: F401  (use_duck_shape)
 from .context import CENTROID_ARGS, CONTEXT_ARGS, SqueezedContext
 from .passes.rewrite import DenseNotice
 
-_HALF = (torch.float16, torch.bfloat16)
 _inputs: "weakref.WeakKeyDictionary[SqueezedContext, list]" = weakref.WeakKeyDictionary()
 
 
@@ -50,7 +49,7 @@ def graph_inputs(ctx: SqueezedContext) -> list[torch.Tensor | None]:
     centroid at each step: half the bytes), and static addresses (CUDA graphs read them in place;
     a new context re-records a graph rather than recompiling it)."""
     if ctx not in _inputs:
-        half = ctx.kv_dtype if ctx.kv_dtype in _HALF else None
+        half = ctx.lookup_centroid_dtype
         out = []
         for name, t in zip(CONTEXT_ARGS, _stacked(ctx)):
             if t is not None and half is not None and name in CENTROID_ARGS:

@@ -190,6 +190,13 @@ class SqueezedContext:
         return self.window_keys.dtype
 
     @property
+    def lookup_centroid_dtype(self) -> torch.dtype | None:
+        """The dtype compiled graphs hold the centroids in: the model's when it is half precision
+        (the lookup reads every centroid at each step: half the bytes, and the products stay exact
+        on tensor cores), None to keep them float32."""
+        return self.kv_dtype if self.kv_dtype in (torch.float16, torch.bfloat16) else None
+
+    @property
     def kv_bits(self) -> int:
         """Bits per stored context K/V entry: 16 (model dtype) or 4, 3, 2 (packed)."""
         return int(self.config.kv_bits)

@@ -236,18 +236,12 @@ def _fake_mode(node: Node):
     return getattr(val, "fake_mode", None)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _layer_buffers(gm: GraphModule, ctx: SqueezedContext, layer: int, anchor_graph_start: Node,
                    cache: dict[int, list[Node | None]], report: RewriteReport, meta_key: str | None,
                    fake_mode: Any) -> list[Node | None]:
     if layer in cache:
         return cache[layer]
-    # the lookup reads every centroid at each step: a half-precision context's graph holds them in
-    # the keys' dtype (half the bytes; the products stay exact on tensor cores), one shared copy
-    half = ctx.kv_dtype if ctx.kv_dtype in _HALF else None
-    lc = ctx.layer(layer, centroid_dtype=half)
+    lc = ctx.layer(layer, centroid_dtype=ctx.lookup_centroid_dtype)  # one shared half copy
     nodes: list[Node | None] = []
     with gm.graph.inserting_before(anchor_graph_start):
         for name, t in zip(CONTEXT_ARGS, lc):
