@@ -151,13 +151,17 @@ class SqueezedModel:
 
 
 def _forward_with_cache_layout(compiled: Any, context: list, *args: Any, **kwargs: Any) -> Any:
-    """The compiled forward, then the cache it filled made ready for the decode graph: a dynamic
-    cache stored contiguously (one decode graph, not two), a static one's tensors tagged as fixed
-    addresses (CUDA graphs not skipped). See transformers_compat."""
-    out = compiled(context, *args, **kwargs)
+    """The compiled forward; after the call that first fills a cache (the prefill), the cache made
+    ready for the decode graph: a dynamic cache stored contiguously (one decode graph, not two), a
+    static one's tensors tagged as fixed addresses (CUDA graphs not skipped). See
+    transformers_compat. Decode steps skip it (their layers are initialized already)."""
     cache = passed_cache(kwargs)
-    make_cache_contiguous(cache)
-    mark_static_cache(cache)
+    layers = getattr(cache, "layers", None)
+    filling = bool(layers) and not getattr(layers[0], "is_initialized", False)
+    out = compiled(context, *args, **kwargs)
+    if filling:
+        make_cache_contiguous(cache)
+        mark_static_cache(cache)
     return out
 
 
