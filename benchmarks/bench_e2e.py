@@ -181,7 +181,7 @@ def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) ->
     dev = args.device
     sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=not args.eager, mode=args.mode,
                                                                    cache_dir=args.warm_cache,
-                                                                   prefill_inductor=not args.eager_prefill))
+                                                                   prefill_inductor=args.prefill_inductor))
     mask = torch.ones_like(questions)
     cache = {"cache_implementation": "static"} if args.cache == "static" else {}
 
@@ -340,7 +340,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, dtype: torch.dty
            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
            "dtype": str(dtype), "keep": args.keep, "question": args.question, "new_tokens": args.new_tokens,
            "reps": args.reps, "sqz_cache": args.cache, "sqz_inductor": not args.eager, "sqz_mode": args.mode,
-           "sqz_prefill_inductor": not args.eager_prefill,
+           "sqz_prefill_inductor": args.prefill_inductor,
            "warm_cache": args.warm_cache}
     stem = os.path.join(out_dir, "bench_e2e" + ("_real" if args.real else ""))
     with open(stem + ".json", "w") as f:
@@ -368,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true",
                    help="a tiny random Llama, short contexts, few tokens, eager sqz: checks the logic on a CPU")
     p.add_argument("--eager", action="store_true", help="run sqz's rewritten graph without Inductor")
-    p.add_argument("--eager-prefill", action="store_true",
-                   help="CompileConfig(prefill_inductor=False): Inductor compiles only the decode graph")
+    p.add_argument("--prefill-inductor", action="store_true",
+                   help="CompileConfig(prefill_inductor=True): Inductor compiles the prompt's graph too "
+                        "(default: only the decode graph; the prompt's graph runs eagerly)")
     p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct and essay text instead of the 8B shape")
     p.add_argument("--skip-dense", action="store_true", help="skip transformers' default generate (slow at 128K)")
     p.add_argument("--sqz-only", action="store_true", help="skip both dense peers")

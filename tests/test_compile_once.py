@@ -52,9 +52,11 @@ def test_inductor_compiles_the_decode_once():
     assert graphs() == 2 == len(sm.reports)
 
 
-def test_prefill_inductor_false_compiles_only_the_decode_graph():
-    """CompileConfig(prefill_inductor=False): the prompt's graph runs eagerly, the decode graph
-    through Inductor (one Inductor compile, not two), with the tokens of the eager path."""
+@pytest.mark.parametrize("prefill_inductor", [False, True])
+def test_inductor_compiles_the_decode_graph_and_the_prompt_graph_on_request(prefill_inductor):
+    """By default (CompileConfig.prefill_inductor False) the prompt's graph runs eagerly and only the
+    decode graph goes through Inductor (one Inductor compile); prefill_inductor=True compiles both.
+    Either way the tokens are the eager path's."""
     model = tiny_model("llama", "sdpa", 2)
     _, ctx = tiny_context(model, keep=0.3)
     ids, am, _ = left_padded([9, 6])
@@ -62,10 +64,11 @@ def test_prefill_inductor_false_compiles_only_the_decode_graph():
     want = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False)).generate(
         ids, attention_mask=am, max_new_tokens=4, do_sample=False)
     fresh()
-    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(prefill_inductor=False))
+    config = sqz_compile.CompileConfig(prefill_inductor=True) if prefill_inductor else sqz_compile.CompileConfig()
+    sm = sqz_compile.compile(model, ctx, config)
     got = sm.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False)
     inductor = counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"]
-    assert torch.equal(got, want) and graphs() == 2 and inductor == 1
+    assert torch.equal(got, want) and graphs() == 2 and inductor == (2 if prefill_inductor else 1)
 
 
 def test_static_cache_is_reused_at_fixed_addresses():
