@@ -186,9 +186,12 @@ def _quant_args(quant: Optional[tuple], ctx_keys: torch.Tensor, ctx_values: torc
                 d: int) -> tuple[list[torch.Tensor], int, int]:
     """The attention kernel's low-bit arguments (contiguous), QBITS and NOUT; placeholders
     (never read) and QBITS = 0 for a 16-bit context."""
-    if quant is None:
-        dummy = ctx_keys.new_zeros(1, dtype=torch.float32)
-        return [dummy.int(), dummy, dummy, dummy, dummy.half(), dummy.short(), dummy.half()], 0, 0
+    if quant is None:  # torch.empty: no kernel launch per call (a decode step's graph grows by each)
+        def dummy(dtype):
+            return torch.empty(1, device=ctx_keys.device, dtype=dtype)
+
+        f32 = dummy(torch.float32)
+        return [dummy(torch.int32), f32, f32, f32, dummy(torch.float16), dummy(torch.int16), dummy(torch.float16)], 0, 0
     perm, rope, codebooks, key_norm, value_norm, oidx, oval = quant
     if ctx_keys.dtype != torch.int32 or ctx_values.dtype != torch.int32:
         raise ValueError("sqz: a low-bit context's keys/values must be packed int32 codes")
@@ -199,7 +202,7 @@ def _quant_args(quant: Optional[tuple], ctx_keys: torch.Tensor, ctx_values: torc
         raise ValueError(f"sqz: codebooks of {codebooks.shape[-1]} levels: expected 2**bits for 2, 3 or 4 bits")
     nout = 0
     if oidx is None:
-        oidx, oval = perm.new_zeros(1, dtype=torch.int16), perm.new_zeros(1, dtype=torch.float16)
+        oidx, oval = perm.new_empty(1, dtype=torch.int16), perm.new_empty(1, dtype=torch.float16)
     else:
         nout = int(oidx.shape[-1])
     args = [perm, rope, codebooks, key_norm, value_norm, oidx, oval]
