@@ -3,15 +3,19 @@
 The attention kernel (attention/triton.py, QBITS > 0) dequantizes a tile of BLOCK_N keys at
 sorted positions `pos` (rows = keys); `_dequant_kernel` runs the same helpers alone, for the tests.
 
-- HALVES (2 or 4 bits, D a power of two whose half is a whole number of words: head dims 64 and
-  128): `key_halves` loads the words of each rotate_half half of a row as their own tile and
-  unpacks them by shifts, so channels j and j + D/2 land in the same thread and RoPE rotates them
-  without moving data, with one angle per (key, pair); `value_rows` unpacks [BLOCK_N, D] the same
-  way (`_word_levels`: each thread unpacks whole words; codebook levels by a select tree, or on
-  CUDA at 4 bits an inline-PTX L1 gather that, unlike a tl.load, imposes no layout).
-- Otherwise (3-bit words straddle channels; padded head dims pair j with j + D/2, not
-  j + BLOCK_D/2): the per-entry helpers `dequant_key` and `_levels` (a word and a codebook gather
-  per entry); their index arguments are 2-D broadcastable (`pos`/`pok` rows and validity,
+- HALVES (2, 3 or 4 bits, D a power of two whose half is a whole number of words of every
+  plane: head dims 64 and 128): `key_halves` loads the words of each rotate_half half of a row
+  as their own tile and unpacks them by shifts, so channels j and j + D/2 land in the same thread
+  and RoPE rotates them without moving data, with one angle per (key, pair); `value_rows` unpacks
+  [BLOCK_N, D] the same way. 2/4 bits (`_word_levels`): each thread unpacks whole words. 3 bits
+  (`_plane_levels`): the row holds two bit planes (squeeze/quantize.py), the codes' low two bits
+  (16 per word) and their high bit (32 per word); a thread loads a pair of low words and the high
+  word that covers the same 32 channels, and code = lo | hi << 2 in registers. Codebook levels
+  (`_code_levels`): a select tree, or on CUDA at 3 and 4 bits an inline-PTX L1 gather that,
+  unlike a tl.load, imposes no layout.
+- Otherwise (padded head dims pair j with j + D/2, not j + BLOCK_D/2): `dequant_key` and
+  `_levels`, a word gather per plane and a codebook gather per entry (values keep the tile
+  unpack); their index arguments are 2-D broadcastable (`pos`/`pok` rows and validity,
   `chan`/`cok` channels and validity).
 
 Keys come back rotated but not multiplied by the attention scaling (the attention kernel folds it
@@ -185,9 +189,11 @@ if HAS_TRITON:
                      mask=rok[:, None, None, None] & (lw < nlo)[None, :, :, None], other=0)
         hi = tl.load(hi_row[:, None, None, None] + k[None, :, None, None],
                      mask=rok[:, None, None, None] & (k < nhi)[None, :, None, None], other=0)
-        lsh = (2 * c)[None, None, None, :]
-        hsh = (16 * pr[:, None] + c[None, :])[None, None, :, :]
-        code = ((lo >> lsh) & 3) | (((hi >> hsh) & 1) << 2)
+        # the high bits of each low word's 16 codes, moved to bits 2..17 once per word: per entry
+        # then one shift and one LOP3 ((h >> c) & 4 | low bits)
+        hp = (hi >> (16 * pr)[None, None, :, None]) << 2
+        c4 = c[None, None, None, :]
+        code = ((lo >> (2 * c4)) & 3) | ((hp >> c4) & 4)
         return tl.reshape(_code_levels(code, CB, 3, FAST), [BLOCK_N, NH * 32])
 
     @triton.jit
