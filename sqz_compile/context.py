@@ -514,8 +514,9 @@ class SqueezedContext:
             meta["config"] = {**_UPGRADES[meta["format_version"]], **meta["config"]}
             why = _OLD_PACKING.get((meta["format_version"], meta["config"].get("kv_bits")))
             if why:
-                fix = f"re-squeeze the context: {_REMAKE} (or use the sqz_compile version that wrote it)"
-                raise SqueezedContextError(f"{path}: format version {meta['format_version']}: {why}: {fix}", fix=fix)
+                fix = f"{_REMAKE} (or use the sqz_compile version that wrote it)"
+                raise SqueezedContextError(f"{path}: format version {meta['format_version']}: {why}; re-squeeze "
+                                           f"the context: {fix}", fix=fix)
         elif meta.get("format_version") != FORMAT_VERSION:
             why = _OLDER_FORMATS.get(meta.get("format_version"), "")
             fix = f"{_REMAKE} (or use the sqz_compile version that wrote it)"
