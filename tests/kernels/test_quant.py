@@ -51,7 +51,7 @@ def low_bit_case(cs, bits: int, outliers: float, datatype: str = "nuq", seed: in
 
 
 @pytest.mark.parametrize("fast", FAST, ids=lambda f: "fast" if f else "libm")
-@pytest.mark.parametrize("d", [64, 80, 96, 128])
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
 @pytest.mark.parametrize("bits,outliers,datatype", [(4, 0.01, "nuq"), (3, 0.0, "int"), (3, 0.02, "nuq"),
                                                     (2, 0.03, "nuq")])
 def test_dequant_helpers_match_reference(d, bits, outliers, datatype, fast):
