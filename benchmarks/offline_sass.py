@@ -1,12 +1,13 @@
 """The sparse attention kernel compiled for sm_90 on a machine without a GPU (triton's bundled
 ptxas and nvdisasm): SASS instruction counts of its hottest loop (the context loop), per
-instruction class, and shared memory. The counts behind benchmarks/NOTES.md "v11-lowbit" and
-"v11-q3"; compare layouts before a GPU run, not instead of one.
+instruction class, and shared memory. The counts in benchmarks/NOTES.md "v11-q3" (it gives the
+"v11-lowbit" 4-bit decode loop within 1%); for comparing layouts before a GPU run, not instead.
 
-Each case is BITS:MODE[:key=value...] (BITS 16: the bf16 context), MODE decode (one query, 8 warps for HALVES, as launched)
-or prefill (1024 queries), keys d (head dim, 128), halves (1/0, default: as the launcher picks),
-fast (1/0: the PTX codebook gather and sin/cos), nout (outliers per row, 1), warps, stages.
-Shapes: 8 KV heads x 4 query heads each, POS_LIST, bf16.
+Each case is BITS:MODE[:key=value...]: BITS 16 (the bf16 context), 4, 3 or 2; MODE decode (one
+query) or prefill (1024 queries), warps and stages as the launcher picks them; keys d (head dim,
+128), halves (1/0, default: as the launcher picks), fast (1/0: the PTX codebook gather and
+sin/cos), nout (outliers per row, 1), warps, stages. Shapes: 8 KV heads x 4 query heads each,
+POS_LIST, bf16.
 
     python benchmarks/offline_sass.py 4:decode 3:decode 2:decode 3:prefill 3:decode:d=64
 """
