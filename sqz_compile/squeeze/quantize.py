@@ -16,8 +16,8 @@ The fixed context is known offline, so its clustered K/V can be stored in 4, 3 o
   and do not stretch the normalisation range. A fixed count per row keeps the side table in the
   cluster-sorted layout, so a selected cluster's outliers are one contiguous range too.
 
-Packing: the codes of one row go into int32 words, 32 // bits codes per word (4 bits: 8, 2 bits:
-16), code d at bits (d % per_word) * bits of word d // per_word. 3 bits: two bit planes one after
+Packing: the codes of one row go into int32 words, v = 32 // bits codes per word (4 bits: 8,
+2 bits: 16), code d at bits (d % v) * bits of word d // v. 3 bits: two bit planes one after
 the other, the low two bits of every code (16 per word) then the high bits (32 per word): 3 bits
 per value, and each rotate_half half of a 64- or 128-channel row is whole words of each plane, so
 the kernels unpack 3-bit rows by shifts as they do 2- and 4-bit ones (format 5; format 4 packed
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..kernels.quant.reference import (apply_rope, dequantize_context, dequantize_rows,  # noqa: F401
-                                      packed_words, per_word, planes, rotate_half, unpack)
+                                      packed_words, planes, rotate_half, unpack)
 
 from ..config import KV_BITS
 

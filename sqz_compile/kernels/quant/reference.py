@@ -4,20 +4,13 @@ for the Triton helpers in quant/triton.py, and the CPU branch of the sqz op on l
 Stored row of D codes -> value: codebook[code] * scale + offset (keys: scale/offset per channel;
 values: per token), then the row's outliers overwrite their channels, then (keys) RoPE at the key's
 position p - L: k * cos + rotate_half(k) * sin with angle float32(p - L) * inv_freq in float32.
-Packing (`planes`): 2 and 4 bits, 32 // bits codes per int32 word, code d at bits
-(d % per_word) * bits of word d // per_word; 3 bits, two planes one after the other in the row,
-the codes' low two bits (16 per word) then their high bit (32 per word), each packed the same way.
+Packing (`planes`): 2 and 4 bits, v = 32 // bits codes per int32 word, code d at bits
+(d % v) * bits of word d // v; 3 bits, two planes one after the other in the row, the codes' low
+two bits (16 per word) then their high bit (32 per word), each packed the same way.
 """
 from __future__ import annotations
 
 import torch
-
-
-def per_word(bits: int) -> int:
-    """Codes per int32 word of one plane: 2 and 4 bits have one plane of 32 // bits codes per
-    word; 3 bits has two planes (`planes`), whose words hold 16 and 32 codes."""
-    bits = int(bits)
-    return 16 if bits == 3 else 32 // bits
 
 
 def planes(d: int, bits: int) -> list[tuple[int, int, int]]:
