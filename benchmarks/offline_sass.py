@@ -1,6 +1,6 @@
 """The sparse attention kernel compiled for sm_90 on a machine without a GPU (triton's bundled
 ptxas and nvdisasm): SASS instruction counts of its hottest loop (the context loop), per
-instruction class, and shared memory. The counts in benchmarks/NOTES.md "v11-q3" (it gives the
+instruction class, and shared memory. The counts in benchmarks/NOTES.md "q3" (it gives the
 "v11-lowbit" 4-bit decode loop within 1%); for comparing layouts before a GPU run, not instead.
 
 Each case is BITS:MODE[:key=value...]: BITS 16 (the bf16 context), 4, 3 or 2; MODE decode (one
