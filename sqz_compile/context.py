@@ -32,8 +32,9 @@ tensor is stacked over layers on dim 0):
                                          (the certified logit bound of config.max_dropped_mass;
                                          absent in format-2 files)
 
-Low-bit contexts (config.kv_bits < 16, format 4; 3 bits: format 5; squeeze/quantize.py),
-G = 2**kv_bits, P = packed_words(D, kv_bits) (3 bits: two bit planes per row), E = outliers per row:
+Low-bit contexts (config.kv_bits < 16, since format 4; squeeze/quantize.py), G = 2**kv_bits,
+P = packed_words(D, kv_bits) (3 bits: two bit planes per row since format 5; format-4 3-bit files
+are refused), E = outliers per row:
   keys, values        [layers, H, N, P]  int32: packed codes, same sorted layout (keys pre-RoPE)
   rope                [layers, D + 2]    float32: inv_freq per channel, attention scaling, L
                                          (a key at context position p is rotated by (p - L))
