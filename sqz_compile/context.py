@@ -32,8 +32,9 @@ tensor is stacked over layers on dim 0):
                                          (the certified logit bound of config.max_dropped_mass;
                                          absent in format-2 files)
 
-Low-bit contexts (config.kv_bits < 16, format 4; squeeze/quantize.py), G = 2**kv_bits, P =
-packed_words(D, kv_bits), E = outliers per row:
+Low-bit contexts (config.kv_bits < 16, since format 4; squeeze/quantize.py), G = 2**kv_bits,
+P = packed_words(D, kv_bits) (3 bits: two bit planes per row since format 5; format-4 3-bit files
+are refused), E = outliers per row:
   keys, values        [layers, H, N, P]  int32: packed codes, same sorted layout (keys pre-RoPE)
   rope                [layers, D + 2]    float32: inv_freq per channel, attention scaling, L
                                          (a key at context position p is rotated by (p - L))
@@ -66,12 +67,16 @@ from .config import SqueezeConfig
 if TYPE_CHECKING:
     from .distributed import KVShard
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # what each older format lacks, for the message that refuses it
 _OLDER_FORMATS = {1: "format 1 has no data-chosen dense tokens and one threshold for decode and prefill"}
 # older formats read by filling in config fields they predate (format 2: no cluster variances, no
 # dense layers; its tensors are those of format 3 with those off)
-_UPGRADES = {2: {"cluster_variance": False, "dense_layers": 0}, 3: {"kv_bits": 16}}
+_UPGRADES = {2: {"cluster_variance": False, "dense_layers": 0}, 3: {"kv_bits": 16}, 4: {}}
+# (format, kv_bits) whose packed codes this version lays out differently: refused, since the
+# tensor shapes alone may not tell (3 bits at head dim 80 took 8 words per row in both)
+_OLD_PACKING = {(4, 3): "its 3-bit codes are packed 10 to a word, which this sqz_compile no longer reads "
+                        "(3-bit codes are now stored as two bit planes)"}
 FORMAT_NAME = "sqz_compile.SqueezedContext"
 _REMAKE = "re-create it with sqz_compile.squeeze(model, context_ids).save(path)"
 
@@ -508,6 +513,11 @@ class SqueezedContext:
             raise SqueezedContextError(f"{path}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
         if meta.get("format_version") in _UPGRADES and isinstance(meta.get("config"), dict):
             meta["config"] = {**_UPGRADES[meta["format_version"]], **meta["config"]}
+            why = _OLD_PACKING.get((meta["format_version"], meta["config"].get("kv_bits")))
+            if why:
+                fix = f"{_REMAKE} (or use the sqz_compile version that wrote it)"
+                raise SqueezedContextError(f"{path}: format version {meta['format_version']}: {why}; re-squeeze "
+                                           f"the context: {fix}", fix=fix)
         elif meta.get("format_version") != FORMAT_VERSION:
             why = _OLDER_FORMATS.get(meta.get("format_version"), "")
             fix = f"{_REMAKE} (or use the sqz_compile version that wrote it)"

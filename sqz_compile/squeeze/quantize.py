@@ -16,8 +16,12 @@ The fixed context is known offline, so its clustered K/V can be stored in 4, 3 o
   and do not stretch the normalisation range. A fixed count per row keeps the side table in the
   cluster-sorted layout, so a selected cluster's outliers are one contiguous range too.
 
-Packing: the codes of one row go into int32 words, 32 // bits codes per word (4 bits: 8, 3 bits:
-10 with 2 bits unused, 2 bits: 16), code d at bits (d % per_word) * bits of word d // per_word.
+Packing: the codes of one row go into int32 words, v = 32 // bits codes per word (4 bits: 8,
+2 bits: 16), code d at bits (d % v) * bits of word d // v. 3 bits: two bit planes one after
+the other, the low two bits of every code (16 per word) then the high bits (32 per word): 3 bits
+per value, and each rotate_half half of a 64- or 128-channel row is whole words of each plane, so
+the kernels unpack 3-bit rows by shifts as they do 2- and 4-bit ones (format 5; format 4 packed
+10 codes per word, and its 3-bit files are refused).
 
 `python -m sqz_compile.squeeze.quantize` prints the context size at Llama-3-8B shapes.
 """
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 
 from ..kernels.quant.reference import (apply_rope, dequantize_context, dequantize_rows,  # noqa: F401
-                                      packed_words, per_word, rotate_half, unpack)
+                                      packed_words, planes, rotate_half, unpack)
 
 from ..config import KV_BITS
 
@@ -44,16 +48,19 @@ def outliers_per_row(d: int, fraction: float) -> int:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes [..., D] in [0, 2**bits) -> int32 words [..., packed_words(D, bits)]."""
-    vpw = per_word(bits)
+    """Codes [..., D] in [0, 2**bits) -> int32 words [..., packed_words(D, bits)], plane by plane
+    (kernels/quant/reference.py `planes`)."""
     d = codes.shape[-1]
-    words = packed_words(d, bits)
-    padded = torch.zeros((*codes.shape[:-1], words * vpw), dtype=torch.int64, device=codes.device)
-    padded[..., :d] = codes.to(torch.int64)
-    shifts = torch.arange(vpw, device=codes.device, dtype=torch.int64) * bits
-    w = (padded.reshape(*codes.shape[:-1], words, vpw) << shifts).sum(-1)
-    return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)  # the same 32 bits as int32
-
+    c = codes.to(torch.int64)
+    out = []
+    for b, low, words in planes(d, bits):
+        vpw = 32 // b
+        padded = torch.zeros((*codes.shape[:-1], words * vpw), dtype=torch.int64, device=codes.device)
+        padded[..., :d] = (c >> low) & ((1 << b) - 1)
+        shifts = torch.arange(vpw, device=codes.device, dtype=torch.int64) * b
+        w = (padded.reshape(*codes.shape[:-1], words, vpw) << shifts).sum(-1)
+        out.append(torch.where(w >= 2 ** 31, w - 2 ** 32, w))  # the same 32 bits as int32
+    return torch.cat(out, dim=-1).to(torch.int32)
 
 
 # --------------------------------------------------------------------------- RoPE

@@ -16,7 +16,7 @@ from sqz_compile.kernels.attention import launch as attention_launch  # noqa: E4
 from sqz_compile.kernels.attention.reference import selection_from_compact, squeezed_attention_reference  # noqa: E402
 from sqz_compile.kernels.lookup import launch as lookup_launch  # noqa: E402
 from sqz_compile.kernels.quant.reference import dequantize_context  # noqa: E402
-from sqz_compile.kernels.quant.triton import dequantize_layer, sincos  # noqa: E402
+from sqz_compile.kernels.quant.triton import dequantize_layer, halves, sincos  # noqa: E402
 from sqz_compile.squeeze.quantize import RopeTable, low_bit_fields  # noqa: E402
 
 from cases import make_case, rel_err, threshold_for_keep  # noqa: E402
@@ -51,18 +51,28 @@ def low_bit_case(cs, bits: int, outliers: float, datatype: str = "nuq", seed: in
 
 
 @pytest.mark.parametrize("fast", FAST, ids=lambda f: "fast" if f else "libm")
-@pytest.mark.parametrize("d", [64, 80, 96, 128])
-@pytest.mark.parametrize("bits,outliers", [(4, 0.01), (3, 0.0), (2, 0.03)])
-def test_dequant_helpers_match_reference(d, bits, outliers, fast):
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("bits,outliers,datatype", [(4, 0.01, "nuq"), (3, 0.0, "int"), (3, 0.02, "nuq"),
+                                                    (2, 0.03, "nuq")])
+def test_dequant_helpers_match_reference(d, bits, outliers, datatype, fast):
     cs = make_case(h=2, n=37, c=5, d=d, device="cpu", seed=d + bits)
-    lb = low_bit_case(cs, bits, outliers, "int" if bits == 3 else "nuq")
+    lb = low_bit_case(cs, bits, outliers, datatype)
     k_ref, v_ref = dequantize_context(*lb, d)
     k, v = dequantize_layer(*lb, d, fast=fast)
     assert rel_err(k, k_ref) < 1e-6 and rel_err(v, v_ref) < 1e-6
 
 
+def test_halves_paths():
+    """Which keys unpack by shifts in whole half-rows (HALVES): 2, 3 (two bit planes) and 4 bits
+    at head dims 64 and 128; padded head dims (80, 96) take the per-entry path at every width."""
+    for bits in (2, 3, 4):
+        assert halves(64, bits) and halves(128, bits)
+        assert not halves(80, bits) and not halves(96, bits)
+    assert not halves(32, 3) and halves(256, 3) and halves(16, 4)  # 3 bits: 32 | D / 2
+
+
 @pytest.mark.parametrize("fast", FAST, ids=lambda f: "fast" if f else "libm")
-@pytest.mark.parametrize("d,bits", [(128, 4), (64, 2), (96, 4)])
+@pytest.mark.parametrize("d,bits", [(128, 4), (64, 2), (96, 4), (128, 3)])
 def test_dequant_helpers_at_long_context_positions(d, bits, fast):
     """Keys at positions of a 128K-token context: RoPE angles up to ~1.3e5 rad, reduced in the
     kernel (`_sincos`), still equal the float64 rotation of the same float32 angles."""
@@ -94,6 +104,12 @@ ATTN = [
     dict(kw=dict(mask="causal", b=2, h=1, g=4, m=1, s=1, d=96, n=29, c=7), bits=2, out=0.02),  # decode
     dict(kw=dict(mask="none", b=1, h=2, g=2, m=1, s=3, d=128, n=41, c=5), bits=4, out=0.0),   # decode
     dict(kw=dict(mask="float", b=1, h=2, g=1, m=9, d=128, n=23, c=4), bits=3, out=0.02),
+    # 3 bits on the HALVES path (two bit planes), odd cluster sizes: decode and prefill, with and
+    # without outliers
+    dict(kw=dict(mask="causal", b=2, h=1, g=4, m=1, s=1, d=64, n=39, c=7), bits=3, out=0.03),  # decode
+    dict(kw=dict(mask="causal", b=1, h=2, g=2, m=6, d=64, n=27, c=5), bits=3, out=0.0),
+    dict(kw=dict(mask="none", b=1, h=2, g=2, m=1, s=3, d=128, n=35, c=6), bits=3, out=0.0),   # decode
+    dict(kw=dict(mask="causal", b=2, h=2, g=1, m=5, d=96, n=31, c=4), bits=3, out=0.02),
 ]
 
 

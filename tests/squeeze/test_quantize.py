@@ -11,7 +11,7 @@ import torch
 
 from sqz_compile.config import SqueezeConfig
 from sqz_compile.context import SqueezedContext, SqueezedContextError
-from sqz_compile.kernels.quant.reference import dequantize_rows, unpack
+from sqz_compile.kernels.quant.reference import dequantize_rows, packed_words, planes, unpack
 from sqz_compile.squeeze.quantize import (RopeTable, apply_rope, context_bytes, invert_rope, pack, quantize_rows,
                                           rope_from_model, size_table)
 
@@ -23,12 +23,34 @@ def _heavy(shape, seed=0):
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
-@pytest.mark.parametrize("d", [7, 64, 80, 96, 128])
+@pytest.mark.parametrize("d", [7, 33, 64, 80, 96, 128])
 def test_pack_roundtrip(bits, d):
     codes = torch.randint(0, 1 << bits, (3, 5, d))
     words = pack(codes, bits)
-    assert words.dtype == torch.int32 and words.shape[-1] == -(-d // (32 // bits))
+    # 3 bits: a plane of the low two bits (16 codes per word), then one of the high bit (32)
+    want = -(-d // 16) + -(-d // 32) if bits == 3 else -(-d // (32 // bits))
+    assert words.dtype == torch.int32 and words.shape[-1] == want == packed_words(d, bits)
     assert torch.equal(unpack(words, bits, d), codes)
+    if d % 32 == 0:  # no padding: exactly `bits` bits per value
+        assert words.shape[-1] * 32 == d * bits
+
+
+def test_pack_3_bit_planes():
+    """The 3-bit layout bit by bit: code c's low two bits at bits 2 (c % 16) of word c // 16,
+    its high bit at bit c % 32 of word ceil(D / 16) + c // 32; each rotate_half half of a 64- or
+    128-channel row is whole words of each plane (the kernels' HALVES path)."""
+    d = 80
+    codes = torch.zeros(d, dtype=torch.int64)
+    codes[17], codes[40], codes[79] = 0b101, 0b010, 0b111
+    w = pack(codes, 3).to(torch.int64) & 0xFFFFFFFF
+    lo, hi = [0] * 5, [0] * 3
+    lo[1] |= 0b01 << 2
+    hi[0] |= 1 << 17
+    lo[2] |= 0b10 << 16
+    lo[4] |= 0b11 << 30
+    hi[2] |= 1 << 15
+    assert w.tolist() == lo + hi
+    assert planes(128, 3) == [(2, 0, 8), (1, 2, 4)] and planes(64, 3) == [(2, 0, 4), (1, 2, 2)]
 
 
 def _bound(codebook):
@@ -39,15 +61,15 @@ def _bound(codebook):
 
 
 @pytest.mark.parametrize("datatype", ["nuq", "int"])
-@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("bits,d", [(4, 64), (3, 64), (3, 80), (2, 64)])
 @pytest.mark.parametrize("per_channel", [True, False], ids=["keys", "values"])
-def test_quantize_dequantize_within_bound(datatype, bits, per_channel):
+def test_quantize_dequantize_within_bound(datatype, bits, d, per_channel):
     """Every entry is within scale * (half the widest gap of the codebook) of its value (plus
     float16 rounding of the per-token scales); outliers come back to float16 precision."""
-    x = _heavy((2, 3, 41, 64))
+    x = _heavy((2, 3, 41, d))
     w = torch.rand(2, 3, 41)
     q = quantize_rows(x, w, bits, datatype, 0.03, per_channel)
-    y = dequantize_rows((q.packed, q.codebook, q.norm, q.outlier_idx, q.outlier_val), bits, 64, per_channel)
+    y = dequantize_rows((q.packed, q.codebook, q.norm, q.outlier_idx, q.outlier_val), bits, d, per_channel)
     err = (y - x.double()).abs()
     for i in range(2):
         scale = q.norm[i].double()[..., 0:1, :] if per_channel else q.norm[i].double()[..., 0:1]
@@ -55,7 +77,7 @@ def test_quantize_dequantize_within_bound(datatype, bits, per_channel):
         is_out = torch.zeros_like(x[i], dtype=torch.bool).scatter_(-1, q.outlier_idx[i].long(), True)
         assert bool((err[i] <= limit)[~is_out].all())
         assert bool((err[i][is_out] <= 1e-3 * x[i][is_out].abs().double() + 1e-6).all())
-    assert q.outlier_idx.shape[-1] == 2  # round(0.03 * 64)
+    assert q.outlier_idx.shape[-1] == 2  # round(0.03 * 64), round(0.03 * 80)
     if datatype == "int":
         assert torch.allclose(q.codebook[0], torch.linspace(-1, 1, 1 << bits))
 
@@ -212,12 +234,54 @@ def test_format_3_file_loads_as_16_bit(tmp_path, tiny):
     assert back.kv_bits == 16 and not back.quantized and torch.equal(back.keys, dense.keys)
 
 
+def test_3_bit_file_roundtrip_and_old_layout_refused(tmp_path):
+    """A 3-bit context saves and loads bit for bit and dequantizes close to its 16-bit keys. A
+    format-4 file of 3 bits (10 codes per word) is refused with the fix (re-squeeze), before any
+    shape check: at the tiny model's head dim 16 both layouts take 2 words per row, so the shapes
+    alone would let the old codes through as garbage. Format-4 files of other widths still load."""
+    from fixtures import tiny_context, tiny_model
+    from test_context_io import _rewrite
+
+    model = tiny_model()
+    _, dense = tiny_context(model, length=80, keep=0.5)
+    _, low3 = tiny_context(model, length=80, keep=0.5, kv_bits=3, kv_outliers=0.07)
+    low3.validate(model)
+    assert low3.keys.shape[-1] == 2 == -(-16 // 10)  # same width as the old layout
+    k, v = low3.dense_kv()
+    for a, b in ((k, dense.keys), (v, dense.values)):
+        assert float((a - b).norm() / b.norm()) < 0.25
+    p = tmp_path / "low3.safetensors"
+    low3.save(p)
+    back = SqueezedContext.load(p, model)
+    for n, t in low3.tensors().items():
+        assert torch.equal(getattr(back, n), t), n
+
+    _rewrite(p, None, lambda m: m.update(format_version=4))
+    with pytest.raises(SqueezedContextError, match="format version 4.*3-bit.*10 to a word.*re-squeeze") as e:
+        SqueezedContext.load(p, model)
+    assert "squeeze(model, context_ids).save(path)" in e.value.fix
+    with pytest.raises(SqueezedContextError, match="re-squeeze"):
+        SqueezedContext.read_metadata(p)
+
+
+def test_format_4_low_bit_file_of_4_bits_still_loads(tmp_path, tiny):
+    from test_context_io import _rewrite
+
+    model, _, low = tiny
+    p = tmp_path / "v4.safetensors"
+    low.save(p)
+    _rewrite(p, None, lambda m: m.update(format_version=4))
+    back = SqueezedContext.load(p, model)
+    assert back.kv_bits == 4 and torch.equal(back.keys, low.keys)
+
+
 def test_size_table():
     rows = {r["kv_bits"]: r for r in size_table()}
     assert rows[16]["MB"] > rows[4]["MB"] > rows[3]["MB"] > rows[2]["MB"]
     kv16 = context_bytes(131072, 32, 8, 128, 32)["kv"]
     assert abs(kv16 - 2 * 32 * 8 * (131072 - 116) * 128 * 2) == 0
     assert context_bytes(131072, 32, 8, 128, 32, kv_bits=4)["kv"] * 4 == kv16
+    assert context_bytes(131072, 32, 8, 128, 32, kv_bits=3)["kv"] * 16 == kv16 * 3  # two planes, no padding
     out = subprocess.run([sys.executable, "-m", "sqz_compile.squeeze.quantize"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert "kv_bits" in out and f"{rows[4]['MB']:,}" in out

@@ -63,8 +63,8 @@ def _stages(cfg: AttnConfig, qbits: int, halves: bool) -> int:
     """Software-pipeline depth of the attention launch: the config's for a 16-bit context. Low-bit
     with HALVES: at most 2 (decode's 2; the next tile's packed words and positions load by
     cp.async while this tile dequantizes; sm_90: 36.9 KB of shared memory at decode, 64 KB at
-    prefill). Other low-bit layouts: 1 (their per-entry gathers do not pipeline, and 3-bit
-    prefill took 147 KB at 2 stages)."""
+    prefill). Other low-bit layouts (padded head dims): 1 (their per-entry gathers do not
+    pipeline, and the old 3-bit per-entry prefill took 147 KB at 2 stages)."""
     if not qbits:
         return cfg.num_stages
     return min(cfg.num_stages, 2) if halves else 1

@@ -20,7 +20,7 @@ One kernel serves prefill and decode (the reference is `attention/reference.py`,
 - Low-bit context (QBITS > 0): Kc/Vc hold packed int32 codes in the same sorted layout; each
   tile's rows are read packed and dequantized in registers (kernels/quant/triton.py: codebook
   level * scale + offset, outliers folded in, RoPE applied to the key at its context position),
-  so only the selected clusters' packed bytes are read and no dense copy is made. HALVES (2/4
+  so only the selected clusters' packed bytes are read and no dense copy is made. HALVES (2/3/4
   bits, head dim 64/128): keys come as their two rotate_half halves and are scored as
   q[:, :D/2] @ k1^T + q[:, D/2:] @ k2^T; RoPE's attention scaling multiplies the context's
   score scale instead of every key entry.
@@ -93,7 +93,7 @@ if HAS_TRITON:
                                 FAST)
                 s = _dot(qa, tl.trans(k.to(DT)), IEEE)
             vt = value_rows(Vc, CB + G, VNorm, OIdx, OVal, h, pos, vvalid, NPOS, P, D,
-                            BLOCK_N, BLOCK_D, QBITS, NOUT, FAST).to(DT)
+                            BLOCK_N, BLOCK_D, QBITS, NOUT, FAST, HALVES).to(DT)
         return (s * scale).to(tl.float32), vt  # Inductor may pass the scale as float64
 
     @triton.jit

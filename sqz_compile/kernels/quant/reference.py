@@ -4,31 +4,44 @@ for the Triton helpers in quant/triton.py, and the CPU branch of the sqz op on l
 Stored row of D codes -> value: codebook[code] * scale + offset (keys: scale/offset per channel;
 values: per token), then the row's outliers overwrite their channels, then (keys) RoPE at the key's
 position p - L: k * cos + rotate_half(k) * sin with angle float32(p - L) * inv_freq in float32.
-Codes are packed 32 // bits to an int32 word: code d at bits (d % per_word) * bits of word d // per_word.
+Packing (`planes`): 2 and 4 bits, v = 32 // bits codes per int32 word, code d at bits
+(d % v) * bits of word d // v; 3 bits, two planes one after the other in the row, the codes' low
+two bits (16 per word) then their high bit (32 per word), each packed the same way.
 """
 from __future__ import annotations
 
 import torch
 
 
-def per_word(bits: int) -> int:
-    """Codes per int32 word."""
-    return 32 // int(bits)
+def planes(d: int, bits: int) -> list[tuple[int, int, int]]:
+    """The bit planes of a packed row of d codes, in storage order: (bits of the code they hold,
+    its lowest bit, words). 2/4 bits: one plane of the whole code. 3 bits: the low two bits
+    (16 codes per word), then the high bit (32 codes per word): exactly 3 bits per value when
+    32 divides d, and both planes split the rotate_half halves of head dims 64 and 128 into
+    whole words (the kernels' HALVES path), which 10 codes per word did not."""
+    d, bits = int(d), int(bits)
+    if bits == 3:
+        return [(2, 0, -(-d // 16)), (1, 2, -(-d // 32))]
+    return [(bits, 0, -(-d // (32 // bits)))]
 
 
 def packed_words(d: int, bits: int) -> int:
-    """int32 words per row of d codes."""
-    return -(-int(d) // per_word(bits))
+    """int32 words per row of d codes (all planes)."""
+    return sum(w for _, _, w in planes(d, bits))
 
 
 def unpack(words: torch.Tensor, bits: int, d: int) -> torch.Tensor:
-    """int32 words [..., W] -> codes [..., d] int64 (inverse of `pack`)."""
-    vpw = per_word(bits)
+    """int32 words [..., W] -> codes [..., d] int64 (inverse of `pack`): in each plane of b bits,
+    code c's bits sit at (c % (32 // b)) * b of the plane's word c // (32 // b)."""
     w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(vpw, device=words.device, dtype=torch.int64) * bits
-    codes = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*words.shape[:-1], -1)[..., :d]
-
+    codes = torch.zeros((*words.shape[:-1], d), dtype=torch.int64, device=words.device)
+    start = 0
+    for b, low, n in planes(d, bits):
+        shifts = torch.arange(32 // b, device=words.device, dtype=torch.int64) * b
+        part = (w[..., start:start + n].unsqueeze(-1) >> shifts) & ((1 << b) - 1)
+        codes |= part.reshape(*words.shape[:-1], -1)[..., :d] << low
+        start += n
+    return codes
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

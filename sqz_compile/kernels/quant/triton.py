@@ -3,15 +3,19 @@
 The attention kernel (attention/triton.py, QBITS > 0) dequantizes a tile of BLOCK_N keys at
 sorted positions `pos` (rows = keys); `_dequant_kernel` runs the same helpers alone, for the tests.
 
-- HALVES (2 or 4 bits, D a power of two whose half is a whole number of words: head dims 64 and
-  128): `key_halves` loads the words of each rotate_half half of a row as their own tile and
-  unpacks them by shifts, so channels j and j + D/2 land in the same thread and RoPE rotates them
-  without moving data, with one angle per (key, pair); `value_rows` unpacks [BLOCK_N, D] the same
-  way (`_word_levels`: each thread unpacks whole words; codebook levels by a select tree, or on
-  CUDA at 4 bits an inline-PTX L1 gather that, unlike a tl.load, imposes no layout).
-- Otherwise (3-bit words straddle channels; padded head dims pair j with j + D/2, not
-  j + BLOCK_D/2): the per-entry helpers `dequant_key` and `_levels` (a word and a codebook gather
-  per entry); their index arguments are 2-D broadcastable (`pos`/`pok` rows and validity,
+- HALVES (2, 3 or 4 bits, D a power of two whose half is a whole number of words of every
+  plane: head dims 64 and 128): `key_halves` loads the words of each rotate_half half of a row
+  as their own tile and unpacks them by shifts, so channels j and j + D/2 land in the same thread
+  and RoPE rotates them without moving data, with one angle per (key, pair); `value_rows` unpacks
+  [BLOCK_N, D] the same way. 2/4 bits (`_word_levels`): each thread unpacks whole words. 3 bits
+  (`_plane_levels`): the row holds two bit planes (squeeze/quantize.py), the codes' low two bits
+  (16 per word) and their high bit (32 per word); a thread loads a pair of low words and the high
+  word that covers the same 32 channels, and code = lo | hi << 2 in registers. Codebook levels
+  (`_code_levels`): a select tree, or on CUDA at 3 and 4 bits an inline-PTX L1 gather that,
+  unlike a tl.load, imposes no layout.
+- Otherwise (padded head dims pair j with j + D/2, not j + BLOCK_D/2): `dequant_key` and
+  `_levels`, a word gather per plane and a codebook gather per entry (values keep the tile
+  unpack); their index arguments are 2-D broadcastable (`pos`/`pok` rows and validity,
   `chan`/`cok` channels and validity).
 
 Keys come back rotated but not multiplied by the attention scaling (the attention kernel folds it
@@ -77,12 +81,19 @@ if HAS_TRITON:
         tl.store(S + i, s, mask=i < n)
 
     @triton.jit
-    def _levels(Pk, CB, h, pos, pok, chan, cok, N, P, QBITS: tl.constexpr):
-        """codebook[code] of the packed rows: code `chan` of row (h, pos)."""
-        VPW: tl.constexpr = 32 // QBITS
+    def _levels(Pk, CB, h, pos, pok, chan, cok, N, P, D, QBITS: tl.constexpr):
+        """codebook[code] of the packed rows: code `chan` of row (h, pos), one word gather per
+        plane (3 bits: the low-bits word and the high-bit word after the ceil(D / 16) low ones)."""
         ok = pok & cok
-        w = tl.load(Pk + (h * N + pos) * P + chan // VPW, mask=ok, other=0)
-        code = (w >> ((chan % VPW) * QBITS)) & ((1 << QBITS) - 1)
+        row = Pk + (h * N + pos) * P
+        if QBITS == 3:
+            lo = tl.load(row + chan // 16, mask=ok, other=0)
+            hi = tl.load(row + (D + 15) // 16 + chan // 32, mask=ok, other=0)
+            code = ((lo >> ((chan % 16) * 2)) & 3) | (((hi >> (chan % 32)) & 1) << 2)
+        else:
+            VPW: tl.constexpr = 32 // QBITS
+            w = tl.load(row + chan // VPW, mask=ok, other=0)
+            code = (w >> ((chan % VPW) * QBITS)) & ((1 << QBITS) - 1)
         return tl.load(CB + code, mask=ok, other=0.0)
 
     @triton.jit
@@ -98,7 +109,7 @@ if HAS_TRITON:
     @triton.jit
     def _prerope_key(Pk, CB, KNorm, OIdx, OVal, h, pos, pok, chan, cok, N, P, D,
                      QBITS: tl.constexpr, NOUT: tl.constexpr):
-        lev = _levels(Pk, CB, h, pos, pok, chan, cok, N, P, QBITS)
+        lev = _levels(Pk, CB, h, pos, pok, chan, cok, N, P, D, QBITS)
         sc = tl.load(KNorm + h * 2 * D + chan, mask=cok, other=0.0)
         off = tl.load(KNorm + h * 2 * D + D + chan, mask=cok, other=0.0)
         return _fold_outliers(lev * sc + off, OIdx, OVal, 0, h, pos, pok, chan, N, NOUT)
@@ -133,26 +144,74 @@ if HAS_TRITON:
             return tl.where((code & BIT) != 0, hi, lo)
 
     @triton.jit
-    def _word_levels(wp, wok, CB, BLOCK_N: tl.constexpr, NW: tl.constexpr, QBITS: tl.constexpr,
-                     FAST: tl.constexpr):
-        """codebook[code] [BLOCK_N, NW * 32 // QBITS] of the words at wp [BLOCK_N, NW] (0 where
-        not wok): code c of a row at bits (c % VPW) * QBITS of its word c // VPW. The words load
-        as [BLOCK_N, NW, 1] and broadcast along the codes, so each thread unpacks its own words
-        and holds whole runs of channels (a 2-D load made Triton move each word to VPW lanes).
-        Levels: FAST at 4 bits, an L1 gather by inline PTX (one multiply-add and one load per
-        entry; as a tl.load Triton would give the tile that load's one-channel-per-thread layout);
-        otherwise the select tree (2 bits: 2 bit tests and 3 selects)."""
-        VPW: tl.constexpr = 32 // QBITS
-        w = tl.load(wp[:, :, None], mask=wok[:, :, None], other=0)
-        sh = tl.arange(0, VPW) * QBITS
-        code = (w >> sh[None, None, :]) & ((1 << QBITS) - 1)
+    def _code_levels(code, CB, QBITS: tl.constexpr, FAST: tl.constexpr):
+        """codebook[code] of int32 codes already in registers. FAST at 3 and 4 bits: an L1 gather
+        by inline PTX (one multiply-add and one load per entry; as a tl.load Triton would give
+        the tile that load's one-channel-per-thread layout); otherwise the select tree (2 bits:
+        2 bit tests and 3 selects; 3 bits: 3 and 7)."""
         if FAST and QBITS > 2:
             lev = tl.inline_asm_elementwise(
                 "{ .reg .u64 a; mad.wide.u32 a, $1, 4, $2; ld.global.nc.f32 $0, [a]; }", "=f,r,l",
                 [code, CB.to(tl.int64, bitcast=True)], dtype=tl.float32, is_pure=True, pack=1)
         else:
             lev = _select_level(code, CB, 0, QBITS)
-        return tl.reshape(lev, [BLOCK_N, NW * VPW])
+        return lev
+
+    @triton.jit
+    def _word_levels(wp, wok, CB, BLOCK_N: tl.constexpr, NW: tl.constexpr, QBITS: tl.constexpr,
+                     FAST: tl.constexpr):
+        """codebook[code] [BLOCK_N, NW * 32 // QBITS] of the words at wp [BLOCK_N, NW] (0 where
+        not wok), 2 or 4 bits: code c of a row at bits (c % VPW) * QBITS of its word c // VPW.
+        The words load as [BLOCK_N, NW, 1] and broadcast along the codes, so each thread unpacks
+        its own words and holds whole runs of channels (a 2-D load made Triton move each word
+        to VPW lanes)."""
+        VPW: tl.constexpr = 32 // QBITS
+        w = tl.load(wp[:, :, None], mask=wok[:, :, None], other=0)
+        sh = tl.arange(0, VPW) * QBITS
+        code = (w >> sh[None, None, :]) & ((1 << QBITS) - 1)
+        return tl.reshape(_code_levels(code, CB, QBITS, FAST), [BLOCK_N, NW * VPW])
+
+    @triton.jit
+    def _plane_levels(lo_row, hi_row, rok, nlo, nhi, CB, BLOCK_N: tl.constexpr, NH: tl.constexpr,
+                      FAST: tl.constexpr):
+        """3 bits: codebook[code] [BLOCK_N, 32 * NH] of 32 * NH consecutive channels from their
+        two planes: low two bits in the 2 * NH words at lo_row [BLOCK_N] (16 codes per word),
+        high bit in the NH words at hi_row (32 per word). Both load as [BLOCK_N, NH, (2 | 1), 1]
+        tiles (a high-bit word covers a pair of low-bits words) and broadcast along the 16 codes
+        of a low word, so each thread unpacks its own word pairs with shifts and the two planes
+        meet in registers: code = lo | hi << 2, the high bits moved into place once per word
+        (per entry then a shift and a LOP3 more than at 4 bits). NH == 1 (the 32-channel halves
+        of head dim 64): runs of 8 channels per thread instead, each word loaded by the 2 or 4
+        threads that share it; 16 left 2 threads per 32-channel row, and the sm_90 compile moved
+        the tile through shared memory (loop 1309 -> 707 instructions, 4 bits: 598). Words past
+        nlo / nhi (padded channels) and rows not in rok read 0."""
+        if NH == 1:
+            NQ: tl.constexpr = 4 * NH  # runs of 8 channels: a thread holds 8, as at 4 bits
+            q = tl.arange(0, NQ)
+            c = tl.arange(0, 8)
+            lo = tl.load(lo_row[:, None, None] + (q // 2)[None, :, None],
+                         mask=rok[:, None, None] & (q // 2 < nlo)[None, :, None], other=0)
+            hi = tl.load(hi_row[:, None, None] + (q // 4)[None, :, None],
+                         mask=rok[:, None, None] & (q // 4 < nhi)[None, :, None], other=0)
+            lq = lo >> ((q % 2) * 16)[None, :, None]
+            hq = (hi >> ((q % 4) * 8)[None, :, None]) << 2
+            c3 = c[None, None, :]
+            code = ((lq >> (2 * c3)) & 3) | ((hq >> c3) & 4)
+        else:
+            k = tl.arange(0, NH)
+            pr = tl.arange(0, 2)
+            c = tl.arange(0, 16)
+            lw = 2 * k[:, None] + pr[None, :]  # [NH, 2] low-bits word of each pair
+            lo = tl.load(lo_row[:, None, None, None] + lw[None, :, :, None],
+                         mask=rok[:, None, None, None] & (lw < nlo)[None, :, :, None], other=0)
+            hi = tl.load(hi_row[:, None, None, None] + k[None, :, None, None],
+                         mask=rok[:, None, None, None] & (k < nhi)[None, :, None, None], other=0)
+            # the high bits of each low word's 16 codes, moved to bits 2..17 once per word: per entry
+            # then one shift and one LOP3 ((h >> c) & 4 | low bits)
+            hp = (hi >> (16 * pr)[None, None, :, None]) << 2
+            c4 = c[None, None, None, :]
+            code = ((lo >> (2 * c4)) & 3) | ((hp >> c4) & 4)
+        return tl.reshape(_code_levels(code, CB, 3, FAST), [BLOCK_N, NH * 32])
 
     @triton.jit
     def key_halves(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, pok, N, length,
@@ -163,19 +222,25 @@ if HAS_TRITON:
         whole number of words); finite on invalid rows (the caller masks their scores). The
         per-channel scale, offset and inv_freq are re-read per tile (L1 hits): kept across the
         attention loop they only spill."""
-        NWH: tl.constexpr = HALF * QBITS // 32
+        NWH: tl.constexpr = HALF * QBITS // 32  # words per half row (3 bits: both planes)
         j = tl.arange(0, HALF)
         kn = KNorm + h * 4 * HALF + j
         sc1 = tl.load(kn)
         sc2 = tl.load(kn + HALF)
         off1 = tl.load(kn + 2 * HALF)
         off2 = tl.load(kn + 3 * HALF)
-        wi = tl.arange(0, NWH)
         # row stride 2 * NWH (== P here) as a constant: the compiler then vectorizes the loads
-        wp = Pk + (h * N + pos)[:, None] * (2 * NWH) + wi[None, :]
-        wok = tl.broadcast_to(pok[:, None], [BLOCK_N, NWH])
-        x1 = _word_levels(wp, wok, CB, BLOCK_N, NWH, QBITS, FAST)
-        x2 = _word_levels(wp + NWH, wok, CB, BLOCK_N, NWH, QBITS, FAST)
+        row = Pk + (h * N + pos) * (2 * NWH)
+        if QBITS == 3:  # [low bits of half 1 | of half 2 | high bits of half 1 | of half 2]
+            NHI: tl.constexpr = HALF // 32
+            x1 = _plane_levels(row, row + 4 * NHI, pok, 2 * NHI, NHI, CB, BLOCK_N, NHI, FAST)
+            x2 = _plane_levels(row + 2 * NHI, row + 5 * NHI, pok, 2 * NHI, NHI, CB, BLOCK_N, NHI, FAST)
+        else:
+            wi = tl.arange(0, NWH)
+            wp = row[:, None] + wi[None, :]
+            wok = tl.broadcast_to(pok[:, None], [BLOCK_N, NWH])
+            x1 = _word_levels(wp, wok, CB, BLOCK_N, NWH, QBITS, FAST)
+            x2 = _word_levels(wp + NWH, wok, CB, BLOCK_N, NWH, QBITS, FAST)
         x1 = x1 * sc1[None, :] + off1[None, :]
         x2 = x2 * sc2[None, :] + off2[None, :]
         for e in tl.static_range(NOUT):
@@ -190,21 +255,36 @@ if HAS_TRITON:
 
     @triton.jit
     def value_rows(Pv, CB, VNorm, OIdx, OVal, h, pos, pok, N, P, D, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, QBITS: tl.constexpr, NOUT: tl.constexpr, FAST: tl.constexpr):
+                   BLOCK_D: tl.constexpr, QBITS: tl.constexpr, NOUT: tl.constexpr, FAST: tl.constexpr,
+                   HALVES: tl.constexpr = False):
         """float32 values [BLOCK_N, BLOCK_D], per-token scale/offset loaded once per row; finite on
-        invalid rows and padded channels (the attention masks or drops them). When
-        32 % QBITS == 0: one [BLOCK_N, BLOCK_D // VPW] word load unpacked in registers; 3 bits:
-        a word and a codebook gather per entry."""
+        invalid rows and padded channels (the attention masks or drops them). The packed words
+        load as tiles unpacked in registers (2/4 bits: one [BLOCK_N, BLOCK_D // VPW] tile; 3 bits:
+        a tile per plane, the high-bit plane after the ceil(D / 16) low-bits words); rows under a
+        word of codes (3 bits: under 32 channels) take a word and a codebook gather per entry.
+        HALVES (D == BLOCK_D, whole words): the row stride and plane offsets are constants, so
+        the compiler knows the words' alignment."""
         VPW: tl.constexpr = 32 // QBITS
         d = tl.arange(0, BLOCK_D)
-        if (32 % QBITS == 0) and (BLOCK_D >= VPW):
+        if HALVES:
+            row = Pv + (h * N + pos) * (BLOCK_D * QBITS // 32)
+        else:
+            row = Pv + (h * N + pos) * P
+        if QBITS == 3 and HALVES:
+            NLO: tl.constexpr = BLOCK_D // 16
+            lev = _plane_levels(row, row + NLO, pok, NLO, NLO // 2, CB, BLOCK_N, BLOCK_D // 32, FAST)
+        elif QBITS == 3 and BLOCK_D >= 32:
+            nlo = (D + 15) // 16
+            lev = _plane_levels(row, row + nlo, pok, nlo, (D + 31) // 32, CB, BLOCK_N, BLOCK_D // 32,
+                                FAST)
+        elif QBITS != 3 and BLOCK_D >= VPW:
             NW: tl.constexpr = BLOCK_D // VPW
             wi = tl.arange(0, NW)
-            lev = _word_levels(Pv + (h * N + pos)[:, None] * P + wi[None, :],
-                               pok[:, None] & (wi[None, :] < P), CB, BLOCK_N, NW, QBITS, FAST)
+            lev = _word_levels(row[:, None] + wi[None, :], pok[:, None] & (wi[None, :] < P), CB,
+                               BLOCK_N, NW, QBITS, FAST)
         else:
             lev = _levels(Pv, CB, h, pos[:, None], pok[:, None], d[None, :], (d < D)[None, :],
-                          N, P, QBITS)
+                          N, P, D, QBITS)
         sc = tl.load(VNorm + (h * N + pos) * 2, mask=pok, other=0.0).to(tl.float32)
         off = tl.load(VNorm + (h * N + pos) * 2 + 1, mask=pok, other=0.0).to(tl.float32)
         return _fold_outliers(lev * sc[:, None] + off[:, None], OIdx, OVal, 1, h, pos[:, None],
@@ -237,14 +317,15 @@ if HAS_TRITON:
             tl.store(Kout + (h * N + pos[:, None]) * D + d[None, :], k * mscale,
                      mask=pok[:, None] & cok[None, :])
         v = value_rows(Pv, CB + G, VNorm, OIdx, OVal, h, pos, pok, N, P, D, BLOCK_N, BLOCK_D, QBITS, NOUT,
-                       FAST)
+                       FAST, HALVES)
         tl.store(Vout + (h * N + pos[:, None]) * D + d[None, :], v, mask=pok[:, None] & cok[None, :])
 
 
 def halves(d: int, bits: int) -> bool:
     """Whether keys of head dim d in `bits` bits take the HALVES path (see the module docstring)."""
     d, bits = int(d), int(bits)
-    return bits in (2, 4) and d & (d - 1) == 0 and (d // 2) % (32 // bits) == 0
+    # 3 bits: each plane's codes per word (16, 32) must divide the half
+    return bits in (2, 3, 4) and d & (d - 1) == 0 and (d // 2) % (32 if bits == 3 else 32 // bits) == 0
 
 
 def fast_math(device) -> bool:
