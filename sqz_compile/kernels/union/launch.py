@@ -1,0 +1,168 @@
+"""Launch glue of the union-read decode attention (the CUDA branch of torch.ops.sqz.squeezed_attention
+for a decode batch over one 16-bit context; attention/launch.py dispatches here). Same rules as
+the other launchers: wrap_triton launches, tile shapes and splits from static shapes, no host sync.
+
+Pipeline: the per-row lookup's compact lists (idx, count) -> `_mark_kernel` (OR of the rows'
+selections per group of rows) -> `_union_list_kernel` (the union's cluster list) ->
+`_union_attn_kernel` (context union + window, split-K) -> the per-row kernel for each row's own
+new keys under the model's mask, as further splits -> the per-row `_merge_kernel`.
+
+Low-bit contexts (kv_bits < 16) stay on the per-row path: the union kernel reads stored K/V only.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..attention import triton as _sa
+from ..attention.launch import _search_width, attention_config, sparse_attention
+from ..lookup.launch import Selection
+from ..triton_common import cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
+from . import triton as _un
+
+# Dispatch switch read when the op body runs (so at trace / capture time under torch.compile and
+# CUDA graphs): False sends decode batches down the per-row path (benchmarks time both).
+ENABLED = True
+
+_MAX_ROWS = 128    # query tile rows (batch rows x padded group): a 128 x 64 score tile, 8 warps
+_MAX_PARTS = 64    # union + own-key splits: the merge holds them all in one 2-D load
+_MARK_BLOCK = 1024
+
+
+class UnionConfig(NamedTuple):
+    br: int         # batch rows per group (query tile = br x gp rows; row bits per word <= 32)
+    gp: int         # group size padded to a power of two
+    block_n: int    # keys per tile
+    split: int      # programs per (group, KV head) along the union's keys
+    own_split: int  # splits of the per-row kernel over the rows' own new keys
+    num_warps: int
+    num_stages: int
+
+
+@contextlib.contextmanager
+def per_row_reads():
+    """Within this block the decode op reads every row's kept clusters separately (the per-row
+    path), e.g. for a benchmark to time both paths."""
+    global ENABLED
+    old, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = old
+
+
+def applies(q: torch.Tensor, ctx_keys: torch.Tensor, codebooks: Optional[torch.Tensor]) -> bool:
+    """Union read for decode (one static query per row) of >= 2 rows over a 16-bit context whose
+    GQA group fits a query tile."""
+    m = q.shape[2]
+    return (ENABLED and codebooks is None and ctx_keys.dtype != torch.int32 and not symbolic(m)
+            and int(m) == 1 and hint(q.shape[0]) >= 2
+            and pow2(q.shape[1] // ctx_keys.shape[0]) <= _MAX_ROWS and q.shape[3] <= 256)
+
+
+def union_config(bsz: int, h: int, g: int, n_ctx: int, w: int, s: int, d: int, sms: int) -> UnionConfig:
+    """Groups of up to 32 rows in a query tile of at most 128 rows (at least 16, for tl.dot);
+    ~4 programs per SM for small tiles and ~2 for 128-row tiles (8 warps, 3 stages: the prefill
+    kernel's 128-row setting), capped so the merge takes every split in one load."""
+    gp = pow2(g)
+    cap = max(1, min(32, _MAX_ROWS // gp))
+    br = max(min(pow2(hint(bsz)), cap), cdiv(16, gp))
+    block_m = br * gp
+    block_n = 64 if d <= 128 else 32
+    warps, stages = (8, 3) if block_m >= 128 else (4, 2)
+    progs = cdiv(hint(bsz), br) * h
+    own = max(1, min(cdiv(max(hint(s), 1), block_n), cdiv(4 * sms, hint(bsz) * h), 16))
+    want = (2 if block_m >= 128 else 4) * sms
+    split = max(1, min(cdiv(want, progs), max(1, cdiv(n_ctx + w, block_n) // 4), _MAX_PARTS - own))
+    return UnionConfig(br, gp, block_n, split, own, warps, stages)
+
+
+def union_list(sel: Selection, offsets: torch.Tensor, bsz: int, h: int, br: int):
+    """(words, (cum, delta, word, nkeys)): the union's cluster list per (group of br rows, KV head)
+    from the rows' compact lists (union/reference.py says what each holds). words: the marked
+    bits [NG*H*C] followed by B*H zeros (the per-row kernel's kept-key count for the own-keys
+    launch, so one fill serves both)."""
+    c = offsets.shape[-1] - 1
+    ng = cdiv(bsz, br)
+    i32 = dict(device=offsets.device, dtype=torch.int32)
+    offsets = offsets.to(torch.int32).contiguous()
+    words = torch.zeros(ng * h * c + bsz * h, **i32)
+    launch(_un._mark_kernel, (bsz * h,), sel.idx, sel.count, words, h, c, br,
+           BLOCK=_MARK_BLOCK, num_warps=4)
+    ucum = torch.empty((ng * h, c + 1), **i32)
+    udelta = torch.empty((ng * h, c), **i32)
+    uword = torch.empty((ng * h, c), **i32)
+    unkeys = torch.empty(ng * h, **i32)
+    launch(_un._union_list_kernel, (ng * h,), words, offsets, ucum, udelta, uword, unkeys, h, c,
+           offsets.stride(0), BLOCK=min(2048, max(16, pow2(c))), num_warps=8)
+    return words, (ucum, udelta, uword, unkeys)
+
+
+def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                           attn_mask: Optional[torch.Tensor], ctx_keys: torch.Tensor,
+                           ctx_values: torch.Tensor, offsets: torch.Tensor, sel: Selection,
+                           window_keys: torch.Tensor, window_values: torch.Tensor, scale: float,
+                           is_causal: bool, block_q: int, config: Optional[UnionConfig] = None,
+                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode attention (q [B, Hq, 1, D]) over each row's selection (sel.idx / sel.count, the
+    per-row lookup's compact lists) + window + the row's new keys, reading each kept cluster's
+    K/V once per group of rows instead of once per row. Same result as
+    attention/launch.py `sparse_attention` with that selection. `out`: as there."""
+    check_device(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, offsets, window_keys, window_values)
+    if sel.idx is None:
+        raise ValueError("sqz: the union read needs the lookup's cluster lists (lookup without positions=)")
+    bsz, hq, m, d = q.shape
+    if symbolic(m) or int(m) != 1:
+        raise ValueError(f"sqz: the union read is for decode (one query per row), got {m}")
+    if ctx_keys.dtype == torch.int32:
+        raise ValueError("sqz: the union read takes a 16-bit context (low-bit stays per row)")
+
+    def lastdim(t):
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    q, ctx_keys, ctx_values = lastdim(q), lastdim(ctx_keys), lastdim(ctx_values)
+    window_keys, window_values = lastdim(window_keys), lastdim(window_values)
+    h, n_ctx, _ = ctx_keys.shape
+    g = hq // h
+    c = offsets.shape[-1] - 1
+    w = window_keys.shape[1]
+    sms = sm_count(q)
+    cfg = config or union_config(bsz, h, g, n_ctx, w, k_new.shape[2], d, sms)
+    dev = q.device
+    ng = cdiv(bsz, cfg.br)
+
+    words, (ucum, udelta, uword, unkeys) = union_list(sel, offsets, bsz, h, cfg.br)
+    if out is None:
+        out = torch.empty((bsz, hq, m, d), device=dev, dtype=q.dtype)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"sqz: out must be a contiguous {tuple(q.shape)} {q.dtype} tensor")
+    parts = cfg.own_split + cfg.split
+    part_o = torch.empty((parts, bsz, hq, m, d), device=dev, dtype=torch.float32)
+    part_l = torch.empty((parts, bsz, hq, m), device=dev, dtype=torch.float32)
+    # splits [own_split, parts): the union of the context's kept clusters and the window
+    launch(_un._union_attn_kernel, (ng * h, cfg.split),
+           q, ctx_keys, ctx_values, window_keys, window_values, ucum, udelta, uword, unkeys,
+           part_o, part_l,
+           q.stride(0), q.stride(1), ctx_keys.stride(0), ctx_keys.stride(1),
+           ctx_values.stride(0), ctx_values.stride(1), window_keys.stride(0), window_keys.stride(1),
+           window_values.stride(0), window_values.stride(1),
+           bsz, h, g, w, c, cfg.split, cfg.own_split, float(scale) * 1.4426950408889634, d,
+           BR=cfg.br, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=pow2(d),
+           IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # splits [0, own_split): each row's own new keys under the model's mask, by the per-row
+    # kernel with no context keys and no window
+    zero = words[ng * h * c:]
+    own_sel = Selection(None, None, None, None, zero, zero)
+    own_cfg = attention_config(bsz, h, g, m, block_q, 0, 0, k_new.shape[2], d, sms)._replace(
+        split=cfg.own_split, pos_list=True)
+    sparse_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, own_sel,
+                     window_keys[:, :0], window_values[:, :0], scale, is_causal, block_q,
+                     config=own_cfg, out=out, partials=(part_o, part_l))
+    rows = bsz * hq * m
+    launch(_sa._merge_kernel, (rows,),
+           part_o, part_l, out, rows, hq, m, out.stride(0), out.stride(1), out.stride(2),
+           parts, d, SP=max(2, pow2(parts)), BLOCK_D=pow2(d), num_warps=4)
+    return out

@@ -1,0 +1,171 @@
+"""Triton kernels of the union-read decode attention (launched from union/launch.py; the union
+list's rule is union/reference.py, the attention's semantics attention/reference.py).
+
+Decode of B rows over ONE context: the per-row kernel (attention/triton.py) reads each row's kept
+clusters separately, so a cluster kept by k rows is read k times. Here, per (group of R rows, KV
+head):
+  _mark_kernel        OR-marks bit b % R of every cluster row b keeps (from the lookup's compact
+                      list) into a zeroed word per (group, head, cluster)
+  _union_list_kernel  compacts the marked clusters into the union's cluster list (cum, delta, the
+                      rows' word per slot), as the lookup's `_compact_kernel` does for one row
+  _union_attn_kernel  one query tile of all R rows x the group's heads (row r = br * GP + g)
+                      walks its split of the union's key tiles: each K/V tile is loaded ONCE,
+                      scored for every row, and a row's scores are -inf on the keys of clusters
+                      its bit does not mark, so each row attends exactly its own selection. The
+                      observation window (kept by every row) goes to the last splits. Each split
+                      writes a normalised partial output and its log-sum-exp (base 2) in the
+                      layout of the per-row kernel's partials, at split SPLIT0 + split, so the
+                      per-row kernel adds the rows' own new keys as further splits and its
+                      `_merge_kernel` combines them all.
+"""
+from __future__ import annotations
+
+from ..triton_common import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ..attention.triton import _dot, _online_update, _start_slot
+
+    @triton.jit
+    def _mark_kernel(Idx, Count, Words, H, C, R, BLOCK: tl.constexpr):
+        """Words[(b // R) * H + h, c] |= 1 << (b % R) for the clusters c that row (b, h) keeps
+        (Idx [B*H, C] ascending, valid up to Count [B*H])."""
+        row = tl.program_id(0)  # b * H + h
+        b = row // H
+        h = row % H
+        bit = tl.full([BLOCK], 1, tl.int32) << (b % R)
+        wrow = Words + ((b // R) * H + h) * C
+        n = tl.load(Count + row)
+        for j0 in range(0, n, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            ok = j < n
+            c = tl.load(Idx + row * C + j, mask=ok, other=0)
+            tl.atomic_or(wrow + c, bit, mask=ok)
+
+    @triton.jit
+    def _union_list_kernel(Words, Off, Cum, Delta, Word, NKeys, H, C, soh, BLOCK: tl.constexpr):
+        """The union's cluster list of one (group, head): ascending marked non-empty clusters with
+        Cum / Delta / Word per slot, padded past the count (Cum = total, Delta = Word = 0)."""
+        pid = tl.program_id(0)  # group * H + h
+        h = pid % H
+        js = tl.zeros([], tl.int32)
+        kbase = tl.zeros([], tl.int32)
+        for c0 in range(0, C, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            cm = c < C
+            wd = tl.load(Words + pid * C + c, mask=cm, other=0)
+            start = tl.load(Off + h * soh + c, mask=cm, other=0)
+            n = tl.load(Off + h * soh + c + 1, mask=cm, other=0) - start
+            keep = cm & (wd != 0) & (n > 0)  # an empty slot would break the tile's slot count
+            ki = keep.to(tl.int32)
+            nk = tl.where(keep, n, 0)
+            slot = js + tl.cumsum(ki, axis=0) - ki
+            cpos = kbase + tl.cumsum(nk, axis=0) - nk
+            tl.store(Cum + pid * (C + 1) + slot, cpos, mask=keep)
+            tl.store(Delta + pid * C + slot, start - cpos, mask=keep)
+            tl.store(Word + pid * C + slot, wd, mask=keep)
+            js += tl.sum(ki, axis=0)
+            kbase += tl.sum(nk, axis=0)
+        for p0 in range(0, C, BLOCK):
+            p = p0 + tl.arange(0, BLOCK)
+            pm = (p < C) & (p >= js)
+            tl.store(Cum + pid * (C + 1) + p, tl.zeros([BLOCK], tl.int32) + kbase, mask=pm)
+            tl.store(Delta + pid * C + p, tl.zeros([BLOCK], tl.int32), mask=pm)
+            tl.store(Word + pid * C + p, tl.zeros([BLOCK], tl.int32), mask=pm)
+        tl.store(Cum + pid * (C + 1) + C, kbase)
+        tl.store(NKeys + pid, kbase)
+
+    @triton.jit
+    def _union_attn_kernel(
+        Q, Kc, Vc, Kw, Vw, Cum, Delta, Word, NKeys, PartO, PartL,
+        sqb, sqh, skch, skcn, svch, svcn, swkh, swkn, swvh, swvn,
+        B, H, G, W, C, SPLIT, SPLIT0, qk_scale, D,
+        BR: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        IEEE: tl.constexpr, SEARCH: tl.constexpr,
+    ):
+        BLOCK_M: tl.constexpr = BR * GP
+        pid = tl.program_id(0)  # group * H + h
+        split = tl.program_id(1)
+        h = pid % H
+        grp = pid // H
+        r = tl.arange(0, BLOCK_M)
+        br = r // GP
+        g = r % GP
+        b = grp * BR + br
+        rvalid = (g < G) & (b < B)
+        hq = h * G + g
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(Q + b[:, None] * sqb + hq[:, None] * sqh + d[None, :],
+                    mask=rvalid[:, None] & dmask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        kk = tl.arange(0, BLOCK_N)
+        zero_add = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+
+        # --- the union's context tiles: the cluster-list walk of the per-row kernel (slot search
+        # for the first tile, then the next tile's slots fetched while this tile loads), plus
+        # each key's row word ------------------------------------------------------------------
+        total = tl.load(NKeys + pid)
+        ntile = tl.cdiv(total, BLOCK_N)
+        t0 = split * ntile // SPLIT
+        t1 = (split + 1) * ntile // SPLIT
+        cum_row = Cum + pid * (C + 1)
+        if t0 < t1:
+            v0 = t0 * BLOCK_N
+            j = _start_slot(cum_row, v0, C, SEARCH)
+            v = v0 + kk
+            jb = j + 1 + kk
+            bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
+            slot = j + tl.sum((bnd[None, :] <= v[:, None]).to(tl.int32), axis=1)
+            v_end = tl.minimum(total, t1 * BLOCK_N)
+            vvalid = v < v_end
+            pos = v + tl.load(Delta + pid * C + slot, mask=vvalid, other=0)
+            wd = tl.load(Word + pid * C + slot, mask=vvalid, other=0)
+            for t in range(t0, t1):
+                kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
+                             mask=vvalid[None, :] & dmask[:, None], other=0.0)
+                vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
+                             mask=vvalid[:, None] & dmask[None, :], other=0.0)
+                s = (_dot(q, kT, IEEE) * qk_scale).to(tl.float32)
+                # row br sees the key when its bit is set (words are 0 past the tile's end)
+                ok = ((wd[None, :] >> br[:, None]) & 1) != 0
+                j = j + tl.sum((bnd <= (t + 1) * BLOCK_N).to(tl.int32), axis=0)
+                v_n = (t + 1) * BLOCK_N + kk
+                jb = j + 1 + kk
+                bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
+                slot = j + tl.sum((bnd[None, :] <= v_n[:, None]).to(tl.int32), axis=1)
+                vvalid_n = v_n < v_end
+                pos_n = v_n + tl.load(Delta + pid * C + slot, mask=vvalid_n, other=0)
+                wd_n = tl.load(Word + pid * C + slot, mask=vvalid_n, other=0)
+                m_i, l_i, acc = _online_update(s, vt, ok, zero_add, m_i, l_i, acc, False, IEEE)
+                pos = pos_n
+                vvalid = vvalid_n
+                wd = wd_n
+
+        # --- observation window (every row attends it): the splits counted from the last -------
+        rsplit = SPLIT - 1 - split
+        nwt = tl.cdiv(W, BLOCK_N)
+        per = tl.cdiv(nwt, SPLIT)
+        for t in range(rsplit * per, tl.minimum(nwt, rsplit * per + per)):
+            n = t * BLOCK_N + kk
+            nvalid = n < W
+            kT = tl.load(Kw + h * swkh + n[None, :] * swkn + d[:, None],
+                         mask=nvalid[None, :] & dmask[:, None], other=0.0)
+            vt = tl.load(Vw + h * swvh + n[:, None] * swvn + d[None, :],
+                         mask=nvalid[:, None] & dmask[None, :], other=0.0)
+            s = (_dot(q, kT, IEEE) * qk_scale).to(tl.float32)
+            m_i, l_i, acc = _online_update(s, vt, nvalid[None, :], zero_add, m_i, l_i, acc,
+                                           False, IEEE)
+
+        # --- partial of split SPLIT0 + split, in the per-row kernel's layout [S, B, Hq, M=1] -----
+        has = l_i > 0
+        o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        prow = ((SPLIT0 + split) * B + b) * (G * H) + hq
+        tl.store(PartL + prow, lse, mask=rvalid)
+        tl.store(PartO + prow[:, None] * D + d[None, :], o, mask=rvalid[:, None] & dmask[None, :])

@@ -1,0 +1,147 @@
+"""The union-read decode attention (kernels/union/) equals the float64 reference.
+
+A decode batch of B rows over one context: per (group of rows, KV head) the kernels read each
+cluster some row keeps once and mask every row to its own selection. Checked on fresh random
+inputs with the output poisoned (NaN) first, odd cluster sizes and counts, B in {2, 3, 5},
+group sizes 1/4, head dims 64/128, rows that keep nothing, identical and disjoint selections,
+several row groups and splits. Under TRITON_INTERPRET=1 on CPU (conftest) or on the GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sqz_compile.kernels.attention import launch as attention_launch  # noqa: E402
+from sqz_compile.kernels.lookup import launch as lookup_launch  # noqa: E402
+from sqz_compile.kernels.lookup.launch import Selection  # noqa: E402
+from sqz_compile.kernels.union import launch as union_launch  # noqa: E402
+from sqz_compile.kernels.union.reference import kept_from_compact, union_list_reference  # noqa: E402
+
+from cases import make_case, reference_with_selection, rel_err, threshold_for_keep  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+def compact(kept: torch.Tensor) -> Selection:
+    """bool [B, H, C] -> a Selection holding only the compact lists (idx [B, H, 1, C] ascending,
+    padded with -1; count [B, H, 1]): what the union read consumes."""
+    b, h, c = kept.shape
+    key = torch.where(kept, torch.arange(c, device=kept.device), c + torch.arange(c, device=kept.device))
+    order = key.sort(-1).values
+    count = kept.sum(-1).to(torch.int32)
+    idx = torch.where(torch.arange(c, device=kept.device) < count[..., None], order, -1).to(torch.int32)
+    return Selection(idx[:, :, None].contiguous(), count[:, :, None].contiguous(), None, None, None)
+
+
+def pattern_mask(kind: str, b: int, h: int, c: int, seed: int) -> torch.Tensor:
+    """Kept clusters [B, H, C] (empty clusters may be marked too: the union list drops them)."""
+    gen = torch.Generator().manual_seed(seed)
+    kept = torch.rand(b, h, c, generator=gen) < 0.4
+    if kind == "empty_row":
+        kept[b // 2] = False
+    elif kind == "identical":
+        kept[:] = kept[:1]
+    elif kind == "disjoint":
+        owner = torch.randint(0, b, (h, c), generator=gen)
+        kept = owner[None] == torch.arange(b)[:, None, None]
+        kept[-1] = False  # and one row that keeps nothing
+    elif kind == "none":
+        kept[:] = False
+    elif kind == "all":
+        kept[:] = True
+    return kept.to(DEV)
+
+
+@pytest.mark.parametrize("b,br", [(5, 4), (5, 2), (3, 32), (2, 1)])
+def test_union_list_matches_reference(b, br):
+    cs = make_case(b=b, h=2, g=1, m=1, n=47, c=13, device=DEV, seed=b + br)
+    kept = pattern_mask("random", b, 2, 13, seed=br)
+    kept[0, 0] = False  # a row that keeps nothing in one head
+    sel = compact(kept)
+    assert torch.equal(kept_from_compact(sel.idx[:, :, 0], sel.count[:, :, 0], 13), kept)
+    words, got = union_launch.union_list(sel, cs.offsets, b, 2, br)
+    want = union_list_reference(kept.cpu(), cs.offsets.cpu(), br)
+    ng = -(-b // br)
+    assert bool((words[ng * 2 * 13:] == 0).all())  # the zero tail the own-keys launch reads
+    cum, delta, word, nkeys = (t.long().cpu() for t in got)
+    assert torch.equal(cum, want[0]) and torch.equal(nkeys, want[3])
+    assert torch.equal(delta, want[1])
+    assert torch.equal(word & 0xFFFFFFFF, want[2])
+
+
+# (case kwargs, selection pattern, config overrides): odd sizes everywhere (n, c, w, s, d80 aside)
+CASES = [
+    (dict(b=2, g=1, d=64, mask="causal"), "lookup", dict(split=3, block_n=16)),
+    (dict(b=3, g=4, d=64, mask="bool"), "lookup", dict(split=2, block_n=16)),
+    (dict(b=5, g=4, d=128, mask="float"), "random", dict(br=4, split=3, block_n=16)),  # 2 groups
+    (dict(b=5, g=1, d=128, mask="none"), "empty_row", dict(split=4, block_n=16)),
+    (dict(b=3, g=4, d=64, mask="causal"), "identical", dict(split=1, block_n=16, own_split=2)),
+    (dict(b=5, g=4, d=64, mask="causal"), "disjoint", dict(br=4, split=5, block_n=16)),
+    (dict(b=2, g=4, d=128, mask="bool"), "none", dict(split=2, block_n=16)),
+    (dict(b=3, g=1, d=64, mask="causal", w=0), "all", dict(split=3, block_n=16)),
+    (dict(b=3, g=4, d=80, mask="causal"), "random", dict(split=2, block_n=16)),       # padded head dim
+    (dict(b=2, g=4, d=64, mask="causal", s=1), "random", dict()),                     # heuristic config
+]
+
+
+@pytest.mark.parametrize("kw,kind,over", CASES,
+                         ids=lambda x: x if isinstance(x, str) else "-".join(f"{a}{v}" for a, v in x.items()))
+def test_union_decode_matches_reference(kw, kind, over):
+    kw = dict(dict(h=2, m=1, n=71, c=13, w=5, s=9), **kw)
+    seed = sum(map(ord, kind)) + kw["b"] * 7 + kw["d"]
+    cs = make_case(**kw, device=DEV, seed=seed)
+    b, hq, m, d = cs.q.shape
+    h, c = cs.keys.shape[0], cs.centroids.shape[1]
+    if kind == "lookup":
+        sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, threshold_for_keep(cs, 0.4, 4),
+                                   None, None, None, cs.scale, 4, 0)
+    else:
+        sel = compact(pattern_mask(kind, b, h, c, seed))
+    cfg = union_launch.union_config(b, h, hq // h, cs.keys.shape[1], cs.window_keys.shape[1],
+                                    cs.k_new.shape[2], d, 4)._replace(**over)
+    out = torch.full_like(cs.q, float("nan"))
+    got = union_launch.union_decode_attention(
+        cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values, cs.offsets, sel, cs.window_keys,
+        cs.window_values, cs.scale, cs.is_causal, 4, config=cfg, out=out)
+    assert got is out
+    ref = reference_with_selection(cs, sel.idx, 4)
+    assert rel_err(out, ref) < 1e-5
+
+
+def _op(cs, thr, block_q=4):
+    return attention_launch.squeezed_attention(
+        cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values, cs.centroids, cs.offsets,
+        cs.window_keys, cs.window_values, thr, None, None, None, None, *(None,) * 7, cs.scale,
+        cs.is_causal, 0, block_q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_takes_union_read_for_decode_batches(monkeypatch, dtype):
+    """The CUDA launcher of the op dispatches a decode batch to the union read (per_row_reads()
+    turns it off), and both paths give the reference's result for the lookup's selection."""
+    cs = make_case(b=3, h=2, g=4, m=1, n=67, c=11, w=3, s=5, d=64, mask="bool", dtype=dtype,
+                   device=DEV, seed=5)
+    thr = threshold_for_keep(cs, 0.5, 4)
+    calls = []
+    real = union_launch.union_decode_attention
+    monkeypatch.setattr(union_launch, "union_decode_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = _op(cs, thr)
+    assert calls == [1]
+    with union_launch.per_row_reads():
+        per_row = _op(cs, thr)
+    assert calls == [1] and union_launch.ENABLED
+    sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, None, None, None, cs.scale, 4, 0)
+    ref = reference_with_selection(cs, sel.idx, 4)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and rel_err(out, ref) < tol and rel_err(per_row, ref) < tol
+    # prefill and a single row stay on the per-row path
+    assert not union_launch.applies(cs.q[:1], cs.keys, None)
+    assert not union_launch.applies(cs.q.expand(-1, -1, 2, -1), cs.keys, None)
+    assert not union_launch.applies(cs.q, cs.keys.view(torch.int32) if dtype == torch.float32 else cs.keys, cs.keys)
