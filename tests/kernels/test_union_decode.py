@@ -19,7 +19,8 @@ from sqz_compile.kernels.attention import launch as attention_launch  # noqa: E4
 from sqz_compile.kernels.lookup import launch as lookup_launch  # noqa: E402
 from sqz_compile.kernels.lookup.launch import Selection  # noqa: E402
 from sqz_compile.kernels.union import launch as union_launch  # noqa: E402
-from sqz_compile.kernels.union.reference import kept_from_compact, union_list_reference  # noqa: E402
+from sqz_compile.kernels.union.reference import (  # noqa: E402
+    kept_from_compact, union_list_reference, union_positions_reference)
 
 from cases import make_case, reference_with_selection, rel_err, threshold_for_keep  # noqa: E402
 
@@ -75,6 +76,25 @@ def test_union_list_matches_reference(b, br):
     assert torch.equal(word & 0xFFFFFFFF, want[2])
 
 
+@pytest.mark.parametrize("b,br,chunk", [(5, 4, 4), (3, 32, 0), (2, 1, 5)])
+def test_union_positions_match_reference(b, br, chunk):
+    """Per-key positions and row words, with clusters longer than a store step (64 keys) and
+    several cluster chunks per (group, head)."""
+    cs = make_case(b=b, h=2, g=1, m=1, n=400, c=13, device=DEV, seed=b + br)
+    kept = pattern_mask("random", b, 2, 13, seed=br)
+    kept[:, :, -1] = True  # the remainder cluster: the largest
+    kept[0, 1] = False
+    words, (pos, kword, nkeys) = union_launch.union_positions(compact(kept), cs.offsets, b, 2, br, 400,
+                                                              chunk=chunk)
+    want = union_positions_reference(kept.cpu(), cs.offsets.cpu(), br)
+    assert bool((words[-b * 2:] == 0).all())
+    for row, (p, w) in enumerate(want):
+        k = int(nkeys[row])
+        assert k == len(p)
+        assert torch.equal(pos[row, :k].long().cpu(), p)
+        assert torch.equal(kword[row, :k].long().cpu() & 0xFFFFFFFF, w)
+
+
 # (case kwargs, selection pattern, config overrides): odd sizes everywhere (n, c, w, s, d80 aside)
 CASES = [
     (dict(b=2, g=1, d=64, mask="causal"), "lookup", dict(split=3, block_n=16)),
@@ -92,7 +112,9 @@ CASES = [
 
 @pytest.mark.parametrize("kw,kind,over", CASES,
                          ids=lambda x: x if isinstance(x, str) else "-".join(f"{a}{v}" for a, v in x.items()))
-def test_union_decode_matches_reference(kw, kind, over):
+@pytest.mark.parametrize("pos_list", [True, False], ids=["pos_list", "search"])
+def test_union_decode_matches_reference(kw, kind, over, pos_list):
+    """Both ways of walking the union: expanded positions + row words, and the slot search."""
     kw = dict(dict(h=2, m=1, n=71, c=13, w=5, s=9), **kw)
     seed = sum(map(ord, kind)) + kw["b"] * 7 + kw["d"]
     cs = make_case(**kw, device=DEV, seed=seed)
@@ -104,7 +126,7 @@ def test_union_decode_matches_reference(kw, kind, over):
     else:
         sel = compact(pattern_mask(kind, b, h, c, seed))
     cfg = union_launch.union_config(b, h, hq // h, cs.keys.shape[1], cs.window_keys.shape[1],
-                                    cs.k_new.shape[2], d, 4)._replace(**over)
+                                    cs.k_new.shape[2], d, 4)._replace(pos_list=pos_list, **over)
     out = torch.full_like(cs.q, float("nan"))
     got = union_launch.union_decode_attention(
         cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values, cs.offsets, sel, cs.window_keys,

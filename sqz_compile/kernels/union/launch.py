@@ -3,9 +3,10 @@ for a decode batch over one 16-bit context; attention/launch.py dispatches here)
 the other launchers: wrap_triton launches, tile shapes and splits from static shapes, no host sync.
 
 Pipeline: the per-row lookup's compact lists (idx, count) -> `_mark_kernel` (OR of the rows'
-selections per group of rows) -> `_union_list_kernel` (the union's cluster list) ->
-`_union_attn_kernel` (context union + window, split-K) -> the per-row kernel for each row's own
-new keys under the model's mask, as further splits -> the per-row `_merge_kernel`.
+selections per group of rows) -> `_union_pos_kernel` (position and row word of every union key;
+while that buffer is small, else `_union_list_kernel`: the union's cluster list, walked by slot
+search) -> `_union_attn_kernel` (context union + window, split-K) -> the per-row kernel for each
+row's own new keys under the model's mask, as further splits -> the per-row `_merge_kernel`.
 
 Low-bit contexts (kv_bits < 16) stay on the per-row path: the union kernel reads stored K/V only.
 """
@@ -17,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..attention import triton as _sa
-from ..attention.launch import _search_width, attention_config, sparse_attention
+from ..attention.launch import _POS_LIST_BYTES, _search_width, attention_config, sparse_attention
 from ..lookup.launch import Selection
 from ..triton_common import cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
 from . import triton as _un
@@ -29,6 +30,7 @@ ENABLED = True
 _MAX_ROWS = 128    # query tile rows (batch rows x padded group): a 128 x 64 score tile, 8 warps
 _MAX_PARTS = 64    # union + own-key splits: the merge holds them all in one 2-D load
 _MARK_BLOCK = 1024
+_POS_CH = 256      # clusters per program of the union's position writer
 
 
 class UnionConfig(NamedTuple):
@@ -39,6 +41,7 @@ class UnionConfig(NamedTuple):
     own_split: int  # splits of the per-row kernel over the rows' own new keys
     num_warps: int
     num_stages: int
+    pos_list: bool = True  # positions + row words per union key (buffer bounded), not slot search
 
 
 @contextlib.contextmanager
@@ -72,25 +75,33 @@ def union_config(bsz: int, h: int, g: int, n_ctx: int, w: int, s: int, d: int, s
     block_m = br * gp
     block_n = 64 if d <= 128 else 32
     warps, stages = (8, 3) if block_m >= 128 else (4, 2)
-    progs = cdiv(hint(bsz), br) * h
+    ng = cdiv(hint(bsz), br)
+    progs = ng * h
     own = max(1, min(cdiv(max(hint(s), 1), block_n), cdiv(4 * sms, hint(bsz) * h), 16))
     want = (2 if block_m >= 128 else 4) * sms
     split = max(1, min(cdiv(want, progs), max(1, cdiv(n_ctx + w, block_n) // 4), _MAX_PARTS - own))
-    return UnionConfig(br, gp, block_n, split, own, warps, stages)
+    pos_list = ng * h * n_ctx * 8 <= _POS_LIST_BYTES
+    return UnionConfig(br, gp, block_n, split, own, warps, stages, pos_list)
+
+
+def _marked_words(sel: Selection, bsz: int, h: int, c: int, br: int) -> torch.Tensor:
+    """[NG*H*C + B*H] int32: the rows' bits per (group, head, cluster), then B*H zeros (the
+    per-row kernel's kept-key count for the own-keys launch, so one fill serves both)."""
+    ng = cdiv(bsz, br)
+    words = torch.zeros(ng * h * c + bsz * h, device=sel.idx.device, dtype=torch.int32)
+    launch(_un._mark_kernel, (bsz * h,), sel.idx, sel.count, words, h, c, br,
+           BLOCK=_MARK_BLOCK, num_warps=4)
+    return words
 
 
 def union_list(sel: Selection, offsets: torch.Tensor, bsz: int, h: int, br: int):
     """(words, (cum, delta, word, nkeys)): the union's cluster list per (group of br rows, KV head)
-    from the rows' compact lists (union/reference.py says what each holds). words: the marked
-    bits [NG*H*C] followed by B*H zeros (the per-row kernel's kept-key count for the own-keys
-    launch, so one fill serves both)."""
+    from the rows' compact lists (union/reference.py says what each holds)."""
     c = offsets.shape[-1] - 1
     ng = cdiv(bsz, br)
     i32 = dict(device=offsets.device, dtype=torch.int32)
     offsets = offsets.to(torch.int32).contiguous()
-    words = torch.zeros(ng * h * c + bsz * h, **i32)
-    launch(_un._mark_kernel, (bsz * h,), sel.idx, sel.count, words, h, c, br,
-           BLOCK=_MARK_BLOCK, num_warps=4)
+    words = _marked_words(sel, bsz, h, c, br)
     ucum = torch.empty((ng * h, c + 1), **i32)
     udelta = torch.empty((ng * h, c), **i32)
     uword = torch.empty((ng * h, c), **i32)
@@ -98,6 +109,25 @@ def union_list(sel: Selection, offsets: torch.Tensor, bsz: int, h: int, br: int)
     launch(_un._union_list_kernel, (ng * h,), words, offsets, ucum, udelta, uword, unkeys, h, c,
            offsets.stride(0), BLOCK=min(2048, max(16, pow2(c))), num_warps=8)
     return words, (ucum, udelta, uword, unkeys)
+
+
+def union_positions(sel: Selection, offsets: torch.Tensor, bsz: int, h: int, br: int, n_ctx: int,
+                    chunk: int = 0):
+    """(words, (pos, kword, nkeys)): per (group of br rows, KV head) the sorted position and the
+    rows' word of each union key ([NG*H, n_ctx] int32, valid up to nkeys [NG*H]). chunk:
+    clusters per program (tests force several)."""
+    chunk = chunk or _POS_CH
+    c = offsets.shape[-1] - 1
+    ng = cdiv(bsz, br)
+    i32 = dict(device=offsets.device, dtype=torch.int32)
+    offsets = offsets.to(torch.int32).contiguous()
+    words = _marked_words(sel, bsz, h, c, br)
+    upos = torch.empty((ng * h, n_ctx), **i32)
+    kword = torch.empty((ng * h, n_ctx), **i32)
+    unkeys = torch.empty(ng * h, **i32)
+    launch(_un._union_pos_kernel, (ng * h, cdiv(c, chunk)), words, offsets, upos, kword, unkeys,
+           h, c, n_ctx, offsets.stride(0), chunk, BLOCK=2048, SB=16, KB=64, num_warps=4)
+    return words, (upos, kword, unkeys)
 
 
 def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -133,7 +163,13 @@ def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     dev = q.device
     ng = cdiv(bsz, cfg.br)
 
-    words, (ucum, udelta, uword, unkeys) = union_list(sel, offsets, bsz, h, cfg.br)
+    if cfg.pos_list:
+        words, (upos, kword, unkeys) = union_positions(sel, offsets, bsz, h, cfg.br, n_ctx)
+        ucum = udelta = uword = unkeys  # placeholders, never read
+    else:
+        words, (ucum, udelta, uword, unkeys) = union_list(sel, offsets, bsz, h, cfg.br)
+        upos = kword = unkeys  # placeholders, never read
+
     if out is None:
         out = torch.empty((bsz, hq, m, d), device=dev, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
@@ -144,14 +180,14 @@ def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     # splits [own_split, parts): the union of the context's kept clusters and the window
     launch(_un._union_attn_kernel, (ng * h, cfg.split),
            q, ctx_keys, ctx_values, window_keys, window_values, ucum, udelta, uword, unkeys,
-           part_o, part_l,
+           upos, kword, part_o, part_l,
            q.stride(0), q.stride(1), ctx_keys.stride(0), ctx_keys.stride(1),
            ctx_values.stride(0), ctx_values.stride(1), window_keys.stride(0), window_keys.stride(1),
            window_values.stride(0), window_values.stride(1),
-           bsz, h, g, w, c, cfg.split, cfg.own_split, float(scale) * 1.4426950408889634, d,
+           bsz, h, g, w, c, n_ctx, cfg.split, cfg.own_split, float(scale) * 1.4426950408889634, d,
            BR=cfg.br, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=pow2(d),
            IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
-           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+           POS_LIST=cfg.pos_list, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # splits [0, own_split): each row's own new keys under the model's mask, by the per-row
     # kernel with no context keys and no window
     zero = words[ng * h * c:]

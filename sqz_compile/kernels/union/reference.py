@@ -8,6 +8,7 @@ cluster that at least one row of the group keeps, with
     delta[j] cluster start - cum[j]   (a union key v of slot j sits at sorted position v + delta[j]),
     word[j]  the bits of the group's rows that keep the slot's cluster (0 past the count),
     nkeys    the union's keys.
+`union_positions_reference` expands it per key (the position list the attention loop reads).
 This is the per-row lookup's cluster list (lookup/triton.py `_compact_kernel`) for the union of the
 rows' selections, plus one word per slot that tells the attention kernel which rows may see it.
 """
@@ -60,3 +61,17 @@ def union_list_reference(kept: torch.Tensor, offsets: torch.Tensor, rows_per_gro
             word[row, :k] = words[gi, hh, cl].cpu()
             nkeys[row] = cs[-1]
     return cum, delta, word, nkeys
+
+
+def union_positions_reference(kept: torch.Tensor, offsets: torch.Tensor, rows_per_group: int):
+    """The union list expanded per key: a list over (group, head) rows of (pos, word) int64
+    vectors: the sorted position of each union key, ascending, and its cluster's rows' bits."""
+    cum, delta, word, nkeys = union_list_reference(kept, offsets, rows_per_group)
+    out = []
+    for row in range(cum.shape[0]):
+        n = cum[row, 1:] - cum[row, :-1]
+        k = int((n > 0).sum())
+        v = torch.arange(int(nkeys[row]))
+        slot = torch.repeat_interleave(torch.arange(k), n[:k])
+        out.append((v + delta[row, slot], word[row, slot]))
+    return out

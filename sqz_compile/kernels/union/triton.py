@@ -6,8 +6,13 @@ clusters separately, so a cluster kept by k rows is read k times. Here, per (gro
 head):
   _mark_kernel        OR-marks bit b % R of every cluster row b keeps (from the lookup's compact
                       list) into a zeroed word per (group, head, cluster)
-  _union_list_kernel  compacts the marked clusters into the union's cluster list (cum, delta, the
-                      rows' word per slot), as the lookup's `_compact_kernel` does for one row
+  _union_list_kernel  (without POS_LIST) compacts the marked clusters into the union's cluster
+                      list (cum, delta, the rows' word per slot), as the lookup's
+                      `_compact_kernel` does for one row
+  _union_pos_kernel   (POS_LIST, instead of the list) the sorted position and the rows' word of
+                      every union key, from the words directly, so the attention loop loads two
+                      index vectors per tile instead of searching slots (the per-row kernel's
+                      position list, benchmarks/NOTES.md v6/v7)
   _union_attn_kernel  one query tile of all R rows x the group's heads (row r = br * GP + g)
                       walks its split of the union's key tiles: each K/V tile is loaded ONCE,
                       scored for every row, and a row's scores are -inf on the keys of clusters
@@ -78,12 +83,52 @@ if HAS_TRITON:
         tl.store(NKeys + pid, kbase)
 
     @triton.jit
+    def _union_pos_kernel(Words, Off, Pos, KWord, NKeys, H, C, NPOS, soh, CH,
+                          BLOCK: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr):
+        """POS_LIST: Pos[row, v] (sorted position) and KWord[row, v] (the rows' word) of the union
+        keys of one (group, head) whose clusters lie in this program's chunk [p * CH, (p+1) * CH).
+        Its first key v is the union keys of the chunks before it (re-summed here from the words
+        and sizes: independent vector loads, no hand-over between programs); then SB clusters at
+        a time, KB keys each per step, with independent stores. The last chunk writes NKeys."""
+        row = tl.program_id(0)  # group * H + h
+        part = tl.program_id(1)
+        h = row % H
+        c_lo = part * CH
+        c_hi = tl.minimum(C, c_lo + CH)
+        kbase = tl.zeros([], tl.int32)
+        for c0 in range(0, c_lo, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            cm = c < c_lo
+            wd = tl.load(Words + row * C + c, mask=cm, other=0)
+            n = (tl.load(Off + h * soh + c + 1, mask=cm, other=0)
+                 - tl.load(Off + h * soh + c, mask=cm, other=0))
+            kbase += tl.sum(tl.where(cm & (wd != 0), n, 0), axis=0)
+        sb = tl.arange(0, SB)
+        kb = tl.arange(0, KB)
+        for c0 in range(c_lo, c_hi, SB):
+            c = c0 + sb
+            cm = c < c_hi
+            wd = tl.load(Words + row * C + c, mask=cm, other=0)
+            start = tl.load(Off + h * soh + c, mask=cm, other=0)
+            n = tl.where(cm & (wd != 0), tl.load(Off + h * soh + c + 1, mask=cm, other=0) - start, 0)
+            vb = kbase + tl.cumsum(n, axis=0) - n
+            for k0 in range(0, tl.max(n, axis=0), KB):
+                k = k0 + kb
+                km = k[None, :] < n[:, None]
+                v = vb[:, None] + k[None, :]
+                tl.store(Pos + row * NPOS + v, start[:, None] + k[None, :], mask=km)
+                tl.store(KWord + row * NPOS + v, wd[:, None] + tl.zeros([SB, KB], tl.int32), mask=km)
+            kbase += tl.sum(n, axis=0)
+        if part == tl.num_programs(1) - 1:
+            tl.store(NKeys + row, kbase)
+
+    @triton.jit
     def _union_attn_kernel(
-        Q, Kc, Vc, Kw, Vw, Cum, Delta, Word, NKeys, PartO, PartL,
+        Q, Kc, Vc, Kw, Vw, Cum, Delta, Word, NKeys, Pos, KWord, PartO, PartL,
         sqb, sqh, skch, skcn, svch, svcn, swkh, swkn, swvh, swvn,
-        B, H, G, W, C, SPLIT, SPLIT0, qk_scale, D,
+        B, H, G, W, C, NPOS, SPLIT, SPLIT0, qk_scale, D,
         BR: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr, SEARCH: tl.constexpr,
+        IEEE: tl.constexpr, SEARCH: tl.constexpr, POS_LIST: tl.constexpr,
     ):
         BLOCK_M: tl.constexpr = BR * GP
         pid = tl.program_id(0)  # group * H + h
@@ -107,15 +152,29 @@ if HAS_TRITON:
         kk = tl.arange(0, BLOCK_N)
         zero_add = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 
-        # --- the union's context tiles: the cluster-list walk of the per-row kernel (slot search
-        # for the first tile, then the next tile's slots fetched while this tile loads), plus
-        # each key's row word ------------------------------------------------------------------
+        # --- the union's context tiles, each key with the word of the rows that see it ------------
         total = tl.load(NKeys + pid)
         ntile = tl.cdiv(total, BLOCK_N)
         t0 = split * ntile // SPLIT
         t1 = (split + 1) * ntile // SPLIT
         cum_row = Cum + pid * (C + 1)
-        if t0 < t1:
+        if POS_LIST:  # positions and words per key: two index loads per tile, no search
+            v_end = tl.minimum(total, t1 * BLOCK_N)
+            for t in range(t0, t1):
+                v = t * BLOCK_N + kk
+                vvalid = v < v_end
+                pos = tl.load(Pos + pid * NPOS + v, mask=vvalid, other=0)
+                wd = tl.load(KWord + pid * NPOS + v, mask=vvalid, other=0)
+                kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
+                             mask=vvalid[None, :] & dmask[:, None], other=0.0)
+                vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
+                             mask=vvalid[:, None] & dmask[None, :], other=0.0)
+                s = (_dot(q, kT, IEEE) * qk_scale).to(tl.float32)
+                ok = ((wd[None, :] >> br[:, None]) & 1) != 0  # row br sees the key
+                m_i, l_i, acc = _online_update(s, vt, ok, zero_add, m_i, l_i, acc, False, IEEE)
+        elif t0 < t1:
+            # the per-row kernel's cluster-list walk: slot search for the first tile, then the
+            # next tile's slots fetched while this tile loads
             v0 = t0 * BLOCK_N
             j = _start_slot(cum_row, v0, C, SEARCH)
             v = v0 + kk
