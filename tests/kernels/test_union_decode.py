@@ -167,3 +167,46 @@ def test_op_takes_union_read_for_decode_batches(monkeypatch, dtype):
     assert not union_launch.applies(cs.q[:1], cs.keys, None)
     assert not union_launch.applies(cs.q.expand(-1, -1, 2, -1), cs.keys, None)
     assert not union_launch.applies(cs.q, cs.keys.view(torch.int32) if dtype == torch.float32 else cs.keys, cs.keys)
+
+
+# b, h, g, d, n, c, s, w, mask, dtype: GPU sizes (128-row tiles at b=32, g=4; several row groups
+# at b=40; odd lengths; GQA 1/4/8)
+GPU_SHAPES = [
+    (8, 8, 4, 128, 20011, 1001, 256, 128, "causal", torch.bfloat16),
+    (32, 8, 4, 128, 8009, 401, 64, 128, "bool", torch.bfloat16),
+    (40, 2, 4, 128, 5003, 251, 17, 33, "float", torch.float16),
+    (5, 2, 1, 64, 3001, 151, 9, 9, "none", torch.bfloat16),
+    (3, 2, 8, 64, 4099, 205, 37, 17, "causal", torch.float16),
+    (2, 4, 4, 128, 2003, 101, 1, 0, "causal", torch.float32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"b{s[0]}h{s[1]}g{s[2]}d{s[3]}n{s[4]}{s[8]}{str(s[9])[6:]}")
+@pytest.mark.parametrize("mode", ["flat", "hier", "budget"])
+def test_union_decode_gpu_shapes(shape, mode):
+    """GPU sizes with the heuristic config: the union read equals the float64 reference and the
+    per-row read of the same selection, output fully written (poisoned first)."""
+    b, h, g, d, n, c, s, w, mask, dtype = shape
+    hier = mode == "hier"
+    cs = make_case(b=b, h=h, g=g, m=1, s=s, d=d, n=n, c=c, w=w, mask=mask, dtype=dtype,
+                   coarse=max(2, c // 5) if hier else 0, device=DEV, seed=n + b)
+    from cases import coarse_threshold_for_keep
+
+    thr = threshold_for_keep(cs, 0.1, 64)
+    cthr = coarse_threshold_for_keep(cs, 0.5, 64) if hier else None
+    budget = n // 10 if mode == "budget" else 0
+    sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
+                               cthr, cs.scale, 64, budget)
+    torch.full((64 << 20) // 4, float("nan"), device=DEV)  # freed blocks come back poisoned
+    out = torch.full_like(cs.q, float("nan"))
+    union_launch.union_decode_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values,
+                                        cs.offsets, sel, cs.window_keys, cs.window_values, cs.scale,
+                                        cs.is_causal, 64, out=out)
+    per_row = attention_launch.sparse_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values,
+                                                sel, cs.window_keys, cs.window_values, cs.scale,
+                                                cs.is_causal, 64)
+    assert bool(torch.isfinite(out).all()), "unwritten (NaN-poisoned) output elements"
+    ref = reference_with_selection(cs, sel.idx, 64)
+    tol = 1e-2 if dtype != torch.float32 else 1e-4
+    assert rel_err(out, ref) < tol and rel_err(out, per_row.double()) < tol

@@ -56,13 +56,19 @@ def per_row_reads():
         ENABLED = old
 
 
+def _max_rows(d: int) -> int:
+    """Query tile rows: 128 (a 128 x 64 score tile, 8 warps) up to head dim 128, 64 above (the
+    float32 accumulator is rows x head dim)."""
+    return _MAX_ROWS if d <= 128 else _MAX_ROWS // 2
+
+
 def applies(q: torch.Tensor, ctx_keys: torch.Tensor, codebooks: Optional[torch.Tensor]) -> bool:
     """Union read for decode (one static query per row) of >= 2 rows over a 16-bit context whose
     GQA group fits a query tile."""
     m = q.shape[2]
     return (ENABLED and codebooks is None and ctx_keys.dtype != torch.int32 and not symbolic(m)
             and int(m) == 1 and hint(q.shape[0]) >= 2
-            and pow2(q.shape[1] // ctx_keys.shape[0]) <= _MAX_ROWS and q.shape[3] <= 256)
+            and pow2(q.shape[1] // ctx_keys.shape[0]) <= _max_rows(q.shape[3]) and q.shape[3] <= 256)
 
 
 def union_config(bsz: int, h: int, g: int, n_ctx: int, w: int, s: int, d: int, sms: int) -> UnionConfig:
@@ -70,7 +76,7 @@ def union_config(bsz: int, h: int, g: int, n_ctx: int, w: int, s: int, d: int, s
     ~4 programs per SM for small tiles and ~2 for 128-row tiles (8 warps, 3 stages: the prefill
     kernel's 128-row setting), capped so the merge takes every split in one load."""
     gp = pow2(g)
-    cap = max(1, min(32, _MAX_ROWS // gp))
+    cap = max(1, min(32, _max_rows(d) // gp))
     br = max(min(pow2(hint(bsz)), cap), cdiv(16, gp))
     block_m = br * gp
     block_n = 64 if d <= 128 else 32
