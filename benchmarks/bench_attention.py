@@ -17,8 +17,9 @@ from a few cluster directions so the selection is meaningful. No K-means runs he
            batch_decode (each row 1 query + its own 256 new keys) and batch_prefill (each row
            1024 new tokens, causal among themselves). Sparse: one step over the batch, each row its
            own queries, new K/V and selection; decode takes the union read (each cluster some
-           row keeps read once for all of them, kernels/union/), timed beside the per-row read
-           (each row's kept clusters read apart: sqz_per_row_read_ms). Dense peers: sdpa_per_row (one SDPA call over
+           row keeps read once for all of them, kernels/union/, with its lookup per group of rows:
+           sqz_union_lookup_ms, union_lookup_match_fraction), timed beside the per-row read
+           (each row's lookup, each row's kept clusters read apart: sqz_per_row_read_ms). Dense peers: sdpa_per_row (one SDPA call over
            per-row caches [context | own keys], as a batched generate holds them) and
            shared_prefix (per KV head the batch's queries folded into one sequence over ONE read of
            the context K/V, each row's own keys apart, merged by log-sum-exp; the LSE comes from
@@ -681,6 +682,13 @@ def run_batch(kind: str, n: int, bsz: int, keep: float, results: list, bw) -> No
     if row["sqz_path"] == "union_read":
         row_read = per_row_read(sparse_step(c0, q0, kn0, vn0, t0, causal))()
         row["sqz_union_vs_per_row_read_rel_diff"] = _rel(out, row_read.double())
+        # the union read's own lookup (per group of rows) vs each row's: kept clusters that agree
+        br = sqz_union.union_config(bsz, H, G, n, W, s, D, 1).br  # rows per group (no SM count in it)
+        words = sqz_union.group_words(q0, c0["lookup_centroids"], c0["offsets"], t0, SCALE, br)
+        ng = -(-bsz // br)
+        bits = (words[:ng * H * nc].long().reshape(ng, 1, H, nc) & 0xFFFFFFFF) >> torch.arange(br, device=dev)[None, :, None, None]
+        union_sel = (bits & 1).reshape(ng * br, H, nc)[:bsz].bool()
+        row["union_lookup_match_fraction"] = float((union_sel == sel[:, :, 0]).float().mean())
     if m <= 64:
         ref = squeezed_attention_reference(
             q0[:1].double(), kn0[:1].double(), vn0[:1].double(), None, c0["keys"].double(), c0["values"].double(),
@@ -696,6 +704,8 @@ def run_batch(kind: str, n: int, bsz: int, keep: float, results: list, bw) -> No
         if dev == "cuda":
             row["per_row_read_kernel_us"] = kernel_times(row_steps)
         row["sqz_per_row_read_ms"] = timed(row_steps)
+        row["sqz_union_lookup_ms"] = timed([(lambda c=c, q=q, t=t: sqz_union.group_words(
+            q, c["lookup_centroids"], c["offsets"], t, SCALE, br)) for c, q, t in zip(ctxs, qs, thrs)])
         row["union_read_speedup"] = row["sqz_per_row_read_ms"] / row["sqz_ms"]
     row["sqz_lookup_ms"] = timed([(lambda c=c, q=q, t=t: sqz_lookup.lookup(
         q, c["lookup_centroids"], c["offsets"], t, None, None, None, SCALE, BLOCK_Q, 0))

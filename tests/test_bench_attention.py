@@ -34,6 +34,7 @@ def test_tiny_batch_rows(tmp_path):
     # decode takes the union read, timed beside the per-row read; the two agree
     assert decode["sqz_path"] == "union_read" and decode["sqz_per_row_read_ms"] > 0, decode
     assert decode["sqz_union_vs_per_row_read_rel_diff"] < 1e-3, decode
+    assert decode["union_lookup_match_fraction"] == 1.0 and decode["sqz_union_lookup_ms"] > 0, decode
     prefill = next(r for r in rows if r["kind"] == "batch_prefill")
     assert prefill["sqz_path"] == "per_row_read" and "sqz_per_row_read_ms" not in prefill
     assert (tmp_path / "bench_attention_batch.png").stat().st_size > 0

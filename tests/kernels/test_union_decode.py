@@ -20,9 +20,9 @@ from sqz_compile.kernels.lookup import launch as lookup_launch  # noqa: E402
 from sqz_compile.kernels.lookup.launch import Selection  # noqa: E402
 from sqz_compile.kernels.union import launch as union_launch  # noqa: E402
 from sqz_compile.kernels.union.reference import (  # noqa: E402
-    kept_from_compact, union_list_reference, union_positions_reference)
+    kept_from_compact, row_bits_reference, union_list_reference, union_positions_reference)
 
-from cases import make_case, reference_with_selection, rel_err, threshold_for_keep  # noqa: E402
+from cases import between, make_case, reference_with_selection, rel_err, threshold_for_keep  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -38,6 +38,27 @@ def compact(kept: torch.Tensor) -> Selection:
     count = kept.sum(-1).to(torch.int32)
     idx = torch.where(torch.arange(c, device=kept.device) < count[..., None], order, -1).to(torch.int32)
     return Selection(idx[:, :, None].contiguous(), count[:, :, None].contiguous(), None, None, None)
+
+
+def kept_from_words(words: torch.Tensor, b: int, h: int, c: int, br: int) -> torch.Tensor:
+    """Row words [NG*H*C + ...] -> kept clusters bool [B, H, C]."""
+    ng = -(-b // br)
+    w = words[:ng * h * c].long().reshape(ng, 1, h, c) & 0xFFFFFFFF
+    bits = (w >> torch.arange(br, device=w.device)[None, :, None, None]) & 1
+    return bits.reshape(ng * br, h, c)[:b].bool()
+
+
+def safe_threshold(cs, keep: float) -> torch.Tensor:
+    """A decode threshold halfway between two neighbouring float64 best log shares: no cluster
+    near it for two tilings' float32 rounding to decide differently."""
+    from sqz_compile.kernels.lookup.reference import block_max, cluster_sizes, log_share, lookup_queries
+
+    q = lookup_queries(cs.q.double(), cs.centroids.shape[-1], cs.scale)
+    b, hq, m, d = q.shape
+    h = cs.centroids.shape[0]
+    sc = torch.einsum("bhgmd,hcd->bhgmc", q.reshape(b, h, hq // h, m, d), cs.centroids.double()) * cs.scale
+    best = block_max(log_share(sc, cluster_sizes(cs.offsets).double().log()[None, :, None, None, :]), 1)
+    return torch.tensor(between(best, keep), dtype=torch.float32, device=cs.q.device)
 
 
 def pattern_mask(kind: str, b: int, h: int, c: int, seed: int) -> torch.Tensor:
@@ -66,9 +87,12 @@ def test_union_list_matches_reference(b, br):
     kept[0, 0] = False  # a row that keeps nothing in one head
     sel = compact(kept)
     assert torch.equal(kept_from_compact(sel.idx[:, :, 0], sel.count[:, :, 0], 13), kept)
-    words, got = union_launch.union_list(sel, cs.offsets, b, 2, br)
-    want = union_list_reference(kept.cpu(), cs.offsets.cpu(), br)
     ng = -(-b // br)
+    words = union_launch.marked_words(sel, b, 2, 13, br)
+    assert torch.equal(words[:ng * 2 * 13].long().cpu() & 0xFFFFFFFF,
+                       row_bits_reference(kept.cpu(), br).reshape(-1))
+    got = union_launch.union_list(words, cs.offsets, ng, 2)
+    want = union_list_reference(kept.cpu(), cs.offsets.cpu(), br)
     assert bool((words[ng * 2 * 13:] == 0).all())  # the zero tail the own-keys launch reads
     cum, delta, word, nkeys = (t.long().cpu() for t in got)
     assert torch.equal(cum, want[0]) and torch.equal(nkeys, want[3])
@@ -84,8 +108,8 @@ def test_union_positions_match_reference(b, br, chunk):
     kept = pattern_mask("random", b, 2, 13, seed=br)
     kept[:, :, -1] = True  # the remainder cluster: the largest
     kept[0, 1] = False
-    words, (pos, kword, nkeys) = union_launch.union_positions(compact(kept), cs.offsets, b, 2, br, 400,
-                                                              chunk=chunk)
+    words = union_launch.marked_words(compact(kept), b, 2, 13, br)
+    pos, kword, nkeys = union_launch.union_positions(words, cs.offsets, -(-b // br), 2, 400, chunk=chunk)
     want = union_positions_reference(kept.cpu(), cs.offsets.cpu(), br)
     assert bool((words[-b * 2:] == 0).all())
     for row, (p, w) in enumerate(want):
@@ -146,10 +170,11 @@ def _op(cs, thr, block_q=4):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_op_takes_union_read_for_decode_batches(monkeypatch, dtype):
     """The CUDA launcher of the op dispatches a decode batch to the union read (per_row_reads()
-    turns it off), and both paths give the reference's result for the lookup's selection."""
+    turns it off), and both paths give the reference's result for the lookup's selection (flat
+    threshold: the union read's own per-group lookup)."""
     cs = make_case(b=3, h=2, g=4, m=1, n=67, c=11, w=3, s=5, d=64, mask="bool", dtype=dtype,
                    device=DEV, seed=5)
-    thr = threshold_for_keep(cs, 0.5, 4)
+    thr = safe_threshold(cs, 0.5)
     calls = []
     real = union_launch.union_decode_attention
     monkeypatch.setattr(union_launch, "union_decode_attention",
@@ -210,3 +235,76 @@ def test_union_decode_gpu_shapes(shape, mode):
     ref = reference_with_selection(cs, sel.idx, 64)
     tol = 1e-2 if dtype != torch.float32 else 1e-4
     assert rel_err(out, ref) < tol and rel_err(out, per_row.double()) < tol
+
+
+@pytest.mark.parametrize("b,g,d,variance,br", [(5, 4, 64, False, 4), (3, 1, 128, False, 16),
+                                               (2, 4, 64, True, 4), (5, 8, 32, True, 2)])
+def test_group_lookup_matches_reference(b, g, d, variance, br):
+    """The flat threshold lookup per row group writes, for every cluster, the bits of exactly
+    the rows whose per-row lookup (reference) keeps it, and zeroes the tail."""
+    from sqz_compile.kernels.lookup.reference import select_clusters_reference
+
+    cs = make_case(b=b, h=2, g=g, m=1, d=d, n=301, c=37, device=DEV, seed=b * g + d, variance=variance)
+    thr = safe_threshold(cs, 0.3)
+    words = union_launch.group_words(cs.q, cs.centroids, cs.offsets, thr, cs.scale, br)
+    idx, count = select_clusters_reference(cs.q, cs.centroids, cs.offsets, thr, cs.scale, 1, 0)
+    want = kept_from_compact(idx[:, :, 0], count[:, :, 0], 37)
+    got = kept_from_words(words, b, 2, 37, br)
+    assert 0 < int(want.sum()) < want.numel()
+    assert torch.equal(got.cpu(), want.cpu())
+    assert bool((words[-b * 2:] == 0).all())
+    # bits of rows past B stay clear
+    ng = -(-b // br)
+    pad = (words[:ng * 2 * 37].long() & 0xFFFFFFFF) >> (b - (ng - 1) * br)
+    assert bool((pad.reshape(ng, 2, 37)[-1] == 0).all())
+
+
+@pytest.mark.parametrize("mask,pos_list", [("causal", True), ("bool", False), ("float", True)])
+def test_union_decode_with_group_lookup(mask, pos_list):
+    """The union read fed by the per-group lookup equals the float64 reference over the per-row
+    reference lookup's selection."""
+    from sqz_compile.kernels.lookup.reference import select_clusters_reference
+
+    cs = make_case(b=5, h=2, g=4, m=1, d=64, n=171, c=23, w=5, s=7, mask=mask, device=DEV, seed=3)
+    thr = safe_threshold(cs, 0.4)
+    cfg = union_launch.union_config(5, 2, 4, 171, 5, 7, 64, 4)._replace(br=4, split=3, block_n=16,
+                                                                       pos_list=pos_list)
+    out = torch.full_like(cs.q, float("nan"))
+    union_launch.union_decode_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values, cs.offsets,
+                                        None, cs.window_keys, cs.window_values, cs.scale, cs.is_causal, 4,
+                                        config=cfg, out=out, lookup=(cs.centroids, thr))
+    idx, _ = select_clusters_reference(cs.q, cs.centroids, cs.offsets, thr, cs.scale, 4, 0)
+    assert rel_err(out, reference_with_selection(cs, idx, 4)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,g,d,variance", [(8, 4, 128, False), (32, 4, 128, False), (40, 4, 128, True),
+                                            (5, 1, 64, False), (3, 8, 64, True)])
+@pytest.mark.parametrize("cdtype", [torch.bfloat16, torch.float32])
+def test_group_lookup_gpu_matches_per_row_lookup(b, g, d, variance, cdtype):
+    """At GPU sizes the per-group lookup keeps what the per-row lookup keeps, up to clusters
+    within rounding of the threshold (different tiles sum in different orders), and the op's
+    union read equals its per-row read within bf16 rounding where the selections agree."""
+    h, n, c = 8, 20011, 1001
+    cs = make_case(b=b, h=h, g=g, m=1, d=d, n=n, c=c, s=64, w=64, dtype=torch.bfloat16, device=DEV,
+                   seed=b + d, variance=variance)
+    cent = cs.centroids.to(cdtype)
+    thr = threshold_for_keep(cs, 0.1, 64)
+    sel = lookup_launch.lookup(cs.q, cent, cs.offsets, thr, None, None, None, cs.scale, 64, 0)
+    want = kept_from_compact(sel.idx[:, :, 0], sel.count[:, :, 0], c)
+    br = union_launch.union_config(b, h, g, n, 64, 64, d, 132).br
+    got = kept_from_words(union_launch.group_words(cs.q, cent, cs.offsets, thr, cs.scale, br), b, h, c, br)
+    flips = got != want
+    from sqz_compile.kernels.lookup.reference import block_max, cluster_sizes, log_share, lookup_queries
+
+    q = lookup_queries(cs.q.double(), cent.shape[-1], cs.scale)
+    sc = torch.einsum("bhgmd,hcd->bhgmc", q.reshape(b, h, g, 1, -1), cent.double()) * cs.scale
+    best = block_max(log_share(sc, cluster_sizes(cs.offsets).double().log()[None, :, None, None, :]), 1)[:, :, 0]
+    assert bool((best[flips] - thr.double()).abs().le(0.05).all()), "flip far from threshold"
+    assert flips.float().mean().item() < 1e-3
+    args = (cs.q, cs.k_new, cs.v_new, None, cs.keys, cs.values, cent, cs.offsets, cs.window_keys,
+            cs.window_values, thr, None, None, None, None, *(None,) * 7, cs.scale, True, 0, 64)
+    out = attention_launch.squeezed_attention(*args)
+    with union_launch.per_row_reads():
+        per_row = attention_launch.squeezed_attention(*args)
+    assert bool(torch.isfinite(out).all()) and rel_err(out, per_row) < 2e-2

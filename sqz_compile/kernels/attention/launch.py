@@ -227,12 +227,17 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     """CUDA implementation of torch.ops.sqz.squeezed_attention: lookup, then sparse attention
     (decode: the lookup writes the kept keys' positions for the attention loop). A decode batch
     (B >= 2) over a 16-bit context takes the union read (kernels/union/launch.py: each kept
-    cluster read once for all rows that keep it) unless `union.launch.ENABLED` is False. radii
+    cluster read once for all rows that keep it; in flat threshold mode the lookup too runs per
+    group of rows) unless `union.launch.ENABLED` is False. radii
     serve only the error-bounded mode, which the op runs in torch ops before reaching this
     launcher."""
     from ..union import launch as _union
 
     if _union.applies(q, ctx_keys, codebooks):
+        if coarse_centroids is None and budget <= 0:  # flat threshold: the lookup per row group
+            return _union.union_decode_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, offsets,
+                                                 None, window_keys, window_values, scale, is_causal, block_q,
+                                                 lookup=(centroids, log_threshold))
         sel = lookup(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                      coarse_log_threshold, scale, block_q, budget)
         return _union.union_decode_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, offsets,

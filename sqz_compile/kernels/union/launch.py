@@ -2,8 +2,9 @@
 for a decode batch over one 16-bit context; attention/launch.py dispatches here). Same rules as
 the other launchers: wrap_triton launches, tile shapes and splits from static shapes, no host sync.
 
-Pipeline: the per-row lookup's compact lists (idx, count) -> `_mark_kernel` (OR of the rows'
-selections per group of rows) -> `_union_pos_kernel` (position and row word of every union key;
+Pipeline: the selection as a word of row bits per (group of rows, KV head, cluster): flat
+threshold mode by `_group_lse_kernel` + `_group_words_kernel` (centroids read once per group),
+other lookups from the per-row lookup's compact lists (idx, count) by `_mark_kernel` -> `_union_pos_kernel` (position and row word of every union key;
 while that buffer is small, else `_union_list_kernel`: the union's cluster list, walked by slot
 search) -> `_union_attn_kernel` (context union + window, split-K) -> the per-row kernel for each
 row's own new keys under the model's mask, as further splits -> the per-row `_merge_kernel`.
@@ -20,6 +21,7 @@ import torch
 from ..attention import triton as _sa
 from ..attention.launch import _POS_LIST_BYTES, _search_width, attention_config, sparse_attention
 from ..lookup.launch import Selection
+from ..lookup.reference import lookup_queries, pick_threshold
 from ..triton_common import cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
 from . import triton as _un
 
@@ -90,9 +92,10 @@ def union_config(bsz: int, h: int, g: int, n_ctx: int, w: int, s: int, d: int, s
     return UnionConfig(br, gp, block_n, split, own, warps, stages, pos_list)
 
 
-def _marked_words(sel: Selection, bsz: int, h: int, c: int, br: int) -> torch.Tensor:
-    """[NG*H*C + B*H] int32: the rows' bits per (group, head, cluster), then B*H zeros (the
-    per-row kernel's kept-key count for the own-keys launch, so one fill serves both)."""
+def marked_words(sel: Selection, bsz: int, h: int, c: int, br: int) -> torch.Tensor:
+    """[NG*H*C + B*H] int32: the rows' bits per (group, head, cluster) from any lookup's compact
+    lists (sel.idx, sel.count), then B*H zeros (the per-row kernel's kept-key count for the
+    own-keys launch, so one fill serves both)."""
     ng = cdiv(bsz, br)
     words = torch.zeros(ng * h * c + bsz * h, device=sel.idx.device, dtype=torch.int32)
     launch(_un._mark_kernel, (bsz * h,), sel.idx, sel.count, words, h, c, br,
@@ -100,54 +103,99 @@ def _marked_words(sel: Selection, bsz: int, h: int, c: int, br: int) -> torch.Te
     return words
 
 
-def union_list(sel: Selection, offsets: torch.Tensor, bsz: int, h: int, br: int):
-    """(words, (cum, delta, word, nkeys)): the union's cluster list per (group of br rows, KV head)
-    from the rows' compact lists (union/reference.py says what each holds)."""
-    c = offsets.shape[-1] - 1
+def group_words(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
+                log_threshold: torch.Tensor, scale: float, br: int) -> torch.Tensor:
+    """Flat threshold lookup of a decode batch (q [B, Hq, 1, D]) per group of br rows: the words
+    of `marked_words` (same layout, zero tail included) computed straight from the scores, each
+    centroid tile read once per (group, KV head). Same rule as the per-row lookup
+    (lookup/reference.py); the float rounding of the scores and partition sums differs as between
+    any two tilings (the per-row lookup's own splits change with the batch size)."""
+    check_device(q, centroids, offsets, log_threshold)
+    q = lookup_queries(q, centroids.shape[-1], scale)  # [q, s/2 q^2] for [mean, variance] centroids
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    thr = pick_threshold(log_threshold, 1).to(torch.float32)
+    centroids = centroids.contiguous()
+    offsets = offsets.to(torch.int32).contiguous()
+    bsz, hq, _, dq = q.shape
+    h, c, _ = centroids.shape
+    g = hq // h
+    gp = pow2(g)
     ng = cdiv(bsz, br)
+    # dot mode as the per-row decode lookup's (lookup/launch.py): exact float32 under the
+    # interpreter, tensor cores for centroids in q's half dtype, tf32x3 for float32 centroids
+    if interpreting():
+        dot = 1
+    elif centroids.dtype == q.dtype and q.dtype != torch.float32:
+        dot = 0
+    else:
+        dot = 2
+    block_d = pow2(dq)
+    bc = 64 if block_d <= 128 else 32
+    split = max(1, min(cdiv(4 * sm_count(q), ng * h), cdiv(c, bc), 64))
+    chunk = cdiv(cdiv(c, split), bc) * bc
+    split = cdiv(c, chunk)
+    part = torch.empty((ng * h, split, br * gp), device=q.device, dtype=torch.float32)
+    words = torch.empty(ng * h * c + bsz * h, device=q.device, dtype=torch.int32)
+    args = (q.stride(0), q.stride(1), centroids.stride(0), centroids.stride(1), offsets.stride(0),
+            bsz, h, g, c, dq, split, chunk, float(scale))
+    warps = 8 if br * gp >= 128 else 4
+    launch(_un._group_lse_kernel, (ng * h, split), q, centroids, offsets, part, *args,
+           BR=br, GP=gp, BC=bc, BLOCK_D=block_d, DOT=dot, num_warps=warps)
+    launch(_un._group_words_kernel, (ng * h, split), q, centroids, offsets, part, thr, words,
+           words[ng * h * c:], *args, BR=br, GP=gp, BC=bc, BLOCK_D=block_d, DOT=dot,
+           SP=max(2, pow2(split)), num_warps=warps)
+    return words
+
+
+def union_list(words: torch.Tensor, offsets: torch.Tensor, ng: int, h: int):
+    """(cum, delta, word, nkeys): the union's cluster list per (group, KV head) from the words
+    (union/reference.py says what each holds)."""
+    c = offsets.shape[-1] - 1
     i32 = dict(device=offsets.device, dtype=torch.int32)
     offsets = offsets.to(torch.int32).contiguous()
-    words = _marked_words(sel, bsz, h, c, br)
     ucum = torch.empty((ng * h, c + 1), **i32)
     udelta = torch.empty((ng * h, c), **i32)
     uword = torch.empty((ng * h, c), **i32)
     unkeys = torch.empty(ng * h, **i32)
     launch(_un._union_list_kernel, (ng * h,), words, offsets, ucum, udelta, uword, unkeys, h, c,
            offsets.stride(0), BLOCK=min(2048, max(16, pow2(c))), num_warps=8)
-    return words, (ucum, udelta, uword, unkeys)
+    return ucum, udelta, uword, unkeys
 
 
-def union_positions(sel: Selection, offsets: torch.Tensor, bsz: int, h: int, br: int, n_ctx: int,
+def union_positions(words: torch.Tensor, offsets: torch.Tensor, ng: int, h: int, n_ctx: int,
                     chunk: int = 0):
-    """(words, (pos, kword, nkeys)): per (group of br rows, KV head) the sorted position and the
-    rows' word of each union key ([NG*H, n_ctx] int32, valid up to nkeys [NG*H]). chunk:
-    clusters per program (tests force several)."""
+    """(pos, kword, nkeys): per (group, KV head) the sorted position and the rows' word of each
+    union key ([NG*H, n_ctx] int32, valid up to nkeys [NG*H]). chunk: clusters per program
+    (tests force several)."""
     chunk = chunk or _POS_CH
     c = offsets.shape[-1] - 1
-    ng = cdiv(bsz, br)
     i32 = dict(device=offsets.device, dtype=torch.int32)
     offsets = offsets.to(torch.int32).contiguous()
-    words = _marked_words(sel, bsz, h, c, br)
     upos = torch.empty((ng * h, n_ctx), **i32)
     kword = torch.empty((ng * h, n_ctx), **i32)
     unkeys = torch.empty(ng * h, **i32)
     launch(_un._union_pos_kernel, (ng * h, cdiv(c, chunk)), words, offsets, upos, kword, unkeys,
            h, c, n_ctx, offsets.stride(0), chunk, BLOCK=2048, SB=16, KB=64, num_warps=4)
-    return words, (upos, kword, unkeys)
+    return upos, kword, unkeys
 
 
 def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                            attn_mask: Optional[torch.Tensor], ctx_keys: torch.Tensor,
-                           ctx_values: torch.Tensor, offsets: torch.Tensor, sel: Selection,
-                           window_keys: torch.Tensor, window_values: torch.Tensor, scale: float,
-                           is_causal: bool, block_q: int, config: Optional[UnionConfig] = None,
-                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Decode attention (q [B, Hq, 1, D]) over each row's selection (sel.idx / sel.count, the
-    per-row lookup's compact lists) + window + the row's new keys, reading each kept cluster's
-    K/V once per group of rows instead of once per row. Same result as
-    attention/launch.py `sparse_attention` with that selection. `out`: as there."""
+                           ctx_values: torch.Tensor, offsets: torch.Tensor,
+                           sel: Optional[Selection], window_keys: torch.Tensor,
+                           window_values: torch.Tensor, scale: float, is_causal: bool, block_q: int,
+                           config: Optional[UnionConfig] = None, out: Optional[torch.Tensor] = None,
+                           lookup: Optional[tuple] = None) -> torch.Tensor:
+    """Decode attention (q [B, Hq, 1, D]) over each row's selection + window + the row's new
+    keys, reading each kept cluster's K/V once per group of rows instead of once per row. The
+    selection: `sel` (any lookup's compact lists, sel.idx / sel.count; then the result equals
+    attention/launch.py `sparse_attention` with it), or `lookup` = (centroids, log_threshold):
+    the flat threshold lookup run per group (`group_words`). `out`: as in sparse_attention."""
     check_device(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, offsets, window_keys, window_values)
-    if sel.idx is None:
+    if (sel is None) == (lookup is None):
+        raise ValueError("sqz: the union read takes either a selection or (centroids, log_threshold)")
+    if sel is not None and sel.idx is None:
         raise ValueError("sqz: the union read needs the lookup's cluster lists (lookup without positions=)")
     bsz, hq, m, d = q.shape
     if symbolic(m) or int(m) != 1:
@@ -169,11 +217,15 @@ def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     dev = q.device
     ng = cdiv(bsz, cfg.br)
 
+    if sel is not None:
+        words = marked_words(sel, bsz, h, c, cfg.br)
+    else:
+        words = group_words(q, lookup[0], offsets, lookup[1], scale, cfg.br)
     if cfg.pos_list:
-        words, (upos, kword, unkeys) = union_positions(sel, offsets, bsz, h, cfg.br, n_ctx)
+        upos, kword, unkeys = union_positions(words, offsets, ng, h, n_ctx)
         ucum = udelta = uword = unkeys  # placeholders, never read
     else:
-        words, (ucum, udelta, uword, unkeys) = union_list(sel, offsets, bsz, h, cfg.br)
+        ucum, udelta, uword, unkeys = union_list(words, offsets, ng, h)
         upos = kword = unkeys  # placeholders, never read
 
     if out is None:

@@ -4,7 +4,13 @@ list's rule is union/reference.py, the attention's semantics attention/reference
 Decode of B rows over ONE context: the per-row kernel (attention/triton.py) reads each row's kept
 clusters separately, so a cluster kept by k rows is read k times. Here, per (group of R rows, KV
 head):
-  _mark_kernel        OR-marks bit b % R of every cluster row b keeps (from the lookup's compact
+  _group_lse_kernel,  flat threshold lookup (lookup/reference.py's rule) for all the group's rows
+  _group_words_kernel at once: one centroid tile scored against a query tile of the R rows x the
+                      GQA group, so the centroids are read once per group, not once per row.
+                      Partial logsumexp per query and split, then per cluster tile each row's
+                      best log share (max over its heads) against the threshold, written straight
+                      as the cluster's word of row bits (no compact lists, no atomics)
+  _mark_kernel        (other lookups: budget, hierarchical) OR-marks bit b % R of every cluster row b keeps (from the lookup's compact
                       list) into a zeroed word per (group, head, cluster)
   _union_list_kernel  (without POS_LIST) compacts the marked clusters into the union's cluster
                       list (cum, delta, the rows' word per slot), as the lookup's
@@ -32,6 +38,96 @@ if HAS_TRITON:
     import triton.language as tl
 
     from ..attention.triton import _dot, _online_update, _start_slot
+    from ..lookup.triton import _dot_mu
+
+    @triton.jit
+    def _group_queries(Q, pid, sqb, sqh, B, H, G, DQ,
+                       BR: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The query tile of (group, head) pid: row r = br * GP + g is head h * G + g of batch row
+        (pid // H) * BR + br (decode: query 0). Returns (q, br, valid rows, head)."""
+        h = pid % H
+        r = tl.arange(0, BR * GP)
+        br = r // GP
+        g = r % GP
+        b = (pid // H) * BR + br
+        valid = (g < G) & (b < B)
+        d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + b[:, None] * sqb + (h * G + g)[:, None] * sqh + d[None, :],
+                    mask=valid[:, None] & (d[None, :] < DQ), other=0.0)
+        return q, br, valid, h
+
+    @triton.jit
+    def _cluster_tile(Off, Cent, h, c, cvalid, soh, sch, scc, DQ, BLOCK_D: tl.constexpr):
+        """(log n_c with -inf for empty / out-of-range clusters, non-empty flags, centroid tile
+        [BLOCK_D, BC] transposed for the dot)."""
+        n = (tl.load(Off + h * soh + c + 1, mask=cvalid, other=0)
+             - tl.load(Off + h * soh + c, mask=cvalid, other=0))
+        ok = cvalid & (n > 0)
+        logn = tl.where(ok, tl.log(tl.maximum(n, 1).to(tl.float32)), float("-inf"))
+        d = tl.arange(0, BLOCK_D)
+        mu = tl.load(Cent + h * sch + c[None, :] * scc + d[:, None],
+                     mask=cvalid[None, :] & (d[:, None] < DQ), other=0.0)
+        return logn, ok, mu
+
+    @triton.jit
+    def _group_lse_kernel(Q, Cent, Off, PartL, sqb, sqh, sch, scc, soh, B, H, G, C, DQ, SPLIT, chunk,
+                          scale, BR: tl.constexpr, GP: tl.constexpr, BC: tl.constexpr,
+                          BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+        """PartL[pid, split, r] = logsumexp over this split's clusters of s q_r.mu_c + log n_c."""
+        pid = tl.program_id(0)  # group * H + h
+        split = tl.program_id(1)
+        q, br, valid, h = _group_queries(Q, pid, sqb, sqh, B, H, G, DQ, BR, GP, BLOCK_D)
+        mx = tl.full([BR * GP], float("-inf"), tl.float32)
+        sm = tl.zeros([BR * GP], tl.float32)
+        lo = split * chunk
+        hi = tl.minimum(C, lo + chunk)
+        for c0 in range(lo, hi, BC):
+            c = c0 + tl.arange(0, BC)
+            logn, ok, mu = _cluster_tile(Off, Cent, h, c, c < hi, soh, sch, scc, DQ, BLOCK_D)
+            t = _dot_mu(q, mu, scale, DOT) + logn[None, :]
+            new = tl.maximum(mx, tl.max(t, axis=1))
+            safe = tl.where(new == float("-inf"), 0.0, new)
+            sm = sm * tl.exp(mx - safe) + tl.sum(tl.exp(t - safe[:, None]), axis=1)
+            mx = new
+        lse = tl.where(sm > 0, mx + tl.log(tl.where(sm > 0, sm, 1.0)), float("-inf"))
+        tl.store(PartL + (pid * SPLIT + split) * (BR * GP) + tl.arange(0, BR * GP), lse)
+
+    @triton.jit
+    def _group_words_kernel(Q, Cent, Off, PartL, Thr, Words, Zero, sqb, sqh, sch, scc, soh,
+                            B, H, G, C, DQ, SPLIT, chunk, scale,
+                            BR: tl.constexpr, GP: tl.constexpr, BC: tl.constexpr,
+                            BLOCK_D: tl.constexpr, DOT: tl.constexpr, SP: tl.constexpr):
+        """Words[pid, c] = sum over the group's rows br of (best_c(br) > thr) << br for this split's
+        clusters, best_c(br) = max over br's heads of s q.mu_c - lse_q (-inf for empty clusters).
+        Split 0 also zeroes Zero[b * H + h] for the group's rows (the own-keys launch's counts)."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        q, br, valid, h = _group_queries(Q, pid, sqb, sqh, B, H, G, DQ, BR, GP, BLOCK_D)
+        BM: tl.constexpr = BR * GP
+        sp = tl.arange(0, SP)
+        part = tl.load(PartL + (pid * SPLIT + sp[:, None]) * BM + tl.arange(0, BM)[None, :],
+                       mask=sp[:, None] < SPLIT, other=float("-inf"))
+        mx = tl.max(part, axis=0)
+        safe = tl.where(mx == float("-inf"), 0.0, mx)
+        tot = tl.sum(tl.exp(part - safe[None, :]), axis=0)
+        lse = tl.where(tot > 0, mx + tl.log(tl.where(tot > 0, tot, 1.0)), float("-inf"))
+        thr = tl.load(Thr)
+        rb = tl.arange(0, BR)
+        rrow = (pid // H) * BR + rb < B
+        lo = split * chunk
+        hi = tl.minimum(C, lo + chunk)
+        for c0 in range(lo, hi, BC):
+            c = c0 + tl.arange(0, BC)
+            cvalid = c < hi
+            logn, ok, mu = _cluster_tile(Off, Cent, h, c, cvalid, soh, sch, scc, DQ, BLOCK_D)
+            ls = tl.where(valid[:, None] & ok[None, :], _dot_mu(q, mu, scale, DOT) - lse[:, None],
+                          float("-inf"))
+            best = tl.max(tl.reshape(ls, (BR, GP, BC)), axis=1)  # [BR, BC]
+            keep = (best > thr) & rrow[:, None]
+            word = tl.sum(keep.to(tl.int32) << rb[:, None], axis=0)  # distinct bits: sum = OR
+            tl.store(Words + pid * C + c, word, mask=cvalid)
+        if split == 0:
+            tl.store(Zero + ((pid // H) * BR + rb) * H + h, tl.zeros([BR], tl.int32), mask=rrow)
 
     @triton.jit
     def _mark_kernel(Idx, Count, Words, H, C, R, BLOCK: tl.constexpr):
