@@ -228,9 +228,8 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     (decode: the lookup writes the kept keys' positions for the attention loop). A decode batch
     (B >= 2) over a 16-bit context takes the union read (kernels/union/launch.py: each kept
     cluster read once for all rows that keep it; in flat threshold mode the lookup too runs per
-    group of rows) unless `union.launch.ENABLED` is False. radii
-    serve only the error-bounded mode, which the op runs in torch ops before reaching this
-    launcher."""
+    group of rows) unless `union.launch.ENABLED` is False. radii serve only the error-bounded
+    mode, which the op runs in torch ops before reaching this launcher."""
     from ..union import launch as _union
 
     if _union.applies(q, ctx_keys, codebooks):

@@ -2,12 +2,13 @@
 for a decode batch over one 16-bit context; attention/launch.py dispatches here). Same rules as
 the other launchers: wrap_triton launches, tile shapes and splits from static shapes, no host sync.
 
-Pipeline: the selection as a word of row bits per (group of rows, KV head, cluster): flat
-threshold mode by `_group_lse_kernel` + `_group_words_kernel` (centroids read once per group),
-other lookups from the per-row lookup's compact lists (idx, count) by `_mark_kernel` -> `_union_pos_kernel` (position and row word of every union key;
-while that buffer is small, else `_union_list_kernel`: the union's cluster list, walked by slot
-search) -> `_union_attn_kernel` (context union + window, split-K) -> the per-row kernel for each
-row's own new keys under the model's mask, as further splits -> the per-row `_merge_kernel`.
+Pipeline: the selection as a word of row bits per (group of rows, KV head, cluster) -- flat
+threshold mode: `_group_lse_kernel` + `_group_words_kernel` (centroids read once per group);
+budget / hierarchical: the per-row lookup's compact lists (idx, count) OR-ed by `_mark_kernel` --
+then `_union_pos_kernel` (position and row word of every union key; while that buffer is small,
+else `_union_list_kernel`: the union's cluster list, walked by slot search) ->
+`_union_attn_kernel` (context union + window, split-K) -> the per-row kernel for each row's own
+new keys under the model's mask, as further splits -> the per-row `_merge_kernel`.
 
 Low-bit contexts (kv_bits < 16) stay on the per-row path: the union kernel reads stored K/V only.
 """

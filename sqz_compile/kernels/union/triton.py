@@ -10,8 +10,9 @@ head):
                       Partial logsumexp per query and split, then per cluster tile each row's
                       best log share (max over its heads) against the threshold, written straight
                       as the cluster's word of row bits (no compact lists, no atomics)
-  _mark_kernel        (other lookups: budget, hierarchical) OR-marks bit b % R of every cluster row b keeps (from the lookup's compact
-                      list) into a zeroed word per (group, head, cluster)
+  _mark_kernel        (other lookups: budget, hierarchical) OR-marks bit b % R of every
+                      cluster row b keeps (the lookup's compact list) into a zeroed word per
+                      (group, head, cluster)
   _union_list_kernel  (without POS_LIST) compacts the marked clusters into the union's cluster
                       list (cum, delta, the rows' word per slot), as the lookup's
                       `_compact_kernel` does for one row
@@ -19,7 +20,8 @@ head):
                       every union key, from the words directly, so the attention loop loads two
                       index vectors per tile instead of searching slots (the per-row kernel's
                       position list, benchmarks/NOTES.md v6/v7)
-  _union_attn_kernel  one query tile of all R rows x the group's heads (row r = br * GP + g)
+  _union_attn_kernel  one query tile of all R rows x the group's heads (row r = br * GP + g;
+                      R x GP >= 16 for tl.dot, <= 128)
                       walks its split of the union's key tiles: each K/V tile is loaded ONCE,
                       scored for every row, and a row's scores are -inf on the keys of clusters
                       its bit does not mark, so each row attends exactly its own selection. The
