@@ -684,7 +684,7 @@ def run_batch(kind: str, n: int, bsz: int, keep: float, results: list, bw) -> No
         row["sqz_union_vs_per_row_read_rel_diff"] = _rel(out, row_read.double())
         # the union read's own lookup (per group of rows) vs each row's: kept clusters that agree
         br = sqz_union.union_config(bsz, H, G, n, W, s, D, 1).br  # rows per group (no SM count in it)
-        words = sqz_union.group_words(q0, c0["lookup_centroids"], c0["offsets"], t0, SCALE, br)
+        words, _ = sqz_union.group_words(q0, c0["lookup_centroids"], c0["offsets"], t0, SCALE, br)
         ng = -(-bsz // br)
         bits = (words[:ng * H * nc].long().reshape(ng, 1, H, nc) & 0xFFFFFFFF) >> torch.arange(br, device=dev)[None, :, None, None]
         union_sel = (bits & 1).reshape(ng * br, H, nc)[:bsz].bool()

@@ -93,21 +93,21 @@ def union_config(bsz: int, h: int, g: int, n_ctx: int, w: int, s: int, d: int, s
     return UnionConfig(br, gp, block_n, split, own, warps, stages, pos_list)
 
 
-def marked_words(sel: Selection, bsz: int, h: int, c: int, br: int) -> torch.Tensor:
-    """[NG*H*C + B*H] int32: the rows' bits per (group, head, cluster) from any lookup's compact
-    lists (sel.idx, sel.count), then B*H zeros (the per-row kernel's kept-key count for the
-    own-keys launch, so one fill serves both)."""
+def marked_words(sel: Selection, bsz: int, h: int, c: int, br: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(words, zero): words [NG*H*C (+ more)] int32, the rows' bits per (group, head, cluster)
+    from any lookup's compact lists (sel.idx, sel.count); zero [B*H] int32 zeros, the per-row
+    kernel's kept-key count for the own-keys launch (here the tail of the words' fill)."""
     ng = cdiv(bsz, br)
     words = torch.zeros(ng * h * c + bsz * h, device=sel.idx.device, dtype=torch.int32)
     launch(_un._mark_kernel, (bsz * h,), sel.idx, sel.count, words, h, c, br,
            BLOCK=_MARK_BLOCK, num_warps=4)
-    return words
+    return words, words[ng * h * c:]
 
 
 def group_words(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
-                log_threshold: torch.Tensor, scale: float, br: int) -> torch.Tensor:
-    """Flat threshold lookup of a decode batch (q [B, Hq, 1, D]) per group of br rows: the words
-    of `marked_words` (same layout, zero tail included) computed straight from the scores, each
+                log_threshold: torch.Tensor, scale: float, br: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat threshold lookup of a decode batch (q [B, Hq, 1, D]) per group of br rows: what
+    `marked_words` returns, computed straight from the scores, each
     centroid tile read once per (group, KV head). Same rule as the per-row lookup
     (lookup/reference.py); the float rounding of the scores and partition sums differs as between
     any two tilings (the per-row lookup's own splits change with the batch size)."""
@@ -137,16 +137,18 @@ def group_words(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     chunk = cdiv(cdiv(c, split), bc) * bc
     split = cdiv(c, chunk)
     part = torch.empty((ng * h, split, br * gp), device=q.device, dtype=torch.float32)
-    words = torch.empty(ng * h * c + bsz * h, device=q.device, dtype=torch.int32)
     args = (q.stride(0), q.stride(1), centroids.stride(0), centroids.stride(1), offsets.stride(0),
             bsz, h, g, c, dq, split, chunk, float(scale))
     warps = 8 if br * gp >= 128 else 4
     launch(_un._group_lse_kernel, (ng * h, split), q, centroids, offsets, part, *args,
            BR=br, GP=gp, BC=bc, BLOCK_D=block_d, DOT=dot, num_warps=warps)
-    launch(_un._group_words_kernel, (ng * h, split), q, centroids, offsets, part, thr, words,
-           words[ng * h * c:], *args, BR=br, GP=gp, BC=bc, BLOCK_D=block_d, DOT=dot,
-           SP=max(2, pow2(split)), num_warps=warps)
-    return words
+    # two buffers: two kernel arguments aliasing one buffer, both written, could be
+    # functionalized (torch.compile) into two clones, one of them lost
+    cw = torch.empty(ng * h * c, device=q.device, dtype=torch.int32)
+    zero = torch.empty(bsz * h, device=q.device, dtype=torch.int32)
+    launch(_un._group_words_kernel, (ng * h, split), q, centroids, offsets, part, thr, cw, zero, *args,
+           BR=br, GP=gp, BC=bc, BLOCK_D=block_d, DOT=dot, SP=max(2, pow2(split)), num_warps=warps)
+    return cw, zero
 
 
 def union_list(words: torch.Tensor, offsets: torch.Tensor, ng: int, h: int):
@@ -219,9 +221,9 @@ def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     ng = cdiv(bsz, cfg.br)
 
     if sel is not None:
-        words = marked_words(sel, bsz, h, c, cfg.br)
+        words, zero = marked_words(sel, bsz, h, c, cfg.br)
     else:
-        words = group_words(q, lookup[0], offsets, lookup[1], scale, cfg.br)
+        words, zero = group_words(q, lookup[0], offsets, lookup[1], scale, cfg.br)
     if cfg.pos_list:
         upos, kword, unkeys = union_positions(words, offsets, ng, h, n_ctx)
         ucum = udelta = uword = unkeys  # placeholders, never read
@@ -249,7 +251,6 @@ def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
            POS_LIST=cfg.pos_list, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # splits [0, own_split): each row's own new keys under the model's mask, by the per-row
     # kernel with no context keys and no window
-    zero = words[ng * h * c:]
     own_sel = Selection(None, None, None, None, zero, zero)
     own_cfg = attention_config(bsz, h, g, m, block_q, 0, 0, k_new.shape[2], d, sms)._replace(
         split=cfg.own_split, pos_list=True)
