@@ -211,6 +211,7 @@ def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
 
     q, ctx_keys, ctx_values = lastdim(q), lastdim(ctx_keys), lastdim(ctx_values)
     window_keys, window_values = lastdim(window_keys), lastdim(window_values)
+    offsets = offsets.to(torch.int32).contiguous()  # once for the lookup and the union's walk
     h, n_ctx, _ = ctx_keys.shape
     g = hq // h
     c = offsets.shape[-1] - 1
