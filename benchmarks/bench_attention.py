@@ -16,7 +16,10 @@ from a few cluster directions so the selection is meaningful. No K-means runs he
   batch    many users, one context (--batches, default 8,32; contexts from --contexts): kinds
            batch_decode (each row 1 query + its own 256 new keys) and batch_prefill (each row
            1024 new tokens, causal among themselves). Sparse: one step over the batch, each row its
-           own queries, new K/V and selection. Dense peers: sdpa_per_row (one SDPA call over
+           own queries, new K/V and selection; decode takes the union read (each cluster some
+           row keeps read once for all of them, kernels/union/, with its lookup per group of rows:
+           sqz_union_lookup_ms, union_lookup_match_fraction), timed beside the per-row read
+           (each row's lookup, each row's kept clusters read apart: sqz_per_row_read_ms). Dense peers: sdpa_per_row (one SDPA call over
            per-row caches [context | own keys], as a batched generate holds them) and
            shared_prefix (per KV head the batch's queries folded into one sequence over ONE read of
            the context K/V, each row's own keys apart, merged by log-sum-exp; the LSE comes from
@@ -57,6 +60,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sqz_compile.kernels.attention import launch as sqz_attn  # noqa: E402
 from sqz_compile.kernels.lookup import launch as sqz_lookup  # noqa: E402
 from sqz_compile.kernels.lookup.reference import cluster_of  # noqa: E402
+from sqz_compile.kernels.union import launch as sqz_union  # noqa: E402
 
 HQ, H, D = 32, 8, 128
 G = HQ // H
@@ -243,6 +247,15 @@ def sparse_step(ctx, q, kn, vn, thr, causal, hier=False, cthr=None):
         ctx["window_keys"], ctx["window_values"], thr,
         ctx.get("lookup_coarse_centroids") if hier else None, ctx.get("coarse_offsets") if hier else None,
         cthr if hier else None, None, *(low["quant"] if low else (None,) * 7), SCALE, causal, 0, BLOCK_Q)
+
+
+def per_row_read(step):
+    """The step with the decode batch on the per-row read (union read off while it runs, which
+    covers CUDA-graph capture: the switch is read when the op body runs)."""
+    def f():
+        with sqz_union.per_row_reads():
+            return step()
+    return f
 
 
 def quantize_context(ctx: dict, bits: int, outliers: float = 0.01) -> None:
@@ -657,14 +670,25 @@ def run_batch(kind: str, n: int, bsz: int, keep: float, results: list, bw) -> No
     # context keys that some query block of the row keeps (prefill: more than one block's share)
     row_kept = (sel.any(2) * sizes[:, :, 0]).sum(-1) / n  # [B, H]
     row["row_kept_fraction"] = float(row_kept.mean())
-    # context keys that some row keeps: what a kernel reading each kept cluster once for all
-    # the rows that keep it would read (not implemented; measured here)
+    # context keys that some row keeps: what the union read (decode) reads once for all the rows
+    # that keep them
     row["union_kept_fraction"] = float((sel.any(2).any(0) * sizes[0, :, 0]).sum(-1).mean()) / n
 
     out = sparse_step(c0, q0, kn0, vn0, t0, causal)()
     per_row = torch.cat([sparse_step(c0, q0[b:b + 1], kn0[b:b + 1], vn0[b:b + 1], t0, causal)()
                          for b in range(bsz)])
     row["sqz_batch_vs_per_row_rel_diff"] = _rel(out, per_row.double())
+    row["sqz_path"] = "union_read" if sqz_union.applies(q0, c0["keys"], None) else "per_row_read"
+    if row["sqz_path"] == "union_read":
+        row_read = per_row_read(sparse_step(c0, q0, kn0, vn0, t0, causal))()
+        row["sqz_union_vs_per_row_read_rel_diff"] = _rel(out, row_read.double())
+        # the union read's own lookup (per group of rows) vs each row's: kept clusters that agree
+        br = sqz_union.union_config(bsz, H, G, n, W, s, D, 1).br  # rows per group (no SM count in it)
+        words, _ = sqz_union.group_words(q0, c0["lookup_centroids"], c0["offsets"], t0, SCALE, br)
+        ng = -(-bsz // br)
+        bits = (words[:ng * H * nc].long().reshape(ng, 1, H, nc) & 0xFFFFFFFF) >> torch.arange(br, device=dev)[None, :, None, None]
+        union_sel = (bits & 1).reshape(ng * br, H, nc)[:bsz].bool()
+        row["union_lookup_match_fraction"] = float((union_sel == sel[:, :, 0]).float().mean())
     if m <= 64:
         ref = squeezed_attention_reference(
             q0[:1].double(), kn0[:1].double(), vn0[:1].double(), None, c0["keys"].double(), c0["values"].double(),
@@ -675,6 +699,14 @@ def run_batch(kind: str, n: int, bsz: int, keep: float, results: list, bw) -> No
     if dev == "cuda":
         row["kernel_us"] = kernel_times(steps)
     row["sqz_ms"] = timed(steps)
+    if row["sqz_path"] == "union_read":
+        row_steps = [per_row_read(f) for f in steps]
+        if dev == "cuda":
+            row["per_row_read_kernel_us"] = kernel_times(row_steps)
+        row["sqz_per_row_read_ms"] = timed(row_steps)
+        row["sqz_union_lookup_ms"] = timed([(lambda c=c, q=q, t=t: sqz_union.group_words(
+            q, c["lookup_centroids"], c["offsets"], t, SCALE, br)) for c, q, t in zip(ctxs, qs, thrs)])
+        row["union_read_speedup"] = row["sqz_per_row_read_ms"] / row["sqz_ms"]
     row["sqz_lookup_ms"] = timed([(lambda c=c, q=q, t=t: sqz_lookup.lookup(
         q, c["lookup_centroids"], c["offsets"], t, None, None, None, SCALE, BLOCK_Q, 0))
         for c, q, t in zip(ctxs, qs, thrs)])
@@ -810,7 +842,8 @@ def plot(results: list, path: str) -> None:
 
 
 def plot_batch(results: list, path: str) -> None:
-    """Latency vs batch size of the batch rows: sqz, SDPA over per-row caches, shared prefix."""
+    """Latency vs batch size of the batch rows: sqz (decode: union read and per-row read), SDPA
+    over per-row caches, shared prefix."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -821,7 +854,9 @@ def plot_batch(results: list, path: str) -> None:
         rows = [r for r in results if r["kind"] == kind]
         for i, n in enumerate(sorted({r["context"] for r in rows})):
             rs = sorted((r for r in rows if r["context"] == n), key=lambda r: r["batch"])
-            for key, style, lab in (("sqz_ms", "o-", "squeezed"), ("sdpa_per_row_ms", "s--", "SDPA per row"),
+            for key, style, lab in (("sqz_ms", "o-", "squeezed"),
+                                    ("sqz_per_row_read_ms", "x-.", "squeezed, per-row read"),
+                                    ("sdpa_per_row_ms", "s--", "SDPA per row"),
                                     ("shared_prefix_ms", "^:", "shared prefix (LSE merge)")):
                 pts = [(r["batch"], r[key]) for r in rs if r.get(key)]
                 if pts:
@@ -949,11 +984,12 @@ def main() -> None:
     if brows:
         def ms(x):
             return f"{x:.3f}" if isinstance(x, float) else "-"
-        print(f"\n{'batch kind':14} {'ctx':>7} {'B':>3} {'kept':>6} {'union':>6} {'sqz ms':>8} {'per-row':>8} "
+        print(f"\n{'batch kind':14} {'ctx':>7} {'B':>3} {'kept':>6} {'union':>6} {'sqz ms':>8} {'sqz per-row-read ms':>19} {'per-row':>8} "
               f"{'shared':>8} {'x row':>6} {'x shared':>8} {'sel same':>8} {'sp err':>8}")
         for r in brows:
             print(f"{r['kind']:14} {r['context']:>7} {r['batch']:>3} {r['row_kept_fraction']:>6.3f} "
-                  f"{r['union_kept_fraction']:>6.3f} {ms(r['sqz_ms']):>8} {ms(r.get('sdpa_per_row_ms')):>8} "
+                  f"{r['union_kept_fraction']:>6.3f} {ms(r['sqz_ms']):>8} {ms(r.get('sqz_per_row_read_ms')):>19} "
+                  f"{ms(r.get('sdpa_per_row_ms')):>8} "
                   f"{ms(r.get('shared_prefix_ms')):>8} {ms(r.get('speedup_vs_sdpa_per_row')):>6} "
                   f"{ms(r.get('speedup_vs_shared_prefix')):>8} {r['selection_match_fraction']:>8.3f} "
                   f"{ms(r.get('shared_prefix_rel_err_vs_f64')):>8}")

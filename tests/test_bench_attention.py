@@ -1,6 +1,7 @@
 """benchmarks/bench_attention.py --tiny on CPU (Triton interpreter): the batch rows (many users,
 one context) run, their dense shared-prefix peer equals float64 attention, and the squeezed step
-over the batch equals each row run alone."""
+over the batch equals each row run alone (decode: by the union read, also timed on the per-row
+read)."""
 import json
 import os
 import subprocess
@@ -30,4 +31,10 @@ def test_tiny_batch_rows(tmp_path):
         assert r["shared_prefix_bytes"] < r["sdpa_per_row_bytes"]
     decode = next(r for r in rows if r["kind"] == "batch_decode")
     assert decode["rel_err_vs_f64"] < 1e-2 and decode["sdpa_per_row_rel_err_vs_f64"] < 1e-2
+    # decode takes the union read, timed beside the per-row read; the two agree
+    assert decode["sqz_path"] == "union_read" and decode["sqz_per_row_read_ms"] > 0, decode
+    assert decode["sqz_union_vs_per_row_read_rel_diff"] < 1e-3, decode
+    assert decode["union_lookup_match_fraction"] == 1.0 and decode["sqz_union_lookup_ms"] > 0, decode
+    prefill = next(r for r in rows if r["kind"] == "batch_prefill")
+    assert prefill["sqz_path"] == "per_row_read" and "sqz_per_row_read_ms" not in prefill
     assert (tmp_path / "bench_attention_batch.png").stat().st_size > 0

@@ -52,7 +52,13 @@ def test_reduce_overhead_runs_sqz_kernels(m, hier, budget):
     compiled = torch.compile(mod, mode="reduce-overhead")
     out, codes = run_and_get_code(compiled, cs.q, cs.k_new, cs.v_new)
     code = "\n".join(codes)
-    for name in ("_sparse_attn_kernel", "_lse_kernel", "_best_kernel", "_compact_kernel"):
+    names = ["_sparse_attn_kernel", "_lse_kernel", "_best_kernel", "_compact_kernel"]
+    if m == 1:  # a decode batch (B = 2) takes the union read (kernels/union/); in flat threshold
+        # mode with its lookup per group of rows, else from the per-row lookup's lists
+        names = ["_sparse_attn_kernel", "_union_pos_kernel", "_union_attn_kernel", "_merge_kernel"]
+        names += (["_lse_kernel", "_best_kernel", "_compact_kernel", "_mark_kernel"] if hier or budget
+                  else ["_group_lse_kernel", "_group_words_kernel"])
+    for name in names:
         assert name in code, f"{name} not in Inductor's generated code"
     sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
                       cthr, cs.scale, 64, budget)

@@ -91,11 +91,15 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      ctx_values: torch.Tensor, sel: Selection, window_keys: torch.Tensor,
                      window_values: torch.Tensor, scale: float, is_causal: bool, block_q: int,
                      config: Optional[AttnConfig] = None,
-                     out: Optional[torch.Tensor] = None, quant: Optional[tuple] = None) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, quant: Optional[tuple] = None,
+                     partials: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Exact attention over the lookup's selection + window + new tokens (Triton). `out`: a
     contiguous [B, Hq, M, D] tensor of q's dtype to write into (tests poison it first). `quant`:
     a low-bit context's (perm, rope, codebooks, key_norm, value_norm, outlier_idx, outlier_val)
-    of this layer; ctx_keys/ctx_values are then its packed int32 codes."""
+    of this layer; ctx_keys/ctx_values are then its packed int32 codes. `partials`: (part_o
+    [P, B, Hq, M, D], part_l [P, B, Hq, M]) float32 with P >= config.split: write the splits'
+    partial outputs and log-sum-exps into their first config.split entries and leave `out` and
+    the merge to the caller (the union-read decode adds its own splits)."""
     check_device(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, window_keys, window_values)
 
     def lastdim(t):
@@ -151,8 +155,10 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             raise ValueError("sqz: this Selection holds only positions; run lookup without "
                              "positions= for the cluster-list attention")
         cum, delta, pos = sel.cum, sel.delta, sel.nkeys  # pos unused
-    partial = cfg.split > 1
-    if partial:
+    partial = cfg.split > 1 or partials is not None
+    if partials is not None:
+        part_o, part_l = partials
+    elif partial:
         part_o = torch.empty((cfg.split, bsz, hq, m, d), device=dev, dtype=torch.float32)
         part_l = torch.empty((cfg.split, bsz, hq, m), device=dev, dtype=torch.float32)
     else:
@@ -174,7 +180,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
             POS_LIST=use_pos, QBITS=qbits, NOUT=nout, HALVES=halves, FAST=bool(qbits) and _qt.fast_math(dev),
             num_warps=_warps(cfg, halves), num_stages=_stages(cfg, qbits, halves))
-    if partial:
+    if partial and partials is None:
         rows = bsz * hq * m
         launch(_sa._merge_kernel, (rows,),
                 part_o, part_l, out, rows, hq, m, out.stride(0), out.stride(1), out.stride(2),
@@ -222,8 +228,22 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                        outlier_val: Optional[torch.Tensor],
                        scale: float, is_causal: bool, budget: int, block_q: int) -> torch.Tensor:
     """CUDA implementation of torch.ops.sqz.squeezed_attention: lookup, then sparse attention
-    (decode: the lookup writes the kept keys' positions for the attention loop). radii serve only
-    the error-bounded mode, which the op runs in torch ops before reaching this launcher."""
+    (decode: the lookup writes the kept keys' positions for the attention loop). A decode batch
+    (B >= 2) over a 16-bit context takes the union read (kernels/union/launch.py: each kept
+    cluster read once for all rows that keep it; in flat threshold mode the lookup too runs per
+    group of rows) unless `union.launch.ENABLED` is False. radii serve only the error-bounded
+    mode, which the op runs in torch ops before reaching this launcher."""
+    from ..union import launch as _union
+
+    if _union.applies(q, ctx_keys, codebooks):
+        if coarse_centroids is None and budget <= 0:  # flat threshold: the lookup per row group
+            return _union.union_decode_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, offsets,
+                                                 None, window_keys, window_values, scale, is_causal, block_q,
+                                                 lookup=(centroids, log_threshold))
+        sel = lookup(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
+                     coarse_log_threshold, scale, block_q, budget)
+        return _union.union_decode_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, offsets,
+                                             sel, window_keys, window_values, scale, is_causal, block_q)
     h, n_ctx = ctx_keys.shape[:2]
     d = q.shape[3]
     cfg = attention_config(q.shape[0], h, q.shape[1] // h, q.shape[2], int(block_q), n_ctx,
