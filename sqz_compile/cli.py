@@ -282,6 +282,8 @@ def _squeeze_args(p: argparse.ArgumentParser) -> None:
                    help=f"low-bit levels: nuq (fitted codebook) or int (uniform) (default {d.kv_datatype})")
     p.add_argument("--kv-outliers", type=float, default=d.kv_outliers,
                    help=f"low-bit: fraction of K/V entries kept in float16 (default {d.kv_outliers})")
+    p.add_argument("--kv-qnorm", action="store_true",
+                   help="low-bit: Q-Norm, each layer's codebook matched to the data's mean and spread")
 
 
 def cmd_squeeze(args: argparse.Namespace) -> int:
@@ -293,7 +295,7 @@ def cmd_squeeze(args: argparse.Namespace) -> int:
                                observation_window=args.window, sink_tokens=args.sink_tokens,
                                per_layer_threshold=args.per_layer_threshold,
                                seed=args.seed, kv_bits=args.kv_bits, kv_datatype=args.kv_datatype,
-                               kv_outliers=args.kv_outliers)
+                               kv_outliers=args.kv_outliers, kv_qnorm=args.kv_qnorm)
     text = _read_text(args.text, "the text to squeeze")
     out = args.output or os.path.splitext(args.text)[0] + ".sqz"
     _check_writable(out)

@@ -74,6 +74,10 @@ class SqueezeConfig:
         data) or "int" (uniform). Ignored at 16 bits.
     kv_outliers: fraction of entries per K/V row kept in float16 beside the low-bit codes
         (dense-and-sparse; 0 keeps none). Ignored at 16 bits.
+    kv_qnorm: Q-Norm (KVQuant): after the codes are chosen, each layer's codebook is moved and
+        scaled so that the dequantized entries have the mean and standard deviation of the
+        entries they stand for (low bit widths shrink the spread). Offline only: the same file
+        layout and kernels. Ignored at 16 bits.
     """
 
     keep: float = 0.125
@@ -95,6 +99,7 @@ class SqueezeConfig:
     kv_bits: int = 16
     kv_datatype: str = "nuq"
     kv_outliers: float = 0.01
+    kv_qnorm: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -131,6 +136,8 @@ class SqueezeConfig:
             bad("kv_datatype", 'must be "nuq" (fitted codebook) or "int" (uniform levels)')
         if not 0.0 <= float(self.kv_outliers) < 0.5:
             bad("kv_outliers", "must lie in [0, 0.5) (fraction of K/V entries kept in float16)")
+        if not isinstance(self.kv_qnorm, bool):
+            bad("kv_qnorm", "must be True or False (Q-Norm of the low-bit codebooks)")
         if self.kv_bits != 16 and self.max_dropped_mass is not None:
             bad("max_dropped_mass", "needs kv_bits=16: its certificate bounds the stored keys, and low-bit "
                 "keys differ from them by the quantization error")

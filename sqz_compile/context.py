@@ -38,7 +38,8 @@ are refused), E = outliers per row:
   keys, values        [layers, H, N, P]  int32: packed codes, same sorted layout (keys pre-RoPE)
   rope                [layers, D + 2]    float32: inv_freq per channel, attention scaling, L
                                          (a key at context position p is rotated by (p - L))
-  codebooks           [layers, 2, G]     float32 levels in [-1, 1] (keys, values)
+  codebooks           [layers, 2, G]     float32 levels in [-1, 1] (keys, values; with
+                                         config.kv_qnorm within [-4, 4])
   key_norm            [layers, H, 2, D]  float32 per-channel (scale, offset): k = level*scale+offset
   value_norm          [layers, H, N, 2]  float16 per-token (scale, offset)
   outlier_idx/_val    [layers, H, N, 2, E] int16 channel / float16 value (keys, values): entries
@@ -78,6 +79,8 @@ _UPGRADES = {2: {"cluster_variance": False, "dense_layers": 0}, 3: {"kv_bits": 1
 _OLD_PACKING = {(4, 3): "its 3-bit codes are packed 10 to a word, which this sqz_compile no longer reads "
                         "(3-bit codes are now stored as two bit planes)"}
 FORMAT_NAME = "sqz_compile.SqueezedContext"
+# bound on Q-Norm codebook levels (config.kv_qnorm): a corrupted file, not a rescaled codebook, beyond it
+_QNORM_LEVEL_LIMIT = 4.0
 _REMAKE = "re-create it with sqz_compile.squeeze(model, context_ids).save(path)"
 
 
@@ -412,8 +415,10 @@ class SqueezedContext:
         want("key_norm", (layers, H, 2, D), torch.float32)
         want("value_norm", (layers, H, N, 2), torch.float16)
         cb = self.codebooks
-        if not bool(torch.isfinite(cb).all()) or bool((cb.abs() > 1).any()) or bool((cb[..., 1:] < cb[..., :-1]).any()):
-            bad("codebooks must hold ascending finite levels in [-1, 1]")
+        # Q-Norm rescales a codebook around the data's mean: its levels may pass +-1 a little
+        lim = _QNORM_LEVEL_LIMIT if self.config.kv_qnorm else 1.0
+        if not bool(torch.isfinite(cb).all()) or bool((cb.abs() > lim).any()) or bool((cb[..., 1:] < cb[..., :-1]).any()):
+            bad(f"codebooks must hold ascending finite levels in [-{lim:g}, {lim:g}]")
         if not bool(torch.isfinite(self.key_norm).all()) or not bool(torch.isfinite(self.value_norm).all()):
             bad("key_norm/value_norm hold non-finite scales")
         if int(self.rope[0, -1]) != self.context_length:

@@ -132,7 +132,7 @@ class QuantizedKV:
     """One (K or V) quantized tensor set, stacked over layers (see context.py for the shapes)."""
 
     packed: torch.Tensor        # [layers, H, N, words] int32
-    codebook: torch.Tensor      # [layers, 2**bits] float32, in [-1, 1]
+    codebook: torch.Tensor      # [layers, 2**bits] float32, in [-1, 1] (Q-Norm: may pass it a little)
     norm: torch.Tensor          # keys: [layers, H, 2, D] float32 (scale, offset per channel);
                                 # values: [layers, H, N, 2] float16 (scale, offset per token)
     outlier_idx: torch.Tensor   # [layers, H, N, E] int16 channel
@@ -193,10 +193,22 @@ def assign(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(y.double().contiguous(), mid.contiguous())
 
 
+def qnorm_codebook(y: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Q-Norm: `codebook` moved and scaled (an increasing affine map, so still sorted) so that the
+    levels the entries y got (`codes`) have y's mean and standard deviation."""
+    cb = codebook.double()
+    y, yh = y.double(), cb[codes]
+    spread = yh.std(unbiased=False)
+    if y.numel() < 2 or spread <= 0:
+        return codebook
+    return ((cb - yh.mean()) * (y.std(unbiased=False) / spread) + y.mean()).to(codebook.dtype)
+
+
 def quantize_rows(x: torch.Tensor, weights: torch.Tensor, bits: int, datatype: str, outliers: float,
-                  per_channel: bool, seed: int = 0) -> QuantizedKV:
+                  per_channel: bool, seed: int = 0, qnorm: bool = False) -> QuantizedKV:
     """Quantize x [layers, H, N, D] (keys already pre-RoPE): per channel (over N) when
-    per_channel, else per token; weights [layers, H, N] weigh each token in the nuq fit."""
+    per_channel, else per token; weights [layers, H, N] weigh each token in the nuq fit;
+    qnorm: each layer's codebook corrected by qnorm_codebook over its non-outlier entries."""
     layers, H, N, D = x.shape
     e = outliers_per_row(D, outliers)
     dim = -2 if per_channel else -1
@@ -215,8 +227,9 @@ def quantize_rows(x: torch.Tensor, weights: torch.Tensor, bits: int, datatype: s
         y = ((xi - offset) / scale).clamp(-1, 1)
         wi = weights[i].double()[..., None].expand_as(y)
         cb = fit_codebook(y[~mask], wi[~mask], bits, datatype, seed=seed + i)
-        packed[i] = pack(assign(y, cb), bits)
-        cbs[i] = cb
+        codes = assign(y, cb)
+        packed[i] = pack(codes, bits)
+        cbs[i] = qnorm_codebook(y[~mask], codes[~mask], cb) if qnorm else cb
         if per_channel:
             norm[i] = torch.cat([scale, offset], dim=-2).float()
         else:
@@ -238,9 +251,10 @@ def low_bit_fields(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
     for i in range(layers):  # pre-RoPE keys: undo the rotation at each key's position p - L
         cos, sin = rope.cos_sin(positions[i].long() - context_length)
         pre[i] = invert_rope(keys[i], cos, sin)
-    qk = quantize_rows(pre, weights, bits, dt, frac, per_channel=True, seed=config.seed)
+    qnorm = bool(getattr(config, "kv_qnorm", False))
+    qk = quantize_rows(pre, weights, bits, dt, frac, per_channel=True, seed=config.seed, qnorm=qnorm)
     del pre
-    qv = quantize_rows(values, weights, bits, dt, frac, per_channel=False, seed=config.seed + 1)
+    qv = quantize_rows(values, weights, bits, dt, frac, per_channel=False, seed=config.seed + 1, qnorm=qnorm)
     e = qk.outlier_idx.shape[-1]
     return {
         "keys": qk.packed, "values": qv.packed,

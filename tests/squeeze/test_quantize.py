@@ -121,6 +121,47 @@ def test_nuq_lowers_weighted_error_against_int(bits):
     assert errs["nuq"] < errs["int"]
 
 
+@pytest.mark.parametrize("datatype", ["nuq", "int"])
+@pytest.mark.parametrize("per_channel", [True, False], ids=["keys", "values"])
+def test_qnorm_matches_mean_and_spread_and_keeps_the_codes(datatype, per_channel):
+    """Q-Norm: per layer, the dequantized (normalised) entries get the data's mean and standard
+    deviation; the codes are those without it, and the codebook stays ascending."""
+    x = _heavy((2, 3, 57, 32), seed=5)
+    w = torch.rand(2, 3, 57)
+    plain = quantize_rows(x, w, 2, datatype, 0.0, per_channel)
+    q = quantize_rows(x, w, 2, datatype, 0.0, per_channel, qnorm=True)
+    assert torch.equal(q.packed, plain.packed) and torch.equal(q.norm, plain.norm)
+    assert bool((q.codebook[:, 1:] > q.codebook[:, :-1]).all())
+    y = dequantize_rows((q.packed, q.codebook, q.norm, None, None), 2, 32, per_channel)
+    y0 = dequantize_rows((plain.packed, plain.codebook, plain.norm, None, None), 2, 32, per_channel)
+    for i in range(2):
+        scale = q.norm[i].double()[..., 0:1, :] if per_channel else q.norm[i].double()[..., 0:1]
+        offset = q.norm[i].double()[..., 1:2, :] if per_channel else q.norm[i].double()[..., 1:2]
+        z, zq, z0 = ((t[i].double() - offset) / scale for t in (x.clamp(-1e9, 1e9), y, y0))
+        z = z.clamp(-1, 1)  # quantize_rows normalises into [-1, 1]
+        assert abs(float(zq.mean() - z.mean())) < 1e-6 and abs(float(zq.std() - z.std())) < 1e-6  # float32 levels
+        assert abs(float(z0.std() - z.std())) > 1e-4  # without it the spread differs
+
+
+def test_qnorm_context_roundtrip_and_levels_past_one(tmp_path):
+    """A Q-Norm context saves and loads; its codebooks may pass +-1 (Q-Norm can widen them), which
+    the file check allows only with config.kv_qnorm."""
+    from fixtures import tiny_context, tiny_model
+    from test_context_io import _rewrite
+
+    model = tiny_model()
+    _, ctx = tiny_context(model, length=80, keep=0.5, kv_bits=2, kv_qnorm=True)
+    p = tmp_path / "qnorm.safetensors"
+    ctx.save(p)
+    back = SqueezedContext.load(p, model)
+    assert back.config.kv_qnorm and torch.equal(back.codebooks, ctx.codebooks)
+    _rewrite(p, lambda t: t["codebooks"].__setitem__((0, 0, -1), 1.5), None)
+    assert float(SqueezedContext.load(p, model).codebooks.max()) == 1.5
+    _rewrite(p, None, lambda m: m["config"].update(kv_qnorm=False))
+    with pytest.raises(SqueezedContextError, match="codebooks must hold"):
+        SqueezedContext.load(p)
+
+
 def test_outliers_shrink_the_range():
     """A single huge entry per row would stretch a channel's range; kept aside it does not."""
     x = _heavy((1, 1, 50, 16))
