@@ -109,6 +109,42 @@ if HAS_TRITON:
         return base + tl.sum((fine <= v0).to(tl.int32), axis=0)
 
     @triton.jit
+    def _tile_slots(cum_row, delta_row, j, v, v_end, C):
+        """Cluster-list walk: for a tile's key indices v (into the row's list of kept keys) whose
+        first key lies in slot j, each key's slot, validity (v < v_end) and context position, and
+        the slot bounds `bnd` that `_next_slot` advances j with."""
+        jb = j + 1 + tl.arange(0, v.shape[0])
+        bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
+        slot = j + tl.sum((bnd[None, :] <= v[:, None]).to(tl.int32), axis=1)
+        vvalid = v < v_end
+        pos = v + tl.load(delta_row + slot, mask=vvalid, other=0)
+        return bnd, slot, vvalid, pos
+
+    @triton.jit
+    def _next_slot(j, bnd, v_next):
+        """The slot of key index v_next (the next tile's first key), from this tile's bounds."""
+        return j + tl.sum((bnd <= v_next).to(tl.int32), axis=0)
+
+    @triton.jit
+    def _window(q, Kw, Vw, h, swkh, swkn, swvh, swvn, W, rsplit, SPLIT, d, dmask, kk, zero_add,
+                qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        """The observation window's W keys, which every query attends: this split's share of its
+        tiles, the splits counted from the last (rsplit = SPLIT - 1 - split)."""
+        nwt = tl.cdiv(W, BLOCK_N)
+        per = tl.cdiv(nwt, SPLIT)
+        for t in range(rsplit * per, tl.minimum(nwt, rsplit * per + per)):
+            n = t * BLOCK_N + kk
+            nvalid = n < W
+            kT = tl.load(Kw + h * swkh + n[None, :] * swkn + d[:, None],
+                         mask=nvalid[None, :] & dmask[:, None], other=0.0)
+            vt = tl.load(Vw + h * swvh + n[:, None] * swvn + d[None, :],
+                         mask=nvalid[:, None] & dmask[None, :], other=0.0)
+            s = (_dot(q, kT, IEEE) * qk_scale).to(tl.float32)
+            m_i, l_i, acc = _online_update(s, vt, nvalid[None, :], zero_add, m_i, l_i, acc,
+                                           False, IEEE)
+        return m_i, l_i, acc
+
+    @triton.jit
     def _sparse_attn_kernel(
         Q, Kn, Vn, Mask, Kc, Vc, Kw, Vw, Cum, Delta, NKeys, Pos, Out, PartO, PartL,
         Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, P, NLEV,
@@ -194,25 +230,16 @@ if HAS_TRITON:
             j = _start_slot(cum_row, v0, C, SEARCH)
             # indices of the first tile; inside the loop those of the next tile are fetched while
             # the current K/V tile loads (the index chain stays off the critical path)
-            v = v0 + kk
-            jb = j + 1 + kk
-            bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
-            slot = j + tl.sum((bnd[None, :] <= v[:, None]).to(tl.int32), axis=1)
             v_end = tl.minimum(total, t1 * BLOCK_N)
-            vvalid = v < v_end
-            pos = v + tl.load(Delta + row * C + slot, mask=vvalid, other=0)
+            bnd, slot, vvalid, pos = _tile_slots(cum_row, Delta + row * C, j, v0 + kk, v_end, C)
             for t in range(t0, t1):
                 s, vt = _ctx_tile(qa, qb, Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
                                   ctx_scale, Perm, CB, VNorm, OIdx, OVal, NPOS, P, NLEV, D, KNorm, Rope,
                                   length, QBITS, NOUT, Q.dtype.element_ty,
                                   BLOCK_N, BLOCK_D, HALVES, FAST, IEEE)
-                j = j + tl.sum((bnd <= (t + 1) * BLOCK_N).to(tl.int32), axis=0)
-                v_n = (t + 1) * BLOCK_N + kk
-                jb = j + 1 + kk
-                bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
-                slot = j + tl.sum((bnd[None, :] <= v_n[:, None]).to(tl.int32), axis=1)
-                vvalid_n = v_n < v_end
-                pos_n = v_n + tl.load(Delta + row * C + slot, mask=vvalid_n, other=0)
+                j = _next_slot(j, bnd, (t + 1) * BLOCK_N)
+                bnd, slot, vvalid_n, pos_n = _tile_slots(cum_row, Delta + row * C, j, (t + 1) * BLOCK_N + kk,
+                                                         v_end, C)
                 m_i, l_i, acc = _online_update(s, vt, vvalid[None, :], zero_add, m_i, l_i, acc,
                                                False, IEEE)
                 pos = pos_n
@@ -222,18 +249,8 @@ if HAS_TRITON:
         q = qa
         if HALVES:
             q = tl.load(qrow + d[None, :], mask=rvalid[:, None] & dmask[None, :], other=0.0)
-        nwt = tl.cdiv(W, BLOCK_N)
-        per = tl.cdiv(nwt, SPLIT)
-        for t in range(rsplit * per, tl.minimum(nwt, rsplit * per + per)):
-            n = t * BLOCK_N + kk
-            nvalid = n < W
-            kT = tl.load(Kw + h * swkh + n[None, :] * swkn + d[:, None],
-                         mask=nvalid[None, :] & dmask[:, None], other=0.0)
-            vt = tl.load(Vw + h * swvh + n[:, None] * swvn + d[None, :],
-                         mask=nvalid[:, None] & dmask[None, :], other=0.0)
-            s = (_dot(q, kT, IEEE) * qk_scale).to(tl.float32)
-            m_i, l_i, acc = _online_update(s, vt, nvalid[None, :], zero_add, m_i, l_i, acc,
-                                           False, IEEE)
+        m_i, l_i, acc = _window(q, Kw, Vw, h, swkh, swkn, swvh, swvn, W, rsplit, SPLIT, d, dmask, kk,
+                                zero_add, qk_scale, m_i, l_i, acc, BLOCK_N, IEEE)
 
         # --- new tokens under the model's mask -------------------------------------------------
         s_hi = S

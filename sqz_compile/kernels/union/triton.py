@@ -39,7 +39,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ..attention.triton import _dot, _online_update, _start_slot
+    from ..attention.triton import _dot, _next_slot, _online_update, _start_slot, _tile_slots, _window
     from ..lookup.triton import _dot_mu
 
     @triton.jit
@@ -275,13 +275,8 @@ if HAS_TRITON:
             # next tile's slots fetched while this tile loads
             v0 = t0 * BLOCK_N
             j = _start_slot(cum_row, v0, C, SEARCH)
-            v = v0 + kk
-            jb = j + 1 + kk
-            bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
-            slot = j + tl.sum((bnd[None, :] <= v[:, None]).to(tl.int32), axis=1)
             v_end = tl.minimum(total, t1 * BLOCK_N)
-            vvalid = v < v_end
-            pos = v + tl.load(Delta + pid * C + slot, mask=vvalid, other=0)
+            bnd, slot, vvalid, pos = _tile_slots(cum_row, Delta + pid * C, j, v0 + kk, v_end, C)
             wd = tl.load(Word + pid * C + slot, mask=vvalid, other=0)
             for t in range(t0, t1):
                 kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
@@ -291,13 +286,9 @@ if HAS_TRITON:
                 s = (_dot(q, kT, IEEE) * qk_scale).to(tl.float32)
                 # row br sees the key when its bit is set (words are 0 past the tile's end)
                 ok = ((wd[None, :] >> br[:, None]) & 1) != 0
-                j = j + tl.sum((bnd <= (t + 1) * BLOCK_N).to(tl.int32), axis=0)
-                v_n = (t + 1) * BLOCK_N + kk
-                jb = j + 1 + kk
-                bnd = tl.load(cum_row + jb, mask=jb <= C, other=2147483647)
-                slot = j + tl.sum((bnd[None, :] <= v_n[:, None]).to(tl.int32), axis=1)
-                vvalid_n = v_n < v_end
-                pos_n = v_n + tl.load(Delta + pid * C + slot, mask=vvalid_n, other=0)
+                j = _next_slot(j, bnd, (t + 1) * BLOCK_N)
+                bnd, slot, vvalid_n, pos_n = _tile_slots(cum_row, Delta + pid * C, j, (t + 1) * BLOCK_N + kk,
+                                                         v_end, C)
                 wd_n = tl.load(Word + pid * C + slot, mask=vvalid_n, other=0)
                 m_i, l_i, acc = _online_update(s, vt, ok, zero_add, m_i, l_i, acc, False, IEEE)
                 pos = pos_n
@@ -306,18 +297,8 @@ if HAS_TRITON:
 
         # --- observation window (every row attends it): the splits counted from the last -------
         rsplit = SPLIT - 1 - split
-        nwt = tl.cdiv(W, BLOCK_N)
-        per = tl.cdiv(nwt, SPLIT)
-        for t in range(rsplit * per, tl.minimum(nwt, rsplit * per + per)):
-            n = t * BLOCK_N + kk
-            nvalid = n < W
-            kT = tl.load(Kw + h * swkh + n[None, :] * swkn + d[:, None],
-                         mask=nvalid[None, :] & dmask[:, None], other=0.0)
-            vt = tl.load(Vw + h * swvh + n[:, None] * swvn + d[None, :],
-                         mask=nvalid[:, None] & dmask[None, :], other=0.0)
-            s = (_dot(q, kT, IEEE) * qk_scale).to(tl.float32)
-            m_i, l_i, acc = _online_update(s, vt, nvalid[None, :], zero_add, m_i, l_i, acc,
-                                           False, IEEE)
+        m_i, l_i, acc = _window(q, Kw, Vw, h, swkh, swkn, swvh, swvn, W, rsplit, SPLIT, d, dmask, kk,
+                                zero_add, qk_scale, m_i, l_i, acc, BLOCK_N, IEEE)
 
         # --- partial of split SPLIT0 + split, in the per-row kernel's layout [S, B, Hq, M=1] -----
         has = l_i > 0
