@@ -33,6 +33,7 @@ class _State(threading.local):
     block_q: int = DEFAULT_BLOCK_Q
     stats: LayerStats | None = None
     decode_only: bool = False
+    layers: set | None = None  # layer indices that attended through this function, when collected
 
 
 _state = _State()
@@ -49,6 +50,8 @@ def _eval_attention(module, query, key, value, attention_mask, dropout: float = 
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise RuntimeError(f"{type(module).__name__} has no layer_idx: cannot pick its context layer")
+    if st.layers is not None:
+        st.layers.add(int(layer))
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     causal = bool(query.shape[2] > 1 and attention_mask is None
                   and (is_causal if is_causal is not None else getattr(module, "is_causal", True)))
@@ -74,19 +77,20 @@ def _eval_attention(module, query, key, value, attention_mask, dropout: float = 
 @contextlib.contextmanager
 def squeezed_mode(model: torch.nn.Module, ctx: SqueezedContext, *, oracle: bool = False,
                   block_q: int = DEFAULT_BLOCK_Q, stats: LayerStats | None = None,
-                  decode_only: bool = False) -> Iterator[None]:
+                  decode_only: bool = False, layers: set | None = None) -> Iterator[None]:
     """Run `model` with squeezed (or, with oracle=True, oracle) attention over `ctx` inside the
     block; the model's attention implementation is restored afterwards. stats: per-layer recall
-    of every call, or (decode_only) only of one-token decode calls."""
+    of every call, or (decode_only) only of one-token decode calls. layers: a set that collects
+    the index of every layer that attended through the squeezed attention."""
     register_attention(EVAL_IMPL, _eval_attention)
     old = model.config._attn_implementation
     _state.ctx, _state.method, _state.block_q, _state.stats = ctx, ("oracle" if oracle else "squeezed"), block_q, stats
-    _state.decode_only = decode_only
+    _state.decode_only, _state.layers = decode_only, layers
     try:
         set_attn_implementation(model, EVAL_IMPL)
         yield
     finally:
-        _state.ctx, _state.stats = None, None
+        _state.ctx, _state.stats, _state.layers = None, None, None
         set_attn_implementation(model, old)
 
 

@@ -104,6 +104,7 @@ class CompiledForward:
                  dynamic: bool | None, fullgraph: bool) -> None:
         self.reports: list = []
         forward = model.forward
+        self.model_forward = forward  # the model's own forward, for calls that bypass the compiled one
 
         def forward_with_context(context: list, *args: Any, **kwargs: Any) -> Any:
             args, kwargs = _bind(context, args, kwargs)

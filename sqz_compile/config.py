@@ -169,11 +169,13 @@ class CompileConfig:
     inductor: compile the rewritten graph with Inductor; False runs it eagerly (compile, backend).
     prefill_inductor: with inductor, also compile the prompt's graph (several query tokens per
         row) with Inductor. False (the default) compiles only the decode graph (one token per
-        row) and runs the prompt's rewritten graph eagerly (compile, backend): Inductor's compile
-        of a whole model's prompt graph is the larger part of the wait for the first token (H200,
-        32-layer 8B shape, NOTES "v12 outcomes": first token 34.6 s cold instead of ~104 s), and a
-        prompt's prefill runs once per question at about the same speed either way (128K: 98 ms
-        eager, 92 ms compiled).
+        row); a prompt then runs without tracing: the model's own forward with the sqz op as its
+        attention function (attention_function.py), the computation of the rewritten graph, so
+        the first token waits for neither Dynamo nor Inductor (compile). Prompts still go through
+        the graph (run eagerly) where that path cannot stand in: layers the config keeps dense
+        (strict=False), output_attentions, the bare "sqz" backend. Measured on the H200 (32-layer
+        8B shape, NOTES "v12 outcomes"): compiling the prompt's graph cost ~70 s cold, tracing it
+        ~16-35 s, for a prefill as fast either way.
     mode: Inductor mode, e.g. "reduce-overhead" (compile, backend).
     dynamic, fullgraph: torch.compile's (compile).
     inductor_options: Inductor config options: torch.compile's `options` (compile, backend) or

@@ -5,7 +5,9 @@
     out = sm.generate(input_ids, attention_mask=mask, max_new_tokens=32)
 
 The user passes only their own tokens; the fixed context lives in the compiled graph (see
-context.py: the user's tokens keep positions 0, 1, ...). `forward` behaves like the model's
+context.py: the user's tokens keep positions 0, 1, ...). By default only decode steps are compiled:
+a prompt runs the model's own forward with the sqz op as its attention function (no tracing), the
+same computation (CompileConfig.prefill_inductor). `forward` behaves like the model's
 (with left padding pass position_ids, as with the plain model); `generate` is transformers'
 generate, so it returns the user's prompt plus the new tokens, with any cache implementation
 (dynamic, `cache_implementation="static"`), greedy or sampling, and left-padded batches that share
@@ -21,11 +23,12 @@ from typing import Any, Iterator
 
 import torch
 
+from .attention_function import squeezed_mode
 from .backend import NOTICE_KEY, sqz_backend
 from .compiled_forward import dynamo_settings, graph_inputs, shared_forward
 from .config import CompileConfig, resolve_compile_config
 from .context import SqueezedContext, check_for_model
-from .distributed import local_context
+from .distributed import kv_shard, local_context
 from .passes.rewrite import (ContextMismatchError, DenseNotice, RewriteReport, SqueezeDenseError, model_reasons,
                              refuse_or_warn, uncovered)
 from .transformers_compat import (cache_kwargs, check_positions, make_cache_contiguous, mark_static_cache, model_config,
@@ -55,7 +58,14 @@ class SqueezedModel:
                                   True if config.dynamic is None else config.dynamic, config.fullgraph)
         self.reports: list[RewriteReport] = compiled.reports  # every graph of that compiled forward
         self._checked = len(self.reports)
-        self._forward = functools.partial(_forward_with_cache_layout, compiled, graph_inputs(ctx))
+        self._compiled, self._context = compiled, graph_inputs(ctx)
+        # prompts (more than one token per row) without Dynamo: the model's own forward with the
+        # sqz op as its attention function, where that is the rewritten graph's computation (every
+        # layer rewritable: layers the config keeps dense need the graph's dense path; not
+        # tensor-parallel: its sharded attention is proven only through the graph, tests/test_tp.py)
+        self._eager_prompt = (config.inductor and not config.prefill_inductor and not model_reasons(model).dense
+                              and kv_shard(model) is None)
+        self._forward = functools.partial(_forward_with_cache_layout, self._run)
 
     # ------------------------------------------------------------------ calls
 
@@ -103,7 +113,8 @@ class SqueezedModel:
 
     def __getattr__(self, name: str) -> Any:
         # config, device, generation_config, ... of the wrapped model
-        if name in ("model", "ctx", "compile_config", "reports", "_forward", "_checked", "_notice"):
+        if name in ("model", "ctx", "compile_config", "reports", "_forward", "_checked", "_notice", "_compiled",
+                    "_context", "_eager_prompt"):
             raise AttributeError(name)
         return getattr(self.model, name)
 
@@ -134,6 +145,24 @@ class SqueezedModel:
                 del m.forward
         self._check_coverage()  # after a successful call: strict refuses before its output is returned
 
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        """One forward of the model: a prompt eagerly (see __init__), a decode step (one token per
+        row) and anything the eager path does not cover through the compiled forward."""
+        if self._eager_prompt and _tokens_per_row(args, kwargs) != 1 and not kwargs.get("output_attentions"):
+            return self._prompt_eagerly(*args, **kwargs)
+        return self._compiled(self._context, *args, **kwargs)
+
+    def _prompt_eagerly(self, *args: Any, **kwargs: Any) -> Any:
+        """The prompt through the model's own forward with torch.ops.sqz.squeezed_attention as its
+        attention function (attention_function.py), not traced: a layer that did not attend through
+        it ignored the context, which strict mode refuses as the rewrite does."""
+        seen: set[int] = set()
+        with squeezed_mode(self.model, self.ctx, block_q=self.compile_config.block_q, layers=seen):
+            out = self._compiled.model_forward(*args, **kwargs)
+        missing = uncovered(RewriteReport(rewritten=sorted(seen)), num_layers(model_config(self.model)))
+        refuse_or_warn(missing, strict=self.compile_config.strict, notice=self._notice)
+        return out
+
     def _check_length(self, n_tokens: int, what: str) -> None:
         total = self.ctx.context_length + n_tokens
         check_positions(self.model, total, f"context ({self.ctx.context_length}) + {what} ({n_tokens}) = {total} tokens",
@@ -150,15 +179,25 @@ class SqueezedModel:
         refuse_or_warn(missing, strict=self.compile_config.strict, notice=self._notice)
 
 
-def _forward_with_cache_layout(compiled: Any, context: list, *args: Any, **kwargs: Any) -> Any:
-    """The compiled forward; after the call that first fills a cache (the prefill), the cache made
-    ready for the decode graph: a dynamic cache stored contiguously (one decode graph, not two), a
-    static one's tensors tagged as fixed addresses (CUDA graphs not skipped). See
+def _tokens_per_row(args: tuple, kwargs: dict) -> int | None:
+    """Tokens per row of a forward call's input_ids / inputs_embeds (1 for a decode step)."""
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+    return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+
+def _forward_with_cache_layout(run: Any, *args: Any, **kwargs: Any) -> Any:
+    """`run` (SqueezedModel._run); after the call that first fills a cache (the prefill), the cache
+    made ready for the decode graph: a dynamic cache stored contiguously (one decode graph, not
+    two), a static one's tensors tagged as fixed addresses (CUDA graphs not skipped). See
     transformers_compat. Decode steps skip it (their layers are initialized already)."""
     cache = passed_cache(kwargs)
     layers = getattr(cache, "layers", None)
     filling = bool(layers) and not getattr(layers[0], "is_initialized", False)
-    out = compiled(context, *args, **kwargs)
+    out = run(*args, **kwargs)
     if filling:
         make_cache_contiguous(cache)
         mark_static_cache(cache)

@@ -49,14 +49,15 @@ def test_inductor_compiles_the_decode_once():
     sm = sqz_compile.compile(model, ctx)
     ids, am, _ = left_padded([9, 6])
     sm.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False)
-    assert graphs() == 2 == len(sm.reports)
+    assert graphs() == 1 == len(sm.reports)  # the decode graph; the prompt ran without Dynamo
 
 
 @pytest.mark.parametrize("prefill_inductor", [False, True])
 def test_inductor_compiles_the_decode_graph_and_the_prompt_graph_on_request(prefill_inductor):
-    """By default (CompileConfig.prefill_inductor False) the prompt's graph runs eagerly and only the
-    decode graph goes through Inductor (one Inductor compile); prefill_inductor=True compiles both.
-    Either way the tokens are the eager path's."""
+    """By default (CompileConfig.prefill_inductor False) the prompt runs eagerly, without Dynamo (the
+    model's forward with the sqz op as its attention function), and only the decode graph is
+    compiled; prefill_inductor=True compiles both graphs with Inductor. Either way the tokens are
+    those of the rewritten graphs run eagerly."""
     model = tiny_model("llama", "sdpa", 2)
     _, ctx = tiny_context(model, keep=0.3)
     ids, am, _ = left_padded([9, 6])
@@ -68,7 +69,14 @@ def test_inductor_compiles_the_decode_graph_and_the_prompt_graph_on_request(pref
     sm = sqz_compile.compile(model, ctx, config)
     got = sm.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False)
     inductor = counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"]
-    assert torch.equal(got, want) and graphs() == 2 and inductor == (2 if prefill_inductor else 1)
+    n = 2 if prefill_inductor else 1
+    assert torch.equal(got, want) and graphs() == n == len(sm.reports) and inductor == n
+    # a second question compiles nothing and still matches
+    ids, am, _ = left_padded([4, 7], seed=3)
+    again = sm.generate(ids, attention_mask=am, max_new_tokens=5, do_sample=False)
+    want = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False)).generate(
+        ids, attention_mask=am, max_new_tokens=5, do_sample=False)
+    assert torch.equal(again, want) and len(sm.reports) == n
 
 
 def test_static_cache_is_reused_at_fixed_addresses():
@@ -105,10 +113,12 @@ def test_a_second_context_of_another_length_compiles_nothing(inductor):
     assert other.context_length != ctx.context_length and other.num_clusters != ctx.num_clusters
     ids, am, pos = left_padded([7, 5, 3])
     fresh()
-    first = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=inductor, block_q=4))
+    # prefill_inductor: these multi-token forwards are compiled, not run as eager prompts
+    config = sqz_compile.CompileConfig(inductor=inductor, block_q=4, prefill_inductor=True)
+    first = sqz_compile.compile(model, ctx, config)
     first(ids, attention_mask=am, position_ids=pos)
     assert graphs() == 1
-    sm = sqz_compile.compile(model, other, sqz_compile.CompileConfig(inductor=inductor, block_q=4))
+    sm = sqz_compile.compile(model, other, config)
     got = sm(ids, attention_mask=am, position_ids=pos).logits
     assert graphs() == 1, "a second context compiled again"
     # exact for the new context: its clusters and thresholds, not the first one's

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from sqz_compile import CompileConfig
 from sqz_compile.context import SqueezedContextError
@@ -210,6 +211,59 @@ def test_a_layer_without_any_attention_in_the_graph_is_refused_before_the_output
         sm(ids, attention_mask=am)
         sm(ids, attention_mask=am)
     assert len([w for w in rec if issubclass(w.category, SqueezeDenseWarning)]) == 1
+
+
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("qwen2", "eager")])
+def test_prompt_runs_without_dynamo_and_equals_the_rewritten_graph(arch, attn):
+    """The default (inductor, prefill_inductor False): a prompt runs through the model's own forward
+    with the sqz op as its attention function, no graph traced; its logits are the rewritten
+    graph's (run eagerly), and the model is left as it was."""
+    model = tiny_model(arch, attn, 2)
+    _, ctx = tiny_context(model, keep=0.4)
+    ids, am, pos = left_padded([7, 4])
+    want = compile(model, ctx, EAGER)(ids, attention_mask=am, position_ids=pos).logits
+    torch._dynamo.reset()
+    counters.clear()
+    sm = compile(model, ctx)
+    got = sm(ids, attention_mask=am, position_ids=pos).logits
+    assert counters["stats"]["unique_graphs"] == 0 and sm.reports == []
+    for a, b in zip(real_rows(got, am), real_rows(want, am)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_model_untouched(model)
+    assert model.config._attn_implementation == attn
+
+
+def test_eager_prompt_refuses_a_layer_that_attends_without_the_context():
+    """A layer whose attention does not go through the attention function would ignore the context
+    in the eager prompt: strict refuses it after the call, before the output is returned; the
+    opt-out warns once."""
+    model = tiny_model("llama", "sdpa", 2)
+    _, ctx = tiny_context(model, keep=1.0)
+    model.model.layers[1].self_attn = NoAttention()
+    ids, am, _ = left_padded([5])
+    with pytest.raises(SqueezeDenseError, match="layer 1: no attention found"):
+        compile(model, ctx)(ids, attention_mask=am)
+    assert_model_untouched(model)
+    sm = compile(model, ctx, CompileConfig(strict=False))
+    with pytest.warns(SqueezeDenseWarning, match="layer 1: no attention found") as rec:
+        sm(ids, attention_mask=am)
+        sm(ids, attention_mask=am)
+    assert len([w for w in rec if issubclass(w.category, SqueezeDenseWarning)]) == 1
+
+
+def test_layers_the_config_keeps_dense_take_the_graph_for_prompts_too():
+    """strict=False with a sliding-window model: those layers need the rewritten graph's dense path
+    (the attention function knows no sliding window), so prompts are traced as before."""
+    model, ctx = sliding_window_model()
+    torch._dynamo.reset()
+    counters.clear()
+    sm = compile(model, ctx, CompileConfig(strict=False))
+    ids, am, _ = left_padded([6, 4])
+    with pytest.warns(SqueezeDenseWarning, match="layers 0-1: sliding window"):
+        out = sm(ids, attention_mask=am).logits
+    assert counters["stats"]["unique_graphs"] == 1 and sm.report.rewritten == []
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(ids, attention_mask=am).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_loose_keyword_arguments_of_the_old_api_warn_and_still_work():
