@@ -186,7 +186,7 @@ def test_counts_on_cuda_with_inductor(mode, cache):
     ids, am, _ = (t.cuda() for t in left_padded([9, 6]))
     sm.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False, cache_implementation=cache)
     n = graphs()
-    assert n == 2  # prefill, decode
+    assert n == 1  # the decode graph (prompts run without tracing)
     if mode == "reduce-overhead":
         assert counters["inductor"]["cudagraph_skips"] == 0, "CUDA graphs skipped the decode"
     ids2, am2, _ = (t.cuda() for t in left_padded([7, 11], seed=4))

@@ -21,7 +21,8 @@ def test_backend_on_cuda_runs_sqz_kernels(mode):
     cpu_model = tiny_model("llama", kv_heads=2, layers=2, max_position_embeddings=1024)
     model = cpu_model.to("cuda", torch.bfloat16)
     ctx_ids, ctx = tiny_context(model, length=300, keep=1.0, cluster_ratio=0.05)
-    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(mode=mode))
+    # prefill_inductor: this 37-token forward is compiled (by default prompts run untraced)
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(mode=mode, prefill_inductor=True))
     ids = torch.randint(3, 128, (2, 37), device="cuda")
     out, codes = run_and_get_code(lambda: sm(ids).logits.clone())  # clone: CUDA-graph outputs are reused
     code = "\n".join(codes)
