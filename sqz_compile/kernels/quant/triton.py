@@ -159,16 +159,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _word_levels(wp, wok, CB, BLOCK_N: tl.constexpr, NW: tl.constexpr, QBITS: tl.constexpr,
-                     FAST: tl.constexpr):
-        """codebook[code] [BLOCK_N, NW * 32 // QBITS] of the words at wp [BLOCK_N, NW] (0 where
-        not wok), 2 or 4 bits: code c of a row at bits (c % VPW) * QBITS of its word c // VPW.
-        The words load as [BLOCK_N, NW, 1] and broadcast along the codes, so each thread unpacks
-        its own words and holds whole runs of channels (a 2-D load made Triton move each word
-        to VPW lanes)."""
+                     FAST: tl.constexpr, RUN: tl.constexpr = 0):
+        """codebook[code] [BLOCK_N, NW * 32 // QBITS] of NW words per row (0 where not wok), 2 or 4
+        bits: code c of a row at bits (c % VPW) * QBITS of its word c // VPW. The words load as
+        [BLOCK_N, columns, 1] and broadcast along the codes, so each thread unpacks its own words
+        and holds whole runs of channels (a 2-D load made Triton move each word to VPW lanes).
+        RUN = 0: wp [BLOCK_N, NW], one column per word. RUN > 0: runs of RUN codes, wp [BLOCK_N,
+        NW * VPW // RUN] with column q at word q * RUN // VPW (the caller repeats the pointers):
+        for short rows, whose whole-word runs leave few threads per row (2 bits at head dim 64)."""
         VPW: tl.constexpr = 32 // QBITS
         w = tl.load(wp[:, :, None], mask=wok[:, :, None], other=0)
-        sh = tl.arange(0, VPW) * QBITS
-        code = (w >> sh[None, None, :]) & ((1 << QBITS) - 1)
+        if RUN == 0:
+            sh = tl.arange(0, VPW) * QBITS
+            code = (w >> sh[None, None, :]) & ((1 << QBITS) - 1)
+        else:
+            q = tl.arange(0, NW * VPW // RUN)
+            w = w >> (((q * RUN) % VPW) * QBITS)[None, :, None]
+            sh = tl.arange(0, RUN) * QBITS
+            code = (w >> sh[None, None, :]) & ((1 << QBITS) - 1)
         return tl.reshape(_code_levels(code, CB, QBITS, FAST), [BLOCK_N, NW * VPW])
 
     @triton.jit
@@ -235,6 +243,15 @@ if HAS_TRITON:
             NHI: tl.constexpr = HALF // 32
             x1 = _plane_levels(row, row + 4 * NHI, pok, 2 * NHI, NHI, CB, BLOCK_N, NHI, FAST)
             x2 = _plane_levels(row + 2 * NHI, row + 5 * NHI, pok, 2 * NHI, NHI, CB, BLOCK_N, NHI, FAST)
+        elif QBITS == 2 and NWH <= 2:
+            # 32-channel halves (head dim 64): runs of 8 channels per thread, as at 4 bits; whole
+            # 16-code words left 2 threads per half row and went through shared memory on sm_90
+            # (as 3 bits did: _plane_levels)
+            qi = tl.arange(0, 2 * NWH)
+            wp = row[:, None] + (qi // 2)[None, :]
+            wok = tl.broadcast_to(pok[:, None], [BLOCK_N, 2 * NWH])
+            x1 = _word_levels(wp, wok, CB, BLOCK_N, NWH, QBITS, FAST, 8)
+            x2 = _word_levels(wp + NWH, wok, CB, BLOCK_N, NWH, QBITS, FAST, 8)
         else:
             wi = tl.arange(0, NWH)
             wp = row[:, None] + wi[None, :]
