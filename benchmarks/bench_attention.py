@@ -26,9 +26,13 @@ from a few cluster directions so the selection is meaningful. No K-means runs he
            aten's flash / cuDNN kernels, flash-for-CPU under --tiny), checked against float64
            before timing. Rows record selection batch-invariance, kept and union fractions (keys
            some row keeps) and each variant's bytes; latency vs batch in bench_attention_batch.png
+  lowbit_sweep  the low-bit decode attention kernel alone (--kv-bits < 16, default 4; contexts
+           from --contexts) under each (keys per tile, warps, stages) of LOWBIT_SWEEP, output
+           checked against the launcher's default config: which launch hides the dequantization's
+           latency best (not in the default --only)
 
-`--tiny` smoke-tests the script on CPU under TRITON_INTERPRET=1 (toy shapes, eager timing; hier
-and batch rows):
+`--tiny` smoke-tests the script on CPU under TRITON_INTERPRET=1 (toy shapes, eager timing; hier,
+batch and lowbit_sweep rows):
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py --tiny --out /tmp/bench_tiny
 
 The lookup reads the centroids in bf16, as a compiled bf16 model's graph holds them (the
@@ -265,11 +269,11 @@ def quantize_context(ctx: dict, bits: int, outliers: float = 0.01) -> None:
     from sqz_compile.config import SqueezeConfig
     from sqz_compile.squeeze.quantize import RopeTable, low_bit_fields
 
-    n = ctx["n"]
-    g = torch.Generator(device="cuda").manual_seed(n + bits)
-    perm = torch.stack([torch.randperm(n + W, device="cuda", generator=g)[:n] for _ in range(H)]).to(torch.int32)
+    n, dev = ctx["n"], DEVICE["dev"]
+    g = torch.Generator(device=dev).manual_seed(n + bits)
+    perm = torch.stack([torch.randperm(n + W, device=dev, generator=g)[:n] for _ in range(H)]).to(torch.int32)
     rope = RopeTable(1.0 / (500000.0 ** (torch.arange(0, D, 2).float() / D)))
-    f = low_bit_fields(ctx["keys"][None], ctx["values"][None], perm[None], torch.ones(1, H, n, device="cuda"),
+    f = low_bit_fields(ctx["keys"][None], ctx["values"][None], perm[None], torch.ones(1, H, n, device=dev),
                        n + W, rope, SqueezeConfig(kv_bits=bits, kv_outliers=outliers))
     one = lambda t: None if t is None else t[0].contiguous()  # noqa: E731
     quant = (perm, one(f["rope"]), one(f["codebooks"]), one(f["key_norm"]), one(f["value_norm"]),
@@ -441,6 +445,61 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
     _save(results)
     del ctxs, dense
     torch.cuda.empty_cache()
+
+
+# low-bit decode launch configs swept by --only lowbit_sweep: (keys per tile, warps, stages); the
+# launcher's default (64, 8, 2) is the first. sm_90 offline compile (NOTES "v12 outcomes"): 4-bit
+# takes 251 registers at (64, 8) -> one 8-warp program per SM; (16, 8) takes 103 -> two
+LOWBIT_SWEEP = [(64, 8, 2), (64, 4, 2), (32, 8, 2), (32, 4, 2), (16, 8, 2), (16, 4, 2), (32, 8, 3), (16, 8, 3),
+                (64, 8, 1)]
+
+
+def run_lowbit_sweep(n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int) -> None:
+    """The low-bit decode attention kernel alone (lookup done once, outside the timing) under each
+    launch config of LOWBIT_SWEEP, each output checked against the default config's first."""
+    from sqz_compile.kernels.attention import launch as KA
+
+    m, s = NEW_TOKENS["decode"]
+    ctxs = [make_context(n, seed=i) for i in range(copies)]
+    for c in ctxs:
+        quantize_context(c, kv_bits)
+    qs = [make_queries(c, m, 100 + i) for i, c in enumerate(ctxs)]
+    dev = DEVICE["dev"]
+    kns = [torch.randn(1, H, s, D, device=dev).to(DT) for _ in ctxs]
+    vns = [torch.randn(1, H, s, D, device=dev).to(DT) for _ in ctxs]
+    thrs = [calibrate(best_scores(q, c["centroids"], c["sizes"], BLOCK_Q), c["sizes"], keep)
+            for q, c in zip(qs, ctxs)]
+    base = KA.attention_config(1, H, G, m, BLOCK_Q, n, W, s, D, KA.sm_count(qs[0]))
+    sels = [sqz_lookup.lookup(q, c["lookup_centroids"], c["offsets"], t, None, None, None, SCALE, BLOCK_Q, 0,
+                              positions=n if base.pos_list else 0) for c, q, t in zip(ctxs, qs, thrs)]
+    low = [c["low_bit"] for c in ctxs]
+    kept = sels[0].nkeys.float().mean().item()
+    ref = None
+    for bn, warps, stages in LOWBIT_SWEEP:
+        cfg = base._replace(block_n=bn, num_warps=warps, num_stages=stages, fixed=True)
+        row = {"kind": "lowbit_sweep", "context": n, "kv_bits": kv_bits, "block_n": bn, "warps": warps,
+               "stages": stages, "split": cfg.split, "copies": copies, "kept_fraction": kept / n}
+        try:
+            steps = [(lambda c=c, q=q, kn=kn, vn=vn, sel=sel, lb=lb: KA.sparse_attention(
+                q, kn, vn, None, lb["keys"], lb["values"], sel, c["window_keys"], c["window_values"], SCALE,
+                False, BLOCK_Q, config=cfg, quant=lb["quant"]))
+                for c, q, kn, vn, sel, lb in zip(ctxs, qs, kns, vns, sels, low)]
+            out = steps[0]().float()
+            ref = out if ref is None else ref
+            row["rel_diff_vs_default"] = float((out - ref).norm() / ref.norm())
+            row["attn_ms"] = timed(steps)
+            if dev == "cuda":
+                row["kernel_us"] = kernel_times(steps)
+                row["attn_GBps"] = kept * H * low[0]["bytes_per_key"] / row["attn_ms"] / 1e6
+                row["attn_frac_of_copy_bw"] = row["attn_GBps"] / bw
+        except Exception as e:  # a config may not compile (shared memory, registers): say which
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        _save(results)
+    del ctxs
+    if dev == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_lookup_scaling(ns: list, copies: int, results: list) -> None:
@@ -903,8 +962,8 @@ def main() -> None:
         args.only = args.only or "hier,batch"
         args.contexts = args.contexts or "1500"
         args.batches = args.batches or "2,3"
-        if set(args.only.split(",")) - {"hier", "batch"}:
-            sys.exit("--tiny runs the hier and batch rows only")
+        if set(args.only.split(",")) - {"hier", "batch", "lowbit_sweep"}:
+            sys.exit("--tiny runs the hier, batch and lowbit_sweep rows only")
     elif not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU (or --tiny on CPU)")
     args.only = args.only or "decode,prefill,lookup,hier,batch"
@@ -934,6 +993,10 @@ def main() -> None:
             copies = max(2, min(4, math.ceil(2 * L2_BYTES / per_copy)))
             for bits in [int(b) for b in args.kv_bits.split(",")]:
                 run_attention(kind, n, args.keep, copies, results, bw, kv_bits=bits)
+    if "lowbit_sweep" in only:
+        for n in [int(x) for x in args.contexts.split(",")]:
+            for bits in [int(b) for b in args.kv_bits.split(",") if int(b) < 16] or [4]:
+                run_lowbit_sweep(n, args.keep, 2, results, bw, bits)
     if "lookup" in only:
         run_lookup_scaling([int(x) for x in args.lookup_contexts.split(",")], 3, results)
     if "hier" in only:

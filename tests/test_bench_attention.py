@@ -38,3 +38,22 @@ def test_tiny_batch_rows(tmp_path):
     prefill = next(r for r in rows if r["kind"] == "batch_prefill")
     assert prefill["sqz_path"] == "per_row_read" and "sqz_per_row_read_ms" not in prefill
     assert (tmp_path / "bench_attention_batch.png").stat().st_size > 0
+
+
+def test_tiny_lowbit_sweep_rows(tmp_path):
+    """--only lowbit_sweep: the low-bit decode kernel under every launch config of LOWBIT_SWEEP,
+    each output equal to the launcher's default config's."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention.py"), "--tiny",
+                           "--only", "lowbit_sweep", "--kv-bits", "4", "--contexts", "600", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "bench_attention.json") as f:
+        rows = json.load(f)["results"]
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_attention import LOWBIT_SWEEP
+
+    assert [(r["block_n"], r["warps"], r["stages"]) for r in rows] == LOWBIT_SWEEP
+    for r in rows:
+        assert r["kind"] == "lowbit_sweep" and r["kv_bits"] == 4 and "error" not in r, r
+        assert r["rel_diff_vs_default"] < 1e-2 and r["attn_ms"] > 0, r

@@ -22,6 +22,7 @@ class AttnConfig(NamedTuple):
     num_warps: int
     num_stages: int
     pos_list: bool = False  # read the kept keys through their positions (Selection.pos)
+    fixed: bool = False     # warps and stages as given, also for a low-bit context (sweeps)
 
 
 # positions buffer [rows, context keys] int32: used only while it stays this small (prefill of
@@ -65,7 +66,7 @@ def _stages(cfg: AttnConfig, qbits: int, halves: bool) -> int:
     cp.async while this tile dequantizes; sm_90: 36.9 KB of shared memory at decode, 64 KB at
     prefill). Other low-bit layouts (padded head dims): 1 (their per-entry gathers do not
     pipeline, and the old 3-bit per-entry prefill took 147 KB at 2 stages)."""
-    if not qbits:
+    if not qbits or cfg.fixed:
         return cfg.num_stages
     return min(cfg.num_stages, 2) if halves else 1
 
@@ -75,7 +76,7 @@ def _warps(cfg: AttnConfig, halves: bool) -> int:
     tiles: each thread then dequantizes 64 of the tile's 2 x 64 x 128 entries, not 128, and
     the sm_90 offline compile spills nothing (4 warps: 280 B of stack, ~60 reloads per tile)
     for 6% fewer instructions per tile, at the same 8 warps per SM (255 registers either way)."""
-    return 8 if halves and cfg.gp * cfg.bq <= 16 else cfg.num_warps
+    return 8 if halves and cfg.gp * cfg.bq <= 16 and not cfg.fixed else cfg.num_warps
 
 
 def _search_width(c: int) -> int:
