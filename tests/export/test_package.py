@@ -70,3 +70,17 @@ def test_package_refuses_a_compiler_without_shared_libstdcxx(tmp_path):
     with pytest.raises(RuntimeError, match="shared libstdc\\+\\+.*cpp.cxx"):
         package_program(program, tmp_path / "m.pt2", inductor_configs={"cpp.cxx": (None, str(fake))})
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_low_bit_context_packages_and_matches_the_eager_op(tmp_path):
+    """A 4-bit context (packed codes, codebooks, outliers) goes into the .pt2 with the rest: the
+    package's logits equal the squeezed model's run eagerly (CPU: the op's float64 dequantization)."""
+    from fixtures import tiny_context
+
+    model = tiny_llama()
+    _, ctx = tiny_context(model, length=80, keep=0.5, kv_bits=4, kv_outliers=0.07)
+    assert ctx.quantized
+    runner = torch._inductor.aoti_load_package(package(model, ctx, user_ids(2, 10), str(tmp_path / "low.pt2")))
+    x = user_ids(3, 37, seed=37)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), squeezed_eager(model, ctx)(x), rtol=1e-4, atol=1e-4)
