@@ -81,6 +81,16 @@ def _splits(rows: int, c: int, bc: int, sms: int) -> tuple[int, int]:
     return cdiv(c, chunk), chunk
 
 
+def lookup_inputs(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the lookup kernels read: the scored queries ([q, s/2 q^2] for [mean, variance]
+    centroids) with a unit last stride, contiguous centroids, int32 offsets."""
+    q = lookup_queries(q, centroids.shape[-1], scale)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return q, centroids.contiguous(), offsets.to(torch.int32).contiguous()
+
+
 def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
            log_threshold: torch.Tensor, coarse_centroids: Optional[torch.Tensor],
            coarse_offsets: Optional[torch.Tensor], coarse_log_threshold: Optional[torch.Tensor],
@@ -100,13 +110,9 @@ def lookup(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     benchmarks."""
     check_device(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                   coarse_log_threshold)
-    q = lookup_queries(q, centroids.shape[-1], scale)  # [q, s/2 q^2] for [mean, variance] centroids
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q, centroids, offsets = lookup_inputs(q, centroids, offsets, scale)
     log_threshold = pick_threshold(log_threshold, q.shape[2])
     coarse_log_threshold = pick_threshold(coarse_log_threshold, q.shape[2])
-    centroids = centroids.contiguous()
-    offsets = offsets.to(torch.int32).contiguous()
     bsz, hq, m, d = q.shape
     h, c, _ = centroids.shape
     g = hq // h

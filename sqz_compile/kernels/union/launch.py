@@ -21,8 +21,8 @@ import torch
 
 from ..attention import triton as _sa
 from ..attention.launch import _POS_LIST_BYTES, _search_width, attention_config, sparse_attention
-from ..lookup.launch import Selection
-from ..lookup.reference import lookup_queries, pick_threshold
+from ..lookup.launch import Selection, lookup_inputs
+from ..lookup.reference import pick_threshold
 from ..triton_common import cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
 from . import triton as _un
 
@@ -112,12 +112,8 @@ def group_words(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor,
     (lookup/reference.py); the float rounding of the scores and partition sums differs as between
     any two tilings (the per-row lookup's own splits change with the batch size)."""
     check_device(q, centroids, offsets, log_threshold)
-    q = lookup_queries(q, centroids.shape[-1], scale)  # [q, s/2 q^2] for [mean, variance] centroids
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q, centroids, offsets = lookup_inputs(q, centroids, offsets, scale)
     thr = pick_threshold(log_threshold, 1).to(torch.float32)
-    centroids = centroids.contiguous()
-    offsets = offsets.to(torch.int32).contiguous()
     bsz, hq, _, dq = q.shape
     h, c, _ = centroids.shape
     g = hq // h
