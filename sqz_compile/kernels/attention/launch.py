@@ -102,10 +102,6 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     partial outputs and log-sum-exps into their first config.split entries and leave `out` and
     the merge to the caller (the union-read decode adds its own splits)."""
     check_device(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, window_keys, window_values)
-
-    def lastdim(t):
-        return t if t.stride(-1) == 1 else t.contiguous()
-
     q, k_new, v_new = lastdim(q), lastdim(k_new), lastdim(v_new)
     ctx_keys, ctx_values = lastdim(ctx_keys), lastdim(ctx_values)
     window_keys, window_values = lastdim(window_keys), lastdim(window_values)
@@ -182,11 +178,23 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             POS_LIST=use_pos, QBITS=qbits, NOUT=nout, HALVES=halves, FAST=bool(qbits) and _qt.fast_math(dev),
             num_warps=_warps(cfg, halves), num_stages=_stages(cfg, qbits, halves))
     if partial and partials is None:
-        rows = bsz * hq * m
-        launch(_sa._merge_kernel, (rows,),
-                part_o, part_l, out, rows, hq, m, out.stride(0), out.stride(1), out.stride(2),
-                cfg.split, d, SP=max(2, pow2(cfg.split)), BLOCK_D=pow2(d), num_warps=4)
+        merge_splits(part_o, part_l, out, cfg.split)
     return out
+
+
+def lastdim(t: torch.Tensor) -> torch.Tensor:
+    """`t` with a unit last stride (the kernels address rows by their other strides)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor, splits: int) -> None:
+    """out [B, Hq, M, D] from the first `splits` partial outputs and log-sum-exps (part_o [P, B,
+    Hq, M, D], part_l [P, B, Hq, M] float32) of a split-K attention launch."""
+    bsz, hq, m, d = out.shape
+    rows = bsz * hq * m
+    launch(_sa._merge_kernel, (rows,),
+           part_o, part_l, out, rows, hq, m, out.stride(0), out.stride(1), out.stride(2),
+           splits, d, SP=max(2, pow2(splits)), BLOCK_D=pow2(d), num_warps=4)
 
 
 def _quant_args(quant: Optional[tuple], ctx_keys: torch.Tensor, ctx_values: torch.Tensor,

@@ -19,8 +19,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..attention import triton as _sa
-from ..attention.launch import _POS_LIST_BYTES, _search_width, attention_config, sparse_attention
+from ..attention.launch import (_POS_LIST_BYTES, _search_width, attention_config, lastdim, merge_splits,
+                                sparse_attention)
 from ..lookup.launch import Selection, lookup_inputs
 from ..lookup.reference import pick_threshold
 from ..triton_common import cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
@@ -201,10 +201,6 @@ def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
         raise ValueError(f"sqz: the union read is for decode (one query per row), got {m}")
     if ctx_keys.dtype == torch.int32:
         raise ValueError("sqz: the union read takes a 16-bit context (low-bit stays per row)")
-
-    def lastdim(t):
-        return t if t.stride(-1) == 1 else t.contiguous()
-
     q, ctx_keys, ctx_values = lastdim(q), lastdim(ctx_keys), lastdim(ctx_values)
     window_keys, window_values = lastdim(window_keys), lastdim(window_values)
     offsets = offsets.to(torch.int32).contiguous()  # once for the lookup and the union's walk
@@ -254,8 +250,5 @@ def union_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     sparse_attention(q, k_new, v_new, attn_mask, ctx_keys, ctx_values, own_sel,
                      window_keys[:, :0], window_values[:, :0], scale, is_causal, block_q,
                      config=own_cfg, out=out, partials=(part_o, part_l))
-    rows = bsz * hq * m
-    launch(_sa._merge_kernel, (rows,),
-           part_o, part_l, out, rows, hq, m, out.stride(0), out.stride(1), out.stride(2),
-           parts, d, SP=max(2, pow2(parts)), BLOCK_D=pow2(d), num_warps=4)
+    merge_splits(part_o, part_l, out, parts)
     return out
