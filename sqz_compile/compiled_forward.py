@@ -86,14 +86,23 @@ def dynamo_settings() -> Iterator[None]:
         yield
 
 
-def _bind(context: list, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The forward's arguments with its token ids (or embeddings) passed through bind_context."""
+def token_input(args: tuple, kwargs: dict) -> str | int | None:
+    """Where a forward call's token ids (or embeddings) are: "input_ids" / "inputs_embeds" in
+    kwargs, 0 for the first positional argument, None when it has neither."""
     for key in ("input_ids", "inputs_embeds"):
         if kwargs.get(key) is not None:
-            return args, {**kwargs, key: torch.ops.sqz.bind_context(kwargs[key], context)}
-    if args and isinstance(args[0], torch.Tensor):
+            return key
+    return 0 if args and isinstance(args[0], torch.Tensor) else None
+
+
+def _bind(context: list, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The forward's arguments with its token ids (or embeddings) passed through bind_context."""
+    key = token_input(args, kwargs)
+    if key is None:
+        raise ValueError("sqz: the forward got neither input_ids nor inputs_embeds")
+    if key == 0:
         return (torch.ops.sqz.bind_context(args[0], context), *args[1:]), kwargs
-    raise ValueError("sqz: the forward got neither input_ids nor inputs_embeds")
+    return args, {**kwargs, key: torch.ops.sqz.bind_context(kwargs[key], context)}
 
 
 class CompiledForward:
@@ -130,4 +139,4 @@ def shared_forward(model: torch.nn.Module, ctx: SqueezedContext, backend: Callab
     return cache[key]
 
 
-__all__ = ["CompiledForward", "shared_forward", "dynamo_settings", "graph_inputs", "skeleton", "structure_key"]
+__all__ = ["CompiledForward", "shared_forward", "dynamo_settings", "graph_inputs", "skeleton", "structure_key", "token_input"]

@@ -25,7 +25,7 @@ import torch
 
 from .attention_function import squeezed_mode
 from .backend import NOTICE_KEY, sqz_backend
-from .compiled_forward import dynamo_settings, graph_inputs, shared_forward
+from .compiled_forward import dynamo_settings, graph_inputs, shared_forward, token_input
 from .config import CompileConfig, resolve_compile_config
 from .context import SqueezedContext, check_for_model
 from .distributed import kv_shard, local_context
@@ -44,8 +44,9 @@ class SqueezedModel:
         if not hasattr(model, "generate") or not hasattr(model, "config"):
             raise TypeError(f"sqz_compile.compile needs a transformers causal LM, got {type(model).__name__}")
         check_for_model(ctx, model, "sqz_compile.compile")
+        reasons = model_reasons(model)
         if config.strict:  # what the config already forbids fails here, not at the first call
-            refuse_or_warn(model_reasons(model), strict=True)
+            refuse_or_warn(reasons, strict=True)
         ctx = local_context(ctx, model)  # tensor parallel: this rank's KV heads (distributed.py)
         self.model = model
         self.ctx = ctx
@@ -63,7 +64,7 @@ class SqueezedModel:
         # sqz op as its attention function, where that is the rewritten graph's computation (every
         # layer rewritable: layers the config keeps dense need the graph's dense path; not
         # tensor-parallel: its sharded attention is proven only through the graph, tests/test_tp.py)
-        self._eager_prompt = (config.inductor and not config.prefill_inductor and not model_reasons(model).dense
+        self._eager_prompt = (config.inductor and not config.prefill_inductor and not reasons.dense
                               and kv_shard(model) is None)
         self._forward = functools.partial(_forward_with_cache_layout, self._run)
 
@@ -181,11 +182,8 @@ class SqueezedModel:
 
 def _tokens_per_row(args: tuple, kwargs: dict) -> int | None:
     """Tokens per row of a forward call's input_ids / inputs_embeds (1 for a decode step)."""
-    x = kwargs.get("input_ids")
-    if x is None:
-        x = kwargs.get("inputs_embeds")
-    if x is None and args and isinstance(args[0], torch.Tensor):
-        x = args[0]
+    key = token_input(args, kwargs)
+    x = None if key is None else args[0] if key == 0 else kwargs[key]
     return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
 
 
