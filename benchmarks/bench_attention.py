@@ -365,17 +365,26 @@ def flex_step(ctx, q, k, v, thr, m, s):
 
 
 # ----------------------------------------------------------------------------- experiments
-def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int = 16) -> None:
+def step_inputs(kind: str, n: int, keep: float, copies: int, kv_bits: int = 16) -> tuple[list, ...]:
+    """Per input copy: the context (quantized below 16 bits), the kind's queries, new K/V and the
+    threshold that keeps `keep` of the keys: (ctxs, qs, kns, vns, thrs)."""
     m, s = NEW_TOKENS[kind]
-    causal = kind == "prefill"
+    dev = DEVICE["dev"]
     ctxs = [make_context(n, seed=i) for i in range(copies)]
     for c in ctxs if kv_bits < 16 else ():
         quantize_context(c, kv_bits)
     qs = [make_queries(c, m, 100 + i) for i, c in enumerate(ctxs)]
-    kns = [torch.randn(1, H, s, D, device="cuda").to(DT) for _ in ctxs]
-    vns = [torch.randn(1, H, s, D, device="cuda").to(DT) for _ in ctxs]
+    kns = [torch.randn(1, H, s, D, device=dev).to(DT) for _ in ctxs]
+    vns = [torch.randn(1, H, s, D, device=dev).to(DT) for _ in ctxs]
     thrs = [calibrate(best_scores(q, c["centroids"], c["sizes"], BLOCK_Q), c["sizes"], keep)
             for q, c in zip(qs, ctxs)]
+    return ctxs, qs, kns, vns, thrs
+
+
+def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int = 16) -> None:
+    m, s = NEW_TOKENS[kind]
+    causal = kind == "prefill"
+    ctxs, qs, kns, vns, thrs = step_inputs(kind, n, keep, copies, kv_bits)
     row = {"kind": kind, "context": n, "kv_bits": kv_bits, "new_tokens": m, "new_keys": s, "copies": copies}
 
     # the sparse path, checked once against the float64 reference on its own selection
@@ -460,15 +469,8 @@ def run_lowbit_sweep(n: int, keep: float, copies: int, results: list, bw: float,
     from sqz_compile.kernels.attention import launch as KA
 
     m, s = NEW_TOKENS["decode"]
-    ctxs = [make_context(n, seed=i) for i in range(copies)]
-    for c in ctxs:
-        quantize_context(c, kv_bits)
-    qs = [make_queries(c, m, 100 + i) for i, c in enumerate(ctxs)]
     dev = DEVICE["dev"]
-    kns = [torch.randn(1, H, s, D, device=dev).to(DT) for _ in ctxs]
-    vns = [torch.randn(1, H, s, D, device=dev).to(DT) for _ in ctxs]
-    thrs = [calibrate(best_scores(q, c["centroids"], c["sizes"], BLOCK_Q), c["sizes"], keep)
-            for q, c in zip(qs, ctxs)]
+    ctxs, qs, kns, vns, thrs = step_inputs("decode", n, keep, copies, kv_bits)
     base = KA.attention_config(1, H, G, m, BLOCK_Q, n, W, s, D, KA.sm_count(qs[0]))
     sels = [sqz_lookup.lookup(q, c["lookup_centroids"], c["offsets"], t, None, None, None, SCALE, BLOCK_Q, 0,
                               positions=n if base.pos_list else 0) for c, q, t in zip(ctxs, qs, thrs)]
