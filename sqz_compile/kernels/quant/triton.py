@@ -158,25 +158,29 @@ if HAS_TRITON:
         return lev
 
     @triton.jit
-    def _word_levels(wp, wok, CB, BLOCK_N: tl.constexpr, NW: tl.constexpr, QBITS: tl.constexpr,
+    def _word_levels(row, rok, nw, CB, BLOCK_N: tl.constexpr, NW: tl.constexpr, QBITS: tl.constexpr,
                      FAST: tl.constexpr, RUN: tl.constexpr = 0):
-        """codebook[code] [BLOCK_N, NW * 32 // QBITS] of NW words per row (0 where not wok), 2 or 4
-        bits: code c of a row at bits (c % VPW) * QBITS of its word c // VPW. The words load as
-        [BLOCK_N, columns, 1] and broadcast along the codes, so each thread unpacks its own words
-        and holds whole runs of channels (a 2-D load made Triton move each word to VPW lanes).
-        RUN = 0: wp [BLOCK_N, NW], one column per word. RUN > 0: runs of RUN codes, wp [BLOCK_N,
-        NW * VPW // RUN] with column q at word q * RUN // VPW (the caller repeats the pointers):
+        """codebook[code] [BLOCK_N, NW * 32 // QBITS] of the NW words at row [BLOCK_N] (2 or 4
+        bits; words past nw and rows not in rok read 0): code c of a row at bits (c % VPW) *
+        QBITS of its word c // VPW. The words load as [BLOCK_N, columns, 1] and broadcast along
+        the codes, so each thread unpacks its own words and holds whole runs of channels (a 2-D
+        load made Triton move each word to VPW lanes). RUN = 0: a column per word. RUN > 0: runs
+        of RUN codes, a column per run (each word loaded by the VPW // RUN columns that share it):
         for short rows, whose whole-word runs leave few threads per row (2 bits at head dim 64)."""
         VPW: tl.constexpr = 32 // QBITS
-        w = tl.load(wp[:, :, None], mask=wok[:, :, None], other=0)
         if RUN == 0:
+            wi = tl.arange(0, NW)
+            w = tl.load(row[:, None, None] + wi[None, :, None], mask=rok[:, None, None] & (wi < nw)[None, :, None],
+                        other=0)
             sh = tl.arange(0, VPW) * QBITS
-            code = (w >> sh[None, None, :]) & ((1 << QBITS) - 1)
         else:
             q = tl.arange(0, NW * VPW // RUN)
+            wi = q * RUN // VPW
+            w = tl.load(row[:, None, None] + wi[None, :, None], mask=rok[:, None, None] & (wi < nw)[None, :, None],
+                        other=0)
             w = w >> (((q * RUN) % VPW) * QBITS)[None, :, None]
             sh = tl.arange(0, RUN) * QBITS
-            code = (w >> sh[None, None, :]) & ((1 << QBITS) - 1)
+        code = (w >> sh[None, None, :]) & ((1 << QBITS) - 1)
         return tl.reshape(_code_levels(code, CB, QBITS, FAST), [BLOCK_N, NW * VPW])
 
     @triton.jit
@@ -247,17 +251,11 @@ if HAS_TRITON:
             # 32-channel halves (head dim 64): runs of 8 channels per thread, as at 4 bits; whole
             # 16-code words left 2 threads per half row and went through shared memory on sm_90
             # (as 3 bits did: _plane_levels)
-            qi = tl.arange(0, 2 * NWH)
-            wp = row[:, None] + (qi // 2)[None, :]
-            wok = tl.broadcast_to(pok[:, None], [BLOCK_N, 2 * NWH])
-            x1 = _word_levels(wp, wok, CB, BLOCK_N, NWH, QBITS, FAST, 8)
-            x2 = _word_levels(wp + NWH, wok, CB, BLOCK_N, NWH, QBITS, FAST, 8)
+            x1 = _word_levels(row, pok, NWH, CB, BLOCK_N, NWH, QBITS, FAST, 8)
+            x2 = _word_levels(row + NWH, pok, NWH, CB, BLOCK_N, NWH, QBITS, FAST, 8)
         else:
-            wi = tl.arange(0, NWH)
-            wp = row[:, None] + wi[None, :]
-            wok = tl.broadcast_to(pok[:, None], [BLOCK_N, NWH])
-            x1 = _word_levels(wp, wok, CB, BLOCK_N, NWH, QBITS, FAST)
-            x2 = _word_levels(wp + NWH, wok, CB, BLOCK_N, NWH, QBITS, FAST)
+            x1 = _word_levels(row, pok, NWH, CB, BLOCK_N, NWH, QBITS, FAST)
+            x2 = _word_levels(row + NWH, pok, NWH, CB, BLOCK_N, NWH, QBITS, FAST)
         x1 = x1 * sc1[None, :] + off1[None, :]
         x2 = x2 * sc2[None, :] + off2[None, :]
         for e in tl.static_range(NOUT):
@@ -295,10 +293,7 @@ if HAS_TRITON:
             lev = _plane_levels(row, row + nlo, pok, nlo, (D + 31) // 32, CB, BLOCK_N, BLOCK_D // 32,
                                 FAST)
         elif QBITS != 3 and BLOCK_D >= VPW:
-            NW: tl.constexpr = BLOCK_D // VPW
-            wi = tl.arange(0, NW)
-            lev = _word_levels(row[:, None] + wi[None, :], pok[:, None] & (wi[None, :] < P), CB,
-                               BLOCK_N, NW, QBITS, FAST)
+            lev = _word_levels(row, pok, P, CB, BLOCK_N, BLOCK_D // VPW, QBITS, FAST)
         else:
             lev = _levels(Pv, CB, h, pos[:, None], pok[:, None], d[None, :], (d < D)[None, :],
                           N, P, D, QBITS)
