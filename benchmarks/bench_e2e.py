@@ -196,7 +196,7 @@ def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) ->
         out["warm_cache"] = {"file": str(path), "existed": path.is_file()}
         stage(f"sqz: compile to first token ({'warm: loads' if path.is_file() else 'cold: writes'} {path})")
         c0, g0 = inductor_cache_counts(), graphs()
-        out["compile_to_first_token_s"] = timed(lambda: gen(1), dev)[0]  # the prefill graph only
+        out["compile_to_first_token_s"] = timed(lambda: gen(1), dev)[0]  # the prompt only (untraced unless --prefill-inductor)
         out["compile_to_first_token_graphs"] = graphs() - g0
         out["compile_to_first_token_inductor"] = {k: v - c0[k] for k, v in inductor_cache_counts().items()}
         stage(f"sqz: first token after {out['compile_to_first_token_s']:.1f} s "
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager", action="store_true", help="run sqz's rewritten graph without Inductor")
     p.add_argument("--prefill-inductor", action="store_true",
                    help="CompileConfig(prefill_inductor=True): Inductor compiles the prompt's graph too "
-                        "(default: only the decode graph; the prompt's graph runs eagerly)")
+                        "(default: only the decode graph; prompts run untraced)")
     p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct and essay text instead of the 8B shape")
     p.add_argument("--skip-dense", action="store_true", help="skip transformers' default generate (slow at 128K)")
     p.add_argument("--sqz-only", action="store_true", help="skip both dense peers")
