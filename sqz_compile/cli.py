@@ -352,9 +352,11 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
                                   "path recorded in the context file)")
     p.add_argument("--raw", action="store_true", help="send the question verbatim, without a chat turn")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="compile with Inductor (default on CUDA)")
+                   help="compile the decode step with Inductor (Dynamo traces the model first: about a minute "
+                        "on a GPU, several on a CPU). Default: no tracing, the model's own forward with the sqz "
+                        "attention, decode steps replayed from CUDA graphs on a GPU")
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="run the rewritten graph eagerly (default on CPU)")
+                   help="trace the model and run the rewritten graph (the FX pass's output) eagerly")
     p.add_argument("--compile-cache", metavar="DIR", default=None,
                    help="with Inductor: directory of compiled code reused by the next `sqz ask` (one file per "
                         "sqz_compile/torch/triton version; others are ignored, never deleted) "
@@ -404,19 +406,22 @@ def cmd_ask(args: argparse.Namespace) -> int:
         gen = {"max_new_tokens": args.max_new_tokens, "do_sample": False,
                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
         steps("answer (squeezed)")
-        inductor = device.type == "cuda" if args.compile is None else args.compile
-        # dynamic=True: one graph for every question length (as examples/demo.py)
+        inductor = bool(args.compile)
         cache_dir = None if not inductor or args.compile_cache == "" else (args.compile_cache or default_compile_cache())
         with _as_user_error("bad --compile-cache"):
-            config = CompileConfig(inductor=inductor, dynamic=True, cache_dir=cache_dir)
+            if args.compile is None:  # untraced; CUDA graphs of the decode steps on a GPU
+                config = CompileConfig(decode_inductor=False, mode="reduce-overhead" if device.type == "cuda" else None)
+            else:  # dynamic=True: one graph for every question length (as examples/demo.py)
+                config = CompileConfig(inductor=inductor, dynamic=True, cache_dir=cache_dir, decode_inductor=inductor)
         sm = compile_model(model, ctx, config)
         start = time.perf_counter()
         with _as_user_error("cannot answer"), torch.no_grad():
             out = sm.generate(q, attention_mask=torch.ones_like(q), **gen)[0, q.shape[1]:]
         seconds = time.perf_counter() - start
         answers.append(("squeezed", tok.decode(out, skip_special_tokens=True).strip()))
-        times.append(f"squeezed {seconds:6.2f} s  {len(out)} new tokens; the first call includes "
-                     f"{'compiling' if inductor else 'tracing'} the model"
+        how = ("untraced: nothing compiled" if args.compile is None
+               else "the first call includes " + ("compiling" if inductor else "tracing") + " the model")
+        times.append(f"squeezed {seconds:6.2f} s  {len(out)} new tokens; {how}"
                      + (f" (compile cache {cache_dir})" if cache_dir else ""))
         steps("keys attended")
         per_token = attended_fraction(model, ctx, q, decode=out[:-1]) if len(out) > 1 else None

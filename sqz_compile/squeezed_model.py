@@ -7,7 +7,9 @@
 The user passes only their own tokens; the fixed context lives in the compiled graph (see
 context.py: the user's tokens keep positions 0, 1, ...). By default only decode steps are compiled:
 a prompt runs the model's own forward with the sqz op as its attention function (no tracing), the
-same computation (CompileConfig.prefill_inductor). `forward` behaves like the model's
+same computation (CompileConfig.prefill_inductor). With mode="reduce-overhead" decode steps run
+untraced too, replayed from CUDA graphs over a static cache (CompileConfig.decode_inductor,
+decode_graphs.py): nothing is traced or compiled. `forward` behaves like the model's
 (with left padding pass position_ids, as with the plain model); `generate` is transformers'
 generate, so it returns the user's prompt plus the new tokens, with any cache implementation
 (dynamic, `cache_implementation="static"`), greedy or sampling, and left-padded batches that share
@@ -28,6 +30,7 @@ from .backend import NOTICE_KEY, sqz_backend
 from .compiled_forward import dynamo_settings, graph_inputs, shared_forward, token_input
 from .config import CompileConfig, resolve_compile_config
 from .context import SqueezedContext, check_for_model
+from .decode_graphs import DecodeGraphs
 from .distributed import kv_shard, local_context
 from .passes.rewrite import (ContextMismatchError, DenseNotice, RewriteReport, SqueezeDenseError, model_reasons,
                              refuse_or_warn, uncovered)
@@ -64,8 +67,12 @@ class SqueezedModel:
         # sqz op as its attention function, where that is the rewritten graph's computation (every
         # layer rewritable: layers the config keeps dense need the graph's dense path; not
         # tensor-parallel: its sharded attention is proven only through the graph, tests/test_tp.py)
-        self._eager_prompt = (config.inductor and not config.prefill_inductor and not reasons.dense
-                              and kv_shard(model) is None)
+        untraced = config.inductor and not reasons.dense and kv_shard(model) is None
+        self._eager_prompt = untraced and not config.prefill_inductor
+        # decode steps untraced as well (CompileConfig.decode_inductor=False); CUDA graphs on request
+        self._eager_decode = untraced and not config.decode_graph
+        self._steps = (DecodeGraphs(self._eagerly) if config.mode == "reduce-overhead"
+                       else lambda args, kwargs: self._eagerly(*args, **kwargs))
         self._forward = functools.partial(_forward_with_cache_layout, self._run)
 
     # ------------------------------------------------------------------ calls
@@ -94,6 +101,9 @@ class SqueezedModel:
         total = n + int(new) if new is not None else int(kwargs.get("max_length", gc.max_length))
         self._check_length(total, "prompt + new tokens")
         kwargs.setdefault("disable_compile", True)  # our compiled forward, not transformers' auto-compile
+        if (self._eager_decode and isinstance(self._steps, DecodeGraphs) and self.model.device.type == "cuda"
+                and passed_cache(kwargs) is None and kwargs.get("cache_implementation", gc.cache_implementation) is None):
+            kwargs["cache_implementation"] = "static"  # CUDA graphs replay only over fixed addresses
         if kwargs.get("cache_implementation") == "static" and passed_cache(kwargs) is None and input_ids is not None:
             cache = reusable_static_cache(self.model, input_ids.shape[0], total)
             if cache is not None:
@@ -115,7 +125,7 @@ class SqueezedModel:
     def __getattr__(self, name: str) -> Any:
         # config, device, generation_config, ... of the wrapped model
         if name in ("model", "ctx", "compile_config", "reports", "_forward", "_checked", "_notice", "_compiled",
-                    "_context", "_eager_prompt"):
+                    "_context", "_eager_prompt", "_eager_decode", "_steps"):
             raise AttributeError(name)
         return getattr(self.model, name)
 
@@ -148,13 +158,19 @@ class SqueezedModel:
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         """One forward of the model: a prompt eagerly (see __init__), a decode step (one token per
-        row) and anything the eager path does not cover through the compiled forward."""
-        if self._eager_prompt and _tokens_per_row(args, kwargs) != 1 and not kwargs.get("output_attentions"):
-            return self._prompt_eagerly(*args, **kwargs)
+        row) through the compiled forward or, with decode_inductor=False, untraced (CUDA graphs with
+        mode="reduce-overhead"), and anything the untraced path does not cover through the
+        compiled forward."""
+        if (self._eager_prompt or self._eager_decode) and not kwargs.get("output_attentions"):
+            decode = _tokens_per_row(args, kwargs) == 1
+            if decode and self._eager_decode:
+                return self._steps(args, kwargs)
+            if not decode and self._eager_prompt:
+                return self._eagerly(*args, **kwargs)
         return self._compiled(self._context, *args, **kwargs)
 
-    def _prompt_eagerly(self, *args: Any, **kwargs: Any) -> Any:
-        """The prompt through the model's own forward with torch.ops.sqz.squeezed_attention as its
+    def _eagerly(self, *args: Any, **kwargs: Any) -> Any:
+        """A forward through the model's own code with torch.ops.sqz.squeezed_attention as its
         attention function (attention_function.py), not traced: a layer that did not attend through
         it ignored the context, which strict mode refuses as the rewrite does."""
         seen: set[int] = set()

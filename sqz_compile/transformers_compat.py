@@ -426,6 +426,23 @@ def mark_static_cache(cache: Any) -> None:
                 torch._dynamo.mark_static_address(t, guard=False)
 
 
+def static_cache_layers(cache: Any) -> list | None:
+    """The layers of `cache` when a decode step over it can be captured in a CUDA graph: every
+    layer a filled transformers StaticLayer (fixed-address K/V, per-step state in tensors); None
+    for any other cache (dynamic, sliding-window, offloaded, quantized, not yet filled)."""
+    layers = list(getattr(cache, "layers", None) or ())
+    ok = layers and all(type(layer).__name__ == "StaticLayer" and getattr(layer, "is_initialized", False)
+                        and isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers)
+    return layers if ok else None
+
+
+def layer_step_state(layers: list) -> list[torch.Tensor]:
+    """The tensors static cache layers carry besides keys and values (the step counter of recent
+    transformers): what a decode step run twice over the same cache must restore in between."""
+    return [t for layer in layers for name, t in vars(layer).items()
+            if isinstance(t, torch.Tensor) and name not in ("keys", "values")]
+
+
 def reusable_static_cache(model: torch.nn.Module, batch: int, total: int, keep: int = 4) -> Any:
     """A StaticCache for `batch` rows of up to `total` tokens, allocated once per (batch, length
     bucket: a power of two >= 256) on the model and reset when reused, so CUDA graphs replay at the

@@ -182,7 +182,8 @@ def test_counts_on_cuda_with_inductor(mode, cache):
     _, ctx = tiny_context(model, length=300, keep=0.3, cluster_ratio=0.05)
     _, other = tiny_context(model, length=411, keep=0.3, cluster_ratio=0.05, seed=5)
     fresh()
-    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(mode=mode))
+    # decode_inductor: under reduce-overhead decode steps otherwise run untraced (test_decode_graphs_cuda.py)
+    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(mode=mode, decode_inductor=True))
     ids, am, _ = (t.cuda() for t in left_padded([9, 6]))
     sm.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False, cache_implementation=cache)
     n = graphs()
@@ -192,6 +193,6 @@ def test_counts_on_cuda_with_inductor(mode, cache):
     ids2, am2, _ = (t.cuda() for t in left_padded([7, 11], seed=4))
     sm.generate(ids2, attention_mask=am2, max_new_tokens=9, do_sample=False, cache_implementation=cache)
     assert graphs() == n, "a second question compiled again"
-    sqz_compile.compile(model, other, sqz_compile.CompileConfig(mode=mode)).generate(
+    sqz_compile.compile(model, other, sqz_compile.CompileConfig(mode=mode, decode_inductor=True)).generate(
         ids2, attention_mask=am2, max_new_tokens=9, do_sample=False, cache_implementation=cache)
     assert graphs() == n, "a second context compiled again"

@@ -233,6 +233,37 @@ def test_prompt_runs_without_dynamo_and_equals_the_rewritten_graph(arch, attn):
     assert model.config._attn_implementation == attn
 
 
+@pytest.mark.parametrize("arch,attn,cache", [("llama", "sdpa", None), ("llama", "sdpa", "static"),
+                                             ("qwen2", "eager", "static")])
+def test_decode_inductor_false_generates_without_dynamo_the_tokens_of_the_rewritten_graph(arch, attn, cache):
+    """CompileConfig(decode_inductor=False): prompt and decode steps both untraced (no graph at
+    all; mode="reduce-overhead" on the CPU has no CUDA graph to capture, so its steps run eagerly),
+    with the greedy tokens of the rewritten graph run eagerly, over left-padded rows."""
+    model = tiny_model(arch, attn, 2)
+    _, ctx = tiny_context(model, keep=0.4)
+    ids, am, _ = left_padded([7, 4])
+    want = compile(model, ctx, EAGER).generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=False,
+                                               cache_implementation=cache)
+    for mode in (None, "reduce-overhead"):
+        torch._dynamo.reset()
+        counters.clear()
+        sm = compile(model, ctx, CompileConfig(decode_inductor=False, mode=mode))
+        got = sm.generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=False, cache_implementation=cache)
+        assert counters["stats"]["unique_graphs"] == 0 and sm.reports == []
+        assert got.tolist() == want.tolist(), mode
+        assert_model_untouched(model)
+        assert model.config._attn_implementation == attn
+
+
+def test_decode_inductor_defaults_to_untraced_steps_under_reduce_overhead_only():
+    assert CompileConfig().decode_graph and CompileConfig(mode="max-autotune").decode_graph
+    assert not CompileConfig(mode="reduce-overhead").decode_graph
+    assert CompileConfig(mode="reduce-overhead", decode_inductor=True).decode_graph
+    assert not CompileConfig(decode_inductor=False).decode_graph
+    with pytest.raises(ValueError, match="decode_inductor='yes'"):
+        CompileConfig(decode_inductor="yes")
+
+
 def test_eager_prompt_refuses_a_layer_that_attends_without_the_context():
     """A layer whose attention does not go through the attention function would ignore the context
     in the eager prompt: strict refuses it after the call, before the output is returned; the

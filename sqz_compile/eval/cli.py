@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SqueezeConfig.kv_bits: bits per stored context K/V entry (default {d.kv_bits})")
     p.add_argument("--kv-datatype", choices=KV_DATATYPES, default=d.kv_datatype,
                    help=f"SqueezeConfig.kv_datatype for --kv-bits < 16 (default {d.kv_datatype})")
+    p.add_argument("--kv-outliers", type=float, default=d.kv_outliers,
+                   help=f"SqueezeConfig.kv_outliers for --kv-bits < 16: fraction of K/V entries kept in float16 "
+                        f"(default {d.kv_outliers})")
     p.add_argument("--kv-qnorm", action="store_true",
                    help="SqueezeConfig.kv_qnorm for --kv-bits < 16: Q-Norm of the codebooks (mean and spread "
                         "of the dequantized entries matched to the data's)")
@@ -107,7 +110,7 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
                         cluster_ratio=a.cluster_ratio, observation_window=a.observation_window,
                         sink_tokens=a.sink_tokens, dense_tokens=a.dense_tokens,
                         cluster_variance=a.cluster_variance == "on", dense_layers=a.dense_layers, kv_bits=a.kv_bits, kv_datatype=a.kv_datatype,
-                        kv_qnorm=a.kv_qnorm, max_dropped_mass=a.max_dropped_mass)
+                        kv_qnorm=a.kv_qnorm, kv_outliers=a.kv_outliers, max_dropped_mass=a.max_dropped_mass)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,6 +54,7 @@ class EvalSettings:
     kv_bits: int = SqueezeConfig.kv_bits
     kv_datatype: str = SqueezeConfig.kv_datatype
     kv_qnorm: bool = SqueezeConfig.kv_qnorm
+    kv_outliers: float = SqueezeConfig.kv_outliers
     essay_seed: int = 0
     ppl_seed: int = 1
 
@@ -70,4 +71,4 @@ class EvalSettings:
                              observation_window=self.observation_window, sink_tokens=self.sink_tokens,
                              dense_tokens=self.dense_tokens, cluster_variance=self.cluster_variance,
                              dense_layers=self.dense_layers, kv_bits=self.kv_bits,
-                             kv_datatype=self.kv_datatype, kv_qnorm=self.kv_qnorm)
+                             kv_datatype=self.kv_datatype, kv_qnorm=self.kv_qnorm, kv_outliers=self.kv_outliers)

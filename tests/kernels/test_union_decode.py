@@ -223,7 +223,7 @@ def test_union_decode_gpu_shapes(shape, mode):
     budget = n // 10 if mode == "budget" else 0
     sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, cs.coarse_centroids, cs.coarse_offsets,
                                cthr, cs.scale, 64, budget)
-    torch.full((64 << 20) // 4, float("nan"), device=DEV)  # freed blocks come back poisoned
+    torch.full(((64 << 20) // 4,), float("nan"), device=DEV)  # freed blocks come back poisoned
     out = torch.full_like(cs.q, float("nan"))
     union_launch.union_decode_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, cs.keys, cs.values,
                                         cs.offsets, sel, cs.window_keys, cs.window_values, cs.scale,

@@ -53,7 +53,7 @@ def test_capture_that_skips_rope_on_keys_is_refused(monkeypatch):
             return real(*args, **kwargs)
     monkeypatch.setattr(capture, "capture_context", capture_without_key_rope)
     with pytest.raises(CaptureMismatchError, match=r"LlamaForCausalLM cannot be squeezed: in layer 0 .* by \d\.\d+ "
-                                                   r"\(relative, tolerance 1.2e-05 for float32 at 40 positions.*failing layers \[0, 1\]"):
+                                                   r"\(median relative error over output rows, tolerance 1.2e-05 for float32 at 40 positions.*failing layers \[0, 1\]"):
         squeeze(model, _ids(), SqueezeConfig(**CFG), progress=False)
 
 

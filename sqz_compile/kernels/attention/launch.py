@@ -41,7 +41,9 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     if decode:
         bq = max(pow2(bqv), 16 // gp)
         block_n = 64 if d <= 128 else 32
-        warps, stages = 4, 2  # more stages gain nothing here: benchmarks/NOTES.md v7
+        # more stages gain nothing here (NOTES v7); 4 warps also for a low-bit context: 73 vs 82 us
+        # (4-bit), 71 vs 88 us (2-bit) with 8 warps at 128K (NOTES v13, lowbit_sweep)
+        warps, stages = 4, 2
     else:
         bq = max(1, min(pow2(bqv), 128 // gp)) if gp <= 128 else 1
         block_n = 64 if d <= 128 else 32
@@ -69,14 +71,6 @@ def _stages(cfg: AttnConfig, qbits: int, halves: bool) -> int:
     if not qbits or cfg.fixed:
         return cfg.num_stages
     return min(cfg.num_stages, 2) if halves else 1
-
-
-def _warps(cfg: AttnConfig, halves: bool) -> int:
-    """Warps of the attention launch: the config's, except 8 for low-bit HALVES 16-row (decode)
-    tiles: each thread then dequantizes 64 of the tile's 2 x 64 x 128 entries, not 128, and
-    the sm_90 offline compile spills nothing (4 warps: 280 B of stack, ~60 reloads per tile)
-    for 6% fewer instructions per tile, at the same 8 warps per SM (255 registers either way)."""
-    return 8 if halves and cfg.gp * cfg.bq <= 16 and not cfg.fixed else cfg.num_warps
 
 
 def _search_width(c: int) -> int:
@@ -176,7 +170,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
             IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
             POS_LIST=use_pos, QBITS=qbits, NOUT=nout, HALVES=halves, FAST=bool(qbits) and _qt.fast_math(dev),
-            num_warps=_warps(cfg, halves), num_stages=_stages(cfg, qbits, halves))
+            num_warps=cfg.num_warps, num_stages=_stages(cfg, qbits, halves))
     if partial and partials is None:
         merge_splits(part_o, part_l, out, cfg.split)
     return out
