@@ -182,7 +182,7 @@ def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) ->
     sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=not args.eager, mode=args.mode,
                                                                    cache_dir=args.warm_cache,
                                                                    prefill_inductor=args.prefill_inductor,
-                                                                   decode_inductor=not args.untraced_decode))
+                                                                   decode_inductor=args.decode_inductor))
     mask = torch.ones_like(questions)
     cache = {"cache_implementation": "static"} if args.cache == "static" else {}
 
@@ -342,7 +342,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, dtype: torch.dty
            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
            "dtype": str(dtype), "keep": args.keep, "question": args.question, "new_tokens": args.new_tokens,
            "reps": args.reps, "sqz_cache": args.cache, "sqz_inductor": not args.eager, "sqz_mode": args.mode,
-           "sqz_prefill_inductor": args.prefill_inductor, "sqz_decode_inductor": not args.untraced_decode,
+           "sqz_prefill_inductor": args.prefill_inductor, "sqz_decode_inductor": args.decode_inductor,
            "warm_cache": args.warm_cache}
     stem = os.path.join(out_dir, "bench_e2e" + ("_real" if args.real else ""))
     with open(stem + ".json", "w") as f:
@@ -373,9 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-inductor", action="store_true",
                    help="CompileConfig(prefill_inductor=True): Inductor compiles the prompt's graph too "
                         "(default: only the decode graph; prompts run untraced)")
-    p.add_argument("--untraced-decode", action="store_true",
+    p.add_argument("--untraced-decode", dest="decode_inductor", action="store_false", default=None,
                    help="CompileConfig(decode_inductor=False): decode steps untraced too (no Dynamo, no Inductor); "
-                        "with --mode reduce-overhead --cache static, replayed from CUDA graphs")
+                        "with --mode reduce-overhead --cache static, replayed from CUDA graphs (the default "
+                        "under reduce-overhead)")
+    p.add_argument("--decode-inductor", dest="decode_inductor", action="store_true",
+                   help="CompileConfig(decode_inductor=True): Inductor compiles the decode step (the default "
+                        "without reduce-overhead)")
     p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct and essay text instead of the 8B shape")
     p.add_argument("--skip-dense", action="store_true", help="skip transformers' default generate (slow at 128K)")
     p.add_argument("--sqz-only", action="store_true", help="skip both dense peers")

@@ -10,10 +10,11 @@ addresses of its tensors):
    the sqz kernels, cuBLAS choosing its kernels);
 2. second call: captured in a torch.cuda.CUDAGraph that reads static copies of the tensor
    arguments, then replayed;
-3. third call: checked. The step runs eagerly, the cache's step counter is restored, the graph
-   replays the same step, and the two outputs must agree. A graph that disagrees (the forward baked
-   in a value that changes from step to step) is dropped with a warning and that signature runs
-   eagerly from then on; a capture that fails (a host sync in the forward) does the same.
+3. third call: checked. The graph replays the step, the cache is put back as it was, the step
+   runs eagerly, and the two outputs must agree. A graph that disagrees (the forward baked in a
+   value that changes from step to step) is dropped with a warning, the eager step's output and
+   cache writes stand, and that signature runs eagerly from then on; a capture that fails (a host
+   sync in the forward) does the same.
 4. after that: copy the arguments in, replay, return the outputs cloned.
 """
 from __future__ import annotations
@@ -87,12 +88,17 @@ class DecodeGraphs:
         return entry
 
     def _check(self, key: tuple, entry: "_Graph", values: list, args: tuple, kwargs: dict[str, Any]) -> Any:
-        state = layer_step_state(static_cache_layers(_cache(kwargs)) or [])
+        # the replay first, then the cache put back as it was (a wrong graph may have written
+        # anywhere in it; one copy of the user's tokens' K/V, once per graph), then the eager step,
+        # whose writes are the ones that stay
+        layers = static_cache_layers(_cache(kwargs)) or []
+        state = [t for layer in layers for t in (layer.keys, layer.values)] + layer_step_state(layers)
         saved = [t.clone() for t in state]
-        eager = self.run(*args, **kwargs)
+        out = entry.replay(values)
         for t, s in zip(state, saved):
             t.copy_(s)
-        out = entry.replay(values)
+        del saved
+        eager = self.run(*args, **kwargs)
         diff = _difference(eager, out)
         if diff > CHECK_TOLERANCE:
             self._remember(key, "eager")
