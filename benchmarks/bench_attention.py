@@ -27,7 +27,7 @@ from a few cluster directions so the selection is meaningful. No K-means runs he
            before timing. Rows record selection batch-invariance, kept and union fractions (keys
            some row keeps) and each variant's bytes; latency vs batch in bench_attention_batch.png
   lowbit_sweep  the low-bit decode attention kernel alone (--kv-bits < 16, default 4; contexts
-           from --contexts) under each (keys per tile, warps, stages) of LOWBIT_SWEEP, output
+           from --contexts) under each (keys per tile, warps, stages, splits) of LOWBIT_SWEEP, output
            checked against the launcher's default config: which launch hides the dequantization's
            latency best (not in the default --only)
 
@@ -459,8 +459,10 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
 # low-bit decode launch configs swept by --only lowbit_sweep: (keys per tile, warps, stages); the
 # launcher's default (64, 8, 2) is the first. sm_90 offline compile (NOTES "v12 outcomes"): 4-bit
 # takes 251 registers at (64, 8) -> one 8-warp program per SM; (16, 8) takes 103 -> two
-LOWBIT_SWEEP = [(64, 8, 2), (64, 4, 2), (32, 8, 2), (32, 4, 2), (16, 8, 2), (16, 4, 2), (32, 8, 3), (16, 8, 3),
-                (64, 8, 1)]
+# (keys per tile, warps, stages, splits x the launcher's): v13 measured the first eight of v12's
+# list (4 warps won); now around the winner, with more programs in flight (latency-bound kernel)
+LOWBIT_SWEEP = [(64, 4, 2, 1), (64, 4, 2, 2), (64, 4, 2, 4), (32, 4, 2, 1), (32, 4, 2, 2), (64, 8, 2, 1),
+                (64, 4, 3, 1), (64, 2, 2, 1), (128, 4, 2, 1)]
 
 
 def run_lowbit_sweep(n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int) -> None:
@@ -477,8 +479,8 @@ def run_lowbit_sweep(n: int, keep: float, copies: int, results: list, bw: float,
     low = [c["low_bit"] for c in ctxs]
     kept = sels[0].nkeys.float().mean().item()
     ref = None
-    for bn, warps, stages in LOWBIT_SWEEP:
-        cfg = base._replace(block_n=bn, num_warps=warps, num_stages=stages, fixed=True)
+    for bn, warps, stages, more in LOWBIT_SWEEP:
+        cfg = base._replace(block_n=bn, num_warps=warps, num_stages=stages, split=base.split * more, fixed=True)
         row = {"kind": "lowbit_sweep", "context": n, "kv_bits": kv_bits, "block_n": bn, "warps": warps,
                "stages": stages, "split": cfg.split, "copies": copies, "kept_fraction": kept / n}
         try:
