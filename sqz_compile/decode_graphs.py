@@ -39,10 +39,18 @@ class DecodeGraphs:
         self.run = run
         self.graphs: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self.captured = 0  # graphs captured so far (tests count them)
+        self.warned = False  # said once that CUDA steps run without graphs
 
     def __call__(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         step = _signature(args, kwargs)
         if step is None:
+            if not self.warned and any(isinstance(v, torch.Tensor) and v.is_cuda for v in (*args, *kwargs.values())):
+                self.warned = True
+                cache = _cache(kwargs)
+                warnings.warn(f"sqz_compile: decode steps over {type(cache).__name__ if cache is not None else 'no cache'}"
+                              f" run eagerly, without CUDA graphs: they need a filled transformers StaticCache and "
+                              f"plain arguments (generate picks a static cache unless another is passed)",
+                              RuntimeWarning, stacklevel=4)
             return self.run(*args, **kwargs)
         key, values, rebuild = step
         entry = self.graphs.get(key)

@@ -90,6 +90,7 @@ def test_generate_under_reduce_overhead_takes_a_static_cache_by_default():
     from sqz_compile.transformers_compat import cache_kwargs
 
     sm2 = compile(model, ctx, CompileConfig(mode="reduce-overhead"))
-    got = sm2.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False,
-                       **cache_kwargs(model, DynamicCache(config=model.config)))
+    with pytest.warns(RuntimeWarning, match="decode steps over DynamicCache run eagerly, without CUDA graphs"):
+        got = sm2.generate(ids, attention_mask=am, max_new_tokens=6, do_sample=False,
+                           **cache_kwargs(model, DynamicCache(config=model.config)))
     assert got.tolist() == want.tolist() and sm2._steps.captured == 0
