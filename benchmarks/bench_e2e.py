@@ -229,13 +229,15 @@ def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) ->
     return out
 
 
-def run_dense_prefix(model, ctx_ids: torch.Tensor, questions: torch.Tensor, args) -> dict[str, Any]:
+def prefix_cached(model, ctx_ids: torch.Tensor, questions: torch.Tensor, new_tokens: int,
+                  device: str) -> tuple[float, Callable[[int], Any]]:
     """Dense with prefix caching: the context prefilled once into a StaticCache (batch rows share
-    it), deep-copied per question; transformers compiles the static-cache decode itself on CUDA."""
+    it; the prefill's seconds are returned) and gen(n), a greedy generate of n tokens over a deep
+    copy of it per question; transformers compiles the static-cache decode itself on CUDA."""
     from transformers import StaticCache
 
     b = questions.shape[0]
-    total = ctx_ids.shape[1] + questions.shape[1] + args.new_tokens
+    total = ctx_ids.shape[1] + questions.shape[1] + new_tokens
     prompt = torch.cat([ctx_ids.expand(b, -1), questions], dim=1)
 
     def prefill() -> Any:
@@ -244,14 +246,20 @@ def run_dense_prefix(model, ctx_ids: torch.Tensor, questions: torch.Tensor, args
             model(ctx_ids.expand(b, -1), past_key_values=cache, use_cache=True)
         return cache
 
+    prefill_s, cache = timed(prefill, device)
+
+    def gen(n: int):
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=copy.deepcopy(cache),
+                              max_new_tokens=n, do_sample=False)
+
+    return prefill_s, gen
+
+
+def run_dense_prefix(model, ctx_ids: torch.Tensor, questions: torch.Tensor, args) -> dict[str, Any]:
+    """The prefix-cached dense peer (prefix_cached), timed."""
     def body() -> dict[str, Any]:
         stage("dense-prefix: prefill the context")
-        prefill_s, cache = timed(prefill, args.device)
-
-        def gen(n: int):
-            return model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=copy.deepcopy(cache),
-                                  max_new_tokens=n, do_sample=False)
-
+        prefill_s, gen = prefix_cached(model, ctx_ids, questions, args.new_tokens, args.device)
         first_s = timed(lambda: gen(2), args.device)[0]  # transformers' own compile, if it compiles
         stage(f"dense-prefix: first generate {first_s:.1f} s; timing")
         with Peak(args.device) as peak:

@@ -8,9 +8,9 @@ the step's wall time, for sqz's decode and the same model's dense decode with it
 Both peers run transformers' generate over a static cache with greedy decoding; sqz under
 `CompileConfig(mode=...)` (default "reduce-overhead": decode steps replayed from CUDA graphs
 without Dynamo; --decode-inductor compiles them with Inductor), dense through transformers' own
-compile of the static-cache decode. Per peer: per-token latency (generate(N) - generate(1)) / (N-1),
-then torch.profiler over generate(1 + STEPS): GPU kernels (CPU: aten ops) counted and timed per
-decode step, the top ones by time, and the host time per step. Writes profile_decode.json, .md
+compile of the static-cache decode. Per peer: per-token latency (generate(33) - generate(1)) / 32
+(medians of 3, bench_e2e.latency), then torch.profiler over generate(1 + STEPS): GPU kernels (CPU:
+aten ops) counted and timed per decode step, the top ones by time, and the host time per step. Writes profile_decode.json, .md
 and .png (GPU time per step by kernel, both peers) to --out.
 """
 from __future__ import annotations
@@ -25,30 +25,13 @@ from typing import Any, Callable
 
 import torch
 
+TOKENS = 33  # new tokens per timed generate: per token = (generate(33) - generate(1)) / 32
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_e2e import LLAMA3_8B, TINY, random_llama  # noqa: E402
+from bench_e2e import LLAMA3_8B, TINY, latency, prefix_cached, random_llama, sync, timed  # noqa: E402
 
 import sqz_compile  # noqa: E402
 from sqz_compile import CompileConfig, SqueezeConfig  # noqa: E402
-
-
-def sync(dev: str) -> None:
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def per_token(gen: Callable[[int], Any], dev: str, n: int = 33, reps: int = 3) -> float:
-    """Best-of-reps (generate(n) - generate(1)) / (n - 1), seconds."""
-    def best(k: int) -> float:
-        t = 1e9
-        for _ in range(reps):
-            sync(dev)
-            t0 = time.perf_counter()
-            gen(k)
-            sync(dev)
-            t = min(t, time.perf_counter() - t0)
-        return t
-    return (best(n) - best(1)) / (n - 1)
 
 
 def profile(gen: Callable[[int], Any], dev: str, steps: int) -> dict[str, Any]:
@@ -126,30 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         "sqz": lambda k: sm.generate(q, attention_mask=mask, max_new_tokens=k, do_sample=False,
                                      cache_implementation="static")}
     if not args.skip_dense:
-        from transformers import StaticCache
-
-        full = torch.cat([ids, q], dim=1)
-        total = full.shape[1] + args.steps + 40
-        with torch.no_grad():
-            prefix = StaticCache(config=model.config, max_cache_len=total)
-            from sqz_compile.transformers_compat import cache_kwargs
-
-            model(ids, **cache_kwargs(model, prefix))
-
-        def dense(k: int):
-            import copy
-
-            cache = copy.deepcopy(prefix)
-            return model.generate(full, attention_mask=torch.ones_like(full), max_new_tokens=k, do_sample=False,
-                                  **cache_kwargs(model, cache))
-        peers["dense_prefix"] = dense
+        peers["dense_prefix"] = prefix_cached(model, ids, q, TOKENS + args.steps, dev)[1]
     rows: dict[str, Any] = {}
     for peer, gen in peers.items():
-        t0 = time.perf_counter()
-        gen(4)  # compiles / captures / warms up
-        sync(dev)
-        warm = time.perf_counter() - t0
-        tok_s = per_token(gen, dev)
+        warm = timed(lambda: gen(4), dev)[0]  # compiles / captures / warms up
+        tok_s = latency(gen, TOKENS, 3, dev)["per_token_s"]
         prof = profile(gen, dev, args.steps)
         rows[peer] = {"first_generate_s": warm, "per_token_ms": tok_s * 1e3, **prof,
                       "kernels_per_layer_step": prof["kernels_per_step"] / layers}

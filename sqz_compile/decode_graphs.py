@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from .transformers_compat import layer_step_state, static_cache_layers
+from .transformers_compat import layer_step_state, passed_cache, static_cache_layers
 
 _PLAIN = (type(None), bool, int, float, str)
 MAX_GRAPHS = 8  # signatures kept (batch sizes x caches); the oldest graph is dropped beyond it
@@ -46,7 +46,7 @@ class DecodeGraphs:
         if step is None:
             if not self.warned and any(isinstance(v, torch.Tensor) and v.is_cuda for v in (*args, *kwargs.values())):
                 self.warned = True
-                cache = _cache(kwargs)
+                cache = passed_cache(kwargs)
                 warnings.warn(f"sqz_compile: decode steps over {type(cache).__name__ if cache is not None else 'no cache'}"
                               f" run eagerly, without CUDA graphs: they need a filled transformers StaticCache and "
                               f"plain arguments (generate picks a static cache unless another is passed)",
@@ -99,7 +99,7 @@ class DecodeGraphs:
         # the replay first, then the cache put back as it was (a wrong graph may have written
         # anywhere in it; one copy of the user's tokens' K/V, once per graph), then the eager step,
         # whose writes are the ones that stay
-        layers = static_cache_layers(_cache(kwargs)) or []
+        layers = static_cache_layers(passed_cache(kwargs)) or []
         state = [t for layer in layers for t in (layer.keys, layer.values)] + layer_step_state(layers)
         saved = [t.clone() for t in state]
         out = entry.replay(values)
@@ -130,15 +130,10 @@ class _Graph:
         return _clone_tensors(self.out)
 
 
-def _cache(kwargs: dict[str, Any]) -> Any:
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
 def _signature(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list, Callable] | None:
     """(key, argument values, rebuild(values) -> (args, kwargs)) of a capturable step: CUDA tensors,
     plain values and a static cache only; None otherwise (the step runs eagerly)."""
-    cache = _cache(kwargs)
+    cache = passed_cache(kwargs)
     layers = static_cache_layers(cache)
     if layers is None or not layers[0].keys.is_cuda:
         return None

@@ -64,6 +64,11 @@ def hint(x) -> int:
     return int(x)
 
 
+def lastdim(t: torch.Tensor) -> torch.Tensor:
+    """`t` with a unit last stride (the kernels address rows by their other strides)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def check_device(*ts: Optional[torch.Tensor]) -> None:
     dev = next(t.device for t in ts if t is not None)
     for t in ts:

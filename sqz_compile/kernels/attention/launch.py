@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..lookup.launch import Selection, expand_positions, lookup
-from ..triton_common import cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
+from ..triton_common import cdiv, check_device, hint, interpreting, lastdim, launch, pow2, sm_count, symbolic
 from ..quant import triton as _qt
 from . import triton as _sa
 
@@ -22,7 +22,7 @@ class AttnConfig(NamedTuple):
     num_warps: int
     num_stages: int
     pos_list: bool = False  # read the kept keys through their positions (Selection.pos)
-    fixed: bool = False     # warps and stages as given, also for a low-bit context (sweeps)
+    fixed: bool = False     # stages as given, also for a low-bit context (sweeps)
 
 
 # positions buffer [rows, context keys] int32: used only while it stays this small (prefill of
@@ -174,11 +174,6 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     if partial and partials is None:
         merge_splits(part_o, part_l, out, cfg.split)
     return out
-
-
-def lastdim(t: torch.Tensor) -> torch.Tensor:
-    """`t` with a unit last stride (the kernels address rows by their other strides)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor, splits: int) -> None:

@@ -17,7 +17,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..triton_common import HAS_TRITON, cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
+from ..triton_common import (HAS_TRITON, cdiv, check_device, hint, interpreting, lastdim, launch, pow2, sm_count,
+                             symbolic)
 from . import triton as _lk
 from .reference import lookup_queries, pick_threshold
 
@@ -85,9 +86,7 @@ def lookup_inputs(q: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tenso
                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the lookup kernels read: the scored queries ([q, s/2 q^2] for [mean, variance]
     centroids) with a unit last stride, contiguous centroids, int32 offsets."""
-    q = lookup_queries(q, centroids.shape[-1], scale)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q = lastdim(lookup_queries(q, centroids.shape[-1], scale))
     return q, centroids.contiguous(), offsets.to(torch.int32).contiguous()
 
 

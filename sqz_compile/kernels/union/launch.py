@@ -19,11 +19,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..attention.launch import (_POS_LIST_BYTES, _search_width, attention_config, lastdim, merge_splits,
-                                sparse_attention)
+from ..attention.launch import _POS_LIST_BYTES, _search_width, attention_config, merge_splits, sparse_attention
 from ..lookup.launch import Selection, lookup_inputs
 from ..lookup.reference import pick_threshold
-from ..triton_common import cdiv, check_device, hint, interpreting, launch, pow2, sm_count, symbolic
+from ..triton_common import cdiv, check_device, hint, interpreting, lastdim, launch, pow2, sm_count, symbolic
 from . import triton as _un
 
 # Dispatch switch read when the op body runs (so at trace / capture time under torch.compile and
