@@ -70,10 +70,12 @@ class SqueezeConfig:
         (KVQuant-style, squeeze/quantize.py: pre-RoPE per-channel keys, per-token values, packed
         int32 words read and dequantized by the attention kernel). The always-attended keys
         (window, sinks, dense tokens) stay in the model's dtype.
-    kv_datatype: low-bit levels: "nuq" (a per-layer codebook fitted to the attention-weighted
-        data) or "int" (uniform). Ignored at 16 bits.
+    kv_datatype: low-bit levels: "nuq" (a per-layer codebook fitted to the data, each key entry
+        weighted by the attention the observation window gives its token and by the window
+        queries' energy in its channel at its rotation) or "int" (uniform). Ignored at 16 bits.
     kv_outliers: fraction of entries per K/V row kept in float16 beside the low-bit codes
-        (dense-and-sparse; 0 keeps none). Ignored at 16 bits.
+        (dense-and-sparse; 0 keeps none; for keys, the entries whose rounding would move the
+        window queries' scores the most). Ignored at 16 bits.
     kv_qnorm: Q-Norm (KVQuant): after the codes are chosen, each layer's codebook is moved and
         scaled so that the dequantized entries have the mean and standard deviation of the
         entries they stand for (low bit widths shrink the spread). Offline only: the same file

@@ -363,7 +363,7 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
         from .quantize import low_bit_fields
 
         low = low_bit_fields(shape4(sorted_keys), shape4(sorted_values), shape4(positions),
-                             weights.gather(2, shape4(positions)), L, rope, config)
+                             weights.gather(2, shape4(positions)), L, rope, config, window_queries)
         sorted_keys, sorted_values = low.pop("keys").flatten(0, 1), low.pop("values").flatten(0, 1)
     ctx = SqueezedContext(
         config=config,

@@ -14,7 +14,13 @@ The fixed context is known offline, so its clustered K/V can be stored in 4, 3 o
 - dense-and-sparse: per key/value row the E = round(kv_outliers * D) entries farthest from their
   channel (keys) or row (values) statistics stay in float16 in a side table (channel index, value),
   and do not stretch the normalisation range. A fixed count per row keeps the side table in the
-  cluster-sorted layout, so a selected cluster's outliers are one contiguous range too.
+  cluster-sorted layout, so a selected cluster's outliers are one contiguous range too;
+- sensitivity (keys, when the observation window's queries are given): a key's rounding error
+  moves its scores by q . R_p dk, so channel d of the key at position p weighs E[(R_p^T q)_d^2]
+  over the window's queries (`key_sensitivity`): the few slow-rotating channels that carry most
+  of the queries' energy dominate. The codebook fit weighs each entry by it too, and each row's
+  E outliers are then re-picked as the entries whose rounding costs the most score error
+  (sensitivity x squared error), with the range and codebook fitted again without them.
 
 Packing: the codes of one row go into int32 words, v = 32 // bits codes per word (4 bits: 8,
 2 bits: 16), code d at bits (d % v) * bits of word d // v. 3 bits: two bit planes one after
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -204,11 +210,27 @@ def qnorm_codebook(y: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor)
     return ((cb - yh.mean()) * (y.std(unbiased=False) / spread) + y.mean()).to(codebook.dtype)
 
 
+def _fit_rows(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bits: int, datatype: str,
+              per_channel: bool, seed: int):
+    """Normalisation and codebook of one layer's x [H, N, D] without the entries in mask:
+    (scale, offset, y = normalised x, codebook, codes)."""
+    dim = -2 if per_channel else -1
+    scale, offset = _normalise(x, ~mask, dim)
+    if not per_channel:  # stored in float16: normalise with the rounded numbers
+        scale, offset = scale.half().double(), offset.half().double()
+    y = ((x - offset) / scale).clamp(-1, 1)
+    cb = fit_codebook(y[~mask], w[~mask], bits, datatype, seed=seed)
+    return scale, offset, y, cb, assign(y, cb)
+
+
 def quantize_rows(x: torch.Tensor, weights: torch.Tensor, bits: int, datatype: str, outliers: float,
-                  per_channel: bool, seed: int = 0, qnorm: bool = False) -> QuantizedKV:
+                  per_channel: bool, seed: int = 0, qnorm: bool = False,
+                  sensitivity: Callable[[int], torch.Tensor] | None = None) -> QuantizedKV:
     """Quantize x [layers, H, N, D] (keys already pre-RoPE): per channel (over N) when
     per_channel, else per token; weights [layers, H, N] weigh each token in the nuq fit;
-    qnorm: each layer's codebook corrected by qnorm_codebook over its non-outlier entries."""
+    qnorm: each layer's codebook corrected by qnorm_codebook over its non-outlier entries;
+    sensitivity(i) -> [H, N, D]: what an error in each entry of layer i costs (it multiplies the
+    fit's weights, and each row's outliers are re-picked as its costliest rounding errors)."""
     layers, H, N, D = x.shape
     e = outliers_per_row(D, outliers)
     dim = -2 if per_channel else -1
@@ -221,13 +243,18 @@ def quantize_rows(x: torch.Tensor, weights: torch.Tensor, bits: int, datatype: s
     for i in range(layers):  # one layer at a time: float64 scratch of one layer only
         xi = x[i].double()
         idx, mask = _outliers(xi, dim, e)
-        scale, offset = _normalise(xi, ~mask, dim)
-        if not per_channel:  # stored in float16: normalise with the rounded numbers
-            scale, offset = scale.half().double(), offset.half().double()
-        y = ((xi - offset) / scale).clamp(-1, 1)
-        wi = weights[i].double()[..., None].expand_as(y)
-        cb = fit_codebook(y[~mask], wi[~mask], bits, datatype, seed=seed + i)
-        codes = assign(y, cb)
+        wi = weights[i].double()[..., None].expand_as(xi)
+        s = None
+        if sensitivity is not None:
+            s = sensitivity(i).to(xi.device, torch.float64)
+            s = s + 1e-3 * s.mean() + 1e-300  # no entry weighs nothing in the fit
+            wi = wi * s
+        scale, offset, y, cb, codes = _fit_rows(xi, wi, mask, bits, datatype, per_channel, seed + i)
+        if s is not None and e:
+            cost = s * (xi - (cb.double()[codes] * scale + offset)).square()
+            idx = cost.topk(e, dim=-1).indices.sort(-1).values
+            mask = torch.zeros_like(mask).scatter_(-1, idx, True)
+            scale, offset, y, cb, codes = _fit_rows(xi, wi, mask, bits, datatype, per_channel, seed + i)
         packed[i] = pack(codes, bits)
         cbs[i] = qnorm_codebook(y[~mask], codes[~mask], cb) if qnorm else cb
         if per_channel:
@@ -239,10 +266,36 @@ def quantize_rows(x: torch.Tensor, weights: torch.Tensor, bits: int, datatype: s
     return QuantizedKV(packed, cbs, norm, oidx, oval)
 
 
+def query_moments(window_queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[layers, H, D, D] float64: E[q q^T] over the (post-RoPE) window queries of each KV head's
+    query-head group."""
+    layers, Hq, W, D = window_queries.shape
+    q = window_queries.double().reshape(layers, kv_heads, (Hq // kv_heads) * W, D)
+    return q.transpose(-1, -2) @ q / q.shape[2]
+
+
+def key_sensitivity(moments: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[H, N, D]: E[(R_p^T q)_d^2] for the pre-RoPE key channel d at each key's rotation R_p
+    (cos, sin [H, N, D] as RopeTable.cos_sin gives them), from moments [H, D, D] = E[q q^T].
+    Column d of R_p is cos_d e_d + sin_d e_(d+D/2) in the first half and cos_d e_d - sin_d
+    e_(d-D/2) in the second (rotate_half), so the diagonal of R_p^T M R_p needs only M's diagonal
+    and the (d, d +- D/2) entries."""
+    D = moments.shape[-1]
+    h = D // 2
+    diag = moments.diagonal(dim1=-2, dim2=-1)                              # [H, D]
+    cross = torch.cat([moments[:, torch.arange(h), torch.arange(h) + h]] * 2, dim=-1)
+    sign = torch.cat([torch.ones(h), -torch.ones(h)]).to(moments)
+    partner = diag.roll(h, dims=-1)
+    c, s = cos.double(), sin.double()
+    return (c * c * diag[:, None] + s * s * partner[:, None] + 2 * c * s * (sign * cross)[:, None]).clamp_min(0)
+
+
 def low_bit_fields(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
-                   context_length: int, rope: RopeTable, config) -> dict[str, torch.Tensor | None]:
+                   context_length: int, rope: RopeTable, config,
+                   window_queries: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
     """The SqueezedContext fields of a low-bit context from its sorted post-RoPE keys and values
-    [layers, H, N, D], their context positions [layers, H, N] and token weights."""
+    [layers, H, N, D], their context positions [layers, H, N] and token weights; window_queries
+    [layers, Hq, W, D] (post-RoPE): what weighs the keys' channels (None: all alike)."""
     bits, dt, frac = int(config.kv_bits), config.kv_datatype, float(config.kv_outliers)
     layers, H, N, D = keys.shape
     # float32 scratch (quantize_rows works in float64 one layer at a time): 17 GB, not 34, at 128K
@@ -251,8 +304,15 @@ def low_bit_fields(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
     for i in range(layers):  # pre-RoPE keys: undo the rotation at each key's position p - L
         cos, sin = rope.cos_sin(positions[i].long() - context_length)
         pre[i] = invert_rope(keys[i], cos, sin)
+    sensitivity = None
+    if window_queries is not None:
+        moments = query_moments(window_queries.to(keys.device), H)
+
+        def sensitivity(i: int) -> torch.Tensor:
+            return key_sensitivity(moments[i], *rope.cos_sin(positions[i].long() - context_length))
     qnorm = bool(getattr(config, "kv_qnorm", False))
-    qk = quantize_rows(pre, weights, bits, dt, frac, per_channel=True, seed=config.seed, qnorm=qnorm)
+    qk = quantize_rows(pre, weights, bits, dt, frac, per_channel=True, seed=config.seed, qnorm=qnorm,
+                       sensitivity=sensitivity)
     del pre
     qv = quantize_rows(values, weights, bits, dt, frac, per_channel=False, seed=config.seed + 1, qnorm=qnorm)
     e = qk.outlier_idx.shape[-1]

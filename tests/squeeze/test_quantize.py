@@ -12,8 +12,8 @@ import torch
 from sqz_compile.config import SqueezeConfig
 from sqz_compile.context import SqueezedContext, SqueezedContextError
 from sqz_compile.kernels.quant.reference import dequantize_rows, packed_words, planes, unpack
-from sqz_compile.squeeze.quantize import (RopeTable, apply_rope, context_bytes, invert_rope, pack, quantize_rows,
-                                          rope_from_model, size_table)
+from sqz_compile.squeeze.quantize import (RopeTable, apply_rope, context_bytes, invert_rope, key_sensitivity, pack,
+                                          query_moments, quantize_rows, rope_from_model, size_table)
 
 
 def _heavy(shape, seed=0):
@@ -160,6 +160,45 @@ def test_qnorm_context_roundtrip_and_levels_past_one(tmp_path):
     _rewrite(p, None, lambda m: m["config"].update(kv_qnorm=False))
     with pytest.raises(SqueezedContextError, match="codebooks must hold"):
         SqueezedContext.load(p)
+
+
+def test_key_sensitivity_is_the_rotated_query_energy():
+    """key_sensitivity = E[(q . R_p e_d)^2] over the queries: the score change per unit of error in
+    pre-RoPE channel d of a key rotated to position p, brute-forced through apply_rope."""
+    g = torch.Generator().manual_seed(0)
+    layers, H, group, W, D, N = 1, 2, 3, 7, 16, 11
+    q = torch.randn(layers, H * group, W, D, generator=g) * torch.linspace(0.2, 3, D)
+    table = RopeTable(1.0 / (10000 ** (torch.arange(0, D, 2).float() / D)), 1.3)
+    pos = torch.randint(-5000, 0, (H, N), generator=g)
+    cos, sin = table.cos_sin(pos)
+    got = key_sensitivity(query_moments(q, H)[0], cos, sin)                          # [H, N, D]
+    basis = torch.eye(D, dtype=torch.float64)
+    rotated = apply_rope(basis[None, None], cos[:, :, None], sin[:, :, None])        # [H, N, D(e_d), D]
+    qs = q[0].double().reshape(H, group * W, D)
+    want = torch.einsum("hnde,hqe->hnqd", rotated, qs).square().mean(2)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_sensitivity_weighs_the_fit_and_picks_the_outliers(bits):
+    """Channels that carry the queries' energy get the codebook and the outliers: the
+    sensitivity-weighted squared error drops against the channel-blind quantization, and every
+    entry stays within its bound (outliers exact to float16)."""
+    x = _heavy((1, 2, 200, 32), seed=7)
+    w = torch.rand(1, 2, 200)
+    s = torch.ones(2, 200, 32)
+    s[..., [3, 20]] = 50.0
+    errs = {}
+    for name, sens in (("blind", None), ("weighted", lambda i: s)):
+        q = quantize_rows(x, w, bits, "nuq", 0.03, True, sensitivity=sens)
+        y = dequantize_rows((q.packed, q.codebook, q.norm, q.outlier_idx, q.outlier_val), bits, 32, True)
+        err = (y - x.double())[0]
+        errs[name] = float((err.square() * s.double() * w[0, ..., None].double()).sum())
+        is_out = torch.zeros_like(x[0], dtype=torch.bool).scatter_(-1, q.outlier_idx[0].long(), True)
+        assert bool((err[is_out].abs() <= 1e-3 * x[0][is_out].abs().double() + 1e-6).all())
+        limit = q.norm[0].double()[..., 0:1, :] * _bound(q.codebook[0]) * (1 + 1e-3) + 1e-6
+        assert bool((err.abs() <= limit)[~is_out].all())
+    assert errs["weighted"] < 0.8 * errs["blind"]
 
 
 def test_outliers_shrink_the_range():
