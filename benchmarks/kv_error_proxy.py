@@ -2,9 +2,10 @@
 
 On the real model (SmolLM2-135M-Instruct, Paul Graham essays) this captures a context of L tokens
 plus the T tokens that follow it (`capture_context`), then per layer quantizes the context's
-clustered keys and values exactly as `squeeze` would (the same always-attended window and dense
-tokens stay exact; `quantize_rows` with the same token weights, outliers and, unless the recipe
-says `blind`, the window queries' channel sensitivity), and measures the attention output of the
+clustered keys and values exactly as `squeeze` does (`split_positions`: the always-attended window
+and dense tokens stay exact; `low_bit_fields` with the same token weights, outliers and, unless the
+recipe says `blind`, the window queries' channel sensitivity), reads them back with the kernels'
+float64 reference (`dequantize_context`), and measures the attention output of the
 T held-out queries (their own rows, dense over the context, through the layer's o_proj):
 
     error = |o_proj(attn(K^, V^)) - o_proj(attn(K, V))| / |o_proj(attn(K, V))|   per layer
@@ -43,29 +44,23 @@ class Setup:
 
     def __init__(self, context: int, held_out: int, window: int, dense_tokens: int, seed: int):
         from sqz_compile.assets import essay_tokens, load_smollm2
-        from sqz_compile.squeeze.capture import capture_context, dense_positions
-        from sqz_compile.squeeze.quantize import invert_rope, rope_from_model, token_weights
+        from sqz_compile.squeeze.capture import capture_context, split_positions
+        from sqz_compile.squeeze.quantize import rope_from_model, token_weights
 
         model, tok = load_smollm2()
         L, T, W = context, held_out, window
         cap = capture_context(model, essay_tokens(tok, L + T, seed=seed), window=W + T, chunk_size=512,
                               progress=False)
+        # keys rotated at p - (L + T): what a squeeze of context_length L + T stores
         keys, values, queries, self.scaling = cap.keys[:, :, :L], cap.values[:, :, :L], cap.queries, cap.scaling
         layers, H, _, D = keys.shape
-        self.layers, self.H, self.D, self.L = layers, H, D, L
+        self.layers, self.H, self.D, self.length = layers, H, D, L + T
         self.window_queries, self.held_out = queries[:, :, :W], queries[:, :, W:].double()
         self.rope = rope_from_model(model, L + T, D)
-        dense = dense_positions(keys, self.window_queries, self.scaling, 0, L - W, dense_tokens)
-        free = torch.ones(layers, H, L, dtype=torch.bool)
-        free[:, :, L - W:] = False
-        free.scatter_(2, dense, False)
-        self.clustered = free.nonzero()[:, 2].reshape(layers, H, -1)     # quantized token positions
-        self.positions = self.clustered - (L + T)                        # as the capture rotated them
+        self.clustered = split_positions(keys, self.window_queries, self.scaling, 0, dense_tokens)[1]
         self.keys, self.values = keys.double(), values.double()
         gather = lambda x: x.gather(2, self.clustered[..., None].expand(-1, -1, -1, D))  # noqa: E731
-        pre = torch.stack([invert_rope(gather(keys)[i], *self.rope.cos_sin(self.positions[i]))
-                           for i in range(layers)])
-        self.pre_keys, self.clustered_values = pre, gather(self.values)
+        self.clustered_keys, self.clustered_values = gather(keys), gather(values)
         self.weights = token_weights(keys, self.window_queries, self.scaling, self.clustered)
         self.o_proj = [model.model.layers[i].self_attn.o_proj.weight.detach().double() for i in range(layers)]
         self.reference = [self.attention(i, self.keys[i], self.values[i]) for i in range(layers)]
@@ -79,23 +74,17 @@ class Setup:
         return o.permute(1, 0, 2).reshape(q.shape[1], -1) @ self.o_proj[i].T
 
     def quantized(self, recipe: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized post-RoPE keys and values [layers, H, L, D] of the recipe."""
-        from sqz_compile.squeeze.quantize import (apply_rope, dequantize_rows, key_sensitivity, query_moments,
-                                                  quantize_rows)
+        """Dequantized post-RoPE keys and values [layers, H, L, D] of the recipe: squeeze's
+        low_bit_fields, read back by the kernels' float64 reference (dequantize_context)."""
+        from sqz_compile.config import SqueezeConfig
+        from sqz_compile.squeeze.quantize import dequantize_context, low_bit_fields
 
-        bits, frac = recipe["bits"], recipe["outliers"]
-        sens = None
-        if recipe["sensitivity"]:
-            moments = query_moments(self.window_queries, self.H)
-
-            def sens(i):
-                return key_sensitivity(moments[i], *self.rope.cos_sin(self.positions[i]))
-        qk = quantize_rows(self.pre_keys, self.weights, bits, "nuq", frac, True, sensitivity=sens)
-        qv = quantize_rows(self.clustered_values, self.weights, bits, "nuq", frac, False, seed=1)
-        fields = lambda q: (q.packed, q.codebook, q.norm, q.outlier_idx, q.outlier_val)  # noqa: E731
-        pk = dequantize_rows(fields(qk), bits, self.D, True)
-        v = dequantize_rows(fields(qv), bits, self.D, False)
-        k = torch.stack([apply_rope(pk[i], *self.rope.cos_sin(self.positions[i])) for i in range(self.layers)])
+        config = SqueezeConfig(kv_bits=recipe["bits"], kv_outliers=recipe["outliers"])
+        f = low_bit_fields(self.clustered_keys, self.clustered_values, self.clustered, self.weights,
+                           self.length, self.rope, config,
+                           self.window_queries if recipe["sensitivity"] else None)
+        k, v = dequantize_context(f["keys"], f["values"], self.clustered, f["rope"], f["codebooks"],
+                                  f["key_norm"], f["value_norm"], f["outlier_idx"], f["outlier_val"], self.D)
         where = self.clustered[..., None].expand(-1, -1, -1, self.D)
         return self.keys.scatter(2, where, k), self.values.scatter(2, where, v)
 

@@ -249,6 +249,25 @@ def dense_positions(keys: torch.Tensor, window_queries: torch.Tensor, scaling: f
     return out
 
 
+def split_positions(keys: torch.Tensor, window_queries: torch.Tensor, scaling: float, sinks: int,
+                    dense_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (layer, KV head) of keys [layers, H, L, D]: the always-attended context positions
+    [layers, H, S + T + W] (the S sinks, the T dense_positions in ascending order, then the last
+    W = window_queries.shape[2] tokens) and the clustered ones [layers, H, N], ascending."""
+    layers, H, L, _ = keys.shape
+    S, T, W = sinks, dense_tokens, window_queries.shape[2]
+    device = keys.device
+    dense = dense_positions(keys, window_queries, scaling, S, L - W, T)            # [layers, H, T]
+    free = torch.ones(layers, H, L, dtype=torch.bool, device=device)
+    free[:, :, :S] = False
+    free[:, :, L - W:] = False
+    free.scatter_(2, dense, False)
+    clustered = free.nonzero()[:, 2].reshape(layers, H, L - S - T - W)
+    lead = torch.arange(S, device=device).expand(layers, H, S)
+    tail = torch.arange(L - W, L, device=device).expand(layers, H, W)
+    return torch.cat([lead, dense.sort(dim=2).values, tail], dim=2), clustered
+
+
 def _sort_by(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return x.gather(1, perm.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
@@ -292,16 +311,7 @@ def _squeeze_owned(kv: list[torch.Tensor], window_queries: torch.Tensor, scaling
     B = layers * H
     t0 = time.perf_counter()
     device = keys.device
-    # always-attended keys per (layer, head): S sinks, T chosen from data, then the W window tokens
-    dense = dense_positions(keys, window_queries, scaling, S, L - W, T)            # [layers, H, T]
-    free = torch.ones(layers, H, L, dtype=torch.bool, device=device)
-    free[:, :, :S] = False
-    free[:, :, L - W:] = False
-    free.scatter_(2, dense, False)
-    clustered = free.nonzero()[:, 2].reshape(layers, H, N)                        # ascending
-    lead = torch.arange(S, device=device).expand(layers, H, S)
-    tail = torch.arange(L - W, L, device=device).expand(layers, H, W)
-    window_pos = torch.cat([lead, dense.sort(dim=2).values, tail], dim=2)
+    window_pos, clustered = split_positions(keys, window_queries, scaling, S, T)
     window_keys = _gather_tokens(keys, window_pos)
     window_values = _gather_tokens(values, window_pos)
     weights = None
