@@ -27,7 +27,7 @@ from a few cluster directions so the selection is meaningful. No K-means runs he
            before timing. Rows record selection batch-invariance, kept and union fractions (keys
            some row keeps) and each variant's bytes; latency vs batch in bench_attention_batch.png
   lowbit_sweep  the low-bit decode attention kernel alone (--kv-bits < 16, default 4; contexts
-           from --contexts) under each (keys per tile, warps, stages, splits) of LOWBIT_SWEEP, output
+           from --contexts) under each (keys per tile, warps, stages, splits, register cap) of LOWBIT_SWEEP, output
            checked against the launcher's default config: which launch hides the dequantization's
            latency best (not in the default --only)
 
@@ -456,13 +456,13 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
     torch.cuda.empty_cache()
 
 
-# low-bit decode launch configs swept by --only lowbit_sweep: (keys per tile, warps, stages); the
-# launcher's default (64, 8, 2) is the first. sm_90 offline compile (NOTES "v12 outcomes"): 4-bit
-# takes 251 registers at (64, 8) -> one 8-warp program per SM; (16, 8) takes 103 -> two
-# (keys per tile, warps, stages, splits x the launcher's): v13 measured the first eight of v12's
-# list (4 warps won); now around the winner, with more programs in flight (latency-bound kernel)
-LOWBIT_SWEEP = [(64, 4, 2, 1), (64, 4, 2, 2), (64, 4, 2, 4), (32, 4, 2, 1), (32, 4, 2, 2), (64, 8, 2, 1),
-                (64, 4, 3, 1), (64, 2, 2, 1), (128, 4, 2, 1)]
+# low-bit decode launch configs swept by --only lowbit_sweep: (keys per tile, warps, stages, splits x
+# the launcher's, ptxas register cap or 0); the launcher's default is the first. The sm_90 compile
+# takes ~250 registers at 32 and 64 keys per tile and 4 warps, so two programs per SM: smaller
+# tiles and register caps trade spills and per-tile overhead for more programs per SM, fewer
+# splits trade load balance for less per-program overhead (NOTES v15)
+LOWBIT_SWEEP = [(16, 4, 3, 1, 128), (64, 4, 2, 1, 0), (32, 4, 2, 1, 128), (16, 4, 2, 1, 128), (16, 4, 3, 2, 128),
+                (32, 4, 2, 2, 128), (64, 4, 2, 0.5, 0)]
 
 
 def run_lowbit_sweep(n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int) -> None:
@@ -473,16 +473,17 @@ def run_lowbit_sweep(n: int, keep: float, copies: int, results: list, bw: float,
     m, s = NEW_TOKENS["decode"]
     dev = DEVICE["dev"]
     ctxs, qs, kns, vns, thrs = step_inputs("decode", n, keep, copies, kv_bits)
-    base = KA.attention_config(1, H, G, m, BLOCK_Q, n, W, s, D, KA.sm_count(qs[0]))
+    base = KA.attention_config(1, H, G, m, BLOCK_Q, n, W, s, D, KA.sm_count(qs[0]), kv_bits)
     sels = [sqz_lookup.lookup(q, c["lookup_centroids"], c["offsets"], t, None, None, None, SCALE, BLOCK_Q, 0,
                               positions=n if base.pos_list else 0) for c, q, t in zip(ctxs, qs, thrs)]
     low = [c["low_bit"] for c in ctxs]
     kept = sels[0].nkeys.float().mean().item()
     ref = None
-    for bn, warps, stages, more in LOWBIT_SWEEP:
-        cfg = base._replace(block_n=bn, num_warps=warps, num_stages=stages, split=base.split * more, fixed=True)
+    for bn, warps, stages, more, maxnreg in LOWBIT_SWEEP:
+        cfg = base._replace(block_n=bn, num_warps=warps, num_stages=stages, split=max(1, round(base.split * more)),
+                            fixed=True, maxnreg=maxnreg)
         row = {"kind": "lowbit_sweep", "context": n, "kv_bits": kv_bits, "block_n": bn, "warps": warps,
-               "stages": stages, "split": cfg.split, "copies": copies, "kept_fraction": kept / n}
+               "stages": stages, "split": cfg.split, "maxnreg": maxnreg, "copies": copies, "kept_fraction": kept / n}
         try:
             steps = [(lambda c=c, q=q, kn=kn, vn=vn, sel=sel, lb=lb: KA.sparse_attention(
                 q, kn, vn, None, lb["keys"], lb["values"], sel, c["window_keys"], c["window_values"], SCALE,

@@ -6,7 +6,7 @@ instruction class, and shared memory. The counts in benchmarks/NOTES.md "q3" (it
 Each case is BITS:MODE[:key=value...]: BITS 16 (the bf16 context), 4, 3 or 2; MODE decode (one
 query) or prefill (1024 queries), warps and stages as the launcher picks them; keys d (head dim,
 128), halves (1/0, default: as the launcher picks), fast (1/0: the PTX codebook gather and
-sin/cos), nout (outliers per row, 1), warps, stages. Shapes: 8 KV heads x 4 query heads each,
+sin/cos), nout (outliers per row, 1), warps, stages, bn (keys per tile, 64), maxnreg (ptxas register cap). Shapes: 8 KV heads x 4 query heads each,
 POS_LIST, bf16.
 
     python benchmarks/offline_sass.py 4:decode 3:decode 2:decode 3:prefill 3:decode:d=64
@@ -34,7 +34,7 @@ from sqz_compile.kernels.quant.triton import halves as halves_path  # noqa: E402
 
 
 def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = None, fast: bool = True,
-                 nout: int = 1, warps: int | None = None, stages: int | None = None):
+                 nout: int = 1, warps: int | None = None, stages: int | None = None, bn: int = 64, maxnreg: int | None = None):
     """The compiled kernel of one case (signature, constexprs and divisibility as the launcher's
     JIT would specialize them at 128K context)."""
     fn = SA._sparse_attn_kernel
@@ -52,7 +52,7 @@ def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = N
                 swkh=116 * d, swkn=d, swvh=116 * d, swvn=d, sob=h * g * m * d, soh=m * d, som=d,
                 B=1, H=h, G=g, M=m, S=m, W=116, NB=1 if decode else 16, C=6000, NPOS=n, block_q=64,
                 TPB=1 if decode else 2, SPLIT=33 if decode else 1, D=d)
-    const = dict(BQ=4 if decode else 32, GP=g, BLOCK_N=64, BLOCK_D=block_d, MASK_KIND=0, IS_CAUSAL=True,
+    const = dict(BQ=4 if decode else 32, GP=g, BLOCK_N=bn, BLOCK_D=block_d, MASK_KIND=0, IS_CAUSAL=True,
                  PARTIAL=decode, IEEE=False, SEARCH=128, POS_LIST=True, QBITS=qbits, NOUT=nout,
                  HALVES=halves, FAST=fast)
     sig, constexprs, attrs = {}, {}, {}
@@ -70,10 +70,10 @@ def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = N
             if ints[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     cfg = KA.AttnConfig(4 if decode else 32, g, 64, 1, 4 if decode else 8, 2 if decode else 3)
-    warps = warps or KA._warps(cfg, halves)
+    warps = warps or cfg.num_warps
     stages = stages or KA._stages(cfg, qbits, halves)
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+                          options=dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {})))
 
 
 _INS = re.compile(r"\s+/\*[0-9a-f]{4,}\*/")
@@ -104,12 +104,20 @@ def loop_counts(kernel, sass_path: str | None = None) -> dict:
         if b and label_at.get(b.group(1), i + 1) <= i:
             loops.append((i - label_at[b.group(1)] + 1, label_at[b.group(1)], i))
     size, lo, hi = max(loops) if loops else (0, 0, -1)
+    cuobjdump = os.path.join(os.path.dirname(nvdisasm), "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
     body = ins[lo:hi + 1]
 
     def count(pattern):
         return sum(1 for line in body if re.search(pattern, line))
 
-    return dict(total=len(ins), loop=size, ldg=count(r"\bLDG"), lds=count(r"\bLDS"), ldl=count(r"\bLDL"),
+    return dict(regs=int(regs.group(1)) if regs else None, stack=int(stack.group(1)) if stack else None,
+                total=len(ins), loop=size, ldg=count(r"\bLDG"), lds=count(r"\bLDS"), ldl=count(r"\bLDL"),
                 stl=count(r"\bSTL"), mufu=count(r"MUFU"), sel=count(r"\bF?SEL\b"),
                 shift_logic=count(r"\bSHF|\bLOP3|\bSGXT"), shared=kernel.metadata.shared)
 

@@ -54,7 +54,8 @@ def test_tiny_lowbit_sweep_rows(tmp_path):
     from bench_attention import LOWBIT_SWEEP
 
     assert [(r["block_n"], r["warps"], r["stages"]) for r in rows] == [c[:3] for c in LOWBIT_SWEEP]
-    assert [r["split"] // rows[0]["split"] for r in rows] == [c[3] for c in LOWBIT_SWEEP]
+    assert [r["split"] for r in rows] == [max(1, round(rows[0]["split"] * c[3])) for c in LOWBIT_SWEEP]
+    assert [r["maxnreg"] for r in rows] == [c[4] for c in LOWBIT_SWEEP]
     for r in rows:
         assert r["kind"] == "lowbit_sweep" and r["kv_bits"] == 4 and "error" not in r, r
         assert r["rel_diff_vs_default"] < 1e-2 and r["attn_ms"] > 0, r

@@ -23,7 +23,12 @@ class AttnConfig(NamedTuple):
     num_stages: int
     pos_list: bool = False  # read the kept keys through their positions (Selection.pos)
     fixed: bool = False     # stages as given, also for a low-bit context (sweeps)
+    maxnreg: int = 0        # ptxas register cap per thread (0: ptxas picks)
 
+
+# low-bit decode: (keys per tile, pipeline stages, ptxas register cap, programs per SM the split
+# aims at); NOTES v15, 4-bit sweep at 32K and 128K
+LOWBIT_DECODE = (16, 3, 128, 4)
 
 # positions buffer [rows, context keys] int32: used only while it stays this small (prefill of
 # 1024 tokens over 128K context with 8 KV heads needs 64 MiB + 4 MiB)
@@ -31,19 +36,26 @@ _POS_LIST_BYTES = 128 << 20
 
 
 def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int, w: int, s: int,
-                     d: int, sms: int) -> AttnConfig:
+                     d: int, sms: int, qbits: int = 0) -> AttnConfig:
     """Tile shapes and split count from static shapes (prefill: 64-row GQA-packed tiles;
-    decode: one 16-row tile per KV head and many splits)."""
+    decode: one 16-row tile per KV head and many splits). `qbits`: a low-bit context's bits
+    (0: 16-bit), whose tiles dequantize in registers and take their own shapes."""
     gp = pow2(g)
     dynamic_m = symbolic(m)
     bqv = block_q if dynamic_m else min(block_q, m)  # symbolic M: tiles cover a whole block
     decode = not dynamic_m and gp * pow2(bqv) <= 16
+    maxnreg = 0
+    per_sm = 4  # decode: ~4 programs per SM keep enough K/V bytes in flight
     if decode:
         bq = max(pow2(bqv), 16 // gp)
         block_n = 64 if d <= 128 else 32
-        # more stages gain nothing here (NOTES v7); 4 warps also for a low-bit context: 73 vs 82 us
-        # (4-bit), 71 vs 88 us (2-bit) with 8 warps at 128K (NOTES v13, lowbit_sweep)
+        # more stages gain nothing here (NOTES v7)
         warps, stages = 4, 2
+        if qbits:
+            # the low-bit tile is bound by the dequantization's dependent ALU chains, with two warps
+            # per scheduler at 255 registers: 16-key tiles under a 128-register cap fit four
+            # programs per SM (4-bit attention kernel: 32K 33.0 -> 23.8 us, 128K 73.0 -> 60.6 us)
+            block_n, stages, maxnreg, per_sm = LOWBIT_DECODE
     else:
         bq = max(1, min(pow2(bqv), 128 // gp)) if gp <= 128 else 1
         block_n = 64 if d <= 128 else 32
@@ -52,25 +64,27 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     tpb = cdiv(bqv, bq)
     progs = hint(bsz) * h * nb * tpb
     max_tiles = cdiv(n_ctx + w + hint(s), block_n)
-    # decode: ~4 programs per SM keep enough K/V bytes in flight; prefill: split only when the
-    # query tiles alone leave SMs idle
-    want = 4 * sms if decode else sms
+    # prefill: split only when the query tiles alone leave SMs idle
+    want = per_sm * sms if decode else sms
     split = max(1, min(cdiv(want, progs), max(1, max_tiles // 4)))
     # a list of the kept keys' positions (written by the lookup) takes the slot search out of
     # the attention loop, whose K/V loads then pipeline; its buffer is bounded
     pos_list = hint(bsz) * h * nb * n_ctx * 4 <= _POS_LIST_BYTES
-    return AttnConfig(bq, gp, block_n, split, warps, stages, pos_list)
+    return AttnConfig(bq, gp, block_n, split, warps, stages, pos_list, maxnreg=maxnreg)
 
 
 def _stages(cfg: AttnConfig, qbits: int, halves: bool) -> int:
     """Software-pipeline depth of the attention launch: the config's for a 16-bit context. Low-bit
-    with HALVES: at most 2 (decode's 2; the next tile's packed words and positions load by
-    cp.async while this tile dequantizes; sm_90: 36.9 KB of shared memory at decode, 64 KB at
-    prefill). Other low-bit layouts (padded head dims): 1 (their per-entry gathers do not
-    pipeline, and the old 3-bit per-entry prefill took 147 KB at 2 stages)."""
+    with HALVES: the next tiles' packed words and positions load by cp.async while this tile
+    dequantizes; at most 3 for a decode tile (16 rows; 3 with 16-key tiles: NOTES v15) and 2
+    for prefill (sm_90: 64 KB of shared memory at 2). Other low-bit layouts (padded head dims): 1
+    (their per-entry gathers do not pipeline, and the old 3-bit per-entry prefill took 147 KB at
+    2 stages)."""
     if not qbits or cfg.fixed:
         return cfg.num_stages
-    return min(cfg.num_stages, 2) if halves else 1
+    if not halves:
+        return 1
+    return min(cfg.num_stages, 3 if cfg.gp * cfg.bq <= 16 else 2)
 
 
 def _search_width(c: int) -> int:
@@ -111,7 +125,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     c = sel.delta.shape[1] if sel.delta is not None else 1
     block_q = int(block_q)
     nb = cdiv(m, block_q)
-    cfg = config or attention_config(bsz, h, g, m, block_q, n_ctx, w, s, d, sm_count(q))
+    cfg = config or attention_config(bsz, h, g, m, block_q, n_ctx, w, s, d, sm_count(q), qbits)
     tpb = cdiv(block_q if symbolic(m) else min(block_q, m), cfg.bq)
     dev = q.device
 
@@ -170,10 +184,19 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
             IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
             POS_LIST=use_pos, QBITS=qbits, NOUT=nout, HALVES=halves, FAST=bool(qbits) and _qt.fast_math(dev),
-            num_warps=cfg.num_warps, num_stages=_stages(cfg, qbits, halves))
+            num_warps=cfg.num_warps, num_stages=_stages(cfg, qbits, halves),
+            **_register_cap(cfg))
     if partial and partials is None:
         merge_splits(part_o, part_l, out, cfg.split)
     return out
+
+
+def _register_cap(cfg: AttnConfig) -> dict:
+    """The launch's `maxnreg`, when it has one and the launch runs directly: the interpreter has no
+    registers, and a traced launch (Dynamo, Inductor) takes only the standard launch options."""
+    if not cfg.maxnreg or interpreting() or torch.compiler.is_compiling():
+        return {}
+    return {"maxnreg": cfg.maxnreg}
 
 
 def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor, splits: int) -> None:
@@ -244,8 +267,9 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                                              sel, window_keys, window_values, scale, is_causal, block_q)
     h, n_ctx = ctx_keys.shape[:2]
     d = q.shape[3]
+    qbits = 0 if codebooks is None else int(codebooks.shape[-1]).bit_length() - 1
     cfg = attention_config(q.shape[0], h, q.shape[1] // h, q.shape[2], int(block_q), n_ctx,
-                           window_keys.shape[1], k_new.shape[2], d, sm_count(q))
+                           window_keys.shape[1], k_new.shape[2], d, sm_count(q), qbits)
     sel = lookup(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                  coarse_log_threshold, scale, block_q, budget,
                  positions=n_ctx if cfg.pos_list else 0)
