@@ -6,8 +6,9 @@ instruction class, and shared memory. The counts in benchmarks/NOTES.md "q3" (it
 Each case is BITS:MODE[:key=value...]: BITS 16 (the bf16 context), 4, 3 or 2; MODE decode (one
 query) or prefill (1024 queries), warps and stages as the launcher picks them; keys d (head dim,
 128), halves (1/0, default: as the launcher picks), fast (1/0: the PTX codebook gather and
-sin/cos), nout (outliers per row, 1), warps, stages, bn (keys per tile, 64), maxnreg (ptxas register cap). Shapes: 8 KV heads x 4 query heads each,
-POS_LIST, bf16.
+sin/cos), nout (outliers per row, 1), warps, stages, bn (keys per tile), maxnreg (ptxas register
+cap; 0 for none): the launcher's (attention_config) unless given. Shapes: 8 KV heads x 4 query
+heads each, POS_LIST, bf16. Prints the registers and stack (spill) bytes per thread too.
 
     python benchmarks/offline_sass.py 4:decode 3:decode 2:decode 3:prefill 3:decode:d=64
 """
@@ -34,7 +35,8 @@ from sqz_compile.kernels.quant.triton import halves as halves_path  # noqa: E402
 
 
 def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = None, fast: bool = True,
-                 nout: int = 1, warps: int | None = None, stages: int | None = None, bn: int = 64, maxnreg: int | None = None):
+                 nout: int = 1, warps: int | None = None, stages: int | None = None, bn: int | None = None,
+                 maxnreg: int | None = None):
     """The compiled kernel of one case (signature, constexprs and divisibility as the launcher's
     JIT would specialize them at 128K context)."""
     fn = SA._sparse_attn_kernel
@@ -52,6 +54,8 @@ def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = N
                 swkh=116 * d, swkn=d, swvh=116 * d, swvn=d, sob=h * g * m * d, soh=m * d, som=d,
                 B=1, H=h, G=g, M=m, S=m, W=116, NB=1 if decode else 16, C=6000, NPOS=n, block_q=64,
                 TPB=1 if decode else 2, SPLIT=33 if decode else 1, D=d)
+    cfg = KA.attention_config(1, h, g, m, 64, n, 116, m, d, 132, qbits)
+    bn = bn or cfg.block_n
     const = dict(BQ=4 if decode else 32, GP=g, BLOCK_N=bn, BLOCK_D=block_d, MASK_KIND=0, IS_CAUSAL=True,
                  PARTIAL=decode, IEEE=False, SEARCH=128, POS_LIST=True, QBITS=qbits, NOUT=nout,
                  HALVES=halves, FAST=fast)
@@ -69,9 +73,9 @@ def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = N
             sig[name] = "i32"
             if ints[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    cfg = KA.AttnConfig(4 if decode else 32, g, 64, 1, 4 if decode else 8, 2 if decode else 3)
     warps = warps or cfg.num_warps
     stages = stages or KA._stages(cfg, qbits, halves)
+    maxnreg = cfg.maxnreg if maxnreg is None else maxnreg
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {})))
 
@@ -88,6 +92,8 @@ def loop_counts(kernel, sass_path: str | None = None) -> dict:
         f.write(kernel.asm["cubin"])
         f.flush()
         sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        cuobjdump = os.path.join(os.path.dirname(nvdisasm), "cuobjdump")
+        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
     if sass_path:
         with open(sass_path, "w") as out:
             out.write(sass)
@@ -104,11 +110,6 @@ def loop_counts(kernel, sass_path: str | None = None) -> dict:
         if b and label_at.get(b.group(1), i + 1) <= i:
             loops.append((i - label_at[b.group(1)] + 1, label_at[b.group(1)], i))
     size, lo, hi = max(loops) if loops else (0, 0, -1)
-    cuobjdump = os.path.join(os.path.dirname(nvdisasm), "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", res)
     stack = re.search(r"STACK:(\d+)", res)
     body = ins[lo:hi + 1]
