@@ -457,7 +457,7 @@ def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw
 
 
 # low-bit decode launch configs swept by --only lowbit_sweep: (keys per tile, warps, stages, splits x
-# the launcher's, ptxas register cap or 0); the launcher's default is the first. The sm_90 compile
+# the launcher's, ptxas register cap or 0); the first is the launcher's 4-bit default. The sm_90 compile
 # takes ~250 registers at 32 and 64 keys per tile and 4 warps, so two programs per SM: smaller
 # tiles and register caps trade spills and per-tile overhead for more programs per SM, fewer
 # splits trade load balance for less per-program overhead (NOTES v15)

@@ -26,9 +26,11 @@ class AttnConfig(NamedTuple):
     maxnreg: int = 0        # ptxas register cap per thread (0: ptxas picks)
 
 
-# low-bit decode: (keys per tile, pipeline stages, ptxas register cap, programs per SM the split
-# aims at); NOTES v15, 4-bit sweep at 32K and 128K
-LOWBIT_DECODE = (16, 3, 128, 4)
+# low-bit decode, per bits: (keys per tile, pipeline stages, ptxas register cap, programs per SM
+# the split aims at). NOTES v15, decode step at 128K on the H200: 4 bits 16-key tiles 79.0 us
+# (64-key tiles uncapped: 96.4); 2 bits 32-key tiles 80.8 us, 16-key tiles 108 us (its select
+# tree); 3 bits measured with the 32-key shape only (89.4 us, v13: 108)
+LOWBIT_DECODE = {4: (16, 3, 128, 4), 3: (32, 2, 128, 8), 2: (32, 2, 128, 8)}
 
 # positions buffer [rows, context keys] int32: used only while it stays this small (prefill of
 # 1024 tokens over 128K context with 8 KV heads needs 64 MiB + 4 MiB)
@@ -53,9 +55,9 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
         warps, stages = 4, 2
         if qbits:
             # the low-bit tile is bound by the dequantization's dependent ALU chains, with two warps
-            # per scheduler at 255 registers: 16-key tiles under a 128-register cap fit four
+            # per scheduler at 255 registers: small tiles under a 128-register cap fit four
             # programs per SM (4-bit attention kernel: 32K 33.0 -> 23.8 us, 128K 73.0 -> 60.6 us)
-            block_n, stages, maxnreg, per_sm = LOWBIT_DECODE
+            block_n, stages, maxnreg, per_sm = LOWBIT_DECODE.get(qbits, LOWBIT_DECODE[4])
     else:
         bq = max(1, min(pow2(bqv), 128 // gp)) if gp <= 128 else 1
         block_n = 64 if d <= 128 else 32
@@ -76,7 +78,7 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
 def _stages(cfg: AttnConfig, qbits: int, halves: bool) -> int:
     """Software-pipeline depth of the attention launch: the config's for a 16-bit context. Low-bit
     with HALVES: the next tiles' packed words and positions load by cp.async while this tile
-    dequantizes; at most 3 for a decode tile (16 rows; 3 with 16-key tiles: NOTES v15) and 2
+    dequantizes; at most 3 for a decode tile (16 rows; 3 with 4-bit 16-key tiles: NOTES v15) and 2
     for prefill (sm_90: 64 KB of shared memory at 2). Other low-bit layouts (padded head dims): 1
     (their per-entry gathers do not pipeline, and the old 3-bit per-entry prefill took 147 KB at
     2 stages)."""
