@@ -118,7 +118,7 @@ ATTN = [
                          ids=["search", "pos_list-split3", "launcher-config"])
 def test_low_bit_attention_matches_reference(case, split, pos_list):
     """Kernel vs float64 reference; "launcher-config": the launch shapes the launcher picks for a
-    low-bit context (decode: 32-key tiles under a register cap on the GPU)."""
+    low-bit context (decode: 16- or 32-key tiles under a register cap on the GPU)."""
     block_q = 4
     seed = 7 if split is None else split
     cs = make_case(**case["kw"], device=DEV, seed=seed + case["bits"])
@@ -166,3 +166,25 @@ def test_low_bit_op_cpu_matches_dense_over_dequantized():
     with pytest.raises(RuntimeError, match="not packed int32"):
         torch.ops.sqz.squeezed_attention(cs.q, cs.k_new, cs.v_new, None, k64.float(), v64.float(), *rest,
                                          *lb[2:], cs.scale, True, 0, 4)
+
+
+def test_low_bit_decode_shape_and_register_cap(monkeypatch):
+    """Low-bit decode takes its own tiles under a register cap only where the launch can pass one:
+    a direct launch, not the interpreter or a traced launch (fake tensors), which keep v13's
+    uncapped 64-key shape; 16-bit decode and prefill are unchanged."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shape = (1, 8, 4, 1, 64, 131072, 128, 256, 128, 132)
+    capped = attention_launch.attention_config(*shape, 4)
+    assert capped.maxnreg == 128 and capped.block_n == attention_launch.LOWBIT_DECODE[4][0]
+    plain = attention_launch.attention_config(*shape, 4, register_cap=False)
+    assert plain == attention_launch.attention_config(*shape, 0)
+    assert plain.maxnreg == 0 and plain.block_n == 64
+    prefill = (1, 8, 4, 1024, 64, 131072, 128, 1024, 128, 132)
+    assert attention_launch.attention_config(*prefill, 4) == attention_launch.attention_config(*prefill, 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert attention_launch._can_cap(torch.zeros(2))
+    with FakeTensorMode():
+        assert not attention_launch._can_cap(torch.zeros(2))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not attention_launch._can_cap(torch.zeros(2))

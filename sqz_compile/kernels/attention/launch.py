@@ -38,10 +38,11 @@ _POS_LIST_BYTES = 128 << 20
 
 
 def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int, w: int, s: int,
-                     d: int, sms: int, qbits: int = 0) -> AttnConfig:
+                     d: int, sms: int, qbits: int = 0, register_cap: bool = True) -> AttnConfig:
     """Tile shapes and split count from static shapes (prefill: 64-row GQA-packed tiles;
     decode: one 16-row tile per KV head and many splits). `qbits`: a low-bit context's bits
-    (0: 16-bit), whose tiles dequantize in registers and take their own shapes."""
+    (0: 16-bit), whose decode tiles dequantize in registers and take their own shapes; without
+    `register_cap` (a traced launch, which cannot pass one) they keep v13's uncapped shape."""
     gp = pow2(g)
     dynamic_m = symbolic(m)
     bqv = block_q if dynamic_m else min(block_q, m)  # symbolic M: tiles cover a whole block
@@ -53,7 +54,7 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
         block_n = 64 if d <= 128 else 32
         # more stages gain nothing here (NOTES v7)
         warps, stages = 4, 2
-        if qbits:
+        if qbits and register_cap:
             # the low-bit tile is bound by the dequantization's dependent ALU chains, with two warps
             # per scheduler at 255 registers: small tiles under a 128-register cap fit four
             # programs per SM (4-bit attention kernel: 32K 33.0 -> 23.8 us, 128K 73.0 -> 60.6 us)
@@ -127,7 +128,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     c = sel.delta.shape[1] if sel.delta is not None else 1
     block_q = int(block_q)
     nb = cdiv(m, block_q)
-    cfg = config or attention_config(bsz, h, g, m, block_q, n_ctx, w, s, d, sm_count(q), qbits)
+    cfg = config or attention_config(bsz, h, g, m, block_q, n_ctx, w, s, d, sm_count(q), qbits, _can_cap(q))
     tpb = cdiv(block_q if symbolic(m) else min(block_q, m), cfg.bq)
     dev = q.device
 
@@ -187,18 +188,19 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
             POS_LIST=use_pos, QBITS=qbits, NOUT=nout, HALVES=halves, FAST=bool(qbits) and _qt.fast_math(dev),
             num_warps=cfg.num_warps, num_stages=_stages(cfg, qbits, halves),
-            **_register_cap(cfg))
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and _can_cap(q) else {}))
     if partial and partials is None:
         merge_splits(part_o, part_l, out, cfg.split)
     return out
 
 
-def _register_cap(cfg: AttnConfig) -> dict:
-    """The launch's `maxnreg`, when it has one and the launch runs directly: the interpreter has no
-    registers, and a traced launch (Dynamo, Inductor) takes only the standard launch options."""
-    if not cfg.maxnreg or interpreting() or torch.compiler.is_compiling():
-        return {}
-    return {"maxnreg": cfg.maxnreg}
+def _can_cap(t: torch.Tensor) -> bool:
+    """Whether a launch on `t` may pass ptxas a register cap (`maxnreg`): a direct launch on a GPU.
+    The interpreter has no registers, and a traced launch (Dynamo, AOT, export, Inductor: fake
+    tensors) takes only the standard launch options."""
+    from torch._guards import detect_fake_mode
+
+    return not (interpreting() or torch.compiler.is_compiling() or detect_fake_mode((t,)) is not None)
 
 
 def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor, splits: int) -> None:
@@ -271,7 +273,7 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     d = q.shape[3]
     qbits = 0 if codebooks is None else int(codebooks.shape[-1]).bit_length() - 1
     cfg = attention_config(q.shape[0], h, q.shape[1] // h, q.shape[2], int(block_q), n_ctx,
-                           window_keys.shape[1], k_new.shape[2], d, sm_count(q), qbits)
+                           window_keys.shape[1], k_new.shape[2], d, sm_count(q), qbits, _can_cap(q))
     sel = lookup(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,
                  coarse_log_threshold, scale, block_q, budget,
                  positions=n_ctx if cfg.pos_list else 0)
