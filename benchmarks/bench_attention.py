@@ -381,11 +381,28 @@ def step_inputs(kind: str, n: int, keep: float, copies: int, kv_bits: int = 16) 
     return ctxs, qs, kns, vns, thrs
 
 
-def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int = 16) -> None:
+def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int = 16,
+                  per_entry: bool = False) -> None:
+    """One decode/prefill row. `per_entry`: a 4-bit context dequantized per entry in float32
+    (attention launch PAIRS off), beside the shipped packed-pair path."""
+    from sqz_compile.kernels.attention import launch as KA
+
+    pairs = KA.PAIRS
+    KA.PAIRS = not per_entry
+    try:
+        _run_attention(kind, n, keep, copies, results, bw, kv_bits, per_entry)
+    finally:
+        KA.PAIRS = pairs
+
+
+def _run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int,
+                   per_entry: bool) -> None:
     m, s = NEW_TOKENS[kind]
     causal = kind == "prefill"
     ctxs, qs, kns, vns, thrs = step_inputs(kind, n, keep, copies, kv_bits)
     row = {"kind": kind, "context": n, "kv_bits": kv_bits, "new_tokens": m, "new_keys": s, "copies": copies}
+    if per_entry:
+        row["dequant"] = "per-entry"
 
     # the sparse path, checked once against the float64 reference on its own selection
     sel = sqz_lookup.lookup(qs[0], ctxs[0]["lookup_centroids"], ctxs[0]["offsets"], thrs[0], None,
@@ -880,10 +897,18 @@ def plot(results: list, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, kind in zip(axes[:2], ("decode", "prefill")):
         rows = [r for r in results if r["kind"] == kind]
-        xs = [r["context"] for r in rows]
-        for key, lab in (("sqz_ms", "squeezed (lookup incl.)"), ("sdpa_cudnn_ms", "SDPA cuDNN"),
-                         ("sdpa_flash_ms", "SDPA flash"), ("flex_ms", "FlexAttention + BlockMask")):
-            ys = [r.get(key) for r in rows]
+        variants = sorted({(r.get("kv_bits", 16), r.get("dequant", "")) for r in rows}, reverse=True)
+        series = []
+        for bits, deq in variants:  # one squeezed line per context format; dense peers from the 16-bit rows
+            vrows = [r for r in rows if (r.get("kv_bits", 16), r.get("dequant", "")) == (bits, deq)]
+            tag = "" if bits == 16 else f", {bits}-bit context" + (f" ({deq})" if deq else "")
+            series.append((vrows, "sqz_ms", "squeezed (lookup incl.)" + tag))
+        dense_rows = [r for r in rows if r.get("kv_bits", 16) == 16] or rows
+        series += [(dense_rows, key, lab) for key, lab in (
+            ("sdpa_cudnn_ms", "SDPA cuDNN"), ("sdpa_flash_ms", "SDPA flash"), ("flex_ms", "FlexAttention + BlockMask"))]
+        for srows, key, lab in series:
+            xs = [r["context"] for r in srows]
+            ys = [r.get(key) for r in srows]
             if any(y is not None for y in ys):
                 ax.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], "o-", label=lab)
         ax.set_xscale("log", base=2)
@@ -950,7 +975,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true",
                     help="CPU smoke test under TRITON_INTERPRET=1: toy shapes, the hier and batch rows only")
     ap.add_argument("--kv-bits", default="16",
-                    help="comma-separated context K/V bits for decode/prefill rows, e.g. 16,4,3,2 (field kv_bits)")
+                    help="comma-separated context K/V bits for decode/prefill rows, e.g. 16,4,3,2 (field kv_bits); "
+                         "4e: 4 bits dequantized per entry in float32 instead of on packed pairs")
     ap.add_argument("--variance", action="store_true",
                     help="centroids with per-channel variances (SqueezeConfig.cluster_variance)")
     args = ap.parse_args()
@@ -996,11 +1022,12 @@ def main() -> None:
             # sparse bytes per copy ~ 15% of the KV bytes: rotate copies past ~2x the L2
             per_copy = 0.15 * n * H * D * 2 * 2
             copies = max(2, min(4, math.ceil(2 * L2_BYTES / per_copy)))
-            for bits in [int(b) for b in args.kv_bits.split(",")]:
-                run_attention(kind, n, args.keep, copies, results, bw, kv_bits=bits)
+            for bits in args.kv_bits.split(","):
+                run_attention(kind, n, args.keep, copies, results, bw, kv_bits=int(bits.rstrip("e")),
+                              per_entry=bits.endswith("e"))
     if "lowbit_sweep" in only:
         for n in [int(x) for x in args.contexts.split(",")]:
-            for bits in [int(b) for b in args.kv_bits.split(",") if int(b) < 16] or [4]:
+            for bits in [int(b.rstrip("e")) for b in args.kv_bits.split(",") if int(b.rstrip("e")) < 16] or [4]:
                 run_lowbit_sweep(n, args.keep, 2, results, bw, bits)
     if "lookup" in only:
         run_lookup_scaling([int(x) for x in args.lookup_contexts.split(",")], 3, results)
@@ -1032,7 +1059,8 @@ def main() -> None:
 
         def fmt(x, p=3):
             return f"{x:.{p}f}" if isinstance(x, (int, float)) else "-"
-        print(f"{r['kind'] + '/' + str(r.get('kv_bits', 16)) + 'b':8} {r['context']:>7} {fmt(r.get('kept_fraction'), 3):>6} {fmt(r['sqz_ms']):>8} "
+        tag = "e" if r.get("dequant") == "per-entry" else "b"
+        print(f"{r['kind'] + '/' + str(r.get('kv_bits', 16)) + tag:8} {r['context']:>7} {fmt(r.get('kept_fraction'), 3):>6} {fmt(r['sqz_ms']):>8} "
               f"{fmt(r['sqz_lookup_ms']):>8} {fmt(r.get('sdpa_cudnn_ms')):>8} {fmt(r.get('sdpa_flash_ms')):>8} "
               f"{fmt(r.get('flex_ms')):>8} {fmt(r.get('speedup_vs_best_dense'), 2):>8} "
               f"{fmt(r.get('speedup_vs_flex'), 2):>7} {fmt(100 * r['sqz_frac_of_copy_bw'], 1):>8}")

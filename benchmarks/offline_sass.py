@@ -6,7 +6,7 @@ instruction class, and shared memory. The counts in benchmarks/NOTES.md "q3" (it
 Each case is BITS:MODE[:key=value...]: BITS 16 (the bf16 context), 4, 3 or 2; MODE decode (one
 query) or prefill (1024 queries), warps and stages as the launcher picks them; keys d (head dim,
 128), halves (1/0, default: as the launcher picks), fast (1/0: the PTX codebook gather and
-sin/cos), nout (outliers per row, 1), warps, stages, bn (keys per tile), maxnreg (ptxas register
+sin/cos), pairs (1/0: 2/4 bits on packed pairs, default as the launcher picks), nout (outliers per row, 1), warps, stages, bn (keys per tile), maxnreg (ptxas register
 cap; 0 for none): the launcher's (attention_config) unless given. Shapes: 8 KV heads x 4 query
 heads each, POS_LIST, bf16. Prints the registers and stack (spill) bytes per thread too.
 
@@ -36,7 +36,7 @@ from sqz_compile.kernels.quant.triton import halves as halves_path  # noqa: E402
 
 def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = None, fast: bool = True,
                  nout: int = 1, warps: int | None = None, stages: int | None = None, bn: int | None = None,
-                 maxnreg: int | None = None):
+                 maxnreg: int | None = None, pairs: bool | None = None):
     """The compiled kernel of one case (signature, constexprs and divisibility as the launcher's
     JIT would specialize them at 128K context)."""
     fn = SA._sparse_attn_kernel
@@ -47,7 +47,7 @@ def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = N
     ptr = dict(Q="*bf16", Kn="*bf16", Vn="*bf16", Mask="*u8", Kc="*i32" if qbits else "*bf16",
                Vc="*i32" if qbits else "*bf16", Kw="*bf16", Vw="*bf16", Cum="*i32", Delta="*i32",
                NKeys="*i32", Pos="*i32", Out="*bf16", PartO="*fp32", PartL="*fp32", Perm="*i32",
-               Rope="*fp32", CB="*fp32", KNorm="*fp32", VNorm="*fp16", OIdx="*i16", OVal="*fp16")
+               Rope="*fp32", CB="*fp32", KNorm="*fp32", VNorm="*fp16", OIdx="*i16", OVal="*fp16", Tab="*i32")
     ints = dict(P=p, NLEV=1 << qbits if qbits else 1,
                 sqb=h * g * m * d, sqh=m * d, sqm=d, skb=h * m * d, skh=m * d, sks=d, svb=h * m * d, svh=m * d,
                 svs=d, smb=0, smh=0, smm=0, sms=0, skch=n * p, skcn=p, svch=n * p, svcn=p,
@@ -58,7 +58,8 @@ def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = N
     bn = bn or cfg.block_n
     const = dict(BQ=4 if decode else 32, GP=g, BLOCK_N=bn, BLOCK_D=block_d, MASK_KIND=0, IS_CAUSAL=True,
                  PARTIAL=decode, IEEE=False, SEARCH=128, POS_LIST=True, QBITS=qbits, NOUT=nout,
-                 HALVES=halves, FAST=fast)
+                 HALVES=halves, FAST=fast,
+                 PAIRS=(halves and fast and KA.pairs_layout(d, qbits)) if pairs is None else pairs)
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -130,7 +131,7 @@ def main() -> None:
         kw = {}
         for item in rest:
             k, v = item.split("=")
-            kw[k] = v == "1" if k in ("halves", "fast") else int(v)
+            kw[k] = v == "1" if k in ("halves", "fast", "pairs") else int(v)
         qbits = 0 if int(bits) >= 16 else int(bits)
         counts = loop_counts(compile_case(qbits, mode == "decode", **kw))
         print(json.dumps({"case": spec, "triton": triton.__version__, **counts}), flush=True)

@@ -147,6 +147,46 @@ def test_low_bit_attention_matches_reference(case, split, pos_list):
     assert rel_err(out, ref) < 1e-5
 
 
+LOW_PRECISION = [
+    dict(kw=dict(mask="none", b=1, h=2, g=4, m=1, s=3, d=128, n=203, c=9), bits=4, out=0.01),  # decode
+    dict(kw=dict(mask="causal", b=1, h=2, g=2, m=70, d=64, n=157, c=8), bits=4, out=0.02),
+    dict(kw=dict(mask="causal", b=2, h=1, g=4, m=1, s=1, d=64, n=95, c=6), bits=4, out=0.0),   # decode
+    dict(kw=dict(mask="none", b=1, h=2, g=4, m=1, s=3, d=128, n=181, c=7), bits=2, out=0.02),  # decode
+    dict(kw=dict(mask="causal", b=1, h=1, g=2, m=40, d=128, n=77, c=5), bits=2, out=0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("pairs", [True, False], ids=["pairs", "per-entry"])
+@pytest.mark.parametrize("case", LOW_PRECISION, ids=lambda c: f"d{c['kw']['d']}-m{c['kw']['m']}-b{c['bits']}-o{c['out']}")
+def test_low_bit_attention_half_precision(case, pairs, dtype, monkeypatch):
+    """bf16/fp16 models over a 4- or 2-bit context at the launcher's shapes: on the GPU the tiles
+    dequantize on packed pairs (PAIRS: per-program level table, HFMA2 scale/offset, outliers and
+    RoPE on pairs; 2 bits at head dim 128) or per entry in float32; both equal the float64
+    reference within the tile dtype's rounding. The interpreter takes the per-entry path."""
+    if DEV == "cpu" and not pairs:
+        pytest.skip("the interpreter runs the per-entry path for both")
+    monkeypatch.setattr(attention_launch, "PAIRS", pairs)
+    block_q = 16
+    cs = make_case(**case["kw"], dtype=dtype, device=DEV, seed=11)
+    lb = low_bit_case(cs, case["bits"], case["out"], seed=3)
+    keys64, values64 = dequantize_context(*[None if t is None else t.cpu() for t in lb], cs.q.shape[3])
+    cs.keys, cs.values = keys64.to(dtype).to(DEV), values64.to(dtype).to(DEV)
+    thr = threshold_for_keep(cs, 0.5, block_q)
+    sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, None, None, None, cs.scale, block_q, 0)
+    out = torch.full_like(cs.q, float("nan"))
+    attention_launch.sparse_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, lb[0], lb[1], sel, cs.window_keys,
+                                      cs.window_values, cs.scale, cs.is_causal, block_q, out=out, quant=lb[2:])
+    am = cs.attn_mask
+    am = am.double() if am is not None and am.dtype != torch.bool else am
+    ref = squeezed_attention_reference(
+        cs.q.double(), cs.k_new.double(), cs.v_new.double(), am, keys64.to(DEV), values64.to(DEV), cs.offsets,
+        selection_from_compact(sel.idx, cs.centroids.shape[1]), cs.window_keys.double(),
+        cs.window_values.double(), cs.scale, cs.is_causal, block_q)
+    assert int(sel.nkeys.sum()) > 0
+    assert rel_err(out, ref) < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+
+
 def test_low_bit_op_cpu_matches_dense_over_dequantized():
     """torch.ops.sqz.squeezed_attention with packed K/V (CPU branch) equals the op over the
     dequantized dense K/V, and a 16-bit tensor with low-bit arguments is refused."""
@@ -171,7 +211,7 @@ def test_low_bit_op_cpu_matches_dense_over_dequantized():
 def test_low_bit_decode_shape_and_register_cap(monkeypatch):
     """Low-bit decode takes its own tiles under a register cap only where the launch can pass one:
     a direct launch, not the interpreter or a traced launch (fake tensors), which keep v13's
-    uncapped 64-key shape; 16-bit decode and prefill are unchanged."""
+    uncapped 64-key shape, as do padded head dims; 16-bit decode and prefill are unchanged."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     shape = (1, 8, 4, 1, 64, 131072, 128, 256, 128, 132)
@@ -182,6 +222,8 @@ def test_low_bit_decode_shape_and_register_cap(monkeypatch):
     assert plain.maxnreg == 0 and plain.block_n == 64
     prefill = (1, 8, 4, 1024, 64, 131072, 128, 1024, 128, 132)
     assert attention_launch.attention_config(*prefill, 4) == attention_launch.attention_config(*prefill, 0)
+    padded = shape[:8] + (96, 132)  # not HALVES: its per-entry gathers were never timed capped
+    assert attention_launch.attention_config(*padded, 4) == attention_launch.attention_config(*padded, 0)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert attention_launch._can_cap(torch.zeros(2))
     with FakeTensorMode():

@@ -32,6 +32,10 @@ class AttnConfig(NamedTuple):
 # tree); 3 bits measured with the 32-key shape only (89.4 us, v13: 108)
 LOWBIT_DECODE = {4: (16, 3, 128, 4), 3: (32, 2, 128, 8), 2: (32, 2, 128, 8)}
 
+# 2- and 4-bit HALVES tiles of a bf16/fp16 model dequantize on packed pairs (quant/triton.py "PAIRS") on
+# NVIDIA GPUs; False: per entry in float32 (benchmarks compare the two)
+PAIRS = True
+
 # positions buffer [rows, context keys] int32: used only while it stays this small (prefill of
 # 1024 tokens over 128K context with 8 KV heads needs 64 MiB + 4 MiB)
 _POS_LIST_BYTES = 128 << 20
@@ -42,7 +46,8 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     """Tile shapes and split count from static shapes (prefill: 64-row GQA-packed tiles;
     decode: one 16-row tile per KV head and many splits). `qbits`: a low-bit context's bits
     (0: 16-bit), whose decode tiles dequantize in registers and take their own shapes; without
-    `register_cap` (a traced launch, which cannot pass one) they keep v13's uncapped shape."""
+    `register_cap` (a traced launch, which cannot pass one), or on a layout other than HALVES
+    (padded head dims: untimed), they keep v13's uncapped shape."""
     gp = pow2(g)
     dynamic_m = symbolic(m)
     bqv = block_q if dynamic_m else min(block_q, m)  # symbolic M: tiles cover a whole block
@@ -54,7 +59,7 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
         block_n = 64 if d <= 128 else 32
         # more stages gain nothing here (NOTES v7)
         warps, stages = 4, 2
-        if qbits and register_cap:
+        if qbits and register_cap and _qt.halves(d, qbits):
             # the low-bit tile is bound by the dequantization's dependent ALU chains, with two warps
             # per scheduler at 255 registers: small tiles under a 128-register cap fit four
             # programs per SM (4-bit attention kernel: 32K 33.0 -> 23.8 us, 128K 73.0 -> 60.6 us)
@@ -74,6 +79,13 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     # the attention loop, whose K/V loads then pipeline; its buffer is bounded
     pos_list = hint(bsz) * h * nb * n_ctx * 4 <= _POS_LIST_BYTES
     return AttnConfig(bq, gp, block_n, split, warps, stages, pos_list, maxnreg=maxnreg)
+
+
+def pairs_layout(d: int, qbits: int) -> bool:
+    """Whether a HALVES context of head dim d in qbits bits takes PAIRS on a bf16/fp16 model: 4 bits,
+    or 2 bits with at least 4 words per half row (head dim 128; at 64 the 16-code words of a
+    32-channel half leave too few threads per row, and the offline sm_90 loop grows: NOTES v16)."""
+    return qbits == 4 or (qbits == 2 and d // 2 >= 64)
 
 
 def _stages(cfg: AttnConfig, qbits: int, halves: bool) -> int:
@@ -128,7 +140,8 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     c = sel.delta.shape[1] if sel.delta is not None else 1
     block_q = int(block_q)
     nb = cdiv(m, block_q)
-    cfg = config or attention_config(bsz, h, g, m, block_q, n_ctx, w, s, d, sm_count(q), qbits, _can_cap(q))
+    cap = _can_cap(q)
+    cfg = config or attention_config(bsz, h, g, m, block_q, n_ctx, w, s, d, sm_count(q), qbits, cap)
     tpb = cdiv(block_q if symbolic(m) else min(block_q, m), cfg.bq)
     dev = q.device
 
@@ -172,9 +185,13 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     else:
         part_o = part_l = torch.empty(1, device=dev, dtype=torch.float32)
     grid = (bsz * h * nb * tpb, cfg.split)
+    fast = bool(qbits) and _qt.fast_math(dev)
+    pairs = PAIRS and halves and fast and q.dtype in (torch.bfloat16, torch.float16) and pairs_layout(d, qbits)
+    # PAIRS: each program writes its level table (2 x 256 bytes x 4 // bits int32) into its own slice
+    tab = torch.empty(grid[0] * grid[1] * 2048 // qbits if pairs else 1, device=dev, dtype=torch.int32)
     launch(_sa._sparse_attn_kernel, grid,
             q, k_new, v_new, mask, ctx_keys, ctx_values, window_keys, window_values,
-            cum, delta, sel.nkeys, pos, out, part_o, part_l, *qargs, words, qargs[2].shape[-1],
+            cum, delta, sel.nkeys, pos, out, part_o, part_l, *qargs, tab, words, qargs[2].shape[-1],
             q.stride(0), q.stride(1), q.stride(2),
             k_new.stride(0), k_new.stride(1), k_new.stride(2),
             v_new.stride(0), v_new.stride(1), v_new.stride(2),
@@ -186,9 +203,9 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
             BQ=cfg.bq, GP=cfg.gp, BLOCK_N=cfg.block_n, BLOCK_D=pow2(d),
             MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), PARTIAL=partial,
             IEEE=q.dtype == torch.float32 or interpreting(), SEARCH=_search_width(c),
-            POS_LIST=use_pos, QBITS=qbits, NOUT=nout, HALVES=halves, FAST=bool(qbits) and _qt.fast_math(dev),
+            POS_LIST=use_pos, QBITS=qbits, NOUT=nout, HALVES=halves, FAST=fast, PAIRS=pairs,
             num_warps=cfg.num_warps, num_stages=_stages(cfg, qbits, halves),
-            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and _can_cap(q) else {}))
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and cap else {}))
     if partial and partials is None:
         merge_splits(part_o, part_l, out, cfg.split)
     return out
@@ -213,6 +230,14 @@ def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor, 
            splits, d, SP=max(2, pow2(splits)), BLOCK_D=pow2(d), num_warps=4)
 
 
+def codebook_bits(codebooks: torch.Tensor) -> int:
+    """QBITS of a low-bit context from its codebooks [2, 2**bits]."""
+    qbits = int(codebooks.shape[-1]).bit_length() - 1
+    if codebooks.shape[-1] != 1 << qbits or qbits not in (2, 3, 4):
+        raise ValueError(f"sqz: codebooks of {codebooks.shape[-1]} levels: expected 2**bits for 2, 3 or 4 bits")
+    return qbits
+
+
 def _quant_args(quant: Optional[tuple], ctx_keys: torch.Tensor, ctx_values: torch.Tensor,
                 d: int) -> tuple[list[torch.Tensor], int, int]:
     """The attention kernel's low-bit arguments (contiguous), QBITS and NOUT; placeholders
@@ -228,9 +253,7 @@ def _quant_args(quant: Optional[tuple], ctx_keys: torch.Tensor, ctx_values: torc
         raise ValueError("sqz: a low-bit context's keys/values must be packed int32 codes")
     if int(d) % 2:
         raise ValueError(f"sqz: low-bit keys are re-rotated with RoPE, which needs an even head dim, got {d}")
-    qbits = int(codebooks.shape[-1]).bit_length() - 1
-    if qbits not in (2, 3, 4):
-        raise ValueError(f"sqz: codebooks of {codebooks.shape[-1]} levels: expected 2**bits for 2, 3 or 4 bits")
+    qbits = codebook_bits(codebooks)
     nout = 0
     if oidx is None:
         oidx, oval = perm.new_empty(1, dtype=torch.int16), perm.new_empty(1, dtype=torch.float16)
@@ -271,7 +294,7 @@ def squeezed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
                                              sel, window_keys, window_values, scale, is_causal, block_q)
     h, n_ctx = ctx_keys.shape[:2]
     d = q.shape[3]
-    qbits = 0 if codebooks is None else int(codebooks.shape[-1]).bit_length() - 1
+    qbits = 0 if codebooks is None else codebook_bits(codebooks)
     cfg = attention_config(q.shape[0], h, q.shape[1] // h, q.shape[2], int(block_q), n_ctx,
                            window_keys.shape[1], k_new.shape[2], d, sm_count(q), qbits, _can_cap(q))
     sel = lookup(q, centroids, offsets, log_threshold, coarse_centroids, coarse_offsets,

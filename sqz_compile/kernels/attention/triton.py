@@ -32,7 +32,7 @@ from __future__ import annotations
 from ..triton_common import HAS_TRITON
 
 if HAS_TRITON:
-    from ..quant.triton import dequant_key, key_halves, value_rows
+    from ..quant.triton import dequant_key, key_halves, key_pairs, pair_table, value_pairs, value_rows
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
@@ -69,19 +69,25 @@ if HAS_TRITON:
     @triton.jit
     def _ctx_tile(qa, qb, Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask, scale,
                   Perm, CB, VNorm, OIdx, OVal, NPOS, P, G, D, KNorm, Rope, length,
-                  QBITS: tl.constexpr, NOUT: tl.constexpr, DT: tl.constexpr,
+                  Tab, QBITS: tl.constexpr, NOUT: tl.constexpr, DT: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALVES: tl.constexpr,
-                  FAST: tl.constexpr, IEEE: tl.constexpr):
+                  FAST: tl.constexpr, IEEE: tl.constexpr, PAIRS: tl.constexpr):
         """Scaled scores [BLOCK_M, BLOCK_N] and V [BLOCK_N, BLOCK_D] of the context keys at
         sorted positions `pos`: stored, or packed low-bit dequantized in registers to dtype DT.
         HALVES: the keys as their two rotate_half halves, scored against the query's halves
-        (qa, qb); otherwise qa is the query. `scale` includes RoPE's attention scaling."""
+        (qa, qb); otherwise qa is the query. PAIRS: 2/4-bit HALVES on packed DT pairs through the
+        program's level table Tab. `scale` includes RoPE's attention scaling."""
         if QBITS == 0:
             kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
                          mask=vvalid[None, :] & dmask[:, None], other=0.0)
             vt = tl.load(Vc + h * svch + pos[:, None] * svcn + d[None, :],
                          mask=vvalid[:, None] & dmask[None, :], other=0.0)
             s = _dot(qa, kT, IEEE)
+        elif PAIRS:
+            y1, y2 = key_pairs(Kc, KNorm, OIdx, OVal, Perm, Rope, Tab, h, pos, vvalid, NPOS, length,
+                               BLOCK_N, BLOCK_D // 2, QBITS, NOUT, DT)
+            s = _dot(qa, tl.trans(y1), IEEE) + _dot(qb, tl.trans(y2), IEEE)
+            vt = value_pairs(Vc, VNorm, OIdx, OVal, Tab, h, pos, vvalid, NPOS, BLOCK_N, BLOCK_D, QBITS, NOUT, DT)
         else:
             if HALVES:
                 y1, y2 = key_halves(Kc, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, vvalid, NPOS, length,
@@ -147,7 +153,7 @@ if HAS_TRITON:
     @triton.jit
     def _sparse_attn_kernel(
         Q, Kn, Vn, Mask, Kc, Vc, Kw, Vw, Cum, Delta, NKeys, Pos, Out, PartO, PartL,
-        Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, P, NLEV,
+        Perm, Rope, CB, KNorm, VNorm, OIdx, OVal, Tab, P, NLEV,
         sqb, sqh, sqm, skb, skh, sks, svb, svh, svs,
         smb, smh, smm, sms,
         skch, skcn, svch, svcn, swkh, swkn, swvh, swvn,
@@ -157,7 +163,7 @@ if HAS_TRITON:
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
         IEEE: tl.constexpr, SEARCH: tl.constexpr, POS_LIST: tl.constexpr,
         QBITS: tl.constexpr = 0, NOUT: tl.constexpr = 0, HALVES: tl.constexpr = False,
-        FAST: tl.constexpr = False,
+        FAST: tl.constexpr = False, PAIRS: tl.constexpr = False,
     ):
         BLOCK_M: tl.constexpr = GP * BQ
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -201,6 +207,10 @@ if HAS_TRITON:
         if QBITS > 0:
             ctx_scale = qk_scale * tl.load(Rope + D)
             length = tl.load(Rope + D + 1).to(tl.int32)
+        tab = Tab
+        if PAIRS:  # this program's level table (2 x 256 x 4 // QBITS words)
+            tab = Tab + (pid * SPLIT + split) * (2048 // QBITS)
+            pair_table(tab, CB, NLEV, QBITS, Q.dtype.element_ty)
 
         # --- selected context clusters -------------------------------------------------------
         total = tl.load(NKeys + row)
@@ -221,8 +231,8 @@ if HAS_TRITON:
                 pos = tl.load(Pos + row * NPOS + v, mask=vvalid, other=0)
                 s, vt = _ctx_tile(qa, qb, Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
                                   ctx_scale, Perm, CB, VNorm, OIdx, OVal, NPOS, P, NLEV, D, KNorm, Rope,
-                                  length, QBITS, NOUT, Q.dtype.element_ty,
-                                  BLOCK_N, BLOCK_D, HALVES, FAST, IEEE)
+                                  length, tab, QBITS, NOUT, Q.dtype.element_ty,
+                                  BLOCK_N, BLOCK_D, HALVES, FAST, IEEE, PAIRS)
                 m_i, l_i, acc = _online_update(s, vt, vvalid[None, :], zero_add, m_i, l_i, acc,
                                                False, IEEE)
         elif t0 < t1:
@@ -235,8 +245,8 @@ if HAS_TRITON:
             for t in range(t0, t1):
                 s, vt = _ctx_tile(qa, qb, Kc, Vc, skch, skcn, svch, svcn, h, pos, vvalid, d, dmask,
                                   ctx_scale, Perm, CB, VNorm, OIdx, OVal, NPOS, P, NLEV, D, KNorm, Rope,
-                                  length, QBITS, NOUT, Q.dtype.element_ty,
-                                  BLOCK_N, BLOCK_D, HALVES, FAST, IEEE)
+                                  length, tab, QBITS, NOUT, Q.dtype.element_ty,
+                                  BLOCK_N, BLOCK_D, HALVES, FAST, IEEE, PAIRS)
                 j = _next_slot(j, bnd, (t + 1) * BLOCK_N)
                 bnd, slot, vvalid_n, pos_n = _tile_slots(cum_row, Delta + row * C, j, (t + 1) * BLOCK_N + kk,
                                                          v_end, C)
