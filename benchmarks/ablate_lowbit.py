@@ -4,11 +4,13 @@ leave one stage of the in-register dequantization out (outputs wrong, timing onl
 VARIANT is `base` or any of these joined by `_`: `norope` (cos 1, sin 0: no angle reduction or
 sin/cos), `nogather` (the code itself as the level: no codebook gather), `noout` (a context
 quantized without outliers: no outlier loads or compare/select per entry), `nokey` (no packed key
-reads, unpack, scales, outliers or RoPE), `noval` (the same for values). One variant per
+reads, unpack, scales, outliers or RoPE), `noval` (the same for values), `entry` (the per-entry
+float32 dequantization instead of packed pairs where the launcher would take PAIRS; the stubs
+above replace per-entry helpers, so combine them with `entry` at 2 and 4 bits). One variant per
 process: Triton hashes a kernel's dependencies once, so the helpers are swapped before the first
 launch. Inputs are bench_attention's synthetic 8B-shaped context (2 copies, keep 10%), cached in
-/tmp between processes. `--cfg BLOCK_N,WARPS,STAGES,SPLITS[,MAXNREG]` overrides the launcher's
-shapes (SPLITS multiplies its split count); `--ncu` only launches three times (for ncu -k).
+/tmp between processes. `--cfg BLOCK_N,WARPS,STAGES,SPLITS[,MAXNREG[,BQ]]` overrides the launcher's
+shapes (SPLITS multiplies its split count; BQ: queries per tile and head); `--ncu` only launches three times (for ncu -k).
 Env: ABL_N (context, 131072), ABL_KIND (decode or prefill).
 
     python benchmarks/ablate_lowbit.py 4 nokey_noval
@@ -71,6 +73,8 @@ def main():
         SA.key_halves = _keys_none
     if "noval" in variant:
         SA.value_rows = _values_none
+    if "entry" in variant:
+        KA.PAIRS = False
     n = int(os.environ.get("ABL_N", 131072))
     kind = os.environ.get("ABL_KIND", "decode")
     if not torch.cuda.is_available():
@@ -96,7 +100,8 @@ def main():
     cfg = base
     if cfgx:
         cfg = base._replace(block_n=cfgx[0], num_warps=cfgx[1], num_stages=cfgx[2], split=max(1, round(base.split * cfgx[3])),
-                            fixed=True, maxnreg=cfgx[4] if len(cfgx) > 4 else 0)
+                            fixed=True, maxnreg=cfgx[4] if len(cfgx) > 4 else 0,
+                            bq=cfgx[5] if len(cfgx) > 5 else base.bq)
     sels = [KL.lookup(q, c["lookup_centroids"], c["offsets"], t, None, None, None, BA.SCALE, BA.BLOCK_Q, 0,
                       positions=n) for c, q, t in zip(ctxs, qs, thrs)]
     kept = sels[0].nkeys.float().sum().item()

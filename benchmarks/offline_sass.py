@@ -36,7 +36,7 @@ from sqz_compile.kernels.quant.triton import halves as halves_path  # noqa: E402
 
 def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = None, fast: bool = True,
                  nout: int = 1, warps: int | None = None, stages: int | None = None, bn: int | None = None,
-                 maxnreg: int | None = None, pairs: bool | None = None):
+                 maxnreg: int | None = None, pairs: bool | None = None, bq: int | None = None):
     """The compiled kernel of one case (signature, constexprs and divisibility as the launcher's
     JIT would specialize them at 128K context)."""
     fn = SA._sparse_attn_kernel
@@ -53,10 +53,10 @@ def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = N
                 svs=d, smb=0, smh=0, smm=0, sms=0, skch=n * p, skcn=p, svch=n * p, svcn=p,
                 swkh=116 * d, swkn=d, swvh=116 * d, swvn=d, sob=h * g * m * d, soh=m * d, som=d,
                 B=1, H=h, G=g, M=m, S=m, W=116, NB=1 if decode else 16, C=6000, NPOS=n, block_q=64,
-                TPB=1 if decode else 2, SPLIT=33 if decode else 1, D=d)
+                TPB=1 if decode else 64 // (bq or 32), SPLIT=33 if decode else 1, D=d)
     cfg = KA.attention_config(1, h, g, m, 64, n, 116, m, d, 132, qbits)
     bn = bn or cfg.block_n
-    const = dict(BQ=4 if decode else 32, GP=g, BLOCK_N=bn, BLOCK_D=block_d, MASK_KIND=0, IS_CAUSAL=True,
+    const = dict(BQ=bq or (4 if decode else 32), GP=g, BLOCK_N=bn, BLOCK_D=block_d, MASK_KIND=0, IS_CAUSAL=True,
                  PARTIAL=decode, IEEE=False, SEARCH=128, POS_LIST=True, QBITS=qbits, NOUT=nout,
                  HALVES=halves, FAST=fast,
                  PAIRS=(halves and fast and KA.pairs_layout(d, qbits)) if pairs is None else pairs)

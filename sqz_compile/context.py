@@ -406,7 +406,7 @@ class SqueezedContext:
             self.check_model(model)
 
     def _validate_low_bit(self, layers: int, H: int, N: int, D: int, bad, want) -> None:
-        from .squeeze.quantize import outliers_per_row, packed_words
+        from .squeeze.quantize import fp16_range_problem, outliers_per_row, packed_words
 
         bits = self.kv_bits
         want("keys", (layers, H, N, packed_words(D, bits)), torch.int32)
@@ -421,6 +421,9 @@ class SqueezedContext:
             bad(f"codebooks must hold ascending finite levels in [-{lim:g}, {lim:g}]")
         if not bool(torch.isfinite(self.key_norm).all()) or not bool(torch.isfinite(self.value_norm).all()):
             bad("key_norm/value_norm hold non-finite scales")
+        problem = fp16_range_problem(cb, self.key_norm, self.value_norm)
+        if problem:
+            bad(problem)
         if int(self.rope[0, -1]) != self.context_length:
             bad(f"rope row says context length {int(self.rope[0, -1])}, the context has {self.context_length}")
         e = outliers_per_row(D, float(self.config.kv_outliers))

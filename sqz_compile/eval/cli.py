@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {_join(d.tasks)})")
     p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
                    help=f"user tokens scored for PPL (default {d.ppl_tokens})")
+    p.add_argument("--ppl-segments", type=int, default=d.ppl_segments,
+                   help="essay segments (context + scored tokens each, from different essay orders) whose "
+                        f"PPL is pooled (default {d.ppl_segments}); benchmarks/ppl_delta.py compares two runs")
     p.add_argument("--ppl-contexts", type=int, nargs="+", default=None,
                    help="context lengths for PPL (default: --contexts)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
@@ -103,9 +106,12 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
         raise SystemExit(f"--oracle {sorted(set(a.oracle) - valid)}: use names from {sorted(valid)}")
     if any(not 0.0 < k <= 1.0 for k in a.keeps):
         raise SystemExit("--keeps must lie in (0, 1]")
+    if a.ppl_segments < 1:
+        raise SystemExit("--ppl-segments must be >= 1")
     return EvalSettings(contexts=tuple(a.contexts), keeps=tuple(a.keeps), depths=tuple(a.depths),
                         needles=a.needles, lookups=tuple(a.lookups), modes=tuple(a.modes), oracle=tuple(a.oracle),
                         ppl_tokens=a.ppl_tokens, ppl_contexts=tuple(a.ppl_contexts) if a.ppl_contexts else None,
+                        ppl_segments=a.ppl_segments,
                         tasks=tuple(a.tasks), max_new_tokens=a.max_new_tokens, prime=not a.no_prime, block_q=a.block_q,
                         cluster_ratio=a.cluster_ratio, observation_window=a.observation_window,
                         sink_tokens=a.sink_tokens, dense_tokens=a.dense_tokens,

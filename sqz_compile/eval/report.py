@@ -25,8 +25,13 @@ def _label(key: tuple) -> str:
 def summarize(records: Sequence[dict]) -> list[dict]:
     """One row per (method, keep, lookup, mode) and context length with NIAH hits, PPL, ΔPPL,
     agreement, KL and layer-averaged recall."""
-    dense_ppl = {r["context"]: math.exp(r["nll_sum"] / r["n"]) for r in records
-                 if r["task"] == "ppl" and r["method"] == "dense"}
+    dense_nll: dict[int, list] = {}
+    for r in records:
+        if r["task"] == "ppl" and r["method"] == "dense":
+            acc = dense_nll.setdefault(r["context"], [0.0, 0])
+            acc[0] += r["nll_sum"]
+            acc[1] += r["n"]
+    dense_ppl = {n: math.exp(s / c) for n, (s, c) in dense_nll.items()}
     groups: dict[tuple, dict] = {}
     for r in records:
         g = groups.setdefault((*_key(r), r["context"]), {"niah": [], "ppl": []})
@@ -40,14 +45,17 @@ def summarize(records: Sequence[dict]) -> list[dict]:
             row["niah_cases"] = len(g["niah"])
             row["answer_agree"] = sum(r["agree"] for r in g["niah"]) / max(1, sum(r["n"] for r in g["niah"]))
             row["answer_kl"] = sum(r["kl_sum"] for r in g["niah"]) / max(1, sum(r["n"] for r in g["niah"]))
-        for r in g["ppl"]:
-            row["ppl"] = math.exp(r["nll_sum"] / r["n"])
+        if g["ppl"]:  # pooled over the essay segments
+            tokens = sum(r["n"] for r in g["ppl"])
+            row["ppl"] = math.exp(sum(r["nll_sum"] for r in g["ppl"]) / tokens)
+            row["ppl_segments"] = len(g["ppl"])
             if n in dense_ppl:
                 row["delta_ppl"] = row["ppl"] / dense_ppl[n] - 1.0
-            row["ppl_agree"] = r["agree"] / r["n"]
-            row["ppl_kl"] = r["kl_sum"] / r["n"]
-            if "cache_vs_full_max_abs_logit_diff" in r:
-                row["cache_vs_full_max_abs_logit_diff"] = r["cache_vs_full_max_abs_logit_diff"]
+            row["ppl_agree"] = sum(r["agree"] for r in g["ppl"]) / tokens
+            row["ppl_kl"] = sum(r["kl_sum"] for r in g["ppl"]) / tokens
+            diffs = [r["cache_vs_full_max_abs_logit_diff"] for r in g["ppl"] if "cache_vs_full_max_abs_logit_diff" in r]
+            if diffs:
+                row["cache_vs_full_max_abs_logit_diff"] = max(diffs)
         layered = [r["layers"] for r in g["niah"] + g["ppl"] if "layers" in r]
         if layered:
             sums = {f: [sum(x) for x in zip(*(l.get(f) or [0.0] * len(l["rows"]) for l in layered))]

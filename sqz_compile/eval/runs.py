@@ -118,16 +118,18 @@ def answer_text(tokenizer, tokens: Sequence[int]) -> str:
     return tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
 
 
-def compare_logits(dense: torch.Tensor, test: torch.Tensor, targets: torch.Tensor | None = None) -> dict[str, float]:
+def compare_logits(dense: torch.Tensor, test: torch.Tensor, targets: torch.Tensor | None = None) -> dict[str, Any]:
     """Sums over positions (rows of [P, V] logits): top-1 agreement, KL(dense || test) and, given
-    targets [P], the test model's NLL."""
+    targets [P], the test model's NLL, also per token (`nll_tokens`: paired comparisons of runs)."""
     ld = torch.log_softmax(dense.double(), -1)
     lt = torch.log_softmax(test.double(), -1)
     r = {"n": int(dense.shape[0]),
          "agree": int((dense.argmax(-1) == test.argmax(-1)).sum()),
          "kl_sum": float((ld.exp() * (ld - lt)).sum())}
     if targets is not None:
-        r["nll_sum"] = float(-lt.gather(-1, targets.view(-1, 1).to(lt.device)).sum())
+        nll = -lt.gather(-1, targets.view(-1, 1).to(lt.device))[:, 0]
+        r["nll_sum"] = float(nll.sum())
+        r["nll_tokens"] = [round(float(x), 6) for x in nll]
     return r
 
 
@@ -156,13 +158,15 @@ def _run_mode(model, vctx: SqueezedContext, method: str, settings: EvalSettings,
 
 
 def run_ppl(model, tokenizer, settings: EvalSettings, context_len: int,
-            emit: Callable[[dict], None]) -> None:
-    """Perplexity / agreement / KL on an essay continuation for one context length."""
+            emit: Callable[[dict], None], seed: int | None = None) -> None:
+    """Perplexity / agreement / KL on an essay continuation for one context length (essay order
+    `seed`, default settings.ppl_seed)."""
     from ..assets import essay_tokens
     from ..squeeze import squeeze
 
     t = settings.ppl_tokens
-    ids = essay_tokens(tokenizer, context_len + t, seed=settings.ppl_seed)
+    seed = settings.ppl_seed if seed is None else seed
+    ids = essay_tokens(tokenizer, context_len + t, seed=seed)
     ctx_ids, user = ids[:, :context_len], ids[:, context_len:]
     targets = user[0, 1:]
     t0 = time.perf_counter()
@@ -172,13 +176,13 @@ def run_ppl(model, tokenizer, settings: EvalSettings, context_len: int,
     via_cache = user_logits(model, user, dense_cache(model, context_kv(base)))[0, :-1]
     dense = compare_logits(full, full, targets)
     dense["cache_vs_full_max_abs_logit_diff"] = float((via_cache - full).abs().max())
-    emit({"task": "ppl", "context": context_len, **_variant_fields(None, "dense"), **dense,
+    emit({"task": "ppl", "context": context_len, "ppl_seed": seed, **_variant_fields(None, "dense"), **dense,
           "seconds": round(time.perf_counter() - t0, 2)})
     for v, method, vctx, stats in _scored_runs(settings, base):
         t0 = time.perf_counter()
         with _run_mode(model, vctx, method, settings, stats):
             logits = user_logits(model, user)[0, :-1]
-        rec = {"task": "ppl", "context": context_len, **_variant_fields(v, method),
+        rec = {"task": "ppl", "context": context_len, "ppl_seed": seed, **_variant_fields(v, method),
                **compare_logits(full, logits, targets), "seconds": round(time.perf_counter() - t0, 2)}
         if stats is not None:
             rec["layers"] = stats.to_json()
@@ -224,8 +228,9 @@ def run(model, tokenizer, settings: EvalSettings, emit: Callable[[dict], None],
     """Every configured experiment, emitting one record per (case, method, variant)."""
     if "ppl" in settings.tasks:
         for n in settings.ppl_contexts or settings.contexts:
-            log(f"ppl context={n}")
-            run_ppl(model, tokenizer, settings, n, emit)
+            for seed in range(settings.ppl_seed, settings.ppl_seed + settings.ppl_segments):
+                log(f"ppl context={n} segment seed={seed}")
+                run_ppl(model, tokenizer, settings, n, emit, seed)
     if "niah" in settings.tasks:
         for n in settings.contexts:
             for i in range(settings.needles):

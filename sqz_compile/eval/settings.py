@@ -57,6 +57,7 @@ class EvalSettings:
     kv_outliers: float = SqueezeConfig.kv_outliers
     essay_seed: int = 0
     ppl_seed: int = 1
+    ppl_segments: int = 1            # essay orders ppl_seed, ppl_seed + 1, ...: PPL pooled over them
 
     def variants(self) -> list[Variant]:
         return [Variant(k, lu, mo, self.max_dropped_mass if mo == "bounded" else None)

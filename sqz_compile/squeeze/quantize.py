@@ -315,15 +315,39 @@ def low_bit_fields(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
                        sensitivity=sensitivity)
     del pre
     qv = quantize_rows(values, weights, bits, dt, frac, per_channel=False, seed=config.seed + 1, qnorm=qnorm)
+    codebooks = torch.stack([qk.codebook, qv.codebook], dim=1)
+    problem = fp16_range_problem(codebooks, qk.norm, qv.norm)
+    if problem:
+        raise ValueError(f"sqz: {problem}")
     e = qk.outlier_idx.shape[-1]
     return {
         "keys": qk.packed, "values": qv.packed,
         "rope": rope.as_row(context_length).to(keys.device).expand(layers, D + 2).contiguous(),
-        "codebooks": torch.stack([qk.codebook, qv.codebook], dim=1),
+        "codebooks": codebooks,
         "key_norm": qk.norm, "value_norm": qv.norm,
         "outlier_idx": torch.stack([qk.outlier_idx, qv.outlier_idx], dim=3) if e else None,
         "outlier_val": torch.stack([qk.outlier_val, qv.outlier_val], dim=3) if e else None,
     }
+
+
+FP16_MAX = 65504.0
+
+
+def fp16_range_problem(codebooks: torch.Tensor, key_norm: torch.Tensor, value_norm: torch.Tensor) -> str | None:
+    """What is wrong, if a low-bit context's dequantized entries could leave float16's range (the
+    kernels may hold levels, scales, offsets and rotated keys in fp16; outliers and value scales are
+    stored in float16 already), else None. Bounds from codebooks [layers, 2, G], key_norm [layers,
+    H, 2, D] and value_norm [layers, H, N, 2]: |scale| * max |level| + |offset| per key channel
+    (times sqrt(2) for the rotation) and per value row."""
+    lev = codebooks.abs().amax(-1).double()  # [layers, 2]
+    kn, vn = key_norm.double(), value_norm.double()
+    kb = float((kn[:, :, 0].abs() * lev[:, 0, None, None] + kn[:, :, 1].abs()).amax()) * 2 ** 0.5 if kn.numel() else 0.0
+    vb = float((vn[..., 0].abs() * lev[:, 1, None, None] + vn[..., 1].abs()).amax()) if vn.numel() else 0.0
+    for what, bound in (("keys", kb), ("values", vb)):
+        if not bound < FP16_MAX:
+            return (f"this context's {what} reach {bound:.4g} once dequantized, past float16's {FP16_MAX:g}, "
+                    "which the low-bit kernels compute in; keep it at kv_bits=16")
+    return None
 
 
 def token_weights(keys: torch.Tensor, window_queries: torch.Tensor, scaling: float,

@@ -287,6 +287,7 @@ def test_low_bit_file_roundtrip_and_refusals(tmp_path, tiny):
         "codebook": (lambda t: t["codebooks"].__setitem__((0, 0, 0), 3.0), None, "codebooks must hold"),
         "no_outliers": (lambda t: (t.pop("outlier_idx"), t.pop("outlier_val")), None, "outlier tables"),
         "rope_length": (lambda t: t["rope"].__setitem__((0, -1), 5.0), None, "context length"),
+        "fp16_range": (lambda t: t["key_norm"].__setitem__((0, 0, 1, 0), 7e4), None, "past float16"),
     }
     for name, (et, em, match) in cases.items():
         q = tmp_path / f"{name}.safetensors"

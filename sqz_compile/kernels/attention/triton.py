@@ -75,8 +75,8 @@ if HAS_TRITON:
         """Scaled scores [BLOCK_M, BLOCK_N] and V [BLOCK_N, BLOCK_D] of the context keys at
         sorted positions `pos`: stored, or packed low-bit dequantized in registers to dtype DT.
         HALVES: the keys as their two rotate_half halves, scored against the query's halves
-        (qa, qb); otherwise qa is the query. PAIRS: 2/4-bit HALVES on packed DT pairs through the
-        program's level table Tab. `scale` includes RoPE's attention scaling."""
+        (qa, qb); otherwise qa is the query. PAIRS: 2/4-bit HALVES on packed fp16 pairs through the
+        program's level table Tab, scored against fp16 query halves; V comes back fp16. `scale` includes RoPE's attention scaling."""
         if QBITS == 0:
             kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
                          mask=vvalid[None, :] & dmask[:, None], other=0.0)
@@ -85,9 +85,9 @@ if HAS_TRITON:
             s = _dot(qa, kT, IEEE)
         elif PAIRS:
             y1, y2 = key_pairs(Kc, KNorm, OIdx, OVal, Perm, Rope, Tab, h, pos, vvalid, NPOS, length,
-                               BLOCK_N, BLOCK_D // 2, QBITS, NOUT, DT)
+                               BLOCK_N, BLOCK_D // 2, QBITS, NOUT, FAST)
             s = _dot(qa, tl.trans(y1), IEEE) + _dot(qb, tl.trans(y2), IEEE)
-            vt = value_pairs(Vc, VNorm, OIdx, OVal, Tab, h, pos, vvalid, NPOS, BLOCK_N, BLOCK_D, QBITS, NOUT, DT)
+            vt = value_pairs(Vc, VNorm, OIdx, OVal, Tab, h, pos, vvalid, NPOS, BLOCK_N, BLOCK_D, QBITS, NOUT, FAST)
         else:
             if HALVES:
                 y1, y2 = key_halves(Kc, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, vvalid, NPOS, length,
@@ -194,6 +194,9 @@ if HAS_TRITON:
         else:
             qa = tl.load(qrow + d[None, :], mask=rvalid[:, None] & dmask[None, :], other=0.0)
             qb = qa
+        if PAIRS:  # the context tiles come as fp16 pairs: the query halves meet them in fp16
+            qa = qa.to(tl.float16)
+            qb = qb.to(tl.float16)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -210,7 +213,7 @@ if HAS_TRITON:
         tab = Tab
         if PAIRS:  # this program's level table (2 x 256 x 4 // QBITS words)
             tab = Tab + (pid * SPLIT + split) * (2048 // QBITS)
-            pair_table(tab, CB, NLEV, QBITS, Q.dtype.element_ty)
+            pair_table(tab, CB, NLEV, QBITS, FAST)
 
         # --- selected context clusters -------------------------------------------------------
         total = tl.load(NKeys + row)

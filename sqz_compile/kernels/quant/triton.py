@@ -225,22 +225,93 @@ if HAS_TRITON:
             code = ((lo >> (2 * c4)) & 3) | ((hp >> c4) & 4)
         return tl.reshape(_code_levels(code, CB, 3, FAST), [BLOCK_N, NH * 32])
 
-    # PAIRS (2 or 4 bits, HALVES, FAST, a bf16 or fp16 tile dtype): each byte of a packed word
-    # holds the codes of 2 (4 bits) or 4 (2 bits) adjacent channels. A per-program table of the 256
-    # byte values' levels, as packed bf16x2/f16x2 words (1 or 2 per byte), turns unpack + gather +
-    # scale/offset into a byte extract, one load and one HFMA2 per two entries; the outlier fold and
-    # RoPE run on packed pairs too (NOTES v16). The helpers take [BLOCK_N, words, codes per word]
-    # tensors whose codes of a word sit in one thread, so pack=2 (pack=4) hands each asm the
-    # channels of one byte. An asm writes its outputs after its last read of an input (an output
-    # may share an input's register). Each asm string is spelled where it is used
-    # (inline_asm_elementwise takes literals).
+    # PAIRS (2 or 4 bits, HALVES, a bf16 or fp16 model): each byte of a packed word holds the codes
+    # of 2 (4 bits) or 4 (2 bits) adjacent channels. A per-program table of the 256 byte values'
+    # levels as f16x2 pair words (1 or 2 per byte) turns unpack + gather + scale/offset into a byte
+    # extract, one load and one HFMA2 per two entries; the outlier fold and RoPE run on pair words
+    # too, and the tiles meet the query (cast to fp16 once) in an fp16 mma (NOTES v16). fp16, not
+    # the model's bf16: its 3 more mantissa bits keep the pair arithmetic's roundings below the
+    # bf16 path's one (error against float64 on a bf16 model: 3.2-3.5e-3, per entry 4.2-5.9e-3;
+    # bf16 pairs: 1.0-1.5e-2); `squeeze` refuses contexts whose entries leave fp16's range.
+    # The helpers hold pair words as int32 tensors [BLOCK_N, words, pairs per word] (pair p of
+    # word w: channels VPW * w + 2p (low half) and + 1 (high half)), so every asm works on one
+    # element (pack=1) whatever layout Triton picks; they become fp16 [BLOCK_N, channels] at the
+    # end by a join. FAST: inline PTX (an asm writes its outputs after its last read of an input,
+    # which may share an output's register); otherwise (the interpreter) the same table and
+    # arithmetic lane by lane, one rounding per multiply-add as f16x2 does, which the tests check
+    # against float64 on CPU.
 
     @triton.jit
-    def pair_table(Tab, CB, NLEV, QBITS: tl.constexpr, DT: tl.constexpr):
+    def _bits16(x):
+        """The 16 bits of an fp16 tensor as int32 in [0, 65536)."""
+        return x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+    @triton.jit
+    def _lanes(p):
+        """float32 (low, high) halves of int32 pair words."""
+        lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = ((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        return lo.to(tl.float32), hi.to(tl.float32)
+
+    @triton.jit
+    def _pack2(lo, hi, FAST: tl.constexpr):
+        """Pair words of float32 (lo, hi), each rounded to fp16."""
+        if FAST:
+            return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        return _bits16(lo.to(tl.float16)) | (_bits16(hi.to(tl.float16)) << 16)
+
+    @triton.jit
+    def _fma2(a, b, c, FAST: tl.constexpr):
+        """a * b + c on pair words, one rounding per half."""
+        if FAST:
+            return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        al, ah = _lanes(a)
+        bl, bh = _lanes(b)
+        cl, ch = _lanes(c)
+        return _pack2(al * bl + cl, ah * bh + ch, False)
+
+    @triton.jit
+    def _rotate2(x1, x2, c, s, FAST: tl.constexpr):
+        """RoPE on pair words: y1 = x1 c - x2 s, y2 = x2 c + x1 s, the products x2 s and x1 s
+        rounded, then one rounding per multiply-add."""
+        if FAST:
+            y1, y2 = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, u; mul.rn.f16x2 t, $3, $5; neg.f16x2 t, t; fma.rn.f16x2 u, $2, $4, t; "
+                "mul.rn.f16x2 t, $2, $5; fma.rn.f16x2 $1, $3, $4, t; mov.b32 $0, u; }",
+                "=r,=r,r,r,r,r", [x1, x2, c, s], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            l1, h1 = _lanes(x1)
+            l2, h2 = _lanes(x2)
+            lc, hc = _lanes(c)
+            ls, hs = _lanes(s)
+            t = _pack2(l2 * ls, h2 * hs, False)
+            tl_, th = _lanes(t)
+            y1 = _pack2(l1 * lc - tl_, h1 * hc - th, False)
+            t = _pack2(l1 * ls, h1 * hs, False)
+            tl_, th = _lanes(t)
+            y2 = _pack2(l2 * lc + tl_, h2 * hc + th, False)
+        return y1, y2
+
+    @triton.jit
+    def _to_halves(p, FAST: tl.constexpr):
+        """fp16 [BLOCK_N, NW * PPW * 2] channels from pair words [BLOCK_N, NW, PPW]."""
+        if FAST:
+            lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [p],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        else:
+            lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            hi = ((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        x = tl.join(lo, hi)
+        return tl.reshape(x, [x.shape[0], x.shape[1] * x.shape[2] * 2])
+
+    @triton.jit
+    def pair_table(Tab, CB, NLEV, QBITS: tl.constexpr, FAST: tl.constexpr):
         """Write a program's table at Tab: per side s (0 keys, 1 values) 256 bytes x WPB = 4 // QBITS
-        int32 words, word p of byte b = the levels of its codes 2p and 2p + 1 (bits 2p*QBITS and
-        (2p+1)*QBITS) as one packed DT pair; then a barrier, so that every thread of the program
-        reads it (plain loads: the table changes within the launch)."""
+        pair words, word q of byte b = the levels of its codes 2q and 2q + 1 (bits 2q*QBITS and
+        (2q+1)*QBITS); then a barrier, so that every thread of the program reads it (plain loads:
+        the table changes within the launch)."""
         WPB: tl.constexpr = 4 // QBITS
         e = tl.arange(0, 512 * WPB)
         side = e // (256 * WPB)
@@ -249,123 +320,97 @@ if HAS_TRITON:
         mask = (1 << QBITS) - 1
         lo = tl.load(CB + side * NLEV + ((b >> sh) & mask))
         hi = tl.load(CB + side * NLEV + ((b >> (sh + QBITS)) & mask))
-        if DT == tl.bfloat16:
-            pk = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], dtype=tl.int32,
-                                           is_pure=True, pack=1)
-        else:
-            pk = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], dtype=tl.int32,
-                                           is_pure=True, pack=1)
-        tl.store(Tab + e, pk)
+        tl.store(Tab + e, _pack2(lo, hi, FAST))
         tl.debug_barrier()
 
     @triton.jit
-    def _pair_levels(w, tab, sc, off, QBITS: tl.constexpr, DT: tl.constexpr):
-        """DT [BLOCK_N, NW, 32 // QBITS]: level * sc + off of the codes of each word w [BLOCK_N, NW, 1],
-        one table load and one HFMA2 per pair of codes; sc, off DT, broadcast to that shape."""
-        CPB: tl.constexpr = 8 // QBITS  # codes per byte
-        k = tl.arange(0, 32 // QBITS)
-        byte = (w >> ((k // CPB) * 8)[None, None, :]) & 255
-        t = tab.to(tl.int64, bitcast=True)
+    def _pair_levels(w, tab, sc, off, QBITS: tl.constexpr, FAST: tl.constexpr):
+        """Pair words [BLOCK_N, NW, 16 // QBITS] of level * sc + off for the codes of the words w
+        [BLOCK_N, NW, 1]: a byte extract, one table load (2 bits: of two pair words) and one HFMA2
+        per pair; sc, off pair words broadcast to that shape."""
+        b = tl.arange(0, 4)
+        byte = (w >> (b * 8)[None, None, :]) & 255  # [BLOCK_N, NW, 4]
         if QBITS == 4:
-            if DT == tl.bfloat16:
-                x = tl.inline_asm_elementwise(
-                    "{ .reg .u64 a; .reg .b32 t; mad.wide.u32 a, $1, 4, $3; ld.global.b32 t, [a]; "
-                    "fma.rn.bf16x2 $0, t, $5, $6; }",
-                    "=r,r,r,l,l,r,r", [byte, t, sc, off], dtype=sc.dtype, is_pure=True, pack=2)
+            if FAST:
+                lev = tl.inline_asm_elementwise(
+                    "{ .reg .u64 a; mad.wide.u32 a, $1, 4, $2; ld.global.b32 $0, [a]; }", "=r,r,l",
+                    [byte, tab.to(tl.int64, bitcast=True)], dtype=tl.int32, is_pure=True, pack=1)
             else:
-                x = tl.inline_asm_elementwise(
-                    "{ .reg .u64 a; .reg .b32 t; mad.wide.u32 a, $1, 4, $3; ld.global.b32 t, [a]; "
-                    "fma.rn.f16x2 $0, t, $5, $6; }",
-                    "=r,r,r,l,l,r,r", [byte, t, sc, off], dtype=sc.dtype, is_pure=True, pack=2)
+                lev = tl.load(tab + byte)
         else:
-            if DT == tl.bfloat16:
-                x = tl.inline_asm_elementwise(
-                    "{ .reg .u64 a; .reg .b32 t, u; mad.wide.u32 a, $2, 8, $6; ld.global.v2.b32 {t, u}, [a]; "
-                    "fma.rn.bf16x2 $0, t, $10, $12; fma.rn.bf16x2 $1, u, $11, $13; }",
-                    "=r,=r,r,r,r,r,l,l,l,l,r,r,r,r", [byte, t, sc, off], dtype=sc.dtype, is_pure=True, pack=4)
+            if FAST:
+                l0, l1 = tl.inline_asm_elementwise(
+                    "{ .reg .u64 a; mad.wide.u32 a, $2, 8, $3; ld.global.v2.b32 {$0, $1}, [a]; }", "=r,=r,r,l",
+                    [byte, tab.to(tl.int64, bitcast=True)], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
             else:
-                x = tl.inline_asm_elementwise(
-                    "{ .reg .u64 a; .reg .b32 t, u; mad.wide.u32 a, $2, 8, $6; ld.global.v2.b32 {t, u}, [a]; "
-                    "fma.rn.f16x2 $0, t, $10, $12; fma.rn.f16x2 $1, u, $11, $13; }",
-                    "=r,=r,r,r,r,r,l,l,l,l,r,r,r,r", [byte, t, sc, off], dtype=sc.dtype, is_pure=True, pack=4)
-        return x
+                l0 = tl.load(tab + byte * 2)
+                l1 = tl.load(tab + byte * 2 + 1)
+            lev = tl.join(l0, l1)
+            lev = tl.reshape(lev, [lev.shape[0], lev.shape[1], 8])
+        return _fma2(lev, sc, off, FAST)
 
     @triton.jit
-    def _pair_outliers(x, OIdx, OVal, which, h, pos, pok, chan, lo, N, NOUT: tl.constexpr, DT: tl.constexpr):
-        """x [BLOCK_N, NW, codes] (DT pairs) holding channels chan (same shape; lo: the first one) of
-        the rows at pos, with the row's outliers (K: which 0, V: 1) folded in, a compare and a byte
-        permute per pair: the half of the pair whose index is the outlier's replaced by ov (prmt
-        selector 0x3254 low half, 0x5410 high)."""
-        cp = chan >> 1
+    def _pair_outliers(x, OIdx, OVal, which, h, pos, pok, pidx, lo, N, NOUT: tl.constexpr):
+        """Pair words x [BLOCK_N, NW, PPW] holding channel pairs pidx (same shape; lo: the first
+        channel) of the rows at pos, with the row's outliers (K: which 0, V: 1) folded in: the half
+        of the outlier's pair takes its fp16 value (a compare, a LOP3 and a select per pair)."""
         for e in tl.static_range(NOUT):
             o = ((h * N + pos) * 2 + which) * NOUT + e
             oi = tl.load(OIdx + o, mask=pok, other=-1).to(tl.int32) - lo
-            ov = tl.load(OVal + o, mask=pok, other=0.0).to(tl.float32).to(DT)
-            ob = ov.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            ov2 = (ob | (ob << 16))[:, None, None]
-            oip = tl.where(oi >= 0, oi >> 1, -1)[:, None, None]
-            sel = tl.where((oi & 1) == 1, 0x5410, 0x3254)[:, None, None]
-            x = tl.inline_asm_elementwise(
-                "{ .reg .pred p; .reg .b32 m; setp.eq.s32 p, $2, $4; prmt.b32 m, $1, $6, $8; "
-                "selp.b32 $0, m, $1, p; }",
-                "=r,r,r,r,r,r,r,r,r,r", [x, cp, oip, ov2, sel], dtype=x.dtype, is_pure=True, pack=2)
+            ob = _bits16(tl.load(OVal + o, mask=pok, other=0.0).to(tl.float16))
+            half = tl.where((oi & 1) == 1, -65536, 0xFFFF)  # the outlier's half of the word
+            merged = (x & ~half[:, None, None]) | (((ob << 16) | ob) & half)[:, None, None]
+            x = tl.where(pidx == tl.where(oi >= 0, oi >> 1, -1)[:, None, None], merged, x)
         return x
 
     @triton.jit
     def key_pairs(Pk, KNorm, OIdx, OVal, Perm, Rope, Tab, h, pos, pok, N, length,
                   BLOCK_N: tl.constexpr, HALF: tl.constexpr, QBITS: tl.constexpr, NOUT: tl.constexpr,
-                  DT: tl.constexpr):
-        """`key_halves` for PAIRS: the rotated halves y1, y2 as DT [BLOCK_N, HALF], dequantized,
-        outlier-folded and rotated on packed pairs (cos/sin in float32, packed once)."""
+                  FAST: tl.constexpr):
+        """`key_halves` for PAIRS: the rotated halves y1, y2 as fp16 [BLOCK_N, HALF], dequantized,
+        outlier-folded and rotated on pair words (cos/sin from the float32 angle, packed once)."""
         VPW: tl.constexpr = 32 // QBITS
         NW: tl.constexpr = HALF // VPW
+        PPW: tl.constexpr = VPW // 2
         wi = tl.arange(0, NW)
-        k = tl.arange(0, VPW)
-        j = (wi[:, None] * VPW + k[None, :])[None, :, :]  # [1, NW, VPW] channel within the half
-        kn = KNorm + h * 4 * HALF + j
-        sc1 = tl.load(kn).to(DT)
-        sc2 = tl.load(kn + HALF).to(DT)
-        off1 = tl.load(kn + 2 * HALF).to(DT)
-        off2 = tl.load(kn + 3 * HALF).to(DT)
+        pidx = (wi[:, None] * PPW + tl.arange(0, PPW)[None, :])[None, :, :]  # [1, NW, PPW] pair in the half
+        ch = 2 * pidx[:, :, :, None] + tl.arange(0, 2)[None, None, None, :]  # [1, NW, PPW, 2] channels
+        kn = KNorm + h * 4 * HALF + ch
+        sc1 = _pack2(*tl.split(tl.load(kn)), FAST)
+        sc2 = _pack2(*tl.split(tl.load(kn + HALF)), FAST)
+        off1 = _pack2(*tl.split(tl.load(kn + 2 * HALF)), FAST)
+        off2 = _pack2(*tl.split(tl.load(kn + 3 * HALF)), FAST)
         row = Pk + (h * N + pos) * (2 * NW)
         rok = pok[:, None, None]
         w1 = tl.load(row[:, None, None] + wi[None, :, None], mask=rok, other=0)
         w2 = tl.load(row[:, None, None] + NW + wi[None, :, None], mask=rok, other=0)
-        x1 = _pair_levels(w1, Tab, sc1, off1, QBITS, DT)
-        x2 = _pair_levels(w2, Tab, sc2, off2, QBITS, DT)
-        x1 = _pair_outliers(x1, OIdx, OVal, 0, h, pos, pok, j, 0, N, NOUT, DT)
-        x2 = _pair_outliers(x2, OIdx, OVal, 0, h, pos, pok, j, HALF, N, NOUT, DT)
-        rel = (tl.load(Perm + h * N + pos, mask=pok, other=0) - length).to(tl.float32)
-        c, s = _sincos(rel[:, None, None] * tl.load(Rope + j), True)
-        # y1 = x1 c - x2 s, y2 = x2 c + x1 s
-        if DT == tl.bfloat16:
-            y1, y2 = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, u; mul.rn.bf16x2 t, $3, $5; neg.bf16x2 t, t; fma.rn.bf16x2 u, $2, $4, t; "
-                "mul.rn.bf16x2 t, $2, $5; fma.rn.bf16x2 $1, $3, $4, t; mov.b32 $0, u; }",
-                "=r,=r,r,r,r,r", [x1, x2, c.to(DT), s.to(DT)], dtype=(x1.dtype, x1.dtype), is_pure=True, pack=2)
-        else:
-            y1, y2 = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, u; mul.rn.f16x2 t, $3, $5; neg.f16x2 t, t; fma.rn.f16x2 u, $2, $4, t; "
-                "mul.rn.f16x2 t, $2, $5; fma.rn.f16x2 $1, $3, $4, t; mov.b32 $0, u; }",
-                "=r,=r,r,r,r,r", [x1, x2, c.to(DT), s.to(DT)], dtype=(x1.dtype, x1.dtype), is_pure=True, pack=2)
-        return tl.reshape(y1, [BLOCK_N, HALF]), tl.reshape(y2, [BLOCK_N, HALF])
+        x1 = _pair_outliers(_pair_levels(w1, Tab, sc1, off1, QBITS, FAST), OIdx, OVal, 0, h, pos, pok, pidx, 0,
+                            N, NOUT)
+        x2 = _pair_outliers(_pair_levels(w2, Tab, sc2, off2, QBITS, FAST), OIdx, OVal, 0, h, pos, pok, pidx, HALF,
+                            N, NOUT)
+        rel = (tl.load(Perm + h * N + pos, mask=pok, other=0) - length).to(tl.float32)[:, None, None]
+        f0, f1 = tl.split(tl.load(Rope + ch))
+        c0, s0 = _sincos(rel * f0, FAST)
+        c1, s1 = _sincos(rel * f1, FAST)
+        y1, y2 = _rotate2(x1, x2, _pack2(c0, c1, FAST), _pack2(s0, s1, FAST), FAST)
+        return _to_halves(y1, FAST), _to_halves(y2, FAST)
 
     @triton.jit
     def value_pairs(Pv, VNorm, OIdx, OVal, Tab, h, pos, pok, N, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    QBITS: tl.constexpr, NOUT: tl.constexpr, DT: tl.constexpr):
-        """`value_rows` for PAIRS: DT [BLOCK_N, BLOCK_D], the row's scale and offset per pair."""
+                    QBITS: tl.constexpr, NOUT: tl.constexpr, FAST: tl.constexpr):
+        """`value_rows` for PAIRS: fp16 [BLOCK_N, BLOCK_D], the row's scale and offset per pair."""
         VPW: tl.constexpr = 32 // QBITS
         NW: tl.constexpr = BLOCK_D // VPW
+        PPW: tl.constexpr = VPW // 2
         wi = tl.arange(0, NW)
-        k = tl.arange(0, VPW)
-        chan = (wi[:, None] * VPW + k[None, :])[None, :, :]
+        pidx = (wi[:, None] * PPW + tl.arange(0, PPW)[None, :])[None, :, :]
         row = Pv + (h * N + pos) * NW
         w = tl.load(row[:, None, None] + wi[None, :, None], mask=pok[:, None, None], other=0)
-        sc = tl.load(VNorm + (h * N + pos) * 2, mask=pok, other=0.0).to(DT)[:, None, None]
-        off = tl.load(VNorm + (h * N + pos) * 2 + 1, mask=pok, other=0.0).to(DT)[:, None, None]
-        x = _pair_levels(w, Tab + 1024 // QBITS, sc, off, QBITS, DT)
-        x = _pair_outliers(x, OIdx, OVal, 1, h, pos, pok, chan, 0, N, NOUT, DT)
-        return tl.reshape(x, [BLOCK_N, BLOCK_D])
+        sc = tl.load(VNorm + (h * N + pos) * 2, mask=pok, other=0.0).to(tl.float32)
+        off = tl.load(VNorm + (h * N + pos) * 2 + 1, mask=pok, other=0.0).to(tl.float32)
+        x = _pair_levels(w, Tab + 1024 // QBITS, _pack2(sc, sc, FAST)[:, None, None],
+                         _pack2(off, off, FAST)[:, None, None], QBITS, FAST)
+        return _to_halves(_pair_outliers(x, OIdx, OVal, 1, h, pos, pok, pidx, 0, N, NOUT), FAST)
 
     @triton.jit
     def key_halves(Pk, CB, KNorm, OIdx, OVal, Perm, Rope, h, pos, pok, N, length,
