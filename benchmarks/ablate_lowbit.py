@@ -4,9 +4,9 @@ leave one stage of the in-register dequantization out (outputs wrong, timing onl
 VARIANT is `base` or any of these joined by `_`: `norope` (cos 1, sin 0: no angle reduction or
 sin/cos), `nogather` (the code itself as the level: no codebook gather), `noout` (a context
 quantized without outliers: no outlier loads or compare/select per entry), `nokey` (no packed key
-reads, unpack, scales, outliers or RoPE), `noval` (the same for values), `entry` (the per-entry
-float32 dequantization instead of packed pairs where the launcher would take PAIRS; the stubs
-above replace per-entry helpers, so combine them with `entry` at 2 and 4 bits). One variant per
+reads, unpack, scales, outliers or RoPE), `noval` (the same for values), `pairs` (2 and 4 bits:
+the tiles dequantized on fp16 pair words, attention launch PAIRS; the stubs above replace the
+per-entry helpers and do not apply to it). One variant per
 process: Triton hashes a kernel's dependencies once, so the helpers are swapped before the first
 launch. Inputs are bench_attention's synthetic 8B-shaped context (2 copies, keep 10%), cached in
 /tmp between processes. `--cfg BLOCK_N,WARPS,STAGES,SPLITS[,MAXNREG[,BQ]]` overrides the launcher's
@@ -73,8 +73,7 @@ def main():
         SA.key_halves = _keys_none
     if "noval" in variant:
         SA.value_rows = _values_none
-    if "entry" in variant:
-        KA.PAIRS = False
+    KA.PAIRS = "pairs" in variant
     n = int(os.environ.get("ABL_N", 131072))
     kind = os.environ.get("ABL_KIND", "decode")
     if not torch.cuda.is_available():

@@ -382,27 +382,28 @@ def step_inputs(kind: str, n: int, keep: float, copies: int, kv_bits: int = 16) 
 
 
 def run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int = 16,
-                  per_entry: bool = False) -> None:
-    """One decode/prefill row. `per_entry`: a 4-bit context dequantized per entry in float32
-    (attention launch PAIRS off), beside the shipped packed-pair path."""
+                  dequant: str = "") -> None:
+    """One decode/prefill row. `dequant`: a low-bit context's tiles dequantized "per-entry" in
+    float32 or on fp16 "pairs" (attention launch PAIRS off / on; 2 and 4 bits), "" as the launcher
+    does by default."""
     from sqz_compile.kernels.attention import launch as KA
 
     pairs = KA.PAIRS
-    KA.PAIRS = not per_entry
+    KA.PAIRS = {"": pairs, "per-entry": False, "pairs": True}[dequant]
     try:
-        _run_attention(kind, n, keep, copies, results, bw, kv_bits, per_entry)
+        _run_attention(kind, n, keep, copies, results, bw, kv_bits, dequant)
     finally:
         KA.PAIRS = pairs
 
 
 def _run_attention(kind: str, n: int, keep: float, copies: int, results: list, bw: float, kv_bits: int,
-                   per_entry: bool) -> None:
+                   dequant: str) -> None:
     m, s = NEW_TOKENS[kind]
     causal = kind == "prefill"
     ctxs, qs, kns, vns, thrs = step_inputs(kind, n, keep, copies, kv_bits)
     row = {"kind": kind, "context": n, "kv_bits": kv_bits, "new_tokens": m, "new_keys": s, "copies": copies}
-    if per_entry:
-        row["dequant"] = "per-entry"
+    if dequant:
+        row["dequant"] = dequant
 
     # the sparse path, checked once against the float64 reference on its own selection
     sel = sqz_lookup.lookup(qs[0], ctxs[0]["lookup_centroids"], ctxs[0]["offsets"], thrs[0], None,
@@ -976,7 +977,8 @@ def main() -> None:
                     help="CPU smoke test under TRITON_INTERPRET=1: toy shapes, the hier and batch rows only")
     ap.add_argument("--kv-bits", default="16",
                     help="comma-separated context K/V bits for decode/prefill rows, e.g. 16,4,3,2 (field kv_bits); "
-                         "4e: 4 bits dequantized per entry in float32 instead of on packed pairs")
+                         "a suffix picks the low-bit tiles' dequantization: 4e per entry in float32, 4p on fp16 "
+                         "pairs (2 and 4 bits; default: as the launcher)")
     ap.add_argument("--variance", action="store_true",
                     help="centroids with per-channel variances (SqueezeConfig.cluster_variance)")
     args = ap.parse_args()
@@ -1023,11 +1025,11 @@ def main() -> None:
             per_copy = 0.15 * n * H * D * 2 * 2
             copies = max(2, min(4, math.ceil(2 * L2_BYTES / per_copy)))
             for bits in args.kv_bits.split(","):
-                run_attention(kind, n, args.keep, copies, results, bw, kv_bits=int(bits.rstrip("e")),
-                              per_entry=bits.endswith("e"))
+                run_attention(kind, n, args.keep, copies, results, bw, kv_bits=int(bits.rstrip("ep")),
+                              dequant={"e": "per-entry", "p": "pairs"}.get(bits[-1], ""))
     if "lowbit_sweep" in only:
         for n in [int(x) for x in args.contexts.split(",")]:
-            for bits in [int(b.rstrip("e")) for b in args.kv_bits.split(",") if int(b.rstrip("e")) < 16] or [4]:
+            for bits in [int(b.rstrip("ep")) for b in args.kv_bits.split(",") if int(b.rstrip("ep")) < 16] or [4]:
                 run_lowbit_sweep(n, args.keep, 2, results, bw, bits)
     if "lookup" in only:
         run_lookup_scaling([int(x) for x in args.lookup_contexts.split(",")], 3, results)
@@ -1059,7 +1061,7 @@ def main() -> None:
 
         def fmt(x, p=3):
             return f"{x:.{p}f}" if isinstance(x, (int, float)) else "-"
-        tag = "e" if r.get("dequant") == "per-entry" else "b"
+        tag = {"per-entry": "e", "pairs": "p"}.get(r.get("dequant"), "b")
         print(f"{r['kind'] + '/' + str(r.get('kv_bits', 16)) + tag:8} {r['context']:>7} {fmt(r.get('kept_fraction'), 3):>6} {fmt(r['sqz_ms']):>8} "
               f"{fmt(r['sqz_lookup_ms']):>8} {fmt(r.get('sdpa_cudnn_ms')):>8} {fmt(r.get('sdpa_flash_ms')):>8} "
               f"{fmt(r.get('flex_ms')):>8} {fmt(r.get('speedup_vs_best_dense'), 2):>8} "

@@ -59,7 +59,7 @@ def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = N
     const = dict(BQ=bq or (4 if decode else 32), GP=g, BLOCK_N=bn, BLOCK_D=block_d, MASK_KIND=0, IS_CAUSAL=True,
                  PARTIAL=decode, IEEE=False, SEARCH=128, POS_LIST=True, QBITS=qbits, NOUT=nout,
                  HALVES=halves, FAST=fast,
-                 PAIRS=(halves and fast and KA.pairs_layout(d, qbits)) if pairs is None else pairs)
+                 PAIRS=(halves and qbits in (2, 4)) if pairs is None else pairs)
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:

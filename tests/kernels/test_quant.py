@@ -153,6 +153,7 @@ LOW_PRECISION = [
     dict(kw=dict(mask="causal", b=2, h=1, g=4, m=1, s=1, d=64, n=95, c=6), bits=4, out=0.0),   # decode
     dict(kw=dict(mask="none", b=1, h=2, g=4, m=1, s=3, d=128, n=181, c=7), bits=2, out=0.02),  # decode
     dict(kw=dict(mask="causal", b=1, h=1, g=2, m=40, d=128, n=77, c=5), bits=2, out=0.0),
+    dict(kw=dict(mask="causal", b=1, h=2, g=4, m=1, s=1, d=64, n=113, c=6), bits=2, out=0.02),  # decode
 ]
 
 

@@ -82,13 +82,6 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
     return AttnConfig(bq, gp, block_n, split, warps, stages, pos_list, maxnreg=maxnreg)
 
 
-def pairs_layout(d: int, qbits: int) -> bool:
-    """Whether a HALVES context of head dim d in qbits bits takes PAIRS on a bf16/fp16 model: 4 bits,
-    or 2 bits with at least 4 words per half row (head dim 128; at 64 the 16-code words of a
-    32-channel half leave too few threads per row, and the offline sm_90 loop grows: NOTES v16)."""
-    return qbits == 4 or (qbits == 2 and d // 2 >= 64)
-
-
 def _stages(cfg: AttnConfig, qbits: int, halves: bool) -> int:
     """Software-pipeline depth of the attention launch: the config's for a 16-bit context. Low-bit
     with HALVES: the next tiles' packed words and positions load by cp.async while this tile
@@ -187,7 +180,7 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         part_o = part_l = torch.empty(1, device=dev, dtype=torch.float32)
     grid = (bsz * h * nb * tpb, cfg.split)
     fast = bool(qbits) and _qt.fast_math(dev)
-    pairs = PAIRS and halves and q.dtype in (torch.bfloat16, torch.float16) and pairs_layout(d, qbits)
+    pairs = PAIRS and halves and qbits in (2, 4) and q.dtype in (torch.bfloat16, torch.float16)
     # PAIRS: each program writes its level table (2 x 256 bytes x 4 // bits int32) into its own slice
     tab = torch.empty(grid[0] * grid[1] * 2048 // qbits if pairs else 1, device=dev, dtype=torch.int32)
     launch(_sa._sparse_attn_kernel, grid,

@@ -23,7 +23,9 @@ One kernel serves prefill and decode (the reference is `attention/reference.py`,
   so only the selected clusters' packed bytes are read and no dense copy is made. HALVES (2/3/4
   bits, head dim 64/128): keys come as their two rotate_half halves and are scored as
   q[:, :D/2] @ k1^T + q[:, D/2:] @ k2^T; RoPE's attention scaling multiplies the context's
-  score scale instead of every key entry.
+  score scale instead of every key entry. PAIRS (2/4 bits of a bf16/fp16 model, launch flag):
+  each program first writes a table of level pairs, and the tiles dequantize two channels per
+  load and HFMA2 in fp16 (quant/triton.py).
 - The new tokens follow the model's mask with SDPA semantics: none, upper-left causal, bool
   (True attends) or additive float, loaded with broadcast strides (0 for broadcast dims).
 """
@@ -75,8 +77,9 @@ if HAS_TRITON:
         """Scaled scores [BLOCK_M, BLOCK_N] and V [BLOCK_N, BLOCK_D] of the context keys at
         sorted positions `pos`: stored, or packed low-bit dequantized in registers to dtype DT.
         HALVES: the keys as their two rotate_half halves, scored against the query's halves
-        (qa, qb); otherwise qa is the query. PAIRS: 2/4-bit HALVES on packed fp16 pairs through the
-        program's level table Tab, scored against fp16 query halves; V comes back fp16. `scale` includes RoPE's attention scaling."""
+        (qa, qb); otherwise qa is the query. PAIRS: 2/4-bit HALVES on fp16 pair words through the
+        program's level table Tab, scored against fp16 query halves; V comes back fp16. `scale`
+        includes RoPE's attention scaling."""
         if QBITS == 0:
             kT = tl.load(Kc + h * skch + pos[None, :] * skcn + d[:, None],
                          mask=vvalid[None, :] & dmask[:, None], other=0.0)
