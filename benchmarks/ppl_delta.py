@@ -3,7 +3,9 @@ another lookup) within a perplexity target, or only within the noise of 512 scor
 
 Each run must score the same essay segments (`--ppl-segments`, same contexts and `--ppl-tokens`);
 the first file is the baseline. Per (context, variant) the PPL is pooled over the segments' tokens
-(exp of the mean NLL), and ΔPPL = PPL(run) - PPL(baseline). The interval is a paired block
+(exp of the mean NLL), and ΔPPL = PPL(run) - PPL(baseline); a low-bit run also gets the row
+"dense over these K/V" (dense attention over its dequantized context) against the baseline's
+dense PPL, the quantization's own share. The interval is a paired block
 bootstrap: the tokens of each segment are cut into blocks of --block consecutive tokens (the
 per-token NLLs are correlated along the text), blocks are resampled with replacement within each
 segment, the same blocks for both runs, and the 2.5/97.5 percentiles of the resampled ΔPPL are
@@ -21,6 +23,9 @@ import os
 import numpy as np
 
 
+DENSE_KV = "dense over these K/V"  # compared with the baseline's dense row
+
+
 def _key(r: dict) -> tuple:
     return (r["context"], r["method"], r["keep"], r["lookup"], r["mode"])
 
@@ -36,7 +41,11 @@ def ppl_tokens(path: str) -> tuple[dict, dict]:
         if "nll_tokens" not in r:
             raise SystemExit(f"{path}: PPL records without per-token NLLs (written before they were kept): re-run "
                              "sqz eval")
-        out.setdefault(_key(r), {})[r.get("ppl_seed", 1)] = np.asarray(r["nll_tokens"], dtype=np.float64)
+        seed = r.get("ppl_seed", 1)
+        out.setdefault(_key(r), {})[seed] = np.asarray(r["nll_tokens"], dtype=np.float64)
+        if "dense_kv_nll_tokens" in r:  # dense attention over the run's low-bit K/V
+            k = (r["context"], DENSE_KV, r["keep"], r["lookup"], r["mode"])
+            out.setdefault(k, {})[seed] = np.asarray(r["dense_kv_nll_tokens"], dtype=np.float64)
     return res["meta"], out
 
 
@@ -95,12 +104,13 @@ def main() -> None:
     rows = []
     for path in a.runs[1:]:
         meta, test = ppl_tokens(path)
-        for key in sorted(set(base) & set(test), key=str):
-            if key[1] == "dense":
+        for key in sorted(test, key=str):
+            bkey = (key[0], "dense", *key[2:]) if key[1] == DENSE_KV else key
+            if key[1] == "dense" or bkey not in base:
                 continue
+            variant = key[1] if key[1] == DENSE_KV else f"{key[1]} keep={key[2]:g} {key[3]} {key[4]}"
             rows.append({"run": _label(meta, path), "baseline": _label(base_meta, a.runs[0]), "context": key[0],
-                         "variant": f"{key[1]} keep={key[2]:g} {key[3]} {key[4]}",
-                         **delta(base[key], test[key], a.block, a.draws, rng)})
+                         "variant": variant, **delta(base[bkey], test[key], a.block, a.draws, rng)})
     lines = ["| run | context | variant | segments x tokens | PPL baseline | PPL | ΔPPL | 95% CI |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -176,6 +176,9 @@ def run_ppl(model, tokenizer, settings: EvalSettings, context_len: int,
     via_cache = user_logits(model, user, dense_cache(model, context_kv(base)))[0, :-1]
     dense = compare_logits(full, full, targets)
     dense["cache_vs_full_max_abs_logit_diff"] = float((via_cache - full).abs().max())
+    if base.kv_bits < 16:  # dense attention over the dequantized context K/V: the quantization alone
+        over = compare_logits(full, via_cache, targets)
+        dense.update(dense_kv_nll_sum=over["nll_sum"], dense_kv_nll_tokens=over["nll_tokens"])
     emit({"task": "ppl", "context": context_len, "ppl_seed": seed, **_variant_fields(None, "dense"), **dense,
           "seconds": round(time.perf_counter() - t0, 2)})
     for v, method, vctx, stats in _scored_runs(settings, base):

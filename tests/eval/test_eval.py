@@ -148,6 +148,24 @@ def test_harness_end_to_end_on_a_tiny_model(tmp_path, tokenizer):
     assert (tmp_path / "acc.png").stat().st_size > 0
 
 
+def test_ppl_segments_pool_and_keep_per_token_nll(tokenizer):
+    """--ppl-segments: one PPL record per (segment, method), each with its per-token NLLs (whose
+    sum is nll_sum); the summary pools the segments' tokens."""
+    model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=1024)
+    settings = runs.EvalSettings(contexts=(200,), keeps=(0.5,), lookups=("flat",), modes=("threshold",),
+                                 oracle=(), tasks=("ppl",), ppl_tokens=24, ppl_segments=3, block_q=8,
+                                 cluster_ratio=0.1, observation_window=16)
+    records: list[dict] = []
+    runs.run(model, tokenizer, settings, records.append)
+    assert sorted({r["ppl_seed"] for r in records}) == [1, 2, 3] and len(records) == 6
+    for r in records:
+        assert len(r["nll_tokens"]) == r["n"] == 23 and math.isclose(sum(r["nll_tokens"]), r["nll_sum"], rel_tol=1e-5)
+    sq = [r for r in records if r["method"] == "squeezed"]
+    row = next(r for r in report.summarize(records) if r["method"] == "squeezed")
+    assert row["ppl_segments"] == 3
+    assert math.isclose(row["ppl"], math.exp(sum(r["nll_sum"] for r in sq) / sum(r["n"] for r in sq)))
+
+
 @pytest.mark.parametrize("hierarchical", [False, True])
 def test_dense_tokens_leave_their_clusters_exactly(hierarchical):
     """squeeze's data-chosen dense tokens: the full context K/V rebuilt from the layout equals the
