@@ -133,6 +133,12 @@ def test_low_bit_attention_matches_reference(case, split, pos_list):
                                             cs.k_new.shape[2], d, 4, case["bits"])
     if split is not None:
         cfg = cfg._replace(split=split, block_n=16, pos_list=pos_list, maxnreg=0)
+    assert _attend_vs_reference(cs, lb, keys64, values64, sel, block_q, cfg) < 1e-5
+
+
+def _attend_vs_reference(cs, lb, keys64, values64, sel, block_q, cfg=None) -> float:
+    """rel_err of the kernel over the packed context lb (into a poisoned output) against the float64
+    reference over its dequantized K/V, on the same selection."""
     out = torch.full_like(cs.q, float("nan"))
     attention_launch.sparse_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, lb[0], lb[1], sel, cs.window_keys,
                                       cs.window_values, cs.scale, cs.is_causal, block_q, config=cfg, out=out,
@@ -144,7 +150,7 @@ def test_low_bit_attention_matches_reference(case, split, pos_list):
         selection_from_compact(sel.idx, cs.centroids.shape[1]), cs.window_keys.double(),
         cs.window_values.double(), cs.scale, cs.is_causal, block_q)
     assert int(sel.nkeys.sum()) > 0
-    assert rel_err(out, ref) < 1e-5
+    return rel_err(out, ref)
 
 
 LOW_PRECISION = [
@@ -162,9 +168,8 @@ LOW_PRECISION = [
 @pytest.mark.parametrize("case", LOW_PRECISION, ids=lambda c: f"d{c['kw']['d']}-m{c['kw']['m']}-b{c['bits']}-o{c['out']}")
 def test_low_bit_attention_half_precision(case, pairs, dtype, monkeypatch):
     """bf16/fp16 models over a 4- or 2-bit context at the launcher's shapes, the tiles dequantized
-    on packed pairs (PAIRS: per-program level table, scale/offset, outliers and RoPE on pairs in
-    the tile dtype; 2 bits at head dim 128) or per entry in float32: both equal the float64
-    reference within the tile dtype's rounding. The GPU runs PAIRS as inline PTX, the
+    on fp16 pair words (PAIRS: per-program level table, scale/offset, outliers and RoPE on pairs)
+    or per entry in float32: both equal the float64 reference within the model dtype's rounding. The GPU runs PAIRS as inline PTX, the
     interpreter the same arithmetic in Triton ops."""
     monkeypatch.setattr(attention_launch, "PAIRS", pairs)
     block_q = 16
@@ -174,17 +179,8 @@ def test_low_bit_attention_half_precision(case, pairs, dtype, monkeypatch):
     cs.keys, cs.values = keys64.to(dtype).to(DEV), values64.to(dtype).to(DEV)
     thr = threshold_for_keep(cs, 0.5, block_q)
     sel = lookup_launch.lookup(cs.q, cs.centroids, cs.offsets, thr, None, None, None, cs.scale, block_q, 0)
-    out = torch.full_like(cs.q, float("nan"))
-    attention_launch.sparse_attention(cs.q, cs.k_new, cs.v_new, cs.attn_mask, lb[0], lb[1], sel, cs.window_keys,
-                                      cs.window_values, cs.scale, cs.is_causal, block_q, out=out, quant=lb[2:])
-    am = cs.attn_mask
-    am = am.double() if am is not None and am.dtype != torch.bool else am
-    ref = squeezed_attention_reference(
-        cs.q.double(), cs.k_new.double(), cs.v_new.double(), am, keys64.to(DEV), values64.to(DEV), cs.offsets,
-        selection_from_compact(sel.idx, cs.centroids.shape[1]), cs.window_keys.double(),
-        cs.window_values.double(), cs.scale, cs.is_causal, block_q)
-    assert int(sel.nkeys.sum()) > 0
-    assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    err = _attend_vs_reference(cs, lb, keys64, values64, sel, block_q)
+    assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
 def test_low_bit_op_cpu_matches_dense_over_dequantized():
