@@ -339,10 +339,14 @@ def fp16_range_problem(codebooks: torch.Tensor, key_norm: torch.Tensor, value_no
     stored in float16 already), else None. Bounds from codebooks [layers, 2, G], key_norm [layers,
     H, 2, D] and value_norm [layers, H, N, 2]: |scale| * max |level| + |offset| per key channel
     (times sqrt(2) for the rotation) and per value row."""
-    lev = codebooks.abs().amax(-1).double()  # [layers, 2]
-    kn, vn = key_norm.double(), value_norm.double()
-    kb = float((kn[:, :, 0].abs() * lev[:, 0, None, None] + kn[:, :, 1].abs()).amax()) * 2 ** 0.5 if kn.numel() else 0.0
-    vb = float((vn[..., 0].abs() * lev[:, 1, None, None] + vn[..., 1].abs()).amax()) if vn.numel() else 0.0
+    lev = codebooks.abs().amax(-1).float()  # [layers, 2]
+    kb = vb = 0.0
+    for i in range(lev.shape[0]):  # a layer at a time: value_norm holds every context token
+        kn, vn = key_norm[i].float(), value_norm[i].float()
+        if kn.numel():
+            kb = max(kb, float((kn[:, 0].abs() * lev[i, 0] + kn[:, 1].abs()).amax()) * 2 ** 0.5)
+        if vn.numel():
+            vb = max(vb, float((vn[..., 0].abs() * lev[i, 1] + vn[..., 1].abs()).amax()))
     for what, bound in (("keys", kb), ("values", vb)):
         if not bound < FP16_MAX:
             return (f"this context's {what} reach {bound:.4g} once dequantized, past float16's {FP16_MAX:g}, "
