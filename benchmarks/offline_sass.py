@@ -6,9 +6,10 @@ instruction class, and shared memory. The counts in benchmarks/NOTES.md "q3" (it
 Each case is BITS:MODE[:key=value...]: BITS 16 (the bf16 context), 4, 3 or 2; MODE decode (one
 query) or prefill (1024 queries), warps and stages as the launcher picks them; keys d (head dim,
 128), halves (1/0, default: as the launcher picks), fast (1/0: the PTX codebook gather and
-sin/cos), pairs (1/0: 2/4 bits on packed pairs, default as the launcher picks), nout (outliers per row, 1), warps, stages, bn (keys per tile), maxnreg (ptxas register
-cap; 0 for none): the launcher's (attention_config) unless given. Shapes: 8 KV heads x 4 query
-heads each, POS_LIST, bf16. Prints the registers and stack (spill) bytes per thread too.
+sin/cos), pairs (1/0: 2/4 bits on fp16 pair words; default as the launcher, whose PAIRS flag is
+off until checked on a GPU), nout (outliers per row, 1), warps, stages, bn (keys per tile),
+bq (queries per tile and head), maxnreg (ptxas register cap; 0 for none): the launcher's
+(attention_config) unless given. Shapes: 8 KV heads x 4 query heads each, POS_LIST, bf16. Prints the registers and stack (spill) bytes per thread too.
 
     python benchmarks/offline_sass.py 4:decode 3:decode 2:decode 3:prefill 3:decode:d=64
 """
@@ -59,7 +60,7 @@ def compile_case(qbits: int, decode: bool, d: int = 128, halves: bool | None = N
     const = dict(BQ=bq or (4 if decode else 32), GP=g, BLOCK_N=bn, BLOCK_D=block_d, MASK_KIND=0, IS_CAUSAL=True,
                  PARTIAL=decode, IEEE=False, SEARCH=128, POS_LIST=True, QBITS=qbits, NOUT=nout,
                  HALVES=halves, FAST=fast,
-                 PAIRS=(halves and qbits in (2, 4)) if pairs is None else pairs)
+                 PAIRS=(KA.PAIRS and halves and qbits in (2, 4)) if pairs is None else pairs)
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
