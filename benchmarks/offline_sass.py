@@ -9,7 +9,8 @@ query) or prefill (1024 queries), warps and stages as the launcher picks them; k
 sin/cos), pairs (1/0: 2/4 bits on fp16 pair words; default as the launcher, whose PAIRS flag is
 off until checked on a GPU), nout (outliers per row, 1), warps, stages, bn (keys per tile),
 bq (queries per tile and head), maxnreg (ptxas register cap; 0 for none): the launcher's
-(attention_config) unless given. Shapes: 8 KV heads x 4 query heads each, POS_LIST, bf16. Prints the registers and stack (spill) bytes per thread too.
+(attention_config) unless given. Shapes: 8 KV heads x 4 query heads each, POS_LIST, bf16.
+Prints the registers and stack (spill) bytes per thread too.
 
     python benchmarks/offline_sass.py 4:decode 3:decode 2:decode 3:prefill 3:decode:d=64
 """
