@@ -964,6 +964,11 @@ def plot_batch(results: list, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _kv_bits_token(tok: str) -> tuple[int, str]:
+    """(bits, dequant) of one --kv-bits entry: "4" (as the launcher), "4e" (per entry), "4p" (pairs)."""
+    return int(tok.rstrip("ep")), {"e": "per-entry", "p": "pairs"}.get(tok[-1], "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -1024,12 +1029,12 @@ def main() -> None:
             # sparse bytes per copy ~ 15% of the KV bytes: rotate copies past ~2x the L2
             per_copy = 0.15 * n * H * D * 2 * 2
             copies = max(2, min(4, math.ceil(2 * L2_BYTES / per_copy)))
-            for bits in args.kv_bits.split(","):
-                run_attention(kind, n, args.keep, copies, results, bw, kv_bits=int(bits.rstrip("ep")),
-                              dequant={"e": "per-entry", "p": "pairs"}.get(bits[-1], ""))
+            for tok in args.kv_bits.split(","):
+                bits, dequant = _kv_bits_token(tok)
+                run_attention(kind, n, args.keep, copies, results, bw, kv_bits=bits, dequant=dequant)
     if "lowbit_sweep" in only:
         for n in [int(x) for x in args.contexts.split(",")]:
-            for bits in [int(b.rstrip("ep")) for b in args.kv_bits.split(",") if int(b.rstrip("ep")) < 16] or [4]:
+            for bits in [b for b, _ in map(_kv_bits_token, args.kv_bits.split(",")) if b < 16] or [4]:
                 run_lowbit_sweep(n, args.keep, 2, results, bw, bits)
     if "lookup" in only:
         run_lookup_scaling([int(x) for x in args.lookup_contexts.split(",")], 3, results)

@@ -11,6 +11,7 @@ import torch
 from ..lookup.launch import Selection, expand_positions, lookup
 from ..triton_common import cdiv, check_device, hint, interpreting, lastdim, launch, pow2, sm_count, symbolic
 from ..quant import triton as _qt
+from ..quant.reference import codebook_bits
 from . import triton as _sa
 
 
@@ -64,7 +65,7 @@ def attention_config(bsz: int, h: int, g: int, m: int, block_q: int, n_ctx: int,
             # the low-bit tile is bound by the dequantization's dependent ALU chains, with two warps
             # per scheduler at 255 registers: small tiles under a 128-register cap fit four
             # programs per SM (4-bit attention kernel: 32K 33.0 -> 23.8 us, 128K 73.0 -> 60.6 us)
-            block_n, stages, maxnreg, per_sm = LOWBIT_DECODE.get(qbits, LOWBIT_DECODE[4])
+            block_n, stages, maxnreg, per_sm = LOWBIT_DECODE[qbits]
     else:
         bq = max(1, min(pow2(bqv), 128 // gp)) if gp <= 128 else 1
         block_n = 64 if d <= 128 else 32
@@ -181,8 +182,9 @@ def sparse_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     grid = (bsz * h * nb * tpb, cfg.split)
     fast = bool(qbits) and _qt.fast_math(dev)
     pairs = PAIRS and halves and qbits in (2, 4) and q.dtype in (torch.bfloat16, torch.float16)
-    # PAIRS: each program writes its level table (2 x 256 bytes x 4 // bits int32) into its own slice
-    tab = torch.empty(grid[0] * grid[1] * 2048 // qbits if pairs else 1, device=dev, dtype=torch.int32)
+    # PAIRS: each program writes its level table (2 x 256 bytes x 4 // bits int32) into its own
+    # slice; otherwise the kernel never reads Tab and the int32 perm argument stands in
+    tab = torch.empty(grid[0] * grid[1] * 2048 // qbits, device=dev, dtype=torch.int32) if pairs else qargs[0]
     launch(_sa._sparse_attn_kernel, grid,
             q, k_new, v_new, mask, ctx_keys, ctx_values, window_keys, window_values,
             cum, delta, sel.nkeys, pos, out, part_o, part_l, *qargs, tab, words, qargs[2].shape[-1],
@@ -222,14 +224,6 @@ def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor, 
     launch(_sa._merge_kernel, (rows,),
            part_o, part_l, out, rows, hq, m, out.stride(0), out.stride(1), out.stride(2),
            splits, d, SP=max(2, pow2(splits)), BLOCK_D=pow2(d), num_warps=4)
-
-
-def codebook_bits(codebooks: torch.Tensor) -> int:
-    """QBITS of a low-bit context from its codebooks [2, 2**bits]."""
-    qbits = int(codebooks.shape[-1]).bit_length() - 1
-    if codebooks.shape[-1] != 1 << qbits or qbits not in (2, 3, 4):
-        raise ValueError(f"sqz: codebooks of {codebooks.shape[-1]} levels: expected 2**bits for 2, 3 or 4 bits")
-    return qbits
 
 
 def _quant_args(quant: Optional[tuple], ctx_keys: torch.Tensor, ctx_values: torch.Tensor,

@@ -25,6 +25,14 @@ def planes(d: int, bits: int) -> list[tuple[int, int, int]]:
     return [(bits, 0, -(-d // (32 // bits)))]
 
 
+def codebook_bits(codebooks: torch.Tensor) -> int:
+    """The bits of a low-bit context from its codebooks [.., 2**bits]: 2, 3 or 4."""
+    bits = int(codebooks.shape[-1]).bit_length() - 1
+    if codebooks.shape[-1] != 1 << bits or bits not in (2, 3, 4):
+        raise ValueError(f"sqz: codebooks of {codebooks.shape[-1]} levels: expected 2**bits for 2, 3 or 4 bits")
+    return bits
+
+
 def packed_words(d: int, bits: int) -> int:
     """int32 words per row of d codes (all planes)."""
     return sum(w for _, _, w in planes(d, bits))
@@ -77,7 +85,7 @@ def dequantize_context(keys: torch.Tensor, values: torch.Tensor, perm: torch.Ten
                        head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 post-RoPE keys and values [.., H, N, D] of a low-bit context (one layer's op
     arguments, or all layers stacked): the kernels' arithmetic, as the reference."""
-    bits = int(codebooks.shape[-1]).bit_length() - 1
+    bits = codebook_bits(codebooks)
     d = int(head_dim)
     oi = [None, None] if outlier_idx is None else [outlier_idx[..., 0, :], outlier_idx[..., 1, :]]
     ov = [None, None] if outlier_val is None else [outlier_val[..., 0, :], outlier_val[..., 1, :]]

@@ -545,11 +545,12 @@ def dequantize_layer(keys, values, perm, rope, codebooks, key_norm, value_norm, 
     import torch
 
     from ..triton_common import launch, pow2
+    from .reference import codebook_bits
 
     h, n, p = keys.shape
     d = int(head_dim)
     g = codebooks.shape[-1]
-    bits = g.bit_length() - 1
+    bits = codebook_bits(codebooks)
     nout = 0 if outlier_idx is None else outlier_idx.shape[-1]
     dummy = torch.zeros(1, dtype=torch.int16, device=keys.device)
     kout = torch.full((h, n, d), float("nan"), dtype=torch.float32, device=keys.device)
