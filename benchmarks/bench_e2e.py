@@ -26,6 +26,16 @@ squeezed context and the dense KV cache. A peer that runs out of memory is recor
     PYTHONPATH=. python benchmarks/bench_e2e.py --real                   # SmolLM2-135M, essays
     PYTHONPATH=. python benchmarks/bench_e2e.py --device cpu --tiny      # logic check on a CPU
     PYTHONPATH=. python benchmarks/bench_e2e.py --real --sqz-only --warm-cache /tmp/sqzc   # twice: cold, warm
+    PYTHONPATH=. torchrun --nproc_per_node 2 benchmarks/bench_e2e.py --tp 2 --contexts 32768  # TP rows
+
+Tensor parallel (--tp N under torchrun --nproc_per_node N; NCCL on GPUs, gloo on CPU): the random
+model is saved once (--model-dir) and loaded by every rank through transformers' own TP
+(from_pretrained with DistributedConfig(tp_plan="auto")). Rank 0 first runs the TP=1 rows on its
+GPU alone (the other ranks wait) and saves each context's squeezed file; then every rank runs the
+TP=N rows: squeeze under TP (timed), then sqz and dense-prefix. The check: the TP=1 file loaded
+under TP (each rank its KV heads), greedy generate of --check-tokens tokens against TP=1's over the
+same file, tokens and per-step logits (compared up to the first step whose input differs). The
+transformers default-generate peer is not run under --tp.
 
 Writes bench_e2e.json, bench_e2e.md (table) and bench_e2e.png (latency per token vs context)
 to --out (default benchmarks/results; with --tiny a temporary directory).
@@ -175,16 +185,23 @@ def since(before: dict[str, float]) -> dict[str, float]:
     return {k: round(v - before.get(k, 0.0), 2) for k, v in now.items() if v - before.get(k, 0.0) >= 0.01}
 
 
+def compile_config(args) -> sqz_compile.CompileConfig:
+    return sqz_compile.CompileConfig(inductor=not args.eager, mode=args.mode, cache_dir=args.warm_cache,
+                                     prefill_inductor=args.prefill_inductor, decode_inductor=args.decode_inductor)
+
+
+def cache_kwargs(args) -> dict[str, str]:
+    """generate's cache arguments for sqz (--cache)."""
+    return {"cache_implementation": "static"} if args.cache == "static" else {}
+
+
 def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) -> dict[str, Any]:
     """Compile to first token (cold unless this model was compiled before; then warm), then the
     timed generates; the graphs compiled at each stage."""
     dev = args.device
-    sm = sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=not args.eager, mode=args.mode,
-                                                                   cache_dir=args.warm_cache,
-                                                                   prefill_inductor=args.prefill_inductor,
-                                                                   decode_inductor=args.decode_inductor))
+    sm = sqz_compile.compile(model, ctx, compile_config(args))
     mask = torch.ones_like(questions)
-    cache = {"cache_implementation": "static"} if args.cache == "static" else {}
+    cache = cache_kwargs(args)
 
     def gen(n: int):
         return sm.generate(questions, attention_mask=mask, max_new_tokens=n, do_sample=False, **cache)
@@ -301,6 +318,9 @@ def table(rows: list[dict[str, Any]]) -> str:
              "|" + "---|" * 17]
     for r in rows:
         s, p, d = r["sqz"], r["dense_prefix"], r["dense"]
+        if "error" in s:
+            lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['squeeze_s']:.2f} | sqz: {s['error']} |")
+            continue
         speed = (f"{p['per_token_s'] / s['per_token_s']:.2f}" if "per_token_s" in p and s["per_token_s"] else "-")
         ttft = f"{d['ttft_s'] / s['ttft_s']:.1f}" if "ttft_s" in d and s["ttft_s"] else "-"
         cold = "reused" if not s["first_generate_graphs"] else f"{s['first_generate_s']:.1f}"
@@ -342,6 +362,190 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- tensor parallel
+
+TP_LOGIT_RTOL = 2e-2  # max |logit difference| / max |logit|: a few bf16 steps at the logits' scale
+
+
+def random_shape(args) -> tuple[dict[str, int], int, str]:
+    """(shape, layers, name) of the random model (--tiny or 8B-shaped)."""
+    shape = TINY if args.tiny else LLAMA3_8B
+    layers = args.layers or (2 if args.tiny else 32)
+    return shape, layers, f"tiny-llama ({layers} layers)" if args.tiny else f"Llama-3-8B-shape ({layers} layers)"
+
+
+def seeded_ids(seed: int, vocab: int, shape: tuple[int, ...], device: str) -> torch.Tensor:
+    """Token ids every rank draws alike (their own generator: rank 0's extra work draws nothing)."""
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def greedy(sm, questions: torch.Tensor, new_tokens: int, args) -> dict[str, torch.Tensor]:
+    """Greedy tokens and the logits of every step (on the CPU, float32)."""
+    out = sm.generate(questions, attention_mask=torch.ones_like(questions), max_new_tokens=new_tokens,
+                      do_sample=False, output_logits=True, return_dict_in_generate=True, **cache_kwargs(args))
+    return {"tokens": out.sequences[:, questions.shape[1]:].cpu(), "logits": torch.stack(out.logits, 1).float().cpu()}
+
+
+def compare_greedy(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """TP=N against TP=1: same tokens, and the logits of every step up to the first step whose input
+    differs (the step after the first differing token), relative to the largest |logit|."""
+    same = (ref["tokens"] == got["tokens"]).all(0)
+    first = int(same.logical_not().nonzero()[0]) if not bool(same.all()) else len(same)
+    steps = min(first + 1, len(same))  # the differing step's own logits still had equal inputs
+    diff = float((ref["logits"][:, :steps] - got["logits"][:, :steps]).abs().max())
+    scale = float(ref["logits"][:, :steps].abs().max())
+    top2 = ref["logits"][:, :steps].topk(2, dim=-1).values
+    return {"tokens_equal": bool(same.all()), "first_token_diff": None if bool(same.all()) else first,
+            "steps_compared": steps, "max_abs_logit_diff": diff, "max_abs_logit": scale,
+            "rel_logit_diff": diff / max(scale, 1e-30), "min_top2_margin": float((top2[..., 0] - top2[..., 1]).min()),
+            "logits_ok": diff <= TP_LOGIT_RTOL * scale}
+
+
+def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """fn()'s result, or its error recorded (OOM or an exception; every rank meets it alike, so
+    the ranks stay in step) so that one failing peer does not lose the rows around it."""
+    try:
+        return oom_safe(fn)
+    except Exception as e:  # noqa: BLE001 - a benchmark row records what went wrong and goes on
+        stage(f"error: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def tp_table(rows: list[dict[str, Any]], n: int) -> str:
+    """Per (context, batch): per-token decode at TP=1 and TP=N for sqz and dense-prefix (ratios are
+    speed-ups: TP=1 time / TP=N time, dense-prefix time / sqz time), and the check."""
+    def ms(r: dict[str, Any] | None) -> str:
+        return "-" if r is None else r.get("error") or f"{1e3 * r['per_token_s']:.2f}"
+
+    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+        ok = a and b and "per_token_s" in a and "per_token_s" in b and b["per_token_s"]
+        return f"{a['per_token_s'] / b['per_token_s']:.2f}" if ok else "-"
+
+    by = {(r["context"], r["batch"], r["tp"]): r for r in rows}
+    lines = [f"| context | batch | sqz ms/token TP=1 | TP={n} | TP=1 / TP={n} | dense-prefix ms/token TP=1 | "
+             f"TP={n} | TP=1 / TP={n} | dense-prefix / sqz at TP={n} | squeeze s TP=1 / TP={n} | "
+             f"check vs TP=1 (tokens, max rel logit diff) |", "|" + "---|" * 11]
+    for (L, b) in sorted({(r["context"], r["batch"]) for r in rows}):
+        one, many = by.get((L, b, 1)), by.get((L, b, n))
+        if many is None:
+            continue
+        s1, sn = one and one["sqz"], many["sqz"]
+        d1, dn = one and one["dense_prefix"], many["dense_prefix"]
+        c = many.get("check")
+        check = "-" if not c else c.get("error") or (
+            f"{'same' if c['tokens_equal'] else 'differ at ' + str(c['first_token_diff'])} of "
+            f"{c['steps_compared']}, {c['rel_logit_diff']:.1e} {'ok' if c['logits_ok'] else 'OVER'}")
+        sq = f"{one['squeeze_s']:.1f} / {many['squeeze_s']:.1f}" if one else f"- / {many['squeeze_s']:.1f}"
+        lines.append(f"| {L} | {b} | {ms(s1)} | {ms(sn)} | {ratio(s1, sn)} | {ms(d1)} | {ms(dn)} | {ratio(d1, dn)} | "
+                     f"{ratio(dn, sn)} | {sq} | {check} |")
+    return "\n".join(lines)
+
+
+def main_tp(args, dtype: torch.dtype, out_dir: str, max_pos: int) -> int:
+    """The TP rows (see the module docstring): rank 0 alone at TP=1, then every rank at TP=N."""
+    import datetime
+    import gc
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, DistributedConfig
+
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))  # ranks wait out TP=1
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != args.tp:
+        raise SystemExit(f"--tp {args.tp} but torchrun started {world} processes: use --nproc_per_node {args.tp}")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    shape, layers, name = random_shape(args)
+    vocab = shape["vocab_size"]
+    model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"sqz_bench_{'tiny' if args.tiny else '8b'}_"
+                                               f"{layers}l_{str(dtype)[6:]}_seed{args.seed}_pos{max_pos}")
+    config = SqueezeConfig(keep=args.keep)
+    rows: list[dict[str, Any]] = []
+    ref: dict[int, dict[str, torch.Tensor]] = {}
+
+    def ids(L: int) -> torch.Tensor:
+        return seeded_ids(args.seed + L, vocab, (1, L), args.device)
+
+    def questions(L: int, b: int) -> torch.Tensor:
+        return seeded_ids(args.seed + 7919 * b + L, vocab, (b, args.question), args.device)
+
+    def row(model, L: int, b: int, tp: int, squeeze_s: float, ctx, compiled: bool) -> dict[str, Any]:
+        q = questions(L, b)
+        r = {"model": f"{name}, TP={tp}", "tp": tp, "context": L, "batch": b, "squeeze_s": squeeze_s,
+             "weights_bytes": nbytes(p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()),
+             "context_bytes": nbytes(ctx.tensors().values()),
+             "dense_kv_bytes": kv_bytes(model, L + args.question + args.new_tokens, b) // tp}
+        r["sqz"] = guarded(lambda: run_sqz(model, ctx, q, args, compiled))
+        r["dense_prefix"] = {"error": "skipped"} if args.sqz_only else guarded(lambda: run_dense_prefix(model, ids(L), q, args))
+        r["dense"] = {"error": "not run under --tp"}
+        return r
+
+    if rank == 0:  # TP=1: this GPU alone; the file each context is squeezed into is the check's input
+        stage(f"TP=1 on rank 0; the model in {model_dir}")
+        if os.path.isfile(os.path.join(model_dir, "config.json")):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=args.device).eval()
+            model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+        else:
+            torch.manual_seed(args.seed)
+            model = random_llama(shape, layers, max_pos, dtype, args.device)
+            stage("saving the random model for the TP ranks")
+            model.save_pretrained(model_dir)
+        compiled = False
+        for L in args.contexts:
+            stage(f"TP=1, context {L}: squeeze")
+            squeeze_s, ctx = timed(lambda: sqz_compile.squeeze(model, ids(L), config, progress=False), args.device)
+            ctx.save(os.path.join(model_dir, f"context-{L}.sqz"))
+            for b in args.batches:
+                rows.append(row(model, L, b, 1, squeeze_s, ctx, compiled))
+                compiled = True
+                write(rows, args, dtype, out_dir)
+            ref[L] = greedy(sqz_compile.compile(model, ctx, compile_config(args)), questions(L, 1), args.check_tokens, args)
+            del ctx
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    dist.barrier()
+
+    stage(f"TP={world}: every rank loads its shard")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                 distributed_config=DistributedConfig(tp_plan="auto")).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    compiled = False
+    for L in args.contexts:
+        stage(f"TP={world}, context {L}: squeeze (each rank its KV heads)")
+        squeeze_s, ctx = timed(lambda: sqz_compile.squeeze(model, ids(L), config, progress=False), args.device)
+        for b in args.batches:
+            r = row(model, L, b, world, squeeze_s, ctx, compiled)
+            compiled = True
+            rows.append(r)
+        del ctx
+        stage(f"TP={world}, context {L}: check against TP=1 over the TP=1 file")
+
+        def check() -> dict[str, Any]:
+            loaded = sqz_compile.SqueezedContext.load(os.path.join(model_dir, f"context-{L}.sqz"), model)
+            got = greedy(sqz_compile.compile(model, loaded, compile_config(args)), questions(L, 1),
+                         args.check_tokens, args)
+            return compare_greedy(ref[L], got) if rank == 0 else {}
+
+        rows[-len(args.batches)]["check"] = guarded(check)
+        if rank == 0:
+            write(rows, args, dtype, out_dir)
+            print(json.dumps({"context": L, "check": rows[-len(args.batches)]["check"]}), flush=True)
+    if rank == 0:
+        print(table(rows) + "\n\n" + tp_table(rows, world))
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank:
+        return 0  # rank 0 reports
+    bad = [r for r in rows if "error" in r["sqz"] or r["sqz"]["graphs_while_timing"]]
+    failed = [r for r in rows if "check" in r and not (r["check"].get("tokens_equal") and r["check"].get("logits_ok"))]
+    return 1 if (bad or failed) else 0
+
+
 # --------------------------------------------------------------------------- main
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace, dtype: torch.dtype, out_dir: str) -> None:
@@ -352,11 +556,12 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, dtype: torch.dty
            "reps": args.reps, "sqz_cache": args.cache, "sqz_inductor": not args.eager, "sqz_mode": args.mode,
            "sqz_prefill_inductor": args.prefill_inductor, "sqz_decode_inductor": args.decode_inductor,
            "warm_cache": args.warm_cache}
-    stem = os.path.join(out_dir, "bench_e2e" + ("_real" if args.real else ""))
+    stem = os.path.join(out_dir, "bench_e2e" + ("_real" if args.real else "") + (f"_tp{args.tp}" if args.tp > 1 else ""))
     with open(stem + ".json", "w") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
+        json.dump({"env": env | ({"tp": args.tp, "check_tokens": args.check_tokens} if args.tp > 1 else {}),
+                   "rows": rows}, f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(table(rows) + "\n")
+        f.write(table(rows) + "\n" + (("\n" + tp_table(rows, args.tp) + "\n") if args.tp > 1 else ""))
     drew = plot(rows, stem + ".png")
     stage(f"wrote {stem}.json, .md{', .png' if drew else ''}")
 
@@ -397,6 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-cache", metavar="DIR",
                    help="CompileConfig(cache_dir=DIR): run twice, the second process starts warm (see above)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size: run under torchrun --nproc_per_node TP (see above)")
+    p.add_argument("--model-dir", help="--tp: where the random model is saved for from_pretrained (default: a "
+                                       "folder under the temp dir named after its shape; reused when present)")
+    p.add_argument("--check-tokens", type=int, default=16,
+                   help="--tp: greedy tokens compared between TP=1 and TP=N (default 16)")
     p.add_argument("--out", help="results directory")
     args = p.parse_args(argv)
     tiny = args.tiny
@@ -412,18 +623,20 @@ def main(argv: list[str] | None = None) -> int:
                            os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(args.seed)
-    max_pos = max(args.contexts) + args.question + args.new_tokens
+    max_pos = max(args.contexts) + args.question + max(args.new_tokens, args.check_tokens if args.tp > 1 else 0)
 
+    if args.tp > 1:
+        if args.real or args.warm_cache:
+            p.error("--tp runs the random 8B-shaped (or --tiny) model, without --real or --warm-cache")
+        return main_tp(args, dtype, out_dir, max_pos)
     if args.real:
         from sqz_compile.assets import essay_tokens, load_smollm2
 
         model, tok = load_smollm2(dtype, args.device)
         name, make_ids = "SmolLM2-135M", (lambda n: essay_tokens(tok, n, seed=args.seed).reshape(1, -1)[:, :n])
     else:
-        shape = TINY if tiny else LLAMA3_8B
-        layers = args.layers or (2 if tiny else 32)
+        shape, layers, name = random_shape(args)
         model = random_llama(shape, layers, max_pos, dtype, args.device)
-        name = f"tiny-llama ({layers} layers)" if tiny else f"Llama-3-8B-shape ({layers} layers)"
         make_ids = (lambda n: torch.randint(3, shape["vocab_size"], (1, n)))
     vocab = model.config.vocab_size
     weights = nbytes(model.parameters())

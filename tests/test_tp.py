@@ -40,13 +40,14 @@ def _compiled(model, ctx: SqueezedContext):
     return sqz_compile.compile(model, ctx, sqz_compile.CompileConfig(inductor=False, dynamic=True))  # as tests/tp_worker.py
 
 
-def _torchrun(folder: Path) -> str:
-    """Run the 2-rank worker in its own process group; kill the whole group on timeout."""
+def _torchrun(*script_args: str) -> str:
+    """Run a 2-rank script (tests/tp_worker.py FOLDER unless given) in its own process group; kill
+    the whole group on timeout."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path,
                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "tp_worker.py"), str(folder)]
+           *script_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
@@ -73,7 +74,7 @@ def tp(tmp_path_factory):
     torch.save(spec, folder / "spec.pt")
     gen = _compiled(model, ctx).generate(query, max_new_tokens=spec["new_tokens"], do_sample=False,
                                          output_logits=True, return_dict_in_generate=True)
-    _torchrun(folder)
+    _torchrun(str(ROOT / "tests" / "tp_worker.py"), str(folder))
     ranks = [torch.load(folder / f"rank{r}.pt") for r in range(2)]
     single = dict(model=model, ctx=ctx, tokens=gen.sequences, logits=torch.stack(gen.logits, 1), spec=spec)
     return single, ranks, folder
@@ -159,3 +160,23 @@ def test_low_bit_context_shards_per_head_fields_and_keeps_per_layer_ones_whole()
         assert torch.equal(piece.rope, ctx.rope) and torch.equal(piece.codebooks, ctx.codebooks)
         for name in ("keys", "perm", "key_norm", "value_norm"):
             assert torch.equal(getattr(piece, name), getattr(ctx, name)[:, 2 * r:2 * r + 2]), name
+
+
+def test_bench_e2e_tp_rows(tmp_path):
+    """benchmarks/bench_e2e.py --tp 2 (the multi-GPU issue's rows) on 2 gloo ranks: TP=1 rows on
+    rank 0, TP=2 rows on both, and the TP=1 file loaded under TP giving TP=1's tokens and logits."""
+    import json
+
+    out = tmp_path / "out"
+    _torchrun(str(ROOT / "benchmarks" / "bench_e2e.py"), "--tiny", "--device", "cpu", "--tp", "2",
+              "--contexts", "256", "--batches", "1", "--new-tokens", "3", "--check-tokens", "4", "--reps", "1",
+              "--model-dir", str(tmp_path / "model"), "--out", str(out))
+    rows = json.loads((out / "bench_e2e_tp2.json").read_text())["rows"]
+    assert [(r["tp"], r["context"], r["batch"]) for r in rows] == [(1, 256, 1), (2, 256, 1)]
+    for r in rows:
+        assert r["sqz"]["per_token_s"] > 0 and r["sqz"]["graphs_while_timing"] == 0
+        assert r["dense_prefix"]["per_token_s"] > 0
+    check = rows[1]["check"]
+    assert check["tokens_equal"] and check["logits_ok"] and check["steps_compared"] == 4
+    assert check["rel_logit_diff"] < 1e-4  # float32 on gloo: rounding of o_proj's all-reduce only
+    assert "| 256 | 1 |" in (out / "bench_e2e_tp2.md").read_text().split("dense-prefix / sqz")[1]
