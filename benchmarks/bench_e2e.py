@@ -195,9 +195,10 @@ def cache_kwargs(args) -> dict[str, str]:
     return {"cache_implementation": "static"} if args.cache == "static" else {}
 
 
-def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) -> dict[str, Any]:
-    """Compile to first token (cold unless this model was compiled before; then warm), then the
-    timed generates; the graphs compiled at each stage."""
+def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool,
+            warm_compile: bool = True) -> dict[str, Any]:
+    """Compile to first token (cold unless this model was compiled before; then warm, unless
+    not `warm_compile`), then the timed generates; the graphs compiled at each stage."""
     dev = args.device
     sm = sqz_compile.compile(model, ctx, compile_config(args))
     mask = torch.ones_like(questions)
@@ -226,7 +227,7 @@ def run_sqz(model, ctx, questions: torch.Tensor, args, compiled_before: bool) ->
     out.update(first_generate_s=first, first_generate_graphs=graphs() - g0, first_generate_compile=since(t0))
     stage(f"sqz: first generate {first:.1f} s, {out['first_generate_graphs']} graphs, where: "
           f"{ {k: v for k, v in out['first_generate_compile'].items() if v >= 1.0} }")
-    if not compiled_before and not args.warm_cache:  # --warm-cache: the second process is the warm run
+    if warm_compile and not compiled_before and not args.warm_cache:  # --warm-cache: the second process is the warm run
         torch._dynamo.reset()  # a new process with warm on-disk caches, as far as one process can tell
         stage(f"sqz: cold {first:.1f} s; warm compile")
         g0, t0 = graphs(), compile_seconds()
@@ -477,7 +478,7 @@ def main_tp(args, dtype: torch.dtype, out_dir: str, max_pos: int) -> int:
              "weights_bytes": nbytes(p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()),
              "context_bytes": nbytes(ctx.tensors().values()),
              "dense_kv_bytes": kv_bytes(model, L + args.question + args.new_tokens, b) // tp}
-        r["sqz"] = guarded(lambda: run_sqz(model, ctx, q, args, compiled))
+        r["sqz"] = guarded(lambda: run_sqz(model, ctx, q, args, compiled, warm_compile=False))  # cold only: device time
         r["dense_prefix"] = {"error": "skipped"} if args.sqz_only else guarded(lambda: run_dense_prefix(model, ids(L), q, args))
         r["dense"] = {"error": "not run under --tp"}
         return r
