@@ -63,3 +63,33 @@ def test_refuses_runs_scored_on_other_tokens(tmp_path):
     _run(tmp_path / "c.json", {2: (rng.uniform(2, 4, 256), rng.uniform(2, 4, 256))}, 4)
     proc, _ = _delta(tmp_path, tmp_path / "a.json", tmp_path / "c.json")
     assert proc.returncode != 0 and "share no PPL segment" in proc.stderr
+
+
+def _niah_run(path, hits: dict, bits: int, dense_hits: dict):
+    recs = []
+    for (needle, depth), hit in hits.items():
+        base = {"task": "niah", "context": 64, "needle": needle, "depth": depth}
+        recs += [{**base, "method": "dense", "keep": 1.0, "lookup": None, "mode": None, "hit": dense_hits[needle, depth]},
+                 {**base, "method": "squeezed", "keep": 0.125, "lookup": "flat", "mode": "threshold", "hit": hit}]
+    path.write_text(json.dumps({"meta": {"settings": {"kv_bits": bits, "kv_datatype": "nuq", "kv_outliers": 0.01}},
+                                "records": recs}))
+
+
+def test_paired_needles_and_mcnemar(tmp_path):
+    """Runs with needle cases only: hits over the shared cases, the discordant ones, the exact
+    McNemar p-value; a low-bit run's dense rows pair with the baseline's dense rows."""
+    cases = [(n, d) for n in range(3) for d in (0.0, 0.5, 1.0)]
+    base = {c: i < 7 for i, c in enumerate(cases)}                      # 7 of 9
+    run = {c: (i < 7 and i not in (0, 1, 2)) or i == 8 for i, c in enumerate(cases)}  # loses 3, gains 1
+    _niah_run(tmp_path / "a.json", base, 16, dict.fromkeys(cases, True))
+    _niah_run(tmp_path / "b.json", run, 4, {c: c != cases[4] for c in cases})
+    proc, _ = _delta(tmp_path, tmp_path / "a.json", tmp_path / "b.json")
+    assert proc.returncode == 0, proc.stderr
+    needles = json.loads((tmp_path / "d.json").read_text())["needles"]
+    sq = next(r for r in needles if r["variant"].startswith("squeezed"))
+    assert (sq["cases"], sq["hits_base"], sq["hits"], sq["only_base"], sq["only_run"]) == (9, 7, 5, 3, 1)
+    assert math.isclose(sq["mcnemar_p"], 2 * (1 + 4) / 16)  # P(X <= 1), X ~ Bin(4, 1/2), two-sided
+    assert sq["only_run_cases"] == [[2, 1.0]]
+    dk = next(r for r in needles if r["variant"].startswith("dense over"))
+    assert (dk["hits_base"], dk["hits"], dk["only_base"], dk["only_run"], dk["mcnemar_p"]) == (9, 8, 1, 0, 1.0)
+    assert "McNemar" in (tmp_path / "d.md").read_text()
