@@ -451,13 +451,14 @@ def main_tp(args, dtype: torch.dtype, out_dir: str, max_pos: int) -> int:
     from transformers import AutoModelForCausalLM, DistributedConfig
 
     cuda = args.device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))  # ranks wait out TP=1
+    if cuda:  # this process's GPU, bound before the process group (as transformers does)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2),  # ranks wait out TP=1
+                            device_id=torch.device(args.device) if cuda else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != args.tp:
         raise SystemExit(f"--tp {args.tp} but torchrun started {world} processes: use --nproc_per_node {args.tp}")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        args.device = f"cuda:{torch.cuda.current_device()}"
     shape, layers, name = random_shape(args)
     vocab = shape["vocab_size"]
     model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"sqz_bench_{'tiny' if args.tiny else '8b'}_"
