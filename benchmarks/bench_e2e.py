@@ -34,8 +34,9 @@ model is saved once (--model-dir) and loaded by every rank through transformers'
 GPU alone (the other ranks wait) and saves each context's squeezed file; then every rank runs the
 TP=N rows: squeeze under TP (timed), then sqz and dense-prefix. The check: the TP=1 file loaded
 under TP (each rank its KV heads), greedy generate of --check-tokens tokens against TP=1's over the
-same file, tokens and per-step logits (compared up to the first step whose input differs). The
-transformers default-generate peer is not run under --tp.
+same file, tokens and per-step logits (compared up to the first step whose input differs), beside
+the same comparison for the prefix-cached dense model (what TP's bf16 sums in another order cost
+the model itself). The transformers default-generate peer is not run under --tp.
 
 Writes bench_e2e.json, bench_e2e.md (table) and bench_e2e.png (latency per token vs context)
 to --out (default benchmarks/results; with --tiny a temporary directory).
@@ -266,9 +267,9 @@ def prefix_cached(model, ctx_ids: torch.Tensor, questions: torch.Tensor, new_tok
 
     prefill_s, cache = timed(prefill, device)
 
-    def gen(n: int):
+    def gen(n: int, **kw):
         return model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=copy.deepcopy(cache),
-                              max_new_tokens=n, do_sample=False)
+                              max_new_tokens=n, do_sample=False, **kw)
 
     return prefill_s, gen
 
@@ -380,11 +381,24 @@ def seeded_ids(seed: int, vocab: int, shape: tuple[int, ...], device: str) -> to
     return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
+def _greedy_out(out, prompt_len: int) -> dict[str, torch.Tensor]:
+    return {"tokens": out.sequences[:, prompt_len:].cpu(), "logits": torch.stack(out.logits, 1).float().cpu()}
+
+
 def greedy(sm, questions: torch.Tensor, new_tokens: int, args) -> dict[str, torch.Tensor]:
-    """Greedy tokens and the logits of every step (on the CPU, float32)."""
+    """sqz: greedy tokens and the logits of every step (on the CPU, float32)."""
     out = sm.generate(questions, attention_mask=torch.ones_like(questions), max_new_tokens=new_tokens,
                       do_sample=False, output_logits=True, return_dict_in_generate=True, **cache_kwargs(args))
-    return {"tokens": out.sequences[:, questions.shape[1]:].cpu(), "logits": torch.stack(out.logits, 1).float().cpu()}
+    return _greedy_out(out, questions.shape[1])
+
+
+def dense_greedy(model, ctx_ids: torch.Tensor, questions: torch.Tensor, new_tokens: int,
+                 device: str) -> dict[str, torch.Tensor]:
+    """The prefix-cached dense model's greedy tokens and logits: what TP changes in the dense
+    model itself (bf16 sums in another order), the floor for sqz's check."""
+    _, gen = prefix_cached(model, ctx_ids, questions, new_tokens, device)
+    out = gen(new_tokens, output_logits=True, return_dict_in_generate=True)
+    return _greedy_out(out, ctx_ids.shape[1] + questions.shape[1])
 
 
 def compare_greedy(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -425,7 +439,7 @@ def tp_table(rows: list[dict[str, Any]], n: int) -> str:
     by = {(r["context"], r["batch"], r["tp"]): r for r in rows}
     lines = [f"| context | batch | sqz ms/token TP=1 | TP={n} | TP=1 / TP={n} | dense-prefix ms/token TP=1 | "
              f"TP={n} | TP=1 / TP={n} | dense-prefix / sqz at TP={n} | squeeze s TP=1 / TP={n} | "
-             f"check vs TP=1 (tokens, max rel logit diff) |", "|" + "---|" * 11]
+             f"check vs TP=1 (tokens, max rel logit diff; dense model's own) |", "|" + "---|" * 11]
     for (L, b) in sorted({(r["context"], r["batch"]) for r in rows}):
         one, many = by.get((L, b, 1)), by.get((L, b, n))
         if many is None:
@@ -433,9 +447,12 @@ def tp_table(rows: list[dict[str, Any]], n: int) -> str:
         s1, sn = one and one["sqz"], many["sqz"]
         d1, dn = one and one["dense_prefix"], many["dense_prefix"]
         c = many.get("check")
+        def said(c: dict[str, Any]) -> str:
+            return c.get("error") or (f"{'same' if c['tokens_equal'] else 'differ at ' + str(c['first_token_diff'])} "
+                                      f"of {c['steps_compared']}, {c['rel_logit_diff']:.1e}")
+
         check = "-" if not c else c.get("error") or (
-            f"{'same' if c['tokens_equal'] else 'differ at ' + str(c['first_token_diff'])} of "
-            f"{c['steps_compared']}, {c['rel_logit_diff']:.1e} {'ok' if c['logits_ok'] else 'OVER'}")
+            f"{said(c)} {'ok' if c['logits_ok'] else 'OVER'}" + (f"; dense: {said(c['dense'])}" if "dense" in c else ""))
         sq = f"{one['squeeze_s']:.1f} / {many['squeeze_s']:.1f}" if one else f"- / {many['squeeze_s']:.1f}"
         lines.append(f"| {L} | {b} | {ms(s1)} | {ms(sn)} | {ratio(s1, sn)} | {ms(d1)} | {ms(dn)} | {ratio(d1, dn)} | "
                      f"{ratio(dn, sn)} | {sq} | {check} |")
@@ -466,6 +483,7 @@ def main_tp(args, dtype: torch.dtype, out_dir: str, max_pos: int) -> int:
     config = SqueezeConfig(keep=args.keep)
     rows: list[dict[str, Any]] = []
     ref: dict[int, dict[str, torch.Tensor]] = {}
+    dense_ref: dict[int, dict[str, Any]] = {}
 
     def ids(L: int) -> torch.Tensor:
         return seeded_ids(args.seed + L, vocab, (1, L), args.device)
@@ -504,6 +522,7 @@ def main_tp(args, dtype: torch.dtype, out_dir: str, max_pos: int) -> int:
                 compiled = True
                 write(rows, args, dtype, out_dir)
             ref[L] = greedy(sqz_compile.compile(model, ctx, compile_config(args)), questions(L, 1), args.check_tokens, args)
+            dense_ref[L] = guarded(lambda: dense_greedy(model, ids(L), questions(L, 1), args.check_tokens, args.device))
             del ctx
         del model
         gc.collect()
@@ -531,7 +550,15 @@ def main_tp(args, dtype: torch.dtype, out_dir: str, max_pos: int) -> int:
             loaded = sqz_compile.SqueezedContext.load(os.path.join(model_dir, f"context-{L}.sqz"), model)
             got = greedy(sqz_compile.compile(model, loaded, compile_config(args)), questions(L, 1),
                          args.check_tokens, args)
-            return compare_greedy(ref[L], got) if rank == 0 else {}
+            dense = guarded(lambda: dense_greedy(model, ids(L), questions(L, 1), args.check_tokens, args.device))
+            if rank:
+                return {}
+            out = compare_greedy(ref[L], got)
+            if "error" in dense or "error" in dense_ref[L]:
+                out["dense"] = {"error": dense.get("error") or dense_ref[L]["error"]}
+            else:
+                out["dense"] = compare_greedy(dense_ref[L], dense)
+            return out
 
         rows[-len(args.batches)]["check"] = guarded(check)
         if rank == 0:

@@ -179,4 +179,5 @@ def test_bench_e2e_tp_rows(tmp_path):
     check = rows[1]["check"]
     assert check["tokens_equal"] and check["logits_ok"] and check["steps_compared"] == 4
     assert check["rel_logit_diff"] < 1e-4  # float32 on gloo: rounding of o_proj's all-reduce only
+    assert check["dense"]["tokens_equal"] and check["dense"]["rel_logit_diff"] < 1e-4  # the dense floor
     assert "| 256 | 1 |" in (out / "bench_e2e_tp2.md").read_text().split("dense-prefix / sqz")[1]
