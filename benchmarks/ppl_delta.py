@@ -118,6 +118,7 @@ def mcnemar_p(only_base: int, only_run: int) -> float:
 
 
 def paired_needles(base: dict, test: dict) -> dict:
+    """Hits of both runs over the cases both ran, the discordant cases and McNemar's p."""
     cases = sorted(set(base) & set(test))
     only_base = sum(base[c] and not test[c] for c in cases)
     only_run = sum(test[c] and not base[c] for c in cases)
@@ -196,25 +197,35 @@ def main() -> None:
                    "needles": needles}, f, indent=1)
     with open(a.out + ".md", "w", encoding="utf-8") as f:
         f.write(text)
-    if not rows:
-        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 3.5))
-    xs = np.arange(len(rows))
-    d = np.array([r["delta_ppl"] for r in rows])
-    lo = d - np.array([r["ci95"][0] for r in rows])
-    hi = np.array([r["ci95"][1] for r in rows]) - d
-    ax.errorbar(xs, d, yerr=[lo, hi], fmt="o", capsize=4)
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xticks(xs, [f"{r['run'].split(' (')[0]}\n{r['context']}" for r in rows], fontsize=7)
-    ax.set_ylabel("ΔPPL vs baseline (95% CI)")
+    panels = [p for p in (rows, needles) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5, 1.2 * sum(map(len, panels))), 3.5), squeeze=False)
+    axes = list(axes[0])
+    if rows:
+        ax = axes.pop(0)
+        xs = np.arange(len(rows))
+        d = np.array([r["delta_ppl"] for r in rows])
+        lo = d - np.array([r["ci95"][0] for r in rows])
+        hi = np.array([r["ci95"][1] for r in rows]) - d
+        ax.errorbar(xs, d, yerr=[lo, hi], fmt="o", capsize=4)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(xs, [f"{r['run'].split(' (')[0]}\n{r['context']}" for r in rows], fontsize=7)
+        ax.set_ylabel("ΔPPL vs baseline (95% CI)")
+    if needles:
+        ax = axes.pop(0)
+        xs = np.arange(len(needles))
+        ax.bar(xs - 0.2, [r["hits_base"] for r in needles], 0.4, label="baseline")
+        ax.bar(xs + 0.2, [r["hits"] for r in needles], 0.4, label="run")
+        ax.set_xticks(xs, [f"{r['run'].split(' (')[0]}\n{r['context']} {r['variant'].split(' keep')[0]}\n"
+                           f"p={r['mcnemar_p']:.2f}" for r in needles], fontsize=7)
+        ax.set_ylabel(f"needles found (of {needles[0]['cases']})")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out + ".png", dpi=120)
-
 
 if __name__ == "__main__":
     main()

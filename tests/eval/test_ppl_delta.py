@@ -92,4 +92,4 @@ def test_paired_needles_and_mcnemar(tmp_path):
     assert sq["only_run_cases"] == [[2, 1.0]]
     dk = next(r for r in needles if r["variant"].startswith("dense over"))
     assert (dk["hits_base"], dk["hits"], dk["only_base"], dk["only_run"], dk["mcnemar_p"]) == (9, 8, 1, 0, 1.0)
-    assert "McNemar" in (tmp_path / "d.md").read_text()
+    assert "McNemar" in (tmp_path / "d.md").read_text() and (tmp_path / "d.png").stat().st_size > 0
