@@ -187,6 +187,7 @@ def since(before: dict[str, float]) -> dict[str, float]:
 
 
 def compile_config(args) -> sqz_compile.CompileConfig:
+    """sqz's CompileConfig from the command line (the timed rows and the TP check alike)."""
     return sqz_compile.CompileConfig(inductor=not args.eager, mode=args.mode, cache_dir=args.warm_cache,
                                      prefill_inductor=args.prefill_inductor, decode_inductor=args.decode_inductor)
 
