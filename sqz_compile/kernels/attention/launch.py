@@ -34,8 +34,9 @@ class AttnConfig(NamedTuple):
 LOWBIT_DECODE = {4: (16, 3, 128, 4), 3: (32, 2, 128, 8), 2: (32, 2, 128, 8)}
 
 # 2- and 4-bit HALVES tiles of a bf16/fp16 model can dequantize on packed pairs (quant/triton.py
-# "PAIRS"). Off until its PTX has run against the float64 reference on a GPU (NOTES v16: built and
-# compiled for sm_90 in a session without one); the tests and benchmarks switch it on explicitly.
+# "PAIRS"). Off: on the H200 it matches the float64 reference but made the 4-bit decode step slower
+# (128K: 85.5 vs 77.8 us) and the 4-bit prefill no faster (NOTES v17); the tests and benchmarks switch
+# it on explicitly.
 PAIRS = False
 
 # positions buffer [rows, context keys] int32: used only while it stays this small (prefill of
