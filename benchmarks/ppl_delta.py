@@ -43,9 +43,9 @@ def _load(path: str) -> dict:
         return json.load(f)
 
 
-def ppl_tokens(path: str) -> tuple[dict, dict]:
-    """(meta, {(context, method, keep, lookup, mode): {seed: per-token NLL array}}) of one run."""
-    res = _load(path)
+def ppl_tokens(res: dict, path: str) -> tuple[dict, dict]:
+    """(meta, {(context, method, keep, lookup, mode): {seed: per-token NLL array}}) of one run
+    (`res`, read from `path`)."""
     out: dict = {}
     for r in res["records"]:
         if r["task"] != "ppl":
@@ -95,10 +95,9 @@ def delta(base: dict, test: dict, block: int, draws: int, rng: np.random.Generat
             "per_segment_delta": [math.exp(test[s].mean()) - math.exp(base[s].mean()) for s in seeds]}
 
 
-def niah_hits(path: str) -> dict:
+def niah_hits(res: dict) -> dict:
     """{(context, method, keep, lookup, mode): {(needle, depth): hit}} of one run; a low-bit run's
     dense rows (dense attention over its dequantized K/V) under DENSE_KV."""
-    res = _load(path)
     low_bit = res["meta"].get("settings", {}).get("kv_bits", 16) < 16
     out: dict = {}
     for r in res["records"]:
@@ -157,16 +156,18 @@ def main() -> None:
     if len(a.runs) < 2:
         raise SystemExit("give a baseline run and at least one run to compare")
     rng = np.random.default_rng(a.seed)
-    base_meta, base = ppl_tokens(a.runs[0])
-    base_niah = niah_hits(a.runs[0])
+    base_res = _load(a.runs[0])
+    base_meta, base = ppl_tokens(base_res, a.runs[0])
+    base_niah = niah_hits(base_res)
     rows, needles = [], []
     for path in a.runs[1:]:
-        meta, test = ppl_tokens(path)
+        res = _load(path)
+        meta, test = ppl_tokens(res, path)
         label = {"run": _label(meta, path), "baseline": _label(base_meta, a.runs[0])}
         for bkey, key, variant in _pairs(base, test):
             rows.append({**label, "context": key[0], "variant": variant,
                          **delta(base[bkey], test[key], a.block, a.draws, rng)})
-        test_niah = niah_hits(path)
+        test_niah = niah_hits(res)
         for bkey, key, variant in _pairs(base_niah, test_niah):
             needles.append({**label, "context": key[0], "variant": variant,
                             **paired_needles(base_niah[bkey], test_niah[key])})
