@@ -121,6 +121,14 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def sizes(model: torch.nn.Module, ctx, tokens: int, batch: int, tp: int = 1) -> dict[str, int]:
+    """Bytes a row reports: this process's weights (its shard under TP), the squeezed context, and
+    the dense KV cache of `tokens` positions (one rank's share of the heads)."""
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
+    return {"weights_bytes": nbytes(local), "context_bytes": nbytes(ctx.tensors().values()),
+            "dense_kv_bytes": kv_bytes(model, tokens, batch) // tp}
+
+
 def kv_bytes(model: torch.nn.Module, tokens: int, batch: int) -> int:
     """Bytes of a dense KV cache for `tokens` positions."""
     c = model.config
@@ -495,9 +503,7 @@ def main_tp(args, dtype: torch.dtype, out_dir: str, max_pos: int) -> int:
     def row(model, L: int, b: int, tp: int, squeeze_s: float, ctx, compiled: bool) -> dict[str, Any]:
         q = questions(L, b)
         r = {"model": f"{name}, TP={tp}", "tp": tp, "context": L, "batch": b, "squeeze_s": squeeze_s,
-             "weights_bytes": nbytes(p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()),
-             "context_bytes": nbytes(ctx.tensors().values()),
-             "dense_kv_bytes": kv_bytes(model, L + args.question + args.new_tokens, b) // tp}
+             **sizes(model, ctx, L + args.question + args.new_tokens, b, tp)}
         r["sqz"] = guarded(lambda: run_sqz(model, ctx, q, args, compiled, warm_compile=False))  # cold only: device time
         r["dense_prefix"] = {"error": "skipped"} if args.sqz_only else guarded(lambda: run_dense_prefix(model, ids(L), q, args))
         r["dense"] = {"error": "not run under --tp"}
@@ -669,7 +675,6 @@ def main(argv: list[str] | None = None) -> int:
         model = random_llama(shape, layers, max_pos, dtype, args.device)
         make_ids = (lambda n: torch.randint(3, shape["vocab_size"], (1, n)))
     vocab = model.config.vocab_size
-    weights = nbytes(model.parameters())
     rows, compiled = [], False
     for L in args.contexts:
         ctx_ids = make_ids(L).to(args.device)
@@ -678,9 +683,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            progress=False), args.device)
         for b in args.batches:
             questions = torch.randint(3, vocab, (b, args.question)).to(args.device)
-            row = {"model": name, "context": L, "batch": b, "squeeze_s": squeeze_s, "weights_bytes": weights,
-                   "context_bytes": nbytes(ctx.tensors().values()),
-                   "dense_kv_bytes": kv_bytes(model, L + args.question + args.new_tokens, b)}
+            row = {"model": name, "context": L, "batch": b, "squeeze_s": squeeze_s,
+                   **sizes(model, ctx, L + args.question + args.new_tokens, b)}
             row["sqz"] = run_sqz(model, ctx, questions, args, compiled)
             compiled = True
             skipped = {"error": "skipped"}
